@@ -1,0 +1,307 @@
+//! `zeroboot`: build templates and run code in fresh VM sandboxes.
+
+mod progress;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use zeroboot_template::template::{self, TemplateSpec};
+use zeroboot_template::Cache;
+use zeroboot_vmm::snapshot::MEMORY_FILE;
+use zeroboot_vmm::{Hypervisor, Machine};
+
+#[derive(Parser)]
+#[command(
+    name = "zeroboot",
+    version,
+    about = "Sub-millisecond KVM sandboxes forked from a warmed-up template"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build, list and inspect templates.
+    #[command(subcommand)]
+    Template(TemplateCommand),
+    /// Run Python code in a fresh sandbox restored from a template.
+    Run(RunArgs),
+}
+
+#[derive(Subcommand)]
+enum TemplateCommand {
+    /// Build a template (kernel, root image, boot, snapshot), reusing cached artifacts.
+    Build {
+        #[arg(long, default_value = template::DEFAULT_NAME)]
+        name: String,
+        /// Guest RAM in MiB.
+        #[arg(long, default_value_t = template::DEFAULT_MEM_MIB)]
+        mem_mib: u64,
+        /// Rebuild even if the template is up to date.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List templates.
+    Ls,
+    /// Print a summary of a template's saved machine state.
+    Inspect { name: String },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[arg(long, default_value = template::DEFAULT_NAME)]
+    template: String,
+    /// Seconds the guest may run.
+    #[arg(long, default_value_t = 30.0)]
+    timeout: f64,
+    /// Code to run.
+    #[arg(short = 'c', conflicts_with = "file")]
+    code: Option<String>,
+    /// File with code to run, or - for standard input.
+    file: Option<PathBuf>,
+    /// Print timings to stderr.
+    #[arg(long)]
+    timings: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("ZEROBOOT_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Template(cmd) => template_command(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("zeroboot: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn template_command(cmd: TemplateCommand) -> Result<()> {
+    let cache = Cache::from_env()?;
+    match cmd {
+        TemplateCommand::Build {
+            name,
+            mem_mib,
+            force,
+        } => {
+            let spec = TemplateSpec { name, mem_mib };
+            build(&cache, &spec, force)?;
+        }
+        TemplateCommand::Ls => {
+            let all = template::list(&cache)?;
+            if all.is_empty() {
+                println!("no templates in {}", cache.templates_dir().display());
+            }
+            println!(
+                "{:<16} {:>8} {:>10} {:>10} {:>9}",
+                "NAME", "MEM", "ON DISK", "BOOT", "CREATED"
+            );
+            for t in all {
+                match t.info {
+                    Some(info) => println!(
+                        "{:<16} {:>5}MiB {:>7}MiB {:>9.1}s {:>9}",
+                        t.name,
+                        info.mem_mib,
+                        t.disk_bytes >> 20,
+                        info.phases.boot_s,
+                        info.created_unix
+                    ),
+                    None => println!("{:<16} (incomplete or unreadable)", t.name),
+                }
+            }
+        }
+        TemplateCommand::Inspect { name } => inspect(&cache, &name)?,
+    }
+    Ok(())
+}
+
+fn build(cache: &Cache, spec: &TemplateSpec, force: bool) -> Result<PathBuf> {
+    eprintln!(
+        "building template {:?} in {}",
+        spec.name,
+        cache.root().display()
+    );
+    let started = Instant::now();
+    let (dir, info, cached) =
+        template::build(cache, spec, Arc::new(progress::Spinners::new()), force)?;
+    if cached {
+        eprintln!(
+            "template {:?} is up to date ({:.2}s)",
+            spec.name,
+            started.elapsed().as_secs_f64()
+        );
+    } else {
+        eprintln!(
+            "template {:?} built: artifacts {:.1}s, boot to ready {:.1}s, snapshot {:.1}s; {} MiB of guest memory saved",
+            spec.name,
+            info.phases.artifacts_s,
+            info.phases.boot_s,
+            info.phases.snapshot_s,
+            info.memory_bytes >> 20
+        );
+    }
+    println!("{}", dir.display());
+    Ok(dir)
+}
+
+fn inspect(cache: &Cache, name: &str) -> Result<()> {
+    let hv = Hypervisor::open()?;
+    let snap = template::open(cache, &hv, name)?;
+    let info = template::read_info(&snap.dir)?;
+    let s = &snap.state;
+    let l = &s.layout;
+    let mem = std::fs::metadata(snap.dir.join(MEMORY_FILE))?;
+    println!("template      {} ({})", info.name, snap.dir.display());
+    println!(
+        "built         kernel {}, root image {}, inputs {}",
+        info.kernel, info.root_image, info.inputs
+    );
+    println!(
+        "phases        artifacts {:.1}s, boot to ready {:.1}s ({} exits), snapshot {:.1}s",
+        info.phases.artifacts_s, info.phases.boot_s, info.exits_to_ready, info.phases.snapshot_s
+    );
+    println!("cpu vendor    {}", s.cpu_vendor);
+    println!(
+        "memory        {} MiB RAM, mailbox at {:#x}, root image at {:#x} ({} MiB), doorbell at {:#x}",
+        l.ram_bytes >> 20,
+        l.mailbox_gpa,
+        l.pmem_gpa,
+        l.pmem_bytes >> 20,
+        l.doorbell_gpa
+    );
+    println!(
+        "memory file   {} MiB logical, {} MiB on disk (sparse)",
+        mem.len() >> 20,
+        (mem.blocks() * 512) >> 20
+    );
+    let r = &s.vcpu.regs;
+    let sr = &s.vcpu.sregs;
+    println!(
+        "vcpu          rip {:#x} rsp {:#x} rflags {:#x}, CPL {}, cs {:#x}",
+        r.rip,
+        r.rsp,
+        r.rflags,
+        sr.cs.selector & 3,
+        sr.cs.selector
+    );
+    println!(
+        "              cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} apic_base {:#x}",
+        sr.cr0, sr.cr3, sr.cr4, sr.efer, sr.apic_base
+    );
+    println!(
+        "              {} MSRs, {} CPUID leaves, xsave {}, xcrs {}, tsc {} kHz, mp_state {}",
+        s.vcpu.msrs.len(),
+        s.vcpu.cpuid.len(),
+        if s.vcpu.xsave.is_some() {
+            "yes"
+        } else {
+            "no (fpu only)"
+        },
+        s.vcpu.xcrs.as_ref().map_or(0, |x| x.nr_xcrs),
+        s.vcpu.tsc_khz.map_or("?".to_string(), |k| k.to_string()),
+        s.vcpu.mp_state.mp_state
+    );
+    let ch0 = &s.vm.pit.channels[0];
+    println!(
+        "pit           channel 0 mode {} count {}",
+        ch0.mode, ch0.count
+    );
+    println!("kvmclock      {} ns", s.vm.clock.clock);
+    println!(
+        "serial        lcr {:#x} ier {:#x} mcr {:#x}, {} bytes queued",
+        s.serial.line_control,
+        s.serial.interrupt_enable,
+        s.serial.modem_control,
+        s.serial.in_buffer.len()
+    );
+    Ok(())
+}
+
+fn read_code(args: &RunArgs) -> Result<String> {
+    if let Some(code) = &args.code {
+        return Ok(code.clone());
+    }
+    match &args.file {
+        Some(path) if path.as_os_str() == "-" => {
+            let mut code = String::new();
+            std::io::stdin()
+                .read_to_string(&mut code)
+                .context("reading code from standard input")?;
+            Ok(code)
+        }
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+        }
+        None => bail!("give code with -c CODE, a FILE, or - for standard input"),
+    }
+}
+
+fn run(args: RunArgs) -> Result<ExitCode> {
+    let code = read_code(&args)?;
+    if !(args.timeout > 0.0 && args.timeout <= 86_400.0) {
+        bail!("--timeout must be between 0 and 86400 seconds");
+    }
+    let cache = Cache::from_env()?;
+    let hv = Hypervisor::open()?;
+    let snap = match template::open(&cache, &hv, &args.template) {
+        Ok(s) => s,
+        Err(template::TemplateError::NotFound { .. }) => {
+            eprintln!("template {:?} not found: building it first", args.template);
+            build(
+                &cache,
+                &TemplateSpec {
+                    name: args.template.clone(),
+                    ..Default::default()
+                },
+                false,
+            )?;
+            template::open(&cache, &hv, &args.template)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let started = Instant::now();
+    let mut machine = Machine::restore(&hv, &snap, Box::new(std::io::sink()))?;
+    let restored = started.elapsed();
+    let timeout = Duration::from_secs_f64(args.timeout);
+    let response = match machine.exec(
+        zeroboot_protocol::Request {
+            code: code.as_bytes(),
+            stdin: b"",
+        },
+        timeout,
+    ) {
+        Ok(r) => r,
+        Err(zeroboot_vmm::MachineError::Timeout(_)) => {
+            eprintln!("zeroboot: timed out after {:.1}s", args.timeout);
+            return Ok(ExitCode::from(124));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let total = started.elapsed();
+    std::io::stdout().write_all(&response.stdout)?;
+    std::io::stderr().write_all(&response.stderr)?;
+    if args.timings {
+        eprintln!(
+            "zeroboot: restore {:.3} ms, restore+exec {:.3} ms, {} exits",
+            restored.as_secs_f64() * 1e3,
+            total.as_secs_f64() * 1e3,
+            machine.exits()
+        );
+    }
+    Ok(ExitCode::from((response.exit_code & 0xff) as u8))
+}

@@ -1,0 +1,238 @@
+//! The guest artifacts: kernel, Debian base, and root image. Each is built by
+//! a script from `guest/` into a cache directory named by the hash of its
+//! inputs, and reused from there.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use crate::cache::{io_err, Cache, CacheError, InputHash};
+use crate::progress::Progress;
+use crate::sources;
+
+/// Written last into an artifact directory: its presence means "complete".
+const DONE: &str = "done";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("cannot run {what}: {source}")]
+    Spawn {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{what} failed ({status}); last lines of {log}:\n{tail}")]
+    Failed {
+        what: String,
+        status: String,
+        log: PathBuf,
+        tail: String,
+    },
+}
+
+pub struct Kernel {
+    pub hash: String,
+    pub vmlinux: PathBuf,
+    pub system_map: PathBuf,
+}
+
+pub struct RootImage {
+    pub hash: String,
+    pub path: PathBuf,
+}
+
+/// Version of Debian's linux-source-6.1, which is part of the kernel's inputs.
+fn linux_source_version() -> String {
+    Command::new("dpkg-query")
+        .args(["-W", "-f", "${Version}", "linux-source-6.1"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+pub fn kernel_hash() -> String {
+    let mut h = InputHash::new("kernel");
+    h.add_files(sources::KERNEL)
+        .add(b"linux-source-6.1", linux_source_version().as_bytes());
+    h.finish()
+}
+
+pub fn rootfs_base_hash() -> String {
+    let mut h = InputHash::new("rootfs-base");
+    h.add_files(sources::ROOTFS_BASE);
+    h.finish()
+}
+
+pub fn root_image_hash(base_hash: &str) -> String {
+    let mut h = InputHash::new("root-image");
+    h.add(b"base", base_hash.as_bytes())
+        .add_files(std::slice::from_ref(&sources::AGENT))
+        .add(b"mkfs", MKFS_ARGS.join(" ").as_bytes());
+    h.finish()
+}
+
+/// Uncompressed, no tail packing (DAX maps every file block directly),
+/// root-owned, fixed timestamps so the image is reproducible.
+const MKFS_ARGS: &[&str] = &["--quiet", "-E", "noinline_data", "--all-root", "-T0"];
+
+/// Runs `program args`, streaming its combined output to `log` and `progress`.
+fn run_logged(
+    what: &str,
+    program: &Path,
+    args: &[&Path],
+    log: &Path,
+    progress: &dyn Progress,
+) -> Result<(), ArtifactError> {
+    let mut log_file = std::fs::File::create(log).map_err(io_err(log))?;
+    let mut child = Command::new("bash")
+        .arg("-c")
+        .arg("exec \"$0\" \"$@\" 2>&1")
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|source| ArtifactError::Spawn {
+            what: what.into(),
+            source,
+        })?;
+    let mut tail: std::collections::VecDeque<String> = Default::default();
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).split(b'\n') {
+            let Ok(line) = line else { break };
+            let text = String::from_utf8_lossy(&line).into_owned();
+            let _ = writeln!(log_file, "{text}");
+            progress.line(&text);
+            if tail.len() == 30 {
+                tail.pop_front();
+            }
+            tail.push_back(text);
+        }
+    }
+    let status = child.wait().map_err(|source| ArtifactError::Spawn {
+        what: what.into(),
+        source,
+    })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(ArtifactError::Failed {
+            what: what.into(),
+            status: status.to_string(),
+            log: log.into(),
+            tail: tail.into_iter().collect::<Vec<_>>().join("\n"),
+        })
+    }
+}
+
+/// Builds (or finds) one artifact: `build` runs only when `dir/done` is missing.
+fn ensure(
+    cache: &Cache,
+    kind: &str,
+    hash: &str,
+    progress: &dyn Progress,
+    build: impl FnOnce(&Path) -> Result<(), ArtifactError>,
+) -> Result<PathBuf, ArtifactError> {
+    let started = Instant::now();
+    progress.start(kind);
+    let dir = cache.artifact_dir(kind, hash)?;
+    if dir.join(DONE).exists() {
+        progress.finish(kind, started.elapsed(), true);
+        return Ok(dir);
+    }
+    let _lock = cache.lock(&format!("{kind}-{hash}"))?;
+    // Another process may have finished it while we waited for the lock.
+    if !dir.join(DONE).exists() {
+        build(&dir)?;
+        std::fs::write(dir.join(DONE), b"").map_err(io_err(&dir))?;
+    }
+    progress.finish(kind, started.elapsed(), false);
+    Ok(dir)
+}
+
+pub fn ensure_kernel(cache: &Cache, progress: &dyn Progress) -> Result<Kernel, ArtifactError> {
+    let hash = kernel_hash();
+    let dir = ensure(cache, "kernel", &hash, progress, |dir| {
+        let src = dir.join("sources");
+        sources::materialize(sources::KERNEL, &src).map_err(io_err(&src))?;
+        run_logged(
+            "guest/kernel/build.sh",
+            &src.join("kernel/build.sh"),
+            &[dir],
+            &dir.join("build.log"),
+            progress,
+        )
+    })?;
+    Ok(Kernel {
+        hash,
+        vmlinux: dir.join("vmlinux"),
+        system_map: dir.join("System.map"),
+    })
+}
+
+pub fn ensure_root_image(
+    cache: &Cache,
+    progress: &dyn Progress,
+) -> Result<RootImage, ArtifactError> {
+    let base_hash = rootfs_base_hash();
+    let base_dir = ensure(cache, "rootfs-base", &base_hash, progress, |dir| {
+        let src = dir.join("sources");
+        sources::materialize(sources::ROOTFS_BASE, &src).map_err(io_err(&src))?;
+        run_logged(
+            "guest/rootfs/build-base.sh",
+            &src.join("rootfs/build-base.sh"),
+            &[dir],
+            &dir.join("build.log"),
+            progress,
+        )
+    })?;
+    let hash = root_image_hash(&base_hash);
+    let dir = ensure(cache, "root-image", &hash, progress, |dir| {
+        let stage = dir.join("stage");
+        if stage.exists() {
+            std::fs::remove_dir_all(&stage).map_err(io_err(&stage))?;
+        }
+        std::fs::create_dir_all(&stage).map_err(io_err(&stage))?;
+        let log = dir.join("build.log");
+        run_logged(
+            "tar",
+            Path::new("tar"),
+            &[
+                Path::new("-C"),
+                &stage,
+                Path::new("-xf"),
+                &base_dir.join("base.tar"),
+            ],
+            &log,
+            progress,
+        )?;
+        let agent_dir = stage.join("zeroboot");
+        sources::materialize(std::slice::from_ref(&sources::AGENT), &stage)
+            .map_err(io_err(&agent_dir))?;
+        // The agent lives at /zeroboot/agent.py: materialize wrote /agent/agent.py.
+        std::fs::create_dir_all(&agent_dir).map_err(io_err(&agent_dir))?;
+        std::fs::rename(stage.join("agent/agent.py"), agent_dir.join("agent.py"))
+            .map_err(io_err(&agent_dir))?;
+        std::fs::remove_dir(stage.join("agent")).map_err(io_err(&stage))?;
+        let image = dir.join("root.erofs");
+        let mut args: Vec<&Path> = MKFS_ARGS.iter().map(Path::new).collect();
+        args.push(&image);
+        args.push(&stage);
+        run_logged(
+            "mkfs.erofs",
+            Path::new("mkfs.erofs"),
+            &args,
+            &dir.join("mkfs.log"),
+            progress,
+        )?;
+        Ok(std::fs::remove_dir_all(&stage).map_err(io_err(&stage))?)
+    })?;
+    Ok(RootImage {
+        hash,
+        path: dir.join("root.erofs"),
+    })
+}

@@ -1,0 +1,12 @@
+//! Building zeroboot templates: the guest artifacts (kernel, root image),
+//! cached by content hash, and the boot-to-snapshot that makes a template.
+
+pub mod artifacts;
+pub mod cache;
+pub mod progress;
+pub mod sources;
+pub mod template;
+
+pub use cache::Cache;
+pub use progress::{Progress, Silent};
+pub use template::{TemplateError, TemplateInfo, TemplateSpec};

@@ -1,0 +1,386 @@
+//! Templates: a booted, warmed-up guest captured at the agent's READY
+//! doorbell. A template directory holds `state.bin`, `memory.bin` (see
+//! zeroboot_vmm::snapshot), the guest's `boot.log`, and `template.json`.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use zeroboot_protocol::Doorbell;
+use zeroboot_vmm::snapshot::{self, Snapshot, SnapshotError, MEMORY_FILE};
+use zeroboot_vmm::{BootSpec, Hypervisor, Machine, MachineError};
+
+use crate::artifacts::{self, ArtifactError};
+use crate::cache::{io_err, Cache, CacheError, InputHash};
+use crate::progress::Progress;
+
+pub const METADATA_FILE: &str = "template.json";
+pub const BOOT_LOG: &str = "boot.log";
+pub const DEFAULT_NAME: &str = "python";
+pub const DEFAULT_MEM_MIB: u64 = 512;
+
+/// The kernel command line, and why each switch is there:
+/// - `noxsave`, `clearcpuid=smap,popcnt`: keep the guest kernel off XRSTOR,
+///   CLAC/STAC and POPCNT, which nested KVM without VMX cannot emulate
+///   (shared/docs/host-kvm.md); on real hardware they only cost a little speed.
+/// - `nokaslr`: the host reads kernel symbols from System.map.
+/// - `reboot=k panic=1`: a panic resets through the i8042, which the VMM sees.
+/// - `rootwait`: libnvdimm probes /dev/pmem0 asynchronously.
+pub const KERNEL_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 nokaslr noxsave clearcpuid=smap,popcnt init=/zeroboot/agent.py";
+pub const ROOT_ARGS: &str = "rootfstype=erofs rootflags=dax ro rootwait";
+/// Boot-to-ready limit. A boot here takes about a minute; minutes mean trouble.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("booting the template failed: {source}; the guest console is in {log}")]
+    Boot { source: MachineError, log: PathBuf },
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    #[error("template name {0:?} must be 1-64 characters of a-z, 0-9, '-' or '_'")]
+    BadName(String),
+    #[error("no template named {name:?} in {dir}; build it with `zeroboot template build --name {name}`")]
+    NotFound { name: String, dir: PathBuf },
+    #[error("{path}: {message}")]
+    Metadata { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct TemplateSpec {
+    pub name: String,
+    pub mem_mib: u64,
+}
+
+impl Default for TemplateSpec {
+    fn default() -> Self {
+        Self {
+            name: DEFAULT_NAME.into(),
+            mem_mib: DEFAULT_MEM_MIB,
+        }
+    }
+}
+
+/// Seconds spent in each build phase.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PhaseTimes {
+    pub artifacts_s: f64,
+    pub boot_s: f64,
+    pub snapshot_s: f64,
+}
+
+/// `template.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemplateInfo {
+    pub name: String,
+    pub mem_mib: u64,
+    /// Hash of everything the template was built from; a different value
+    /// means the template is stale.
+    pub inputs: String,
+    pub kernel: String,
+    pub root_image: String,
+    pub created_unix: u64,
+    pub phases: PhaseTimes,
+    /// Guest memory the snapshot holds (non-zero pages), in bytes.
+    pub memory_bytes: u64,
+    pub exits_to_ready: u64,
+}
+
+pub fn validate_name(name: &str) -> Result<(), TemplateError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(TemplateError::BadName(name.into()))
+    }
+}
+
+pub fn template_dir(cache: &Cache, name: &str) -> Result<PathBuf, TemplateError> {
+    validate_name(name)?;
+    Ok(cache.templates_dir().join(name))
+}
+
+fn inputs_hash(spec: &TemplateSpec, kernel: &str, root: &str) -> String {
+    let mut h = InputHash::new("template");
+    h.add(b"kernel", kernel.as_bytes())
+        .add(b"root", root.as_bytes())
+        .add(b"mem_mib", &spec.mem_mib.to_le_bytes())
+        .add(b"cmdline", KERNEL_CMDLINE.as_bytes())
+        .add(b"root_args", ROOT_ARGS.as_bytes())
+        .add(
+            b"state_format",
+            &snapshot::codec::FORMAT_VERSION.to_le_bytes(),
+        )
+        .add(b"engine", env!("CARGO_PKG_VERSION").as_bytes());
+    h.finish()
+}
+
+pub fn read_info(dir: &Path) -> Result<TemplateInfo, TemplateError> {
+    let path = dir.join(METADATA_FILE);
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    serde_json::from_str(&text).map_err(|e| TemplateError::Metadata {
+        path,
+        message: e.to_string(),
+    })
+}
+
+/// Serial console sink for the template boot: writes `boot.log` and passes
+/// whole lines to the progress display.
+struct Console {
+    file: File,
+    line: Vec<u8>,
+    progress: Arc<dyn Progress>,
+}
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.write_all(buf)?;
+        for &b in buf {
+            if b == b'\n' {
+                let text = String::from_utf8_lossy(&self.line).trim_end().to_string();
+                self.progress.line(&text);
+                self.line.clear();
+            } else if self.line.len() < 512 {
+                self.line.push(b);
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Builds template `spec.name`, or returns the existing one if it is up to
+/// date and opens cleanly. `force` rebuilds regardless.
+pub fn build(
+    cache: &Cache,
+    spec: &TemplateSpec,
+    progress: Arc<dyn Progress>,
+    force: bool,
+) -> Result<(PathBuf, TemplateInfo, bool), TemplateError> {
+    let dir = template_dir(cache, &spec.name)?;
+    let started = Instant::now();
+    let kernel = artifacts::ensure_kernel(cache, progress.as_ref())?;
+    let root = artifacts::ensure_root_image(cache, progress.as_ref())?;
+    let artifacts_s = started.elapsed().as_secs_f64();
+    let inputs = inputs_hash(spec, &kernel.hash, &root.hash);
+
+    let _lock = cache.lock(&format!("template-{}", spec.name))?;
+    if !force {
+        if let Ok(info) = read_info(&dir) {
+            let hv = Hypervisor::open().map_err(MachineError::from)?;
+            let vendor = zeroboot_vmm::machine::cpu_vendor(&hv);
+            if info.inputs == inputs && Snapshot::open(&dir, &vendor).is_ok() {
+                return Ok((dir, info, true));
+            }
+        }
+    }
+
+    // Build into a sibling directory and swap it in, so a failed or
+    // interrupted build never leaves a half-written template behind.
+    let staging = dir.with_extension("building");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(io_err(&staging))?;
+    }
+    std::fs::create_dir_all(&staging).map_err(io_err(&staging))?;
+
+    progress.start("boot");
+    let boot_started = Instant::now();
+    let hv = Hypervisor::open().map_err(MachineError::from)?;
+    let boot_spec = BootSpec {
+        kernel: kernel.vmlinux.clone(),
+        cmdline: KERNEL_CMDLINE.into(),
+        root_image: Some(root.path.clone()),
+        initrd: None,
+        mem_mib: spec.mem_mib,
+        root_args: ROOT_ARGS.into(),
+    };
+    let log_path = staging.join(BOOT_LOG);
+    let console = Console {
+        file: File::create(&log_path).map_err(io_err(&log_path))?,
+        line: Vec::new(),
+        progress: progress.clone(),
+    };
+    let boot_err = |source: MachineError| TemplateError::Boot {
+        source,
+        log: dir.join(BOOT_LOG),
+    };
+    let mut machine = Machine::boot(&hv, &boot_spec, Box::new(console)).map_err(boot_err)?;
+    let rung = machine.run_until_doorbell(BOOT_TIMEOUT);
+    // Keep the console log where the error message points, even on failure.
+    let rung = match rung {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::create_dir_all(&dir);
+            let _ = std::fs::copy(&log_path, dir.join(BOOT_LOG));
+            return Err(boot_err(e));
+        }
+    };
+    if rung != Doorbell::Ready {
+        return Err(boot_err(MachineError::WrongDoorbell {
+            expected: Doorbell::Ready,
+            got: rung,
+        }));
+    }
+    let boot_s = boot_started.elapsed().as_secs_f64();
+    progress.finish("boot", boot_started.elapsed(), false);
+
+    progress.start("snapshot");
+    let snap_started = Instant::now();
+    let state = machine.save()?;
+    let mem_path = staging.join(MEMORY_FILE);
+    let mut mem_file = File::options()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&mem_path)
+        .map_err(io_err(&mem_path))?;
+    let memory_bytes = machine
+        .ram()
+        .write_sparse(&mut mem_file)
+        .map_err(MachineError::from)?;
+    mem_file.sync_all().map_err(io_err(&mem_path))?;
+    snapshot::write_state(&staging, &state)?;
+    let info = TemplateInfo {
+        name: spec.name.clone(),
+        mem_mib: spec.mem_mib,
+        inputs,
+        kernel: kernel.hash.clone(),
+        root_image: root.hash.clone(),
+        created_unix: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        phases: PhaseTimes {
+            artifacts_s,
+            boot_s,
+            snapshot_s: snap_started.elapsed().as_secs_f64(),
+        },
+        memory_bytes,
+        exits_to_ready: machine.exits(),
+    };
+    let meta = staging.join(METADATA_FILE);
+    let json = serde_json::to_string_pretty(&info).map_err(|e| TemplateError::Metadata {
+        path: meta.clone(),
+        message: e.to_string(),
+    })?;
+    std::fs::write(&meta, json).map_err(io_err(&meta))?;
+    drop(machine);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+    }
+    std::fs::rename(&staging, &dir).map_err(io_err(&dir))?;
+    progress.finish("snapshot", snap_started.elapsed(), false);
+    Ok((dir, info, false))
+}
+
+/// Opens template `name` for restoring.
+pub fn open(cache: &Cache, hv: &Hypervisor, name: &str) -> Result<Snapshot, TemplateError> {
+    let dir = template_dir(cache, name)?;
+    if !dir.join(METADATA_FILE).exists() {
+        return Err(TemplateError::NotFound {
+            name: name.into(),
+            dir: cache.templates_dir(),
+        });
+    }
+    Ok(Snapshot::open(
+        &dir,
+        &zeroboot_vmm::machine::cpu_vendor(hv),
+    )?)
+}
+
+/// One line of `zeroboot template ls`.
+pub struct Listed {
+    pub name: String,
+    pub info: Option<TemplateInfo>,
+    /// Disk blocks the template's files occupy (the memory file is sparse).
+    pub disk_bytes: u64,
+}
+
+pub fn list(cache: &Cache) -> Result<Vec<Listed>, TemplateError> {
+    let dir = cache.templates_dir();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(&dir)(e).into()),
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !path.is_dir() || validate_name(&name).is_err() {
+            continue;
+        }
+        let disk_bytes = std::fs::read_dir(&path)
+            .map(|files| {
+                files
+                    .flatten()
+                    .filter_map(|f| f.metadata().ok())
+                    .map(|m| m.blocks() * 512)
+                    .sum()
+            })
+            .unwrap_or(0);
+        out.push(Listed {
+            info: read_info(&path).ok(),
+            name,
+            disk_bytes,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("python").is_ok());
+        assert!(validate_name("py-3_x").is_ok());
+        for bad in ["", "../x", "Py", "a/b", &"x".repeat(65)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn inputs_hash_tracks_memory_size() {
+        let a = inputs_hash(&TemplateSpec::default(), "k", "r");
+        let b = inputs_hash(
+            &TemplateSpec {
+                mem_mib: 1024,
+                ..Default::default()
+            },
+            "k",
+            "r",
+        );
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn missing_template_is_a_clear_error() {
+        let cache =
+            Cache::at(std::env::temp_dir().join(format!("zeroboot-empty-{}", std::process::id())));
+        assert!(list(&cache).unwrap().is_empty());
+        if let Ok(hv) = Hypervisor::open() {
+            let err = open(&cache, &hv, "nope").err().unwrap().to_string();
+            assert!(err.contains("zeroboot template build --name nope"), "{err}");
+        }
+    }
+}

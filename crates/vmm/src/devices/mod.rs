@@ -1,0 +1,4 @@
+//! Devices the VMM emulates in user space. Everything else (PIC, IOAPIC,
+//! LAPIC, PIT) is KVM's.
+
+pub mod serial;

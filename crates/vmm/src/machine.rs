@@ -1,0 +1,445 @@
+//! A running VM: memory, KVM VM and vCPU, and the serial console. Created by
+//! booting a kernel ([`Machine::boot`]) or by restoring a snapshot
+//! ([`Machine::restore`]); either way the vCPU runs on the caller's thread.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use zeroboot_protocol::{self as protocol, Doorbell, Request, Response};
+
+use crate::boot::{self, BootError};
+use crate::devices::serial::{SerialConsole, SerialError, COM1_IRQ, COM1_PORTS};
+use crate::kvm::{Exit, Hypervisor, KvmError, Vcpu, Vm};
+use crate::layout::{LayoutError, MemoryLayout};
+use crate::memory::{GuestRam, MemoryError};
+use crate::snapshot::state::MachineState;
+use crate::snapshot::Snapshot;
+
+/// i8042 command port: the kernel's `reboot=k` writes 0xfe here.
+const I8042_COMMAND: u16 = 0x64;
+const I8042_RESET: u8 = 0xfe;
+/// CMOS/RTC data port. Reads return 0 so a kernel that reads the RTC never
+/// waits on a phantom "update in progress" bit.
+const CMOS_DATA: u16 = 0x71;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    #[error(transparent)]
+    Protocol(#[from] protocol::ProtocolError),
+    #[error("cannot read root image {path}: {source}")]
+    RootImage {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the guest did not finish within {0:?}")]
+    Timeout(Duration),
+    #[error("the guest reset itself (kernel panic or reboot); see the console log")]
+    GuestReset,
+    #[error("the guest triple-faulted at rip {rip:#x}")]
+    TripleFault { rip: u64 },
+    #[error(
+        "KVM cannot emulate the instruction at rip {rip:#x} (suberror {suberror}, bytes {bytes})"
+    )]
+    Emulation {
+        rip: u64,
+        suberror: u32,
+        bytes: String,
+    },
+    #[error("KVM could not enter the guest (hardware reason {0:#x})")]
+    FailEntry(u64),
+    #[error("the guest rang the doorbell with unknown code {0:#x}")]
+    BadDoorbell(u8),
+    #[error("unexpected VM exit: {0}")]
+    UnexpectedExit(String),
+    #[error("the guest rang {got:?} while the host waited for {expected:?}")]
+    WrongDoorbell { expected: Doorbell, got: Doorbell },
+}
+
+/// What to boot.
+pub struct BootSpec {
+    pub kernel: PathBuf,
+    /// Command line without the root and mailbox arguments, which are added here.
+    pub cmdline: String,
+    /// Read-only root filesystem image, exposed as legacy persistent memory.
+    pub root_image: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub mem_mib: u64,
+    /// Extra arguments for the root image (e.g. `rootfstype=erofs rootflags=dax`).
+    pub root_args: String,
+}
+
+pub struct Machine {
+    // Field order is drop order: the vCPU and VM go before the memory they map.
+    vcpu: Vcpu,
+    vm: Vm,
+    ram: GuestRam,
+    serial: SerialConsole,
+    layout: MemoryLayout,
+    cpu_vendor: String,
+    exits: u64,
+}
+
+/// The CPUID vendor string (leaf 0) from KVM's table.
+pub fn cpu_vendor(hv: &Hypervisor) -> String {
+    let leaf0 = hv.supported_cpuid().iter().find(|e| e.function == 0);
+    let mut bytes = Vec::with_capacity(12);
+    if let Some(e) = leaf0 {
+        for word in [e.ebx, e.edx, e.ecx] {
+            bytes.extend_from_slice(&word.to_le_bytes());
+        }
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+impl Machine {
+    /// Creates a VM, loads the kernel and root image, and sets up vCPU 0 at the
+    /// kernel entry. `console` receives the guest's serial output.
+    pub fn boot(
+        hv: &Hypervisor,
+        spec: &BootSpec,
+        console: Box<dyn Write + Send>,
+    ) -> Result<Self, MachineError> {
+        let root = match &spec.root_image {
+            Some(path) => {
+                let file = std::fs::File::open(path).map_err(|source| MachineError::RootImage {
+                    path: path.clone(),
+                    source,
+                })?;
+                let len = file
+                    .metadata()
+                    .map_err(|source| MachineError::RootImage {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .len();
+                Some((file, len))
+            }
+            None => None,
+        };
+        let layout = MemoryLayout::new(spec.mem_mib, root.as_ref().map_or(0, |r| r.1))?;
+        let mut ram = GuestRam::anonymous(layout.total_bytes())?;
+        if let Some((mut file, len)) = root {
+            ram.load(layout.pmem_gpa, &mut file, len)?;
+        }
+        let mut seed = [0u8; protocol::header::BOOT_SEED_LEN];
+        fill_random(&mut seed);
+        protocol::init_mailbox(
+            ram.slice_mut(layout.mailbox_gpa, protocol::MAILBOX_SIZE)?,
+            &seed,
+        )?;
+
+        let mut cmdline = spec.cmdline.clone();
+        if layout.pmem_bytes > 0 {
+            cmdline.push_str(" root=/dev/pmem0 ");
+            cmdline.push_str(&spec.root_args);
+        }
+        cmdline.push_str(&format!(
+            " zeroboot.mailbox={:#x} zeroboot.doorbell={:#x}",
+            layout.mailbox_gpa, layout.doorbell_gpa
+        ));
+        let entry = boot::load(
+            &mut ram,
+            &layout,
+            &spec.kernel,
+            cmdline.trim(),
+            spec.initrd.as_deref(),
+        )?;
+
+        let vm = hv.create_vm()?;
+        vm.set_memory(&ram)?;
+        vm.create_irqchip_and_pit()?;
+        let serial = SerialConsole::new(console)?;
+        vm.register_irq(serial.irq(), COM1_IRQ)?;
+        let vcpu = vm.create_vcpu(0)?;
+        boot::configure_vcpu(hv, &vcpu, entry)?;
+        Ok(Self {
+            vcpu,
+            vm,
+            ram,
+            serial,
+            layout,
+            cpu_vendor: cpu_vendor(hv),
+            exits: 0,
+        })
+    }
+
+    /// Creates a new VM from `snapshot`: guest memory is a private
+    /// copy-on-write mapping of the snapshot's memory file.
+    pub fn restore(
+        hv: &Hypervisor,
+        snapshot: &Snapshot,
+        console: Box<dyn Write + Send>,
+    ) -> Result<Self, MachineError> {
+        let state = &snapshot.state;
+        let ram = GuestRam::private_file_mapping(
+            snapshot
+                .memory_file()
+                .map_err(|e| MachineError::UnexpectedExit(e.to_string()))?,
+            state.layout.total_bytes(),
+        )?;
+        let vm = hv.create_vm()?;
+        // Ordering: memory slot first (see Vm::set_memory), then the in-kernel
+        // devices, then their state, then the vCPU (its LAPIC needs the irqchip).
+        vm.set_memory(&ram)?;
+        vm.create_irqchip_and_pit()?;
+        vm.restore_state(&state.vm)?;
+        let serial = SerialConsole::from_state(&state.serial, console)?;
+        vm.register_irq(serial.irq(), COM1_IRQ)?;
+        let vcpu = vm.create_vcpu(0)?;
+        vcpu.restore_state(&state.vcpu)?;
+        Ok(Self {
+            vcpu,
+            vm,
+            ram,
+            serial,
+            layout: state.layout,
+            cpu_vendor: state.cpu_vendor.clone(),
+            exits: 0,
+        })
+    }
+
+    pub fn layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+
+    /// VM exits handled by the VMM so far.
+    pub fn exits(&self) -> u64 {
+        self.exits
+    }
+
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Runs the guest until the agent rings the doorbell, or `timeout` passes.
+    ///
+    /// On return the doorbell store has completed (one extra `KVM_RUN` with
+    /// `immediate_exit`, as api.rst requires before state is read), so the
+    /// vCPU state can be saved or the guest resumed.
+    pub fn run_until_doorbell(&mut self, timeout: Duration) -> Result<Doorbell, MachineError> {
+        let deadline = Instant::now() + timeout;
+        let watchdog = Watchdog::arm(deadline);
+        let result = self.run_loop(deadline, timeout);
+        drop(watchdog);
+        self.serial.flush();
+        result
+    }
+
+    fn run_loop(&mut self, deadline: Instant, timeout: Duration) -> Result<Doorbell, MachineError> {
+        let doorbell_gpa = self.layout.doorbell_gpa;
+        loop {
+            if Instant::now() >= deadline {
+                return Err(MachineError::Timeout(timeout));
+            }
+            let exit = self.vcpu.run()?;
+            self.exits += 1;
+            let rung = match exit {
+                Exit::IoOut { port, data } => {
+                    let value = data.first().copied().unwrap_or(0);
+                    if COM1_PORTS.contains(&port) {
+                        self.serial.write(port, value);
+                    } else if port == I8042_COMMAND && value == I8042_RESET {
+                        return Err(MachineError::GuestReset);
+                    }
+                    None
+                }
+                Exit::IoIn { port, data } => {
+                    if COM1_PORTS.contains(&port) {
+                        let value = self.serial.read(port);
+                        data.fill(0);
+                        if let Some(b) = data.first_mut() {
+                            *b = value;
+                        }
+                    } else if port == CMOS_DATA {
+                        data.fill(0);
+                    } else {
+                        data.fill(0xff);
+                    }
+                    None
+                }
+                Exit::MmioWrite { addr, data } if addr == doorbell_gpa => {
+                    let code = data.first().copied().unwrap_or(0);
+                    Some(Doorbell::from_byte(code).ok_or(MachineError::BadDoorbell(code))?)
+                }
+                Exit::MmioWrite { .. } => None,
+                Exit::MmioRead { data, .. } => {
+                    data.fill(0xff);
+                    None
+                }
+                Exit::Interrupted | Exit::Hlt => None,
+                Exit::Shutdown => {
+                    let rip = self.vcpu.regs().map(|r| r.rip).unwrap_or(0);
+                    return Err(MachineError::TripleFault { rip });
+                }
+                Exit::InternalError => return Err(self.emulation_error()),
+                Exit::FailEntry { reason } => return Err(MachineError::FailEntry(reason)),
+                Exit::Other(what) => return Err(MachineError::UnexpectedExit(what)),
+            };
+            if let Some(doorbell) = rung {
+                self.complete_pending_io()?;
+                return Ok(doorbell);
+            }
+        }
+    }
+
+    /// Lets KVM finish the instruction that exited, without running further.
+    fn complete_pending_io(&mut self) -> Result<(), MachineError> {
+        self.vcpu.set_immediate_exit(true);
+        let result = self.vcpu.run().map(|exit| match exit {
+            Exit::Interrupted => Ok(()),
+            other => Err(MachineError::UnexpectedExit(format!(
+                "{other:?} while completing I/O"
+            ))),
+        });
+        self.vcpu.set_immediate_exit(false);
+        result?
+    }
+
+    fn emulation_error(&mut self) -> MachineError {
+        let suberror = self.vcpu.internal_error_suberror();
+        let rip = self.vcpu.regs().map(|r| r.rip).unwrap_or(0);
+        // The kernel runs with its own page tables; the fault address is virtual.
+        // Show the bytes if rip happens to be in the kernel's direct map range.
+        let phys = rip.checked_sub(0xffff_ffff_8000_0000).unwrap_or(rip);
+        let bytes = self
+            .ram
+            .slice(phys, 16)
+            .map(|b| {
+                b.iter()
+                    .map(|x| format!("{x:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_else(|_| "unavailable".into());
+        MachineError::Emulation {
+            rip,
+            suberror,
+            bytes,
+        }
+    }
+
+    /// Captures the whole machine. Call only after [`Machine::run_until_doorbell`]
+    /// returned, so that no I/O is pending.
+    pub fn save(&self) -> Result<MachineState, MachineError> {
+        Ok(MachineState {
+            cpu_vendor: self.cpu_vendor.clone(),
+            layout: self.layout,
+            vm: self.vm.save_state()?,
+            vcpu: self.vcpu.save_state()?,
+            serial: self.serial.state(),
+        })
+    }
+
+    /// Hands `request` to the agent and runs until it answers.
+    pub fn exec(
+        &mut self,
+        request: Request<'_>,
+        timeout: Duration,
+    ) -> Result<Response, MachineError> {
+        let mailbox_gpa = self.layout.mailbox_gpa;
+        let seq = protocol::write_request(
+            self.ram.slice_mut(mailbox_gpa, protocol::MAILBOX_SIZE)?,
+            request,
+        )?;
+        match self.run_until_doorbell(timeout)? {
+            Doorbell::Result => {}
+            got => {
+                return Err(MachineError::WrongDoorbell {
+                    expected: Doorbell::Result,
+                    got,
+                })
+            }
+        }
+        Ok(protocol::read_response(
+            self.ram.slice(mailbox_gpa, protocol::MAILBOX_SIZE)?,
+            seq,
+        )?)
+    }
+}
+
+/// Fills `buf` from the kernel's CSPRNG.
+pub fn fill_random(buf: &mut [u8]) {
+    let mut filled = 0;
+    while filled < buf.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of `buf`.
+        let n =
+            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        if n > 0 {
+            filled += n as usize;
+        }
+    }
+}
+
+/// Kicks the vCPU thread out of `KVM_RUN` once the deadline has passed, by
+/// signalling it until disarmed (a signal that lands between two `KVM_RUN`
+/// calls is harmless: the loop checks the deadline, and the next kick comes).
+struct Watchdog {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+fn install_kick_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // An error here leaves the default action, which would kill the process on
+        // a kick; the handler is trivial, so registration only fails on a bad signal number.
+        let _ = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler);
+    });
+}
+
+impl Watchdog {
+    fn arm(deadline: Instant) -> Self {
+        install_kick_handler();
+        let stop = Arc::new(AtomicBool::new(false));
+        // SAFETY: pthread_self has no preconditions.
+        let target = unsafe { libc::pthread_self() };
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("zeroboot-watchdog".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Acquire) {
+                    let now = Instant::now();
+                    if now < deadline {
+                        std::thread::park_timeout(deadline - now);
+                        continue;
+                    }
+                    // SAFETY: `target` is the vCPU thread, which outlives this
+                    // thread: Watchdog::drop joins us before that thread moves on.
+                    unsafe { libc::pthread_kill(target, kick_signal()) };
+                    std::thread::park_timeout(Duration::from_millis(10));
+                }
+            })
+            .ok();
+        Self { stop, thread }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}

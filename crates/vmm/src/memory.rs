@@ -1,0 +1,195 @@
+//! Guest memory: one contiguous region starting at guest-physical 0.
+//!
+//! At boot it is anonymous memory. A restored VM maps the template's memory
+//! file `MAP_PRIVATE`, so every fork shares the template's pages and gets its
+//! own copy of a page only when it writes to it.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::layout::PAGE_SIZE;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("cannot map {size} bytes of guest memory: {source}")]
+    Map {
+        size: u64,
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("guest memory region rejected")]
+    Region,
+    #[error("guest range {gpa:#x}+{len:#x} is outside guest memory ({size:#x} bytes)")]
+    OutOfRange { gpa: u64, len: u64, size: u64 },
+    #[error("reading into guest memory: {0}")]
+    Read(std::io::Error),
+    #[error("writing guest memory to a file: {0}")]
+    Write(std::io::Error),
+}
+
+pub struct GuestRam {
+    memory: GuestMemoryMmap,
+    host_base: *mut u8,
+    size: u64,
+}
+
+// SAFETY: `host_base` points into the mapping owned by `memory`, which is
+// itself Send + Sync; the raw pointer is only a cached view of it.
+unsafe impl Send for GuestRam {}
+// SAFETY: as above; shared access goes through `&self` methods that copy.
+unsafe impl Sync for GuestRam {}
+
+impl GuestRam {
+    /// Fresh zeroed memory for a VM that boots from scratch.
+    pub fn anonymous(size: u64) -> Result<Self, MemoryError> {
+        let region = MmapRegionBuilder::new(size as usize)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|source| MemoryError::Map { size, source })?;
+        Self::from_region(region, size)
+    }
+
+    /// A copy-on-write view of a template's memory file. Costs no time in
+    /// proportion to `size`: pages are read (or copied) when first touched.
+    pub fn private_file_mapping(file: File, size: u64) -> Result<Self, MemoryError> {
+        let region = MmapRegionBuilder::new(size as usize)
+            .with_file_offset(FileOffset::new(file, 0))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|source| MemoryError::Map { size, source })?;
+        Self::from_region(region, size)
+    }
+
+    fn from_region(region: vm_memory::MmapRegion, size: u64) -> Result<Self, MemoryError> {
+        let host_base = region.as_ptr();
+        let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or(MemoryError::Region)?;
+        let memory =
+            GuestMemoryMmap::from_regions(vec![region]).map_err(|_| MemoryError::Region)?;
+        Ok(Self {
+            memory,
+            host_base,
+            size,
+        })
+    }
+
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Host virtual address of guest-physical 0, for the KVM memory slot.
+    pub fn host_address(&self) -> u64 {
+        self.host_base as u64
+    }
+
+    fn check(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        match gpa.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(MemoryError::OutOfRange {
+                gpa,
+                len,
+                size: self.size,
+            }),
+        }
+    }
+
+    /// Borrows guest memory as bytes. The caller must not run the vCPU while
+    /// holding the slice (the VMM runs the vCPU on the thread that owns this).
+    pub fn slice(&self, gpa: u64, len: usize) -> Result<&[u8], MemoryError> {
+        self.check(gpa, len as u64)?;
+        // SAFETY: the range was bounds-checked against the live mapping, which
+        // outlives the borrow of `self`.
+        Ok(unsafe { std::slice::from_raw_parts(self.host_base.add(gpa as usize), len) })
+    }
+
+    /// Mutable variant of [`GuestRam::slice`].
+    pub fn slice_mut(&mut self, gpa: u64, len: usize) -> Result<&mut [u8], MemoryError> {
+        self.check(gpa, len as u64)?;
+        // SAFETY: bounds-checked as above; `&mut self` makes this the only
+        // host-side view for the duration of the borrow.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.host_base.add(gpa as usize), len) })
+    }
+
+    /// Copies `len` bytes of `reader` into guest memory at `gpa`.
+    pub fn load(&mut self, gpa: u64, reader: &mut impl Read, len: u64) -> Result<(), MemoryError> {
+        let dst = self.slice_mut(gpa, len as usize)?;
+        reader.read_exact(dst).map_err(MemoryError::Read)
+    }
+
+    /// Writes guest memory to `file` as a sparse file: all-zero pages become
+    /// holes, which read back as zeros when the file is mapped.
+    pub fn write_sparse(&self, file: &mut File) -> Result<u64, MemoryError> {
+        let page = PAGE_SIZE as usize;
+        let all = self.slice(0, self.size as usize)?;
+        let mut written = 0u64;
+        let mut offset = 0usize;
+        while offset < all.len() {
+            // Write runs of consecutive non-zero pages in one call.
+            let start = offset;
+            while offset < all.len() && all[offset..offset + page].iter().any(|&b| b != 0) {
+                offset += page;
+            }
+            if offset > start {
+                file.write_all_at(&all[start..offset], start as u64)
+                    .map_err(MemoryError::Write)?;
+                written += (offset - start) as u64;
+            } else {
+                offset += page;
+            }
+        }
+        file.set_len(self.size).map_err(MemoryError::Write)?;
+        file.flush().map_err(MemoryError::Write)?;
+        Ok(written)
+    }
+}
+
+impl GuestRam {
+    /// Guest memory as vm-memory's trait object, for the kernel loader.
+    pub fn backend(&self) -> &impl GuestMemoryBackend {
+        &self.memory
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_write_round_trips() {
+        let mut ram = GuestRam::anonymous(64 * PAGE_SIZE).unwrap();
+        ram.slice_mut(PAGE_SIZE * 3, 4)
+            .unwrap()
+            .copy_from_slice(b"abcd");
+        ram.slice_mut(PAGE_SIZE * 40 + 100, 1).unwrap()[0] = 9;
+        let path = std::env::temp_dir().join(format!("zeroboot-mem-{}", std::process::id()));
+        let mut file = File::options()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let written = ram.write_sparse(&mut file).unwrap();
+        assert_eq!(written, 2 * PAGE_SIZE);
+        let copy =
+            GuestRam::private_file_mapping(File::open(&path).unwrap(), 64 * PAGE_SIZE).unwrap();
+        assert_eq!(copy.slice(PAGE_SIZE * 3, 4).unwrap(), b"abcd");
+        assert_eq!(copy.slice(PAGE_SIZE * 40 + 100, 1).unwrap(), &[9]);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn out_of_range_is_an_error() {
+        let ram = GuestRam::anonymous(16 * PAGE_SIZE).unwrap();
+        assert!(ram.slice(15 * PAGE_SIZE, PAGE_SIZE as usize + 1).is_err());
+        assert!(ram.slice(u64::MAX, 2).is_err());
+    }
+}

@@ -1,0 +1,252 @@
+//! Snapshots on disk: `state.bin` (the [`MachineState`], see [`codec`]) and
+//! `memory.bin` (guest memory, a sparse file mapped `MAP_PRIVATE` by forks).
+
+pub mod codec;
+pub mod state;
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+pub use codec::CodecError;
+pub use state::MachineState;
+
+pub const STATE_FILE: &str = "state.bin";
+pub const MEMORY_FILE: &str = "memory.bin";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Codec { path: PathBuf, source: CodecError },
+    #[error("{path}: memory file is {actual} bytes, the state expects {expected}: truncated or from another template")]
+    MemorySize {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{path}: taken on a {found} CPU, this host is {host}: snapshots only restore on the same CPU vendor")]
+    Vendor {
+        path: PathBuf,
+        found: String,
+        host: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes the state file atomically (temporary file, then rename).
+pub fn write_state(dir: &Path, state: &MachineState) -> Result<(), SnapshotError> {
+    let path = dir.join(STATE_FILE);
+    let bytes = codec::encode(state).map_err(|source| SnapshotError::Codec {
+        path: path.clone(),
+        source,
+    })?;
+    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))
+}
+
+/// Reads and checks a state file. Reads at most the size limit, so a huge
+/// file is rejected without being loaded.
+pub fn read_state(path: &Path) -> Result<MachineState, SnapshotError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let mut bytes = Vec::new();
+    file.take(codec::MAX_PAYLOAD + codec::HEADER_LEN as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err(path))?;
+    codec::decode(&bytes).map_err(|source| SnapshotError::Codec {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A template opened for forking: the decoded state and the memory file.
+pub struct Snapshot {
+    pub dir: PathBuf,
+    pub state: MachineState,
+    memory: File,
+}
+
+impl Snapshot {
+    /// Opens `dir`, checking the state file and that the memory file matches it.
+    /// `host_vendor` is the host's CPUID vendor string.
+    pub fn open(dir: &Path, host_vendor: &str) -> Result<Self, SnapshotError> {
+        let state = read_state(&dir.join(STATE_FILE))?;
+        if state.cpu_vendor != host_vendor {
+            return Err(SnapshotError::Vendor {
+                path: dir.join(STATE_FILE),
+                found: state.cpu_vendor.clone(),
+                host: host_vendor.to_string(),
+            });
+        }
+        let mem_path = dir.join(MEMORY_FILE);
+        let memory = File::open(&mem_path).map_err(io_err(&mem_path))?;
+        let actual = memory.metadata().map_err(io_err(&mem_path))?.len();
+        let expected = state.layout.total_bytes();
+        if actual != expected {
+            return Err(SnapshotError::MemorySize {
+                path: mem_path,
+                expected,
+                actual,
+            });
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            state,
+            memory,
+        })
+    }
+
+    pub fn memory_file(&self) -> Result<File, SnapshotError> {
+        self.memory
+            .try_clone()
+            .map_err(io_err(&self.dir.join(MEMORY_FILE)))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::state::*;
+    use super::*;
+    use crate::layout::MemoryLayout;
+    use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry};
+
+    pub fn sample_state() -> MachineState {
+        let mut vcpu = VcpuState {
+            cpuid: vec![kvm_cpuid_entry2 {
+                function: 1,
+                eax: 0x806f8,
+                ..Default::default()
+            }],
+            regs: Default::default(),
+            sregs: Default::default(),
+            fpu: Default::default(),
+            xsave: Some(Default::default()),
+            xcrs: None,
+            lapic: Default::default(),
+            msrs: vec![kvm_msr_entry {
+                index: 0x10,
+                data: 123,
+                ..Default::default()
+            }],
+            vcpu_events: Default::default(),
+            mp_state: Default::default(),
+            debug_regs: Default::default(),
+            tsc_khz: Some(2_000_000),
+        };
+        vcpu.regs.rip = 0xdead_beef;
+        MachineState {
+            cpu_vendor: "GenuineIntel".into(),
+            layout: MemoryLayout::new(512, 1 << 20).unwrap(),
+            vm: VmState {
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+                pit: Default::default(),
+                clock: Default::default(),
+            },
+            vcpu,
+            serial: SerialState {
+                scratch: 7,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn codec_round_trip() {
+        let bytes = codec::encode(&sample_state()).unwrap();
+        let back = codec::decode(&bytes).unwrap();
+        assert_eq!(back.vcpu.regs.rip, 0xdead_beef);
+        assert_eq!(back.vcpu.msrs[0].data, 123);
+        assert_eq!(back.vcpu.cpuid[0].eax, 0x806f8);
+        assert_eq!(back.serial.scratch, 7);
+        assert_eq!(back.layout, sample_state().layout);
+        assert_eq!(back.vcpu.tsc_khz, Some(2_000_000));
+    }
+
+    #[test]
+    fn codec_rejects_corruption() {
+        let good = codec::encode(&sample_state()).unwrap();
+        assert!(matches!(
+            codec::decode(&good[..10]),
+            Err(CodecError::TooShort(10))
+        ));
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert!(matches!(codec::decode(&bad), Err(CodecError::BadMagic)));
+        let mut bad = good.clone();
+        bad[8] = 99;
+        assert!(matches!(
+            codec::decode(&bad),
+            Err(CodecError::Version { found: 99 })
+        ));
+        let mut bad = good.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 0xff;
+        assert!(matches!(
+            codec::decode(&bad),
+            Err(CodecError::Checksum { .. })
+        ));
+        assert!(matches!(
+            codec::decode(&good[..good.len() - 1]),
+            Err(CodecError::Truncated { .. })
+        ));
+        let mut bad = good.clone();
+        bad[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(codec::decode(&bad), Err(CodecError::TooLarge(_))));
+    }
+
+    #[test]
+    fn valid_crc_but_garbage_payload_is_a_decode_error() {
+        let payload = vec![0xffu8; 64];
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&codec::MAGIC);
+        bytes.extend_from_slice(&codec::FORMAT_VERSION.to_le_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&payload);
+        assert!(matches!(codec::decode(&bytes), Err(CodecError::Decode(_))));
+    }
+
+    #[test]
+    fn open_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("zeroboot-snap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(STATE_FILE), b"garbage").unwrap();
+        let err = Snapshot::open(&dir, "GenuineIntel")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("state.bin"), "{err}");
+        assert!(err.contains("truncated"), "{err}");
+        write_state(&dir, &sample_state()).unwrap();
+        let err = Snapshot::open(&dir, "AuthenticAMD")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("vendor"), "{err}");
+        let err = Snapshot::open(&dir, "GenuineIntel")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("memory.bin"), "{err}");
+        std::fs::write(dir.join(MEMORY_FILE), b"short").unwrap();
+        let err = Snapshot::open(&dir, "GenuineIntel")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("truncated or from another template"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
