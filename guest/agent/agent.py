@@ -127,9 +127,9 @@ def prefault_heap(libc):
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     libc.mallopt(M_TRIM_THRESHOLD, 512 << 20)
     libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
-    block = bytearray(b"\x01") * (32 << 20)
+    block = bytearray(b"\x01") * (16 << 20)
     del block
-    junk = [str(i) * 3 for i in range(200_000)]
+    junk = [str(i) * 3 for i in range(100_000)]
     del junk
 
 

@@ -1,0 +1,23 @@
+#!/bin/bash
+# Installs what zeroboot needs to build its guest on Debian 12 (bookworm):
+# the kernel source and its build tools, debootstrap and erofs-utils.
+# Safe to run again: it only installs what is missing.
+set -euo pipefail
+packages=(
+  linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev
+  debootstrap erofs-utils xz-utils tar
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  echo "installing: ${missing[*]}"
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
+[ -e /dev/kvm ] || echo "warning: /dev/kvm is missing; zeroboot needs KVM to run sandboxes" >&2
+echo "dependencies ready"

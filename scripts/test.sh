@@ -1,0 +1,12 @@
+#!/bin/bash
+# The test command from the README, also run by CI (.ci/run):
+# installs dependencies, checks formatting and lints, builds, and runs every
+# test, including the real-guest tests (which build or reuse the cached
+# template under $ZEROBOOT_CACHE, default ~/.cache/zeroboot).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install-deps.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --release -- -D warnings
+cargo build --workspace --release
+cargo test --workspace --release -- --test-threads=2
