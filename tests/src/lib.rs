@@ -25,7 +25,11 @@ impl Progress for PhaseLog {
     }
     fn line(&self, _: &str) {}
     fn finish(&self, phase: &str, took: std::time::Duration, cached: bool) {
-        eprintln!("[template] {phase} {} in {:.1}s", if cached { "cached" } else { "built" }, took.as_secs_f64());
+        eprintln!(
+            "[template] {phase} {} in {:.1}s",
+            if cached { "cached" } else { "built" },
+            took.as_secs_f64()
+        );
     }
 }
 

@@ -12,7 +12,13 @@ const TIMEOUT: Duration = Duration::from_secs(300);
 
 fn run(machine: &mut Machine, code: &str) -> zeroboot_protocol::Response {
     machine
-        .exec(Request { code: code.as_bytes(), stdin: b"" }, TIMEOUT)
+        .exec(
+            Request {
+                code: code.as_bytes(),
+                stdin: b"",
+            },
+            TIMEOUT,
+        )
         .unwrap_or_else(|e| panic!("exec of {code:?} failed: {e}"))
 }
 
@@ -20,13 +26,23 @@ fn run(machine: &mut Machine, code: &str) -> zeroboot_protocol::Response {
 fn template_reached_ready_and_recorded_its_boot() {
     let dir = template_dir();
     let log = std::fs::read_to_string(dir.join(BOOT_LOG)).unwrap();
-    assert!(log.contains("Linux version 6.1"), "boot.log has the kernel banner");
-    assert!(log.contains("zeroboot-agent") && log.contains("ready"), "boot.log has the agent's ready line");
+    assert!(
+        log.contains("Linux version 6.1"),
+        "boot.log has the kernel banner"
+    );
+    assert!(
+        log.contains("zeroboot-agent") && log.contains("ready"),
+        "boot.log has the agent's ready line"
+    );
     let info = read_info(&dir).unwrap();
     assert!(info.memory_bytes > 0 && info.phases.boot_s > 0.0);
     // The snapshot was taken in user mode, right after the doorbell store.
     let snap = snapshot(&hypervisor());
-    assert_eq!(snap.state.vcpu.sregs.cs.selector & 3, 3, "snapshot taken at CPL3 (the agent)");
+    assert_eq!(
+        snap.state.vcpu.sregs.cs.selector & 3,
+        3,
+        "snapshot taken at CPL3 (the agent)"
+    );
     assert!(snap.state.vcpu.msrs.len() > 10, "MSRs were saved");
 }
 
@@ -36,7 +52,12 @@ fn restored_guest_runs_numpy() {
     let snap = snapshot(&hv);
     let mut m = Machine::restore(&hv, &snap, Box::new(std::io::sink())).unwrap();
     let r = run(&mut m, "import numpy; print(int(numpy.arange(4).sum()))");
-    assert_eq!(String::from_utf8_lossy(&r.stdout), "6\n", "stderr: {}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        "6\n",
+        "stderr: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
     assert_eq!(r.exit_code, 0);
 }
 
@@ -45,8 +66,14 @@ fn one_sandbox_serves_several_requests_with_exit_codes() {
     let hv = hypervisor();
     let snap = snapshot(&hv);
     let mut m = Machine::restore(&hv, &snap, Box::new(std::io::sink())).unwrap();
-    let r = run(&mut m, "import sys\nprint('out')\nprint('err', file=sys.stderr)\nsys.exit(3)");
-    assert_eq!((r.exit_code, r.stdout.as_slice(), r.stderr.as_slice()), (3, &b"out\n"[..], &b"err\n"[..]));
+    let r = run(
+        &mut m,
+        "import sys\nprint('out')\nprint('err', file=sys.stderr)\nsys.exit(3)",
+    );
+    assert_eq!(
+        (r.exit_code, r.stdout.as_slice(), r.stderr.as_slice()),
+        (3, &b"out\n"[..], &b"err\n"[..])
+    );
     let r = run(&mut m, "1/0");
     assert_eq!(r.exit_code, 1);
     assert!(String::from_utf8_lossy(&r.stderr).contains("ZeroDivisionError"));
@@ -61,7 +88,10 @@ fn forks_do_not_see_each_others_writes() {
     let mut a = Machine::restore(&hv, &snap, Box::new(std::io::sink())).unwrap();
     let mut b = Machine::restore(&hv, &snap, Box::new(std::io::sink())).unwrap();
     run(&mut a, "import builtins; builtins.secret = 'from-a'");
-    let r = run(&mut b, "import builtins; print(getattr(builtins, 'secret', 'none'))");
+    let r = run(
+        &mut b,
+        "import builtins; print(getattr(builtins, 'secret', 'none'))",
+    );
     assert_eq!(r.stdout, b"none\n");
     let r = run(&mut a, "import builtins; print(builtins.secret)");
     assert_eq!(r.stdout, b"from-a\n");
@@ -71,10 +101,18 @@ fn forks_do_not_see_each_others_writes() {
 fn cli_run_prints_numpy_result() {
     template_dir();
     let out = Command::new(zeroboot_bin())
-        .args(["run", "-c", "import numpy; print(int(numpy.arange(4).sum()))"])
+        .args([
+            "run",
+            "-c",
+            "import numpy; print(int(numpy.arange(4).sum()))",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "6\n");
 }
 
@@ -82,7 +120,11 @@ fn cli_run_prints_numpy_result() {
 fn cli_run_passes_exit_code_and_stderr() {
     template_dir();
     let out = Command::new(zeroboot_bin())
-        .args(["run", "-c", "import sys; sys.stderr.write('bad\\n'); sys.exit(7)"])
+        .args([
+            "run",
+            "-c",
+            "import sys; sys.stderr.write('bad\\n'); sys.exit(7)",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(7));
@@ -92,11 +134,21 @@ fn cli_run_passes_exit_code_and_stderr() {
 #[test]
 fn cli_inspect_and_ls_describe_the_template() {
     template_dir();
-    let out = Command::new(zeroboot_bin()).args(["template", "inspect", "python"]).output().unwrap();
+    let out = Command::new(zeroboot_bin())
+        .args(["template", "inspect", "python"])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("MSRs") && text.contains("CPL 3"), "{text}");
-    let out = Command::new(zeroboot_bin()).args(["template", "ls"]).output().unwrap();
+    let out = Command::new(zeroboot_bin())
+        .args(["template", "ls"])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("python"));
 }
 
@@ -104,10 +156,21 @@ fn cli_inspect_and_ls_describe_the_template() {
 fn second_build_is_cached_and_fast() {
     template_dir();
     let started = std::time::Instant::now();
-    let out = Command::new(zeroboot_bin()).args(["template", "build"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(zeroboot_bin())
+        .args(["template", "build"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("up to date"));
-    assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -120,7 +183,13 @@ fn corrupt_template_is_refused_with_the_file_named() {
     let last = state.len() - 1;
     state[last] ^= 0x55;
     std::fs::write(copy.join("state.bin"), &state).unwrap();
-    let err = zeroboot_vmm::Snapshot::open(&copy, &zeroboot_vmm::machine::cpu_vendor(&hv)).err().unwrap().to_string();
-    assert!(err.contains("state.bin") && err.contains("checksum"), "{err}");
+    let err = zeroboot_vmm::Snapshot::open(&copy, &zeroboot_vmm::machine::cpu_vendor(&hv))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("state.bin") && err.contains("checksum"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&copy).unwrap();
 }

@@ -135,7 +135,7 @@ mod tests {
         );
         assert_eq!(code.limit, 0xffff_ffff);
         let tss = segment_from_gdt(GDT[3], TSS_SELECTOR);
-        assert_eq!((tss.s, tss.type_, tss.g), (0, 0xb, 0));
+        assert_eq!((tss.s, tss.type_, tss.g), (0, 0xb, 1));
         assert_eq!(segment_from_gdt(0, 0).unusable, 1);
     }
 
