@@ -20,10 +20,11 @@ T0 = time.monotonic()
 # --- mailbox layout (crates/protocol/src/lib.rs) -----------------------------
 MAILBOX_SIZE = 2 << 20
 MAGIC = int.from_bytes(b"ZBMB", "little")
-VERSION = 1
+VERSION = 2
 H_MAGIC, H_VERSION, H_REQUEST_SEQ, H_CODE_LEN, H_STDIN_LEN = 0, 4, 8, 12, 16
 H_RESPONSE_SEQ, H_EXIT_CODE, H_STDOUT_LEN, H_STDERR_LEN, H_RESPONSE_FLAGS = 20, 24, 28, 32, 36
 H_BOOT_SEED, BOOT_SEED_LEN = 64, 64
+H_REQUEST_SEED, REQUEST_SEED_LEN = 128, 64
 REQUEST_OFFSET = 4096
 RESPONSE_OFFSET = 1 << 20
 RESPONSE_CAPACITY = MAILBOX_SIZE - RESPONSE_OFFSET
@@ -133,6 +134,17 @@ def prefault_heap(libc):
     del junk
 
 
+def drain_console():
+    """Waits until the serial console has sent everything. Bytes still queued
+    at the snapshot would be sent by every fork, costing it interrupts and exits."""
+    import termios
+
+    try:
+        termios.tcdrain(sys.stdout.fileno())
+    except (OSError, termios.error, ValueError):
+        pass
+
+
 def run_code(code, stdin):
     """Runs `code` like `python3 -c`, returning (exit code, stdout, stderr)."""
     import builtins
@@ -166,6 +178,18 @@ def run_code(code, stdin):
     return exit_code, out.getvalue(), err.getvalue()
 
 
+def reseed_user_space(seed):
+    """Gives this fork its own Python and numpy generators. The kernel's CRNG
+    (os.urandom, secrets, uuid4, numpy.random.default_rng) was already rekeyed
+    by the host before the fork ran."""
+    import random
+
+    import numpy
+
+    random.seed(seed)
+    numpy.random.seed(numpy.frombuffer(seed, dtype=numpy.uint32))
+
+
 def serve(mailbox, doorbell):
     import struct
 
@@ -176,6 +200,7 @@ def serve(mailbox, doorbell):
         code_len = u32.unpack_from(mailbox, H_CODE_LEN)[0]
         stdin_len = u32.unpack_from(mailbox, H_STDIN_LEN)[0]
         try:
+            reseed_user_space(bytes(mailbox[H_REQUEST_SEED : H_REQUEST_SEED + REQUEST_SEED_LEN]))
             if REQUEST_OFFSET + code_len + stdin_len > RESPONSE_OFFSET:
                 raise ValueError("request larger than the mailbox")
             code = bytes(mailbox[REQUEST_OFFSET : REQUEST_OFFSET + code_len]).decode("utf-8", "replace")
@@ -224,6 +249,7 @@ def main():
     gc.collect()
     gc.freeze()
     log("ready")
+    drain_console()
     doorbell[0] = DOORBELL_READY
     serve(mailbox, doorbell)
 

@@ -26,10 +26,7 @@ fn run(machine: &mut Machine, code: &str) -> zeroboot_protocol::Response {
 fn template_reached_ready_and_recorded_its_boot() {
     let dir = template_dir();
     let log = std::fs::read_to_string(dir.join(BOOT_LOG)).unwrap();
-    assert!(
-        log.contains("Linux version 6.1"),
-        "boot.log has the kernel banner"
-    );
+    assert!(log.contains("Linux version 6.1"), "boot.log has the kernel banner");
     assert!(
         log.contains("zeroboot-agent") && log.contains("ready"),
         "boot.log has the agent's ready line"
@@ -88,10 +85,7 @@ fn forks_do_not_see_each_others_writes() {
     let mut a = Machine::restore(&hv, &snap, Box::new(std::io::sink())).unwrap();
     let mut b = Machine::restore(&hv, &snap, Box::new(std::io::sink())).unwrap();
     run(&mut a, "import builtins; builtins.secret = 'from-a'");
-    let r = run(
-        &mut b,
-        "import builtins; print(getattr(builtins, 'secret', 'none'))",
-    );
+    let r = run(&mut b, "import builtins; print(getattr(builtins, 'secret', 'none'))");
     assert_eq!(r.stdout, b"none\n");
     let r = run(&mut a, "import builtins; print(builtins.secret)");
     assert_eq!(r.stdout, b"from-a\n");
@@ -101,18 +95,10 @@ fn forks_do_not_see_each_others_writes() {
 fn cli_run_prints_numpy_result() {
     template_dir();
     let out = Command::new(zeroboot_bin())
-        .args([
-            "run",
-            "-c",
-            "import numpy; print(int(numpy.arange(4).sum()))",
-        ])
+        .args(["run", "-c", "import numpy; print(int(numpy.arange(4).sum()))"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "6\n");
 }
 
@@ -120,11 +106,7 @@ fn cli_run_prints_numpy_result() {
 fn cli_run_passes_exit_code_and_stderr() {
     template_dir();
     let out = Command::new(zeroboot_bin())
-        .args([
-            "run",
-            "-c",
-            "import sys; sys.stderr.write('bad\\n'); sys.exit(7)",
-        ])
+        .args(["run", "-c", "import sys; sys.stderr.write('bad\\n'); sys.exit(7)"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(7));
@@ -139,16 +121,9 @@ fn cli_inspect_and_ls_describe_the_template() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("MSRs") && text.contains("CPL 3"), "{text}");
-    let out = Command::new(zeroboot_bin())
-        .args(["template", "ls"])
-        .output()
-        .unwrap();
+    let out = Command::new(zeroboot_bin()).args(["template", "ls"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("python"));
 }
 
@@ -160,11 +135,7 @@ fn second_build_is_cached_and_fast() {
         .args(["template", "build"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("up to date"));
     assert!(
         started.elapsed() < Duration::from_secs(1),
@@ -187,9 +158,90 @@ fn corrupt_template_is_refused_with_the_file_named() {
         .err()
         .unwrap()
         .to_string();
-    assert!(
-        err.contains("state.bin") && err.contains("checksum"),
-        "{err}"
-    );
+    assert!(err.contains("state.bin") && err.contains("checksum"), "{err}");
     std::fs::remove_dir_all(&copy).unwrap();
+}
+
+#[test]
+fn every_fork_gets_fresh_randomness() {
+    let hv = hypervisor();
+    let snap = snapshot(&hv);
+    let code = "import os, random, uuid, secrets, numpy\n\
+                print(os.urandom(8).hex(), random.random(), numpy.random.rand(), \
+                numpy.random.default_rng().random(), uuid.uuid4(), secrets.token_hex(8))";
+    const FORKS: usize = 25;
+    let mut seen: Vec<std::collections::HashSet<String>> = vec![Default::default(); 6];
+    for _ in 0..FORKS {
+        let mut m = Machine::restore(&hv, &snap, Box::new(std::io::sink())).unwrap();
+        let r = run(&mut m, code);
+        let out = String::from_utf8_lossy(&r.stdout).to_string();
+        let values: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(values.len(), 6, "{out} {}", String::from_utf8_lossy(&r.stderr));
+        for (set, v) in seen.iter_mut().zip(values) {
+            set.insert(v.to_string());
+        }
+    }
+    let names = [
+        "os.urandom",
+        "random",
+        "numpy global",
+        "default_rng",
+        "uuid4",
+        "secrets",
+    ];
+    for (name, set) in names.iter().zip(&seen) {
+        assert_eq!(set.len(), FORKS, "{name} repeated a value across forks");
+    }
+}
+
+#[test]
+fn urandom_read_by_a_subprocess_differs_between_forks() {
+    let hv = hypervisor();
+    let snap = snapshot(&hv);
+    let code = "import subprocess\n\
+                print(subprocess.run(['head', '-c', '16', '/dev/urandom'], capture_output=True).stdout.hex())";
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..3 {
+        let mut m = Machine::restore(&hv, &snap, Box::new(std::io::sink())).unwrap();
+        let r = run(&mut m, code);
+        assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+        assert_eq!(r.stdout.len(), 33);
+        seen.insert(r.stdout);
+    }
+    assert_eq!(seen.len(), 3);
+}
+
+#[test]
+fn deadline_stops_a_busy_loop() {
+    let hv = hypervisor();
+    let snap = snapshot(&hv);
+    let mut m = Machine::restore(&hv, &snap, Box::new(std::io::sink())).unwrap();
+    let started = std::time::Instant::now();
+    let err = m
+        .exec(
+            Request {
+                code: b"while True: pass",
+                stdin: b"",
+            },
+            Duration::from_millis(500),
+        )
+        .err()
+        .expect("a busy loop must time out");
+    assert!(matches!(err, zeroboot_vmm::MachineError::Timeout(_)), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn cli_timeout_exits_124() {
+    template_dir();
+    let out = Command::new(zeroboot_bin())
+        .args(["run", "--timeout", "0.5", "-c", "while True: pass"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(124));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("timed out"));
 }

@@ -1,5 +1,6 @@
 //! `zeroboot`: build templates and run code in fresh VM sandboxes.
 
+mod bench;
 mod progress;
 
 use std::io::{Read, Write};
@@ -34,6 +35,20 @@ enum Command {
     Template(TemplateCommand),
     /// Run Python code in a fresh sandbox restored from a template.
     Run(RunArgs),
+    /// Measure fork and exec latency, throughput and memory per sandbox.
+    Bench {
+        #[arg(long, default_value = template::DEFAULT_NAME)]
+        template: String,
+        /// Samples per latency figure.
+        #[arg(long, default_value_t = 100)]
+        iterations: usize,
+        /// Fork+exec runs in the throughput figure.
+        #[arg(long, default_value_t = 1000)]
+        throughput_count: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -70,6 +85,9 @@ struct RunArgs {
     /// Print timings to stderr.
     #[arg(long)]
     timings: bool,
+    /// Copy the guest kernel's console output to stderr.
+    #[arg(long)]
+    console: bool,
 }
 
 fn main() -> ExitCode {
@@ -81,6 +99,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Template(cmd) => template_command(cmd).map(|()| ExitCode::SUCCESS),
         Command::Run(args) => run(args),
+        Command::Bench {
+            template,
+            iterations,
+            throughput_count,
+            json,
+        } => bench_command(&template, iterations, throughput_count, json).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -94,11 +118,7 @@ fn main() -> ExitCode {
 fn template_command(cmd: TemplateCommand) -> Result<()> {
     let cache = Cache::from_env()?;
     match cmd {
-        TemplateCommand::Build {
-            name,
-            mem_mib,
-            force,
-        } => {
+        TemplateCommand::Build { name, mem_mib, force } => {
             let spec = TemplateSpec { name, mem_mib };
             build(&cache, &spec, force)?;
         }
@@ -131,14 +151,9 @@ fn template_command(cmd: TemplateCommand) -> Result<()> {
 }
 
 fn build(cache: &Cache, spec: &TemplateSpec, force: bool) -> Result<PathBuf> {
-    eprintln!(
-        "building template {:?} in {}",
-        spec.name,
-        cache.root().display()
-    );
+    eprintln!("building template {:?} in {}", spec.name, cache.root().display());
     let started = Instant::now();
-    let (dir, info, cached) =
-        template::build(cache, spec, Arc::new(progress::Spinners::new()), force)?;
+    let (dir, info, cached) = template::build(cache, spec, Arc::new(progress::Spinners::new()), force)?;
     if cached {
         eprintln!(
             "template {:?} is up to date ({:.2}s)",
@@ -207,20 +222,13 @@ fn inspect(cache: &Cache, name: &str) -> Result<()> {
         "              {} MSRs, {} CPUID leaves, xsave {}, xcrs {}, tsc {} kHz, mp_state {}",
         s.vcpu.msrs.len(),
         s.vcpu.cpuid.len(),
-        if s.vcpu.xsave.is_some() {
-            "yes"
-        } else {
-            "no (fpu only)"
-        },
+        if s.vcpu.xsave.is_some() { "yes" } else { "no (fpu only)" },
         s.vcpu.xcrs.as_ref().map_or(0, |x| x.nr_xcrs),
         s.vcpu.tsc_khz.map_or("?".to_string(), |k| k.to_string()),
         s.vcpu.mp_state.mp_state
     );
     let ch0 = &s.vm.pit.channels[0];
-    println!(
-        "pit           channel 0 mode {} count {}",
-        ch0.mode, ch0.count
-    );
+    println!("pit           channel 0 mode {} count {}", ch0.mode, ch0.count);
     println!("kvmclock      {} ns", s.vm.clock.clock);
     println!(
         "serial        lcr {:#x} ier {:#x} mcr {:#x}, {} bytes queued",
@@ -230,6 +238,21 @@ fn inspect(cache: &Cache, name: &str) -> Result<()> {
         s.serial.in_buffer.len()
     );
     Ok(())
+}
+
+fn bench_command(name: &str, iterations: usize, throughput_count: usize, json: bool) -> Result<()> {
+    let cache = Cache::from_env()?;
+    let hv = Hypervisor::open()?;
+    let snap = template::open(&cache, &hv, name)?;
+    bench::run(
+        &hv,
+        &snap,
+        &bench::BenchArgs {
+            iterations,
+            throughput_count,
+            json,
+        },
+    )
 }
 
 fn read_code(args: &RunArgs) -> Result<String> {
@@ -244,9 +267,7 @@ fn read_code(args: &RunArgs) -> Result<String> {
                 .context("reading code from standard input")?;
             Ok(code)
         }
-        Some(path) => {
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
-        }
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display())),
         None => bail!("give code with -c CODE, a FILE, or - for standard input"),
     }
 }
@@ -275,7 +296,12 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         Err(e) => return Err(e.into()),
     };
     let started = Instant::now();
-    let mut machine = Machine::restore(&hv, &snap, Box::new(std::io::sink()))?;
+    let console: Box<dyn Write + Send> = if args.console {
+        Box::new(std::io::stderr())
+    } else {
+        Box::new(std::io::sink())
+    };
+    let mut machine = Machine::restore(&hv, &snap, console)?;
     let restored = started.elapsed();
     let timeout = Duration::from_secs_f64(args.timeout);
     let response = match machine.exec(

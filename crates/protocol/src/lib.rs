@@ -21,7 +21,7 @@ pub const MAILBOX_SIZE: usize = 2 << 20;
 /// `"ZBMB"`, written by the host at boot.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"ZBMB");
 /// Version of this layout. The agent refuses a mailbox of another version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Header field offsets (bytes from the start of the mailbox).
 pub mod header {
@@ -40,6 +40,9 @@ pub mod header {
     /// Host → guest at boot: entropy the agent credits to the kernel CRNG.
     pub const BOOT_SEED: usize = 64;
     pub const BOOT_SEED_LEN: usize = 64;
+    /// Host → guest with every request: seeds for user-space generators.
+    pub const REQUEST_SEED: usize = 128;
+    pub const REQUEST_SEED_LEN: usize = 64;
 }
 
 /// Request payload (code, then stdin) starts here.
@@ -123,10 +126,7 @@ fn write_u32(mailbox: &mut [u8], offset: usize, value: u32) {
 }
 
 /// Prepares a fresh mailbox at boot: header and the boot entropy.
-pub fn init_mailbox(
-    mailbox: &mut [u8],
-    seed: &[u8; header::BOOT_SEED_LEN],
-) -> Result<(), ProtocolError> {
+pub fn init_mailbox(mailbox: &mut [u8], seed: &[u8; header::BOOT_SEED_LEN]) -> Result<(), ProtocolError> {
     check(mailbox)?;
     mailbox[..REQUEST_OFFSET].fill(0);
     write_u32(mailbox, header::MAGIC, MAGIC);
@@ -136,7 +136,11 @@ pub fn init_mailbox(
 }
 
 /// Writes `request` and returns its sequence number, which the response must echo.
-pub fn write_request(mailbox: &mut [u8], request: Request<'_>) -> Result<u32, ProtocolError> {
+pub fn write_request(
+    mailbox: &mut [u8],
+    request: Request<'_>,
+    seed: &[u8; header::REQUEST_SEED_LEN],
+) -> Result<u32, ProtocolError> {
     check(mailbox)?;
     let total = request.code.len().saturating_add(request.stdin.len());
     if total > REQUEST_CAPACITY {
@@ -149,6 +153,7 @@ pub fn write_request(mailbox: &mut [u8], request: Request<'_>) -> Result<u32, Pr
     let stdin_at = code_at + request.code.len();
     mailbox[code_at..stdin_at].copy_from_slice(request.code);
     mailbox[stdin_at..stdin_at + request.stdin.len()].copy_from_slice(request.stdin);
+    mailbox[header::REQUEST_SEED..header::REQUEST_SEED + header::REQUEST_SEED_LEN].copy_from_slice(seed);
     let seq = read_u32(mailbox, header::REQUEST_SEQ).wrapping_add(1);
     write_u32(mailbox, header::CODE_LEN, code_len);
     write_u32(mailbox, header::STDIN_LEN, stdin_len);
@@ -185,11 +190,7 @@ pub fn read_response(mailbox: &[u8], seq: u32) -> Result<Response, ProtocolError
 }
 
 /// The guest side of [`read_response`], used by tests and by Rust agents.
-pub fn write_response(
-    mailbox: &mut [u8],
-    seq: u32,
-    response: &Response,
-) -> Result<(), ProtocolError> {
+pub fn write_response(mailbox: &mut [u8], seq: u32, response: &Response) -> Result<(), ProtocolError> {
     check(mailbox)?;
     let total = response.stdout.len() + response.stderr.len();
     if total > RESPONSE_CAPACITY {
@@ -222,9 +223,7 @@ pub fn read_request(mailbox: &[u8]) -> Result<(u32, Vec<u8>, Vec<u8>), ProtocolE
     let code_len = read_u32(mailbox, header::CODE_LEN) as usize;
     let stdin_len = read_u32(mailbox, header::STDIN_LEN) as usize;
     if code_len.saturating_add(stdin_len) > REQUEST_CAPACITY {
-        return Err(ProtocolError::RequestTooLarge(
-            code_len.saturating_add(stdin_len),
-        ));
+        return Err(ProtocolError::RequestTooLarge(code_len.saturating_add(stdin_len)));
     }
     let code_end = REQUEST_OFFSET + code_len;
     Ok((
@@ -237,6 +236,8 @@ pub fn read_request(mailbox: &[u8]) -> Result<(u32, Vec<u8>, Vec<u8>), ProtocolE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SEED: [u8; header::REQUEST_SEED_LEN] = [0; header::REQUEST_SEED_LEN];
 
     fn mailbox() -> Vec<u8> {
         let mut m = vec![0u8; MAILBOX_SIZE];
@@ -253,6 +254,7 @@ mod tests {
                 code: b"print(1)",
                 stdin: b"in",
             },
+            &SEED,
         )
         .unwrap();
         assert_eq!(seq, 1);
@@ -263,10 +265,8 @@ mod tests {
         );
         let seq2 = write_request(
             &mut m,
-            Request {
-                code: b"x",
-                stdin: b"",
-            },
+            Request { code: b"x", stdin: b"" },
+            &[0; header::REQUEST_SEED_LEN],
         )
         .unwrap();
         assert_eq!(seq2, 2);
@@ -291,10 +291,7 @@ mod tests {
         let m = mailbox();
         assert_eq!(
             read_response(&m, 1),
-            Err(ProtocolError::Sequence {
-                expected: 1,
-                got: 0
-            })
+            Err(ProtocolError::Sequence { expected: 1, got: 0 })
         );
     }
 
@@ -319,20 +316,16 @@ mod tests {
         assert_eq!(
             write_request(
                 &mut m,
-                Request {
-                    code: &big,
-                    stdin: b""
-                }
+                Request { code: &big, stdin: b"" },
+                &[0; header::REQUEST_SEED_LEN]
             ),
             Err(ProtocolError::RequestTooLarge(REQUEST_CAPACITY + 1))
         );
         assert!(matches!(
             write_request(
                 &mut m[..10],
-                Request {
-                    code: b"",
-                    stdin: b""
-                }
+                Request { code: b"", stdin: b"" },
+                &[0; header::REQUEST_SEED_LEN]
             ),
             Err(ProtocolError::MailboxSize(10))
         ));

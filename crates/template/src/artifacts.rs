@@ -19,10 +19,7 @@ pub enum ArtifactError {
     #[error(transparent)]
     Cache(#[from] CacheError),
     #[error("cannot run {what}: {source}")]
-    Spawn {
-        what: String,
-        source: std::io::Error,
-    },
+    Spawn { what: String, source: std::io::Error },
     #[error("{what} failed ({status}); last lines of {log}:\n{tail}")]
     Failed {
         what: String,
@@ -174,10 +171,7 @@ pub fn ensure_kernel(cache: &Cache, progress: &dyn Progress) -> Result<Kernel, A
     })
 }
 
-pub fn ensure_root_image(
-    cache: &Cache,
-    progress: &dyn Progress,
-) -> Result<RootImage, ArtifactError> {
+pub fn ensure_root_image(cache: &Cache, progress: &dyn Progress) -> Result<RootImage, ArtifactError> {
     let base_hash = rootfs_base_hash();
     let base_dir = ensure(cache, "rootfs-base", &base_hash, progress, |dir| {
         let src = dir.join("sources");
@@ -201,22 +195,15 @@ pub fn ensure_root_image(
         run_logged(
             "tar",
             Path::new("tar"),
-            &[
-                Path::new("-C"),
-                &stage,
-                Path::new("-xf"),
-                &base_dir.join("base.tar"),
-            ],
+            &[Path::new("-C"), &stage, Path::new("-xf"), &base_dir.join("base.tar")],
             &log,
             progress,
         )?;
         let agent_dir = stage.join("zeroboot");
-        sources::materialize(std::slice::from_ref(&sources::AGENT), &stage)
-            .map_err(io_err(&agent_dir))?;
+        sources::materialize(std::slice::from_ref(&sources::AGENT), &stage).map_err(io_err(&agent_dir))?;
         // The agent lives at /zeroboot/agent.py: materialize wrote /agent/agent.py.
         std::fs::create_dir_all(&agent_dir).map_err(io_err(&agent_dir))?;
-        std::fs::rename(stage.join("agent/agent.py"), agent_dir.join("agent.py"))
-            .map_err(io_err(&agent_dir))?;
+        std::fs::rename(stage.join("agent/agent.py"), agent_dir.join("agent.py")).map_err(io_err(&agent_dir))?;
         std::fs::remove_dir(stage.join("agent")).map_err(io_err(&stage))?;
         let image = dir.join("root.erofs");
         let mut args: Vec<&Path> = MKFS_ARGS.iter().map(Path::new).collect();

@@ -16,10 +16,7 @@ pub enum CacheError {
     #[error("no cache directory: set ZEROBOOT_CACHE or HOME")]
     NoHome,
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 pub fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {

@@ -58,12 +58,7 @@ mod tests {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../guest/kernel/patches");
         let mut on_disk: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
-            .map(|e| {
-                format!(
-                    "kernel/patches/{}",
-                    e.unwrap().file_name().to_string_lossy()
-                )
-            })
+            .map(|e| format!("kernel/patches/{}", e.unwrap().file_name().to_string_lossy()))
             .collect();
         on_disk.sort();
         let listed: Vec<String> = KERNEL

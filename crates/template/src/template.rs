@@ -121,10 +121,7 @@ fn inputs_hash(spec: &TemplateSpec, kernel: &str, root: &str) -> String {
         .add(b"mem_mib", &spec.mem_mib.to_le_bytes())
         .add(b"cmdline", KERNEL_CMDLINE.as_bytes())
         .add(b"root_args", ROOT_ARGS.as_bytes())
-        .add(
-            b"state_format",
-            &snapshot::codec::FORMAT_VERSION.to_le_bytes(),
-        )
+        .add(b"state_format", &snapshot::codec::FORMAT_VERSION.to_le_bytes())
         .add(b"engine", env!("CARGO_PKG_VERSION").as_bytes());
     h.finish()
 }
@@ -207,6 +204,7 @@ pub fn build(
         cmdline: KERNEL_CMDLINE.into(),
         root_image: Some(root.path.clone()),
         initrd: None,
+        system_map: Some(kernel.system_map.clone()),
         mem_mib: spec.mem_mib,
         root_args: ROOT_ARGS.into(),
     };
@@ -251,10 +249,7 @@ pub fn build(
         .write(true)
         .open(&mem_path)
         .map_err(io_err(&mem_path))?;
-    let memory_bytes = machine
-        .ram()
-        .write_sparse(&mut mem_file)
-        .map_err(MachineError::from)?;
+    let memory_bytes = machine.ram().write_sparse(&mut mem_file).map_err(MachineError::from)?;
     mem_file.sync_all().map_err(io_err(&mem_path))?;
     snapshot::write_state(&staging, &state)?;
     let info = TemplateInfo {
@@ -299,10 +294,7 @@ pub fn open(cache: &Cache, hv: &Hypervisor, name: &str) -> Result<Snapshot, Temp
             dir: cache.templates_dir(),
         });
     }
-    Ok(Snapshot::open(
-        &dir,
-        &zeroboot_vmm::machine::cpu_vendor(hv),
-    )?)
+    Ok(Snapshot::open(&dir, &zeroboot_vmm::machine::cpu_vendor(hv))?)
 }
 
 /// One line of `zeroboot template ls`.
@@ -375,8 +367,7 @@ mod tests {
 
     #[test]
     fn missing_template_is_a_clear_error() {
-        let cache =
-            Cache::at(std::env::temp_dir().join(format!("zeroboot-empty-{}", std::process::id())));
+        let cache = Cache::at(std::env::temp_dir().join(format!("zeroboot-empty-{}", std::process::id())));
         assert!(list(&cache).unwrap().is_empty());
         if let Ok(hv) = Hypervisor::open() {
             let err = open(&cache, &hv, "nope").err().unwrap().to_string();

@@ -14,9 +14,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let hv = Hypervisor::open()?;
     let spec = BootSpec {
         kernel: args[1].clone().into(),
-        cmdline: format!("console=ttyS0 reboot=k panic=1 nokaslr noxsave clearcpuid=smap,popcnt init=/zeroboot/agent.py {}", std::env::var("ZB_EXTRA").unwrap_or_default()),
+        cmdline: format!(
+            "console=ttyS0 reboot=k panic=1 nokaslr noxsave clearcpuid=smap,popcnt init=/zeroboot/agent.py {}",
+            std::env::var("ZB_EXTRA").unwrap_or_default()
+        ),
         root_image: Some(args[2].clone().into()),
         initrd: None,
+        system_map: None,
         mem_mib: 512,
         root_args: "rootfstype=erofs rootflags=dax ro rootwait".into(),
     };
@@ -24,12 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let t = Instant::now();
     let mut m = Machine::boot(&hv, &spec, Box::new(log))?;
     let bell = m.run_until_doorbell(Duration::from_secs(1800));
-    println!(
-        "boot: {:?} after {:?}, {} exits",
-        bell,
-        t.elapsed(),
-        m.exits()
-    );
+    println!("boot: {:?} after {:?}, {} exits", bell, t.elapsed(), m.exits());
     bell?;
     let state = m.save()?;
     write_state(&out, &state)?;

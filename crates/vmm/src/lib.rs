@@ -7,10 +7,12 @@
 //! - [`layout`], [`memory`]: guest-physical layout and guest memory.
 //! - [`devices`]: the serial console.
 //! - [`snapshot`]: the state file format and template files.
+//! - [`guest_kernel`]: guest kernel state the host rewrites in each fork.
 //! - [`machine`]: a running VM and its exit loop.
 
 pub mod boot;
 pub mod devices;
+pub mod guest_kernel;
 pub mod kvm;
 pub mod layout;
 pub mod machine;

@@ -12,6 +12,7 @@ use zeroboot_protocol::{self as protocol, Doorbell, Request, Response};
 
 use crate::boot::{self, BootError};
 use crate::devices::serial::{SerialConsole, SerialError, COM1_IRQ, COM1_PORTS};
+use crate::guest_kernel::{KernelSymbols, SymbolError};
 use crate::kvm::{Exit, Hypervisor, KvmError, Vcpu, Vm};
 use crate::layout::{LayoutError, MemoryLayout};
 use crate::memory::{GuestRam, MemoryError};
@@ -39,25 +40,20 @@ pub enum MachineError {
     Serial(#[from] SerialError),
     #[error(transparent)]
     Protocol(#[from] protocol::ProtocolError),
+    #[error("guest kernel symbols: {0}")]
+    Symbols(#[from] SymbolError),
+    #[error("cannot read {path}: {source}")]
+    File { path: PathBuf, source: std::io::Error },
     #[error("cannot read root image {path}: {source}")]
-    RootImage {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    RootImage { path: PathBuf, source: std::io::Error },
     #[error("the guest did not finish within {0:?}")]
     Timeout(Duration),
     #[error("the guest reset itself (kernel panic or reboot); see the console log")]
     GuestReset,
     #[error("the guest triple-faulted at rip {rip:#x}")]
     TripleFault { rip: u64 },
-    #[error(
-        "KVM cannot emulate the instruction at rip {rip:#x} (suberror {suberror}, bytes {bytes})"
-    )]
-    Emulation {
-        rip: u64,
-        suberror: u32,
-        bytes: String,
-    },
+    #[error("KVM cannot emulate the instruction at rip {rip:#x} (suberror {suberror}, bytes {bytes})")]
+    Emulation { rip: u64, suberror: u32, bytes: String },
     #[error("KVM could not enter the guest (hardware reason {0:#x})")]
     FailEntry(u64),
     #[error("the guest rang the doorbell with unknown code {0:#x}")]
@@ -76,6 +72,9 @@ pub struct BootSpec {
     /// Read-only root filesystem image, exposed as legacy persistent memory.
     pub root_image: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
+    /// The kernel's System.map: without it forks cannot be given fresh
+    /// kernel entropy.
+    pub system_map: Option<PathBuf>,
     pub mem_mib: u64,
     /// Extra arguments for the root image (e.g. `rootfstype=erofs rootflags=dax`).
     pub root_args: String,
@@ -88,6 +87,7 @@ pub struct Machine {
     ram: GuestRam,
     serial: SerialConsole,
     layout: MemoryLayout,
+    kernel: Option<KernelSymbols>,
     cpu_vendor: String,
     exits: u64,
 }
@@ -107,11 +107,7 @@ pub fn cpu_vendor(hv: &Hypervisor) -> String {
 impl Machine {
     /// Creates a VM, loads the kernel and root image, and sets up vCPU 0 at the
     /// kernel entry. `console` receives the guest's serial output.
-    pub fn boot(
-        hv: &Hypervisor,
-        spec: &BootSpec,
-        console: Box<dyn Write + Send>,
-    ) -> Result<Self, MachineError> {
+    pub fn boot(hv: &Hypervisor, spec: &BootSpec, console: Box<dyn Write + Send>) -> Result<Self, MachineError> {
         let root = match &spec.root_image {
             Some(path) => {
                 let file = std::fs::File::open(path).map_err(|source| MachineError::RootImage {
@@ -129,6 +125,16 @@ impl Machine {
             }
             None => None,
         };
+        let kernel = match &spec.system_map {
+            Some(path) => {
+                let map = std::fs::read_to_string(path).map_err(|source| MachineError::File {
+                    path: path.clone(),
+                    source,
+                })?;
+                Some(KernelSymbols::from_system_map(&map)?)
+            }
+            None => None,
+        };
         let layout = MemoryLayout::new(spec.mem_mib, root.as_ref().map_or(0, |r| r.1))?;
         let mut ram = GuestRam::anonymous(layout.total_bytes())?;
         if let Some((mut file, len)) = root {
@@ -136,10 +142,7 @@ impl Machine {
         }
         let mut seed = [0u8; protocol::header::BOOT_SEED_LEN];
         fill_random(&mut seed);
-        protocol::init_mailbox(
-            ram.slice_mut(layout.mailbox_gpa, protocol::MAILBOX_SIZE)?,
-            &seed,
-        )?;
+        protocol::init_mailbox(ram.slice_mut(layout.mailbox_gpa, protocol::MAILBOX_SIZE)?, &seed)?;
 
         let mut cmdline = spec.cmdline.clone();
         if layout.pmem_bytes > 0 {
@@ -150,13 +153,7 @@ impl Machine {
             " zeroboot.mailbox={:#x} zeroboot.doorbell={:#x}",
             layout.mailbox_gpa, layout.doorbell_gpa
         ));
-        let entry = boot::load(
-            &mut ram,
-            &layout,
-            &spec.kernel,
-            cmdline.trim(),
-            spec.initrd.as_deref(),
-        )?;
+        let entry = boot::load(&mut ram, &layout, &spec.kernel, cmdline.trim(), spec.initrd.as_deref())?;
 
         let vm = hv.create_vm()?;
         vm.set_memory(&ram)?;
@@ -171,6 +168,7 @@ impl Machine {
             ram,
             serial,
             layout,
+            kernel,
             cpu_vendor: cpu_vendor(hv),
             exits: 0,
         })
@@ -178,18 +176,21 @@ impl Machine {
 
     /// Creates a new VM from `snapshot`: guest memory is a private
     /// copy-on-write mapping of the snapshot's memory file.
-    pub fn restore(
-        hv: &Hypervisor,
-        snapshot: &Snapshot,
-        console: Box<dyn Write + Send>,
-    ) -> Result<Self, MachineError> {
+    pub fn restore(hv: &Hypervisor, snapshot: &Snapshot, console: Box<dyn Write + Send>) -> Result<Self, MachineError> {
         let state = &snapshot.state;
-        let ram = GuestRam::private_file_mapping(
+        let mut ram = GuestRam::private_file_mapping(
             snapshot
                 .memory_file()
                 .map_err(|e| MachineError::UnexpectedExit(e.to_string()))?,
             state.layout.total_bytes(),
         )?;
+        // Every fork must differ from its siblings: fresh kernel CRNG keys
+        // before the guest runs an instruction.
+        if let Some(kernel) = &state.kernel {
+            let mut fresh = [0u8; 64];
+            fill_random(&mut fresh);
+            kernel.reseed(&mut ram, &fresh)?;
+        }
         let vm = hv.create_vm()?;
         // Ordering: memory slot first (see Vm::set_memory), then the in-kernel
         // devices, then their state, then the vCPU (its LAPIC needs the irqchip).
@@ -199,13 +200,14 @@ impl Machine {
         let serial = SerialConsole::from_state(&state.serial, console)?;
         vm.register_irq(serial.irq(), COM1_IRQ)?;
         let vcpu = vm.create_vcpu(0)?;
-        vcpu.restore_state(&state.vcpu)?;
+        vcpu.restore_state(&state.vcpu, &defer_timer(&state.vcpu))?;
         Ok(Self {
             vcpu,
             vm,
             ram,
             serial,
             layout: state.layout,
+            kernel: state.kernel,
             cpu_vendor: state.cpu_vendor.clone(),
             exits: 0,
         })
@@ -300,9 +302,7 @@ impl Machine {
         self.vcpu.set_immediate_exit(true);
         let result = self.vcpu.run().map(|exit| match exit {
             Exit::Interrupted => Ok(()),
-            other => Err(MachineError::UnexpectedExit(format!(
-                "{other:?} while completing I/O"
-            ))),
+            other => Err(MachineError::UnexpectedExit(format!("{other:?} while completing I/O"))),
         });
         self.vcpu.set_immediate_exit(false);
         result?
@@ -317,26 +317,25 @@ impl Machine {
         let bytes = self
             .ram
             .slice(phys, 16)
-            .map(|b| {
-                b.iter()
-                    .map(|x| format!("{x:02x}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
+            .map(|b| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" "))
             .unwrap_or_else(|_| "unavailable".into());
-        MachineError::Emulation {
-            rip,
-            suberror,
-            bytes,
-        }
+        MachineError::Emulation { rip, suberror, bytes }
     }
 
     /// Captures the whole machine. Call only after [`Machine::run_until_doorbell`]
     /// returned, so that no I/O is pending.
     pub fn save(&self) -> Result<MachineState, MachineError> {
+        if let Some(kernel) = &self.kernel {
+            kernel.check(&self.ram)?;
+        }
+        let saved_at_unix_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
         Ok(MachineState {
             cpu_vendor: self.cpu_vendor.clone(),
             layout: self.layout,
+            kernel: self.kernel,
+            saved_at_unix_ns,
             vm: self.vm.save_state()?,
             vcpu: self.vcpu.save_state()?,
             serial: self.serial.state(),
@@ -344,16 +343,14 @@ impl Machine {
     }
 
     /// Hands `request` to the agent and runs until it answers.
-    pub fn exec(
-        &mut self,
-        request: Request<'_>,
-        timeout: Duration,
-    ) -> Result<Response, MachineError> {
+    pub fn exec(&mut self, request: Request<'_>, timeout: Duration) -> Result<Response, MachineError> {
         let mailbox_gpa = self.layout.mailbox_gpa;
-        let seq = protocol::write_request(
-            self.ram.slice_mut(mailbox_gpa, protocol::MAILBOX_SIZE)?,
-            request,
-        )?;
+        // Fresh seeds for the guest's user-space generators (Python's `random`,
+        // numpy's global state), which were seeded once in the template.
+        let mut seed = [0u8; protocol::header::REQUEST_SEED_LEN];
+        fill_random(&mut seed);
+        let mailbox = self.ram.slice_mut(mailbox_gpa, protocol::MAILBOX_SIZE)?;
+        let seq = protocol::write_request(mailbox, request, &seed)?;
         match self.run_until_doorbell(timeout)? {
             Doorbell::Result => {}
             got => {
@@ -370,13 +367,37 @@ impl Machine {
     }
 }
 
+/// How long after resuming a fork the guest's next timer interrupt may be
+/// held back. The template was snapshotted with its scheduler tick at most one
+/// tick (10 ms) ahead; moving that deadline out means a short execution runs
+/// with no interrupt at all, so the guest kernel never runs. A guest timer
+/// due sooner (a short `time.sleep`) fires at this point instead.
+pub const TIMER_GRACE: Duration = Duration::from_millis(100);
+
+/// The vCPU's MSRs with the TSC-deadline timer moved to [`TIMER_GRACE`]
+/// after the restored TSC.
+fn defer_timer(vcpu: &crate::snapshot::state::VcpuState) -> Vec<kvm_bindings::kvm_msr_entry> {
+    use crate::kvm::{MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE};
+    let mut msrs = vcpu.msrs.clone();
+    let tsc = msrs.iter().find(|m| m.index == MSR_IA32_TSC).map(|m| m.data);
+    if let (Some(tsc), Some(khz)) = (tsc, vcpu.tsc_khz) {
+        let grace = u64::from(khz) * TIMER_GRACE.as_millis() as u64;
+        for m in msrs
+            .iter_mut()
+            .filter(|m| m.index == MSR_IA32_TSC_DEADLINE && m.data != 0)
+        {
+            m.data = m.data.max(tsc.saturating_add(grace));
+        }
+    }
+    msrs
+}
+
 /// Fills `buf` from the kernel's CSPRNG.
 pub fn fill_random(buf: &mut [u8]) {
     let mut filled = 0;
     while filled < buf.len() {
         // SAFETY: the pointer and length describe the unfilled tail of `buf`.
-        let n =
-            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
         if n > 0 {
             filled += n as usize;
         }
@@ -441,5 +462,39 @@ impl Drop for Watchdog {
             t.thread().unpark();
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kvm::{MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE};
+    use kvm_bindings::kvm_msr_entry;
+
+    fn msr(index: u32, data: u64) -> kvm_msr_entry {
+        kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn timer_deadline_moves_past_the_grace_period() {
+        let mut state = crate::snapshot::tests::sample_state().vcpu;
+        state.tsc_khz = Some(1_000_000); // 1 GHz: 1 ms = 1e6 cycles
+        state.msrs = vec![
+            msr(MSR_IA32_TSC, 5_000_000),
+            msr(MSR_IA32_TSC_DEADLINE, 6_000_000),
+            msr(0x1a0, 1),
+        ];
+        let out = defer_timer(&state);
+        assert_eq!(out[1].data, 5_000_000 + 100 * 1_000_000);
+        assert_eq!((out[0].data, out[2].data), (5_000_000, 1), "other MSRs untouched");
+        // A disarmed timer stays disarmed; a later deadline is kept.
+        state.msrs[1].data = 0;
+        assert_eq!(defer_timer(&state)[1].data, 0);
+        state.msrs[1].data = u64::MAX;
+        assert_eq!(defer_timer(&state)[1].data, u64::MAX);
     }
 }

@@ -68,8 +68,7 @@ impl GuestRam {
     fn from_region(region: vm_memory::MmapRegion, size: u64) -> Result<Self, MemoryError> {
         let host_base = region.as_ptr();
         let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or(MemoryError::Region)?;
-        let memory =
-            GuestMemoryMmap::from_regions(vec![region]).map_err(|_| MemoryError::Region)?;
+        let memory = GuestMemoryMmap::from_regions(vec![region]).map_err(|_| MemoryError::Region)?;
         Ok(Self {
             memory,
             host_base,
@@ -165,9 +164,7 @@ mod tests {
     #[test]
     fn sparse_write_round_trips() {
         let mut ram = GuestRam::anonymous(64 * PAGE_SIZE).unwrap();
-        ram.slice_mut(PAGE_SIZE * 3, 4)
-            .unwrap()
-            .copy_from_slice(b"abcd");
+        ram.slice_mut(PAGE_SIZE * 3, 4).unwrap().copy_from_slice(b"abcd");
         ram.slice_mut(PAGE_SIZE * 40 + 100, 1).unwrap()[0] = 9;
         let path = std::env::temp_dir().join(format!("zeroboot-mem-{}", std::process::id()));
         let mut file = File::options()
@@ -179,8 +176,7 @@ mod tests {
             .unwrap();
         let written = ram.write_sparse(&mut file).unwrap();
         assert_eq!(written, 2 * PAGE_SIZE);
-        let copy =
-            GuestRam::private_file_mapping(File::open(&path).unwrap(), 64 * PAGE_SIZE).unwrap();
+        let copy = GuestRam::private_file_mapping(File::open(&path).unwrap(), 64 * PAGE_SIZE).unwrap();
         assert_eq!(copy.slice(PAGE_SIZE * 3, 4).unwrap(), b"abcd");
         assert_eq!(copy.slice(PAGE_SIZE * 40 + 100, 1).unwrap(), &[9]);
         std::fs::remove_file(path).unwrap();

@@ -75,11 +75,7 @@ mod tests {
         assert_eq!(out[0].edx & EDX_APIC, EDX_APIC);
         assert_eq!(out[0].ebx >> 24, 0);
         assert_eq!((out[0].ebx >> 16) & 0xff, 1);
-        assert_eq!(
-            out[0].ebx & 0xffff,
-            0x0800,
-            "CLFLUSH size and brand are kept"
-        );
+        assert_eq!(out[0].ebx & 0xffff, 0x0800, "CLFLUSH size and brand are kept");
     }
 
     #[test]
@@ -98,10 +94,7 @@ mod tests {
 
     #[test]
     fn thermal_and_others() {
-        let host = [
-            entry(6, 0, 0, 1 | 8, 0),
-            entry(0x4000_0000, 0, 0x4b4d_564b, 0, 0),
-        ];
+        let host = [entry(6, 0, 0, 1 | 8, 0), entry(0x4000_0000, 0, 0x4b4d_564b, 0, 0)];
         let out = filter(&host, 0);
         assert_eq!(out[0].ecx, 8);
         assert_eq!(out[1], host[1], "leaves we do not know pass through");

@@ -16,18 +16,14 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::kvm::{Hypervisor, KvmError, Vcpu};
 use crate::layout::{
-    MemoryLayout, CMDLINE_MAX_SIZE, CMDLINE_START, GDT_START, HIMEM_START, PAGE_SIZE,
-    ZERO_PAGE_START,
+    MemoryLayout, CMDLINE_MAX_SIZE, CMDLINE_START, GDT_START, HIMEM_START, PAGE_SIZE, ZERO_PAGE_START,
 };
 use crate::memory::GuestRam;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("cannot open {path}: {source}")]
-    Open {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Open { path: PathBuf, source: std::io::Error },
     #[error("cannot load kernel {path}: {source}")]
     Kernel {
         path: PathBuf,
@@ -60,16 +56,13 @@ pub fn load(
         })
     };
     let mut kernel_file = open(kernel)?;
-    let loaded = Elf::load(
-        ram.memory(),
-        None,
-        &mut kernel_file,
-        Some(GuestAddress(HIMEM_START)),
-    )
-    .map_err(|source| BootError::Kernel {
-        path: kernel.into(),
-        source,
-    })?;
+    let loaded =
+        Elf::load(ram.memory(), None, &mut kernel_file, Some(GuestAddress(HIMEM_START))).map_err(|source| {
+            BootError::Kernel {
+                path: kernel.into(),
+                source,
+            }
+        })?;
 
     let mut line = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
     line.insert_str(cmdline).map_err(BootError::Cmdline)?;
@@ -111,9 +104,7 @@ pub fn load(
             .map_err(mem_err)?;
     }
     for (addr, value) in regs::identity_page_tables() {
-        ram.memory()
-            .write_obj(value, GuestAddress(addr))
-            .map_err(mem_err)?;
+        ram.memory().write_obj(value, GuestAddress(addr)).map_err(mem_err)?;
     }
     Ok(loaded.kernel_load.0)
 }

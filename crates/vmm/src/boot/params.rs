@@ -32,11 +32,7 @@ pub fn e820_map(layout: &MemoryLayout) -> Vec<E820Entry> {
     let mut map = vec![
         (0, EBDA_START, E820_RAM),
         (HIMEM_START, layout.mailbox_gpa - HIMEM_START, E820_RAM),
-        (
-            layout.mailbox_gpa,
-            layout.ram_bytes - layout.mailbox_gpa,
-            E820_RESERVED,
-        ),
+        (layout.mailbox_gpa, layout.ram_bytes - layout.mailbox_gpa, E820_RESERVED),
     ];
     if layout.pmem_bytes > 0 {
         map.push((layout.pmem_gpa, layout.pmem_bytes, E820_PMEM));
@@ -45,11 +41,7 @@ pub fn e820_map(layout: &MemoryLayout) -> Vec<E820Entry> {
 }
 
 /// Builds the zero page. `initrd` is (guest address, length).
-pub fn zero_page(
-    layout: &MemoryLayout,
-    cmdline_len: usize,
-    initrd: Option<(u64, u64)>,
-) -> ZeroPage {
+pub fn zero_page(layout: &MemoryLayout, cmdline_len: usize, initrd: Option<(u64, u64)>) -> ZeroPage {
     let mut params = boot_params::default();
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;

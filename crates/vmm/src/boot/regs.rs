@@ -4,9 +4,7 @@
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 
-use crate::layout::{
-    BOOT_STACK_POINTER, GDT_START, IDT_START, PDE_START, PDPTE_START, PML4_START, ZERO_PAGE_START,
-};
+use crate::layout::{BOOT_STACK_POINTER, GDT_START, IDT_START, PDE_START, PDPTE_START, PML4_START, ZERO_PAGE_START};
 
 const CR0_PE: u64 = 1 << 0;
 const CR0_ET: u64 = 1 << 4;
@@ -129,10 +127,7 @@ mod tests {
         assert_eq!(GDT[1], 0x00af_9b00_0000_ffff);
         assert_eq!(GDT[2], 0x00cf_9300_0000_ffff);
         let code = segment_from_gdt(GDT[1], CODE_SELECTOR);
-        assert_eq!(
-            (code.l, code.db, code.present, code.s, code.type_),
-            (1, 0, 1, 1, 0xb)
-        );
+        assert_eq!((code.l, code.db, code.present, code.s, code.type_), (1, 0, 1, 1, 0xb));
         assert_eq!(code.limit, 0xffff_ffff);
         let tss = segment_from_gdt(GDT[3], TSS_SELECTOR);
         assert_eq!((tss.s, tss.type_, tss.g), (0, 0xb, 1));

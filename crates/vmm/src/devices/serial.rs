@@ -42,10 +42,7 @@ impl SerialConsole {
         })
     }
 
-    pub fn from_state(
-        state: &SerialState,
-        out: Box<dyn Write + Send>,
-    ) -> Result<Self, SerialError> {
+    pub fn from_state(state: &SerialState, out: Box<dyn Write + Send>) -> Result<Self, SerialError> {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(SerialError::EventFd)?;
         let s = vm_superio::serial::SerialState {
             baud_divisor_low: state.baud_divisor_low,
@@ -59,8 +56,8 @@ impl SerialConsole {
             scratch: state.scratch,
             in_buffer: state.in_buffer.clone(),
         };
-        let uart = Serial::from_state(&s, IrqLine(irq), NoEvents, out)
-            .map_err(|e| SerialError::State(format!("{e:?}")))?;
+        let uart =
+            Serial::from_state(&s, IrqLine(irq), NoEvents, out).map_err(|e| SerialError::State(format!("{e:?}")))?;
         Ok(Self { uart })
     }
 

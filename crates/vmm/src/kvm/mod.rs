@@ -5,10 +5,9 @@
 //! [`crate::snapshot::state`].
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid_entry2, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_msr_entry,
-    kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region, CpuId, Msrs,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_cpuid_entry2, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_msr_entry, kvm_pit_config, kvm_regs,
+    kvm_sregs, kvm_userspace_memory_region, CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -19,12 +18,16 @@ use crate::snapshot::state::{VcpuState, VmState};
 /// `MSR_IA32_TSC`: restored first so that MSRs relative to it (TSC deadline)
 /// land after it.
 pub const MSR_IA32_TSC: u32 = 0x10;
+/// `MSR_IA32_TSC_DEADLINE`: the LAPIC timer's next expiry in TSC-deadline mode.
+pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 /// Identity-map and TSS pages that VMX needs below 4 GiB, out of the guest's way.
 const TSS_ADDRESS: usize = 0xfffb_d000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KvmError {
-    #[error("cannot open /dev/kvm ({0}); zeroboot needs KVM: check that /dev/kvm exists and that you may read and write it")]
+    #[error(
+        "cannot open /dev/kvm ({0}); zeroboot needs KVM: check that /dev/kvm exists and that you may read and write it"
+    )]
     Open(kvm_ioctls::Error),
     #[error("KVM lacks a capability zeroboot needs: {0}")]
     MissingCap(&'static str),
@@ -63,12 +66,7 @@ impl Hypervisor {
         }
         let list = ioctl("KVM_GET_MSR_INDEX_LIST", kvm.get_msr_index_list())?;
         let mut msr_indices = vec![MSR_IA32_TSC];
-        msr_indices.extend(
-            list.as_slice()
-                .iter()
-                .copied()
-                .filter(|&i| i != MSR_IA32_TSC),
-        );
+        msr_indices.extend(list.as_slice().iter().copied().filter(|&i| i != MSR_IA32_TSC));
         let cpuid = ioctl(
             "KVM_GET_SUPPORTED_CPUID",
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES),
@@ -167,18 +165,9 @@ impl Vm {
     /// vCPU's LAPIC is restored, so that interrupts pending in the PIC/IOAPIC
     /// are routed to a LAPIC that already exists.
     pub fn restore_state(&self, state: &VmState) -> Result<(), KvmError> {
-        ioctl(
-            "KVM_SET_IRQCHIP(pic master)",
-            self.fd.set_irqchip(&state.pic_master),
-        )?;
-        ioctl(
-            "KVM_SET_IRQCHIP(pic slave)",
-            self.fd.set_irqchip(&state.pic_slave),
-        )?;
-        ioctl(
-            "KVM_SET_IRQCHIP(ioapic)",
-            self.fd.set_irqchip(&state.ioapic),
-        )?;
+        ioctl("KVM_SET_IRQCHIP(pic master)", self.fd.set_irqchip(&state.pic_master))?;
+        ioctl("KVM_SET_IRQCHIP(pic slave)", self.fd.set_irqchip(&state.pic_slave))?;
+        ioctl("KVM_SET_IRQCHIP(ioapic)", self.fd.set_irqchip(&state.ioapic))?;
         ioctl("KVM_SET_PIT2", self.fd.set_pit2(&state.pit))?;
         // KVM_SET_CLOCK accepts only KVM_CLOCK_REALTIME (and ignores the
         // read-only flags); we restore kvmclock exactly as it was, so the guest's
@@ -231,9 +220,7 @@ impl Vcpu {
     pub fn run(&mut self) -> Result<Exit<'_>, KvmError> {
         let exit = match self.fd.run() {
             Ok(exit) => exit,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                return Ok(Exit::Interrupted)
-            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(Exit::Interrupted),
             Err(source) => {
                 return Err(KvmError::Ioctl {
                     what: "KVM_RUN",
@@ -269,16 +256,14 @@ impl Vcpu {
     }
 
     pub fn set_cpuid(&self, entries: &[kvm_cpuid_entry2]) -> Result<(), KvmError> {
-        let cpuid = CpuId::from_entries(entries)
-            .map_err(|_| KvmError::MissingCap("CPUID table too large"))?;
+        let cpuid = CpuId::from_entries(entries).map_err(|_| KvmError::MissingCap("CPUID table too large"))?;
         ioctl("KVM_SET_CPUID2", self.fd.set_cpuid2(&cpuid))
     }
 
     pub fn set_msrs(&self, entries: &[kvm_msr_entry]) -> Result<(), KvmError> {
         let mut rest = entries;
         while !rest.is_empty() {
-            let msrs =
-                Msrs::from_entries(rest).map_err(|_| KvmError::MissingCap("too many MSRs"))?;
+            let msrs = Msrs::from_entries(rest).map_err(|_| KvmError::MissingCap("too many MSRs"))?;
             let done = ioctl("KVM_SET_MSRS", self.fd.set_msrs(&msrs))?;
             if done < rest.len() {
                 return Err(KvmError::Msr {
@@ -331,8 +316,7 @@ impl Vcpu {
                     ..Default::default()
                 })
                 .collect();
-            let mut msrs =
-                Msrs::from_entries(&entries).map_err(|_| KvmError::MissingCap("too many MSRs"))?;
+            let mut msrs = Msrs::from_entries(&entries).map_err(|_| KvmError::MissingCap("too many MSRs"))?;
             let read = ioctl("KVM_GET_MSRS", self.fd.get_msrs(&mut msrs))?;
             out.extend_from_slice(&msrs.as_slice()[..read]);
             rest = rest.get(read + 1..).unwrap_or(&[]);
@@ -368,7 +352,8 @@ impl Vcpu {
     ///   both; the TSC is first in the list so the deadline lands after it.
     /// - vCPU events last: they may carry a pending exception or interrupt that
     ///   must be injected into the fully restored state.
-    pub fn restore_state(&self, state: &VcpuState) -> Result<(), KvmError> {
+    /// `msrs` replaces `state.msrs`, so the caller can adjust timers.
+    pub fn restore_state(&self, state: &VcpuState, msrs: &[kvm_msr_entry]) -> Result<(), KvmError> {
         self.set_cpuid(&state.cpuid)?;
         if let Some(khz) = state.tsc_khz {
             // A host with another TSC rate cannot always scale; the guest's
@@ -390,14 +375,8 @@ impl Vcpu {
             ioctl("KVM_SET_XCRS", self.fd.set_xcrs(xcrs))?;
         }
         self.set_lapic(&state.lapic)?;
-        self.set_msrs(&state.msrs)?;
-        ioctl(
-            "KVM_SET_DEBUGREGS",
-            self.fd.set_debug_regs(&state.debug_regs),
-        )?;
-        ioctl(
-            "KVM_SET_VCPU_EVENTS",
-            self.fd.set_vcpu_events(&state.vcpu_events),
-        )
+        self.set_msrs(msrs)?;
+        ioctl("KVM_SET_DEBUGREGS", self.fd.set_debug_regs(&state.debug_regs))?;
+        ioctl("KVM_SET_VCPU_EVENTS", self.fd.set_vcpu_events(&state.vcpu_events))
     }
 }

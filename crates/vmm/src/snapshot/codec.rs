@@ -16,7 +16,7 @@ use bincode::Options;
 use super::state::MachineState;
 
 pub const MAGIC: [u8; 8] = *b"ZBSNAP\0\0";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 24;
 /// A real state is tens of KiB; anything near this is not ours.
 pub const MAX_PAYLOAD: u64 = 4 << 20;
@@ -33,9 +33,7 @@ pub enum CodecError {
     TooLarge(u64),
     #[error("payload is {actual} bytes but the header says {expected}: truncated")]
     Truncated { expected: u64, actual: u64 },
-    #[error(
-        "checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): the file is corrupt"
-    )]
+    #[error("checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): the file is corrupt")]
     Checksum { stored: u32, computed: u32 },
     #[error("cannot decode the state: {0}")]
     Decode(String),
@@ -71,8 +69,7 @@ pub fn decode(bytes: &[u8]) -> Result<MachineState, CodecError> {
     if bytes[..8] != MAGIC {
         return Err(CodecError::BadMagic);
     }
-    let word =
-        |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    let word = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
     let version = word(8);
     if version != FORMAT_VERSION {
         return Err(CodecError::Version { found: version });

@@ -17,24 +17,13 @@ pub const MEMORY_FILE: &str = "memory.bin";
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {source}")]
     Codec { path: PathBuf, source: CodecError },
     #[error("{path}: memory file is {actual} bytes, the state expects {expected}: truncated or from another template")]
-    MemorySize {
-        path: PathBuf,
-        expected: u64,
-        actual: u64,
-    },
+    MemorySize { path: PathBuf, expected: u64, actual: u64 },
     #[error("{path}: taken on a {found} CPU, this host is {host}: snapshots only restore on the same CPU vendor")]
-    Vendor {
-        path: PathBuf,
-        found: String,
-        host: String,
-    },
+    Vendor { path: PathBuf, found: String, host: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
@@ -108,9 +97,7 @@ impl Snapshot {
     }
 
     pub fn memory_file(&self) -> Result<File, SnapshotError> {
-        self.memory
-            .try_clone()
-            .map_err(io_err(&self.dir.join(MEMORY_FILE)))
+        self.memory.try_clone().map_err(io_err(&self.dir.join(MEMORY_FILE)))
     }
 }
 
@@ -148,6 +135,11 @@ pub(crate) mod tests {
         MachineState {
             cpu_vendor: "GenuineIntel".into(),
             layout: MemoryLayout::new(512, 1 << 20).unwrap(),
+            kernel: Some(crate::guest_kernel::KernelSymbols {
+                base_crng: 0x1b9_df80,
+                input_pool: 0x1ab_aba0,
+            }),
+            saved_at_unix_ns: 1_700_000_000_000_000_000,
             vm: VmState {
                 pic_master: Default::default(),
                 pic_slave: Default::default(),
@@ -173,31 +165,24 @@ pub(crate) mod tests {
         assert_eq!(back.serial.scratch, 7);
         assert_eq!(back.layout, sample_state().layout);
         assert_eq!(back.vcpu.tsc_khz, Some(2_000_000));
+        assert_eq!(back.kernel, sample_state().kernel);
+        assert_eq!(back.saved_at_unix_ns, 1_700_000_000_000_000_000);
     }
 
     #[test]
     fn codec_rejects_corruption() {
         let good = codec::encode(&sample_state()).unwrap();
-        assert!(matches!(
-            codec::decode(&good[..10]),
-            Err(CodecError::TooShort(10))
-        ));
+        assert!(matches!(codec::decode(&good[..10]), Err(CodecError::TooShort(10))));
         let mut bad = good.clone();
         bad[0] = b'X';
         assert!(matches!(codec::decode(&bad), Err(CodecError::BadMagic)));
         let mut bad = good.clone();
         bad[8] = 99;
-        assert!(matches!(
-            codec::decode(&bad),
-            Err(CodecError::Version { found: 99 })
-        ));
+        assert!(matches!(codec::decode(&bad), Err(CodecError::Version { found: 99 })));
         let mut bad = good.clone();
         let last = bad.len() - 1;
         bad[last] ^= 0xff;
-        assert!(matches!(
-            codec::decode(&bad),
-            Err(CodecError::Checksum { .. })
-        ));
+        assert!(matches!(codec::decode(&bad), Err(CodecError::Checksum { .. })));
         assert!(matches!(
             codec::decode(&good[..good.len() - 1]),
             Err(CodecError::Truncated { .. })
@@ -224,28 +209,16 @@ pub(crate) mod tests {
         let dir = std::env::temp_dir().join(format!("zeroboot-snap-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(STATE_FILE), b"garbage").unwrap();
-        let err = Snapshot::open(&dir, "GenuineIntel")
-            .err()
-            .unwrap()
-            .to_string();
+        let err = Snapshot::open(&dir, "GenuineIntel").err().unwrap().to_string();
         assert!(err.contains("state.bin"), "{err}");
         assert!(err.contains("truncated"), "{err}");
         write_state(&dir, &sample_state()).unwrap();
-        let err = Snapshot::open(&dir, "AuthenticAMD")
-            .err()
-            .unwrap()
-            .to_string();
+        let err = Snapshot::open(&dir, "AuthenticAMD").err().unwrap().to_string();
         assert!(err.contains("vendor"), "{err}");
-        let err = Snapshot::open(&dir, "GenuineIntel")
-            .err()
-            .unwrap()
-            .to_string();
+        let err = Snapshot::open(&dir, "GenuineIntel").err().unwrap().to_string();
         assert!(err.contains("memory.bin"), "{err}");
         std::fs::write(dir.join(MEMORY_FILE), b"short").unwrap();
-        let err = Snapshot::open(&dir, "GenuineIntel")
-            .err()
-            .unwrap()
-            .to_string();
+        let err = Snapshot::open(&dir, "GenuineIntel").err().unwrap().to_string();
         assert!(err.contains("truncated or from another template"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -2,12 +2,12 @@
 //! kvm-bindings (which serialize them as raw bytes), the rest is ours.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state,
-    kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
-    kvm_xsave,
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use serde::{Deserialize, Serialize};
 
+use crate::guest_kernel::KernelSymbols;
 use crate::layout::MemoryLayout;
 
 /// x87/SSE state as KVM_GET_FPU reports it (used where XSAVE is unavailable).
@@ -108,6 +108,11 @@ pub struct MachineState {
     /// only restored on the same vendor.
     pub cpu_vendor: String,
     pub layout: MemoryLayout,
+    /// Where the guest kernel keeps the state each fork rewrites (`None` for
+    /// a kernel booted without its System.map).
+    pub kernel: Option<KernelSymbols>,
+    /// Host wall-clock time of the snapshot, in nanoseconds since the epoch.
+    pub saved_at_unix_ns: u64,
     pub vm: VmState,
     pub vcpu: VcpuState,
     pub serial: SerialState,

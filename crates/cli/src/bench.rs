@@ -1,0 +1,212 @@
+//! `zeroboot bench`: fork and exec latency, throughput, memory per sandbox.
+//! Every figure says exactly what its timed region contains.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use zeroboot_protocol::Request;
+use zeroboot_vmm::{Hypervisor, Machine, Snapshot};
+
+const PRINT: &str = "print(1+1)";
+const NUMPY: &str = "import numpy; print(numpy.random.rand(3))";
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct BenchArgs {
+    pub iterations: usize,
+    pub throughput_count: usize,
+    pub json: bool,
+}
+
+#[derive(Clone, Copy)]
+struct Percentiles {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+}
+
+fn percentiles(mut us: Vec<f64>) -> Percentiles {
+    us.sort_by(|a, b| a.total_cmp(b));
+    let at = |p: f64| {
+        let i = ((p * us.len() as f64).ceil() as usize).clamp(1, us.len()) - 1;
+        us[i]
+    };
+    Percentiles {
+        p50: at(0.50),
+        p90: at(0.90),
+        p99: at(0.99),
+        max: at(1.0),
+    }
+}
+
+impl Percentiles {
+    fn json(&self) -> serde_json::Value {
+        json!({"p50": self.p50, "p90": self.p90, "p99": self.p99, "max": self.max})
+    }
+}
+
+fn exec(machine: &mut Machine, code: &str) -> Result<()> {
+    let r = machine.exec(
+        Request {
+            code: code.as_bytes(),
+            stdin: b"",
+        },
+        TIMEOUT,
+    )?;
+    if r.exit_code != 0 {
+        bail!("bench code {code:?} failed: {}", String::from_utf8_lossy(&r.stderr));
+    }
+    Ok(())
+}
+
+/// Private (copy-on-write) KiB in the mapping that starts at `addr`, from /proc/self/smaps.
+fn private_kib(addr: u64) -> Result<u64> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").context("reading /proc/self/smaps")?;
+    let start = format!("{addr:x}-");
+    let mut in_vma = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        if line.contains('-') && line.split_whitespace().count() >= 5 && !line.ends_with(" kB") {
+            in_vma = line.starts_with(&start);
+            continue;
+        }
+        if in_vma && (line.starts_with("Private_Clean:") || line.starts_with("Private_Dirty:")) {
+            kib += line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(kib)
+}
+
+fn machine_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let kvm = if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        "kvm_pvm (nested, no VMX: guest kernel mode emulated)"
+    } else if std::path::Path::new("/sys/module/kvm_intel").exists() {
+        "kvm_intel"
+    } else if std::path::Path::new("/sys/module/kvm_amd").exists() {
+        "kvm_amd"
+    } else {
+        "kvm"
+    };
+    format!("{cpu}, {cores} cores, host kernel {}, {kvm}", kernel.trim())
+}
+
+pub fn run(hv: &Hypervisor, snap: &Snapshot, args: &BenchArgs) -> Result<()> {
+    if args.iterations == 0 {
+        bail!("--iterations must be at least 1");
+    }
+    let n = args.iterations;
+    let mut spawn = Vec::with_capacity(n);
+    let mut print = Vec::with_capacity(n);
+    let mut numpy = Vec::with_capacity(n);
+    let mut exits = Vec::with_capacity(n);
+    let mut private = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let m = Machine::restore(hv, snap, Box::new(std::io::sink()))?;
+        spawn.push(t.elapsed().as_secs_f64() * 1e6);
+        drop(m);
+
+        let t = Instant::now();
+        let mut m = Machine::restore(hv, snap, Box::new(std::io::sink()))?;
+        exec(&mut m, PRINT)?;
+        print.push(t.elapsed().as_secs_f64() * 1e6);
+        exits.push(m.exits() as f64);
+        private.push(private_kib(m.ram().host_address())? as f64);
+        drop(m);
+
+        let t = Instant::now();
+        let mut m = Machine::restore(hv, snap, Box::new(std::io::sink()))?;
+        exec(&mut m, NUMPY)?;
+        numpy.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let remaining = AtomicUsize::new(args.throughput_count);
+    let t = Instant::now();
+    std::thread::scope(|s| -> Result<()> {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    while remaining
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1))
+                        .is_ok()
+                    {
+                        let mut m = Machine::restore(hv, snap, Box::new(std::io::sink()))?;
+                        exec(&mut m, PRINT)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().map_err(|_| anyhow::anyhow!("bench thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    let throughput_s = t.elapsed().as_secs_f64();
+
+    let spawn = percentiles(spawn);
+    let print = percentiles(print);
+    let numpy = percentiles(numpy);
+    let exits = percentiles(exits);
+    let private = percentiles(private);
+    let machine = machine_description();
+    if args.json {
+        let out = json!({
+            "machine": machine,
+            "iterations": n,
+            "spawn_us": spawn.json(),
+            "exec_print_us": print.json(),
+            "exec_numpy_us": numpy.json(),
+            "throughput_count": args.throughput_count,
+            "throughput_threads": threads,
+            "throughput_1000_s": throughput_s * 1000.0 / args.throughput_count.max(1) as f64,
+            "private_kib_per_sandbox": private.p50,
+            "exits_per_exec_print": exits.p50,
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    println!("machine: {machine}");
+    println!("{n} iterations each; microseconds\n");
+    println!(
+        "{:<34} {:>10} {:>10} {:>10} {:>10}",
+        "figure (timed region)", "p50", "p90", "p99", "max"
+    );
+    for (name, p) in [
+        ("spawn: fork call → VM runnable", spawn),
+        ("print(1+1): fork call → result", print),
+        ("numpy.random.rand(3): fork → result", numpy),
+    ] {
+        println!(
+            "{name:<34} {:>10.0} {:>10.0} {:>10.0} {:>10.0}",
+            p.p50, p.p90, p.p99, p.max
+        );
+    }
+    println!(
+        "\nthroughput: {} fork+exec of print(1+1) on {threads} threads in {throughput_s:.2} s",
+        args.throughput_count
+    );
+    println!(
+        "private memory per finished print sandbox (smaps): {:.0} KiB (p50)",
+        private.p50
+    );
+    println!("VM exits per print exec: {:.0} (p50)", exits.p50);
+    Ok(())
+}
