@@ -352,6 +352,7 @@ impl Vcpu {
     ///   both; the TSC is first in the list so the deadline lands after it.
     /// - vCPU events last: they may carry a pending exception or interrupt that
     ///   must be injected into the fully restored state.
+    ///
     /// `msrs` replaces `state.msrs`, so the caller can adjust timers.
     pub fn restore_state(&self, state: &VcpuState, msrs: &[kvm_msr_entry]) -> Result<(), KvmError> {
         self.set_cpuid(&state.cpuid)?;
