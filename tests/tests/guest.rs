@@ -225,8 +225,7 @@ fn deadline_stops_a_busy_loop() {
             },
             Duration::from_millis(500),
         )
-        .err()
-        .expect("a busy loop must time out");
+        .expect_err("a busy loop must time out");
     assert!(matches!(err, zeroboot_vmm::MachineError::Timeout(_)), "{err}");
     assert!(
         started.elapsed() < Duration::from_secs(3),
