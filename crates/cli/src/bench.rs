@@ -61,7 +61,10 @@ fn exec(machine: &mut Machine, code: &str) -> Result<()> {
     Ok(())
 }
 
-/// Private (copy-on-write) KiB in the mapping that starts at `addr`, from /proc/self/smaps.
+/// KiB of copy-on-write copies in the guest-memory mapping that starts at
+/// `addr`: the `Anonymous` field of its /proc/self/smaps entry. (Its
+/// `Private_Clean` also counts page-cache pages of the template that only this
+/// process maps; those are shared with every other fork, not owned by this one.)
 fn private_kib(addr: u64) -> Result<u64> {
     let smaps = std::fs::read_to_string("/proc/self/smaps").context("reading /proc/self/smaps")?;
     let start = format!("{addr:x}-");
@@ -72,7 +75,7 @@ fn private_kib(addr: u64) -> Result<u64> {
             in_vma = line.starts_with(&start);
             continue;
         }
-        if in_vma && (line.starts_with("Private_Clean:") || line.starts_with("Private_Dirty:")) {
+        if in_vma && line.starts_with("Anonymous:") {
             kib += line
                 .split_whitespace()
                 .nth(1)
