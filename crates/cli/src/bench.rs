@@ -207,7 +207,7 @@ pub fn run(hv: &Hypervisor, snap: &Snapshot, args: &BenchArgs) -> Result<()> {
         args.throughput_count
     );
     println!(
-        "private memory per finished print sandbox (smaps): {:.0} KiB (p50)",
+        "private memory per finished print sandbox (copy-on-write copies, smaps Anonymous): {:.0} KiB (p50)",
         private.p50
     );
     println!("VM exits per print exec: {:.0} (p50)", exits.p50);
