@@ -151,18 +151,29 @@ fn ensure(
     Ok(dir)
 }
 
+/// Writes `files` under `dir/sources` and runs `script` (one of them) with
+/// `dir` as its output directory, logging to `dir/build.log`.
+fn run_guest_script(
+    files: &[sources::SourceFile],
+    script: &str,
+    dir: &Path,
+    progress: &dyn Progress,
+) -> Result<(), ArtifactError> {
+    let src = dir.join("sources");
+    sources::materialize(files, &src).map_err(io_err(&src))?;
+    run_logged(
+        &format!("guest/{script}"),
+        &src.join(script),
+        &[dir],
+        &dir.join("build.log"),
+        progress,
+    )
+}
+
 pub fn ensure_kernel(cache: &Cache, progress: &dyn Progress) -> Result<Kernel, ArtifactError> {
     let hash = kernel_hash();
     let dir = ensure(cache, "kernel", &hash, progress, |dir| {
-        let src = dir.join("sources");
-        sources::materialize(sources::KERNEL, &src).map_err(io_err(&src))?;
-        run_logged(
-            "guest/kernel/build.sh",
-            &src.join("kernel/build.sh"),
-            &[dir],
-            &dir.join("build.log"),
-            progress,
-        )
+        run_guest_script(sources::KERNEL, "kernel/build.sh", dir, progress)
     })?;
     Ok(Kernel {
         hash,
@@ -174,15 +185,7 @@ pub fn ensure_kernel(cache: &Cache, progress: &dyn Progress) -> Result<Kernel, A
 pub fn ensure_root_image(cache: &Cache, progress: &dyn Progress) -> Result<RootImage, ArtifactError> {
     let base_hash = rootfs_base_hash();
     let base_dir = ensure(cache, "rootfs-base", &base_hash, progress, |dir| {
-        let src = dir.join("sources");
-        sources::materialize(sources::ROOTFS_BASE, &src).map_err(io_err(&src))?;
-        run_logged(
-            "guest/rootfs/build-base.sh",
-            &src.join("rootfs/build-base.sh"),
-            &[dir],
-            &dir.join("build.log"),
-            progress,
-        )
+        run_guest_script(sources::ROOTFS_BASE, "rootfs/build-base.sh", dir, progress)
     })?;
     let hash = root_image_hash(&base_hash);
     let dir = ensure(cache, "root-image", &hash, progress, |dir| {
