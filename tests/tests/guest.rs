@@ -244,3 +244,77 @@ fn cli_timeout_exits_124() {
     assert_eq!(out.status.code(), Some(124));
     assert!(String::from_utf8_lossy(&out.stderr).contains("timed out"));
 }
+
+/// Guest code that maps the doorbell or the mailbox itself (it runs as root
+/// in its own VM) can only break its own sandbox.
+fn hostile(code: &str) -> zeroboot_vmm::MachineError {
+    let hv = hypervisor();
+    let snap = snapshot(&hv);
+    let mut m = Machine::restore(&hv, &snap, Box::new(std::io::sink())).unwrap();
+    let result = m.exec(
+        Request {
+            code: code.as_bytes(),
+            stdin: b"",
+        },
+        Duration::from_secs(30),
+    );
+    result.expect_err("hostile guest code must fail its own sandbox")
+}
+
+#[test]
+fn unknown_doorbell_code_fails_only_that_sandbox() {
+    let err = hostile(
+        "import mmap, os\n\
+         fd = os.open('/dev/mem', os.O_RDWR | os.O_SYNC)\n\
+         bell = mmap.mmap(fd, 4096, offset=0xd0000000)\n\
+         bell[0] = 0x77\n",
+    );
+    assert!(matches!(err, zeroboot_vmm::MachineError::BadDoorbell(0x77)), "{err}");
+    // The template and other sandboxes carry on.
+    let hv = hypervisor();
+    let mut m = Machine::restore(&hv, &snapshot(&hv), Box::new(std::io::sink())).unwrap();
+    assert_eq!(run(&mut m, "print('fine')").stdout, b"fine\n");
+}
+
+#[test]
+fn forged_response_lengths_are_rejected() {
+    let err = hostile(
+        "import mmap, os, struct\n\
+         args = dict(w.partition('=')[::2] for w in open('/proc/cmdline').read().split())\n\
+         fd = os.open('/dev/mem', os.O_RDWR | os.O_SYNC)\n\
+         box = mmap.mmap(fd, 2 << 20, offset=int(args['zeroboot.mailbox'], 0))\n\
+         bell = mmap.mmap(fd, 4096, offset=int(args['zeroboot.doorbell'], 0))\n\
+         seq = struct.unpack_from('<I', box, 8)[0]\n\
+         struct.pack_into('<IiIII', box, 20, seq, 0, 0xffffffff, 0xffffffff, 0)\n\
+         bell[0] = 2\n",
+    );
+    assert!(
+        matches!(
+            err,
+            zeroboot_vmm::MachineError::Protocol(zeroboot_protocol::ProtocolError::ResponseTooLarge { .. })
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn writes_to_unbacked_guest_physical_memory_are_survived() {
+    let hv = hypervisor();
+    let snap = snapshot(&hv);
+    let mut m = Machine::restore(&hv, &snap, Box::new(std::io::sink())).unwrap();
+    // Stores and loads at addresses with no memory behind them exit to the VMM,
+    // which ignores stores and answers loads with all-ones, like an empty bus.
+    let code = "import os, mmap\n\
+                mem = os.open('/dev/mem', os.O_RDWR | os.O_SYNC)\n\
+                for addr in (0xe0000000, 0xfe000000, 0xd0001000):\n\
+                \x20   junk = mmap.mmap(mem, 4096, offset=addr)\n\
+                \x20   junk[0:8] = b'garbage!'\n\
+                print('survived', junk[0])\n";
+    let r = run(&mut m, code);
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        "survived 255\n",
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+}
