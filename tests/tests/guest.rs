@@ -250,7 +250,7 @@ fn cli_timeout_exits_124() {
 fn hostile(code: &str) -> zeroboot_vmm::MachineError {
     let hv = hypervisor();
     let snap = snapshot(&hv);
-    let mut m = Machine::restore(&hv, &snap, Box::new(std::io::sink())).unwrap();
+    let mut m = Machine::restore(&hv, &snap, Box::new(std::io::sink())).expect("restore");
     let result = m.exec(
         Request {
             code: code.as_bytes(),
