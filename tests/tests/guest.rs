@@ -318,3 +318,26 @@ fn writes_to_unbacked_guest_physical_memory_are_survived() {
         String::from_utf8_lossy(&r.stderr)
     );
 }
+
+#[test]
+fn cli_run_feeds_stdin_and_reads_code_from_a_file() {
+    template_dir();
+    let dir = std::env::temp_dir().join(format!("zeroboot-stdin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("in.txt"), "3\n4\n").unwrap();
+    std::fs::write(
+        dir.join("prog.py"),
+        "import sys\nprint(sum(int(l) for l in sys.stdin))\n",
+    )
+    .unwrap();
+    let out = Command::new(zeroboot_bin())
+        .arg("run")
+        .arg("--stdin")
+        .arg(dir.join("in.txt"))
+        .arg(dir.join("prog.py"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "7\n");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

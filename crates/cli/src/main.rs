@@ -85,6 +85,9 @@ struct RunArgs {
     /// Print timings to stderr.
     #[arg(long)]
     timings: bool,
+    /// File whose contents the code reads as standard input.
+    #[arg(long, value_name = "FILE")]
+    stdin: Option<PathBuf>,
     /// Copy the guest kernel's console output to stderr.
     #[arg(long)]
     console: bool,
@@ -274,6 +277,10 @@ fn read_code(args: &RunArgs) -> Result<String> {
 
 fn run(args: RunArgs) -> Result<ExitCode> {
     let code = read_code(&args)?;
+    let stdin = match &args.stdin {
+        Some(path) => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+        None => Vec::new(),
+    };
     if !(args.timeout > 0.0 && args.timeout <= 86_400.0) {
         bail!("--timeout must be between 0 and 86400 seconds");
     }
@@ -307,7 +314,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let response = match machine.exec(
         zeroboot_protocol::Request {
             code: code.as_bytes(),
-            stdin: b"",
+            stdin: &stdin,
         },
         timeout,
     ) {
