@@ -53,6 +53,18 @@ pub fn snapshot(hv: &Hypervisor) -> Snapshot {
     Snapshot::open(&dir, &zeroboot_vmm::machine::cpu_vendor(hv)).expect("open template")
 }
 
+/// A new sandbox forked from the default template, which is opened once per
+/// test process.
+pub fn fork() -> zeroboot_vmm::Machine {
+    static OPENED: OnceLock<(Hypervisor, Snapshot)> = OnceLock::new();
+    let (hv, snap) = OPENED.get_or_init(|| {
+        let hv = hypervisor();
+        let snap = snapshot(&hv);
+        (hv, snap)
+    });
+    zeroboot_vmm::Machine::restore(hv, snap, Box::new(std::io::sink())).expect("restore from the template")
+}
+
 /// The `zeroboot` binary built next to this test (scripts/test.sh builds it first).
 pub fn zeroboot_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

@@ -3,7 +3,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use zeroboot_e2e::{hypervisor, snapshot, template_dir, zeroboot_bin};
+use zeroboot_e2e::{fork, hypervisor, snapshot, template_dir, zeroboot_bin};
 use zeroboot_protocol::Request;
 use zeroboot_template::template::{read_info, BOOT_LOG};
 use zeroboot_vmm::Machine;
@@ -45,9 +45,7 @@ fn template_reached_ready_and_recorded_its_boot() {
 
 #[test]
 fn restored_guest_runs_numpy() {
-    let hv = hypervisor();
-    let snap = snapshot(&hv);
-    let mut m = Machine::restore(&hv, &snap, Box::new(std::io::sink())).unwrap();
+    let mut m = fork();
     let r = run(&mut m, "import numpy; print(int(numpy.arange(4).sum()))");
     assert_eq!(
         String::from_utf8_lossy(&r.stdout),
@@ -60,9 +58,7 @@ fn restored_guest_runs_numpy() {
 
 #[test]
 fn one_sandbox_serves_several_requests_with_exit_codes() {
-    let hv = hypervisor();
-    let snap = snapshot(&hv);
-    let mut m = Machine::restore(&hv, &snap, Box::new(std::io::sink())).unwrap();
+    let mut m = fork();
     let r = run(
         &mut m,
         "import sys\nprint('out')\nprint('err', file=sys.stderr)\nsys.exit(3)",
@@ -80,10 +76,8 @@ fn one_sandbox_serves_several_requests_with_exit_codes() {
 
 #[test]
 fn forks_do_not_see_each_others_writes() {
-    let hv = hypervisor();
-    let snap = snapshot(&hv);
-    let mut a = Machine::restore(&hv, &snap, Box::new(std::io::sink())).unwrap();
-    let mut b = Machine::restore(&hv, &snap, Box::new(std::io::sink())).unwrap();
+    let mut a = fork();
+    let mut b = fork();
     run(&mut a, "import builtins; builtins.secret = 'from-a'");
     let r = run(&mut b, "import builtins; print(getattr(builtins, 'secret', 'none'))");
     assert_eq!(r.stdout, b"none\n");
@@ -164,15 +158,13 @@ fn corrupt_template_is_refused_with_the_file_named() {
 
 #[test]
 fn every_fork_gets_fresh_randomness() {
-    let hv = hypervisor();
-    let snap = snapshot(&hv);
     let code = "import os, random, uuid, secrets, numpy\n\
                 print(os.urandom(8).hex(), random.random(), numpy.random.rand(), \
                 numpy.random.default_rng().random(), uuid.uuid4(), secrets.token_hex(8))";
     const FORKS: usize = 25;
     let mut seen: Vec<std::collections::HashSet<String>> = vec![Default::default(); 6];
     for _ in 0..FORKS {
-        let mut m = Machine::restore(&hv, &snap, Box::new(std::io::sink())).unwrap();
+        let mut m = fork();
         let r = run(&mut m, code);
         let out = String::from_utf8_lossy(&r.stdout).to_string();
         let values: Vec<&str> = out.split_whitespace().collect();
@@ -196,13 +188,11 @@ fn every_fork_gets_fresh_randomness() {
 
 #[test]
 fn urandom_read_by_a_subprocess_differs_between_forks() {
-    let hv = hypervisor();
-    let snap = snapshot(&hv);
     let code = "import subprocess\n\
                 print(subprocess.run(['head', '-c', '16', '/dev/urandom'], capture_output=True).stdout.hex())";
     let mut seen = std::collections::HashSet::new();
     for _ in 0..3 {
-        let mut m = Machine::restore(&hv, &snap, Box::new(std::io::sink())).unwrap();
+        let mut m = fork();
         let r = run(&mut m, code);
         assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
         assert_eq!(r.stdout.len(), 33);
@@ -213,9 +203,7 @@ fn urandom_read_by_a_subprocess_differs_between_forks() {
 
 #[test]
 fn deadline_stops_a_busy_loop() {
-    let hv = hypervisor();
-    let snap = snapshot(&hv);
-    let mut m = Machine::restore(&hv, &snap, Box::new(std::io::sink())).unwrap();
+    let mut m = fork();
     let started = std::time::Instant::now();
     let err = m
         .exec(
@@ -248,9 +236,7 @@ fn cli_timeout_exits_124() {
 /// Guest code that maps the doorbell or the mailbox itself (it runs as root
 /// in its own VM) can only break its own sandbox.
 fn hostile(code: &str) -> zeroboot_vmm::MachineError {
-    let hv = hypervisor();
-    let snap = snapshot(&hv);
-    let mut m = Machine::restore(&hv, &snap, Box::new(std::io::sink())).expect("restore");
+    let mut m = fork();
     let result = m.exec(
         Request {
             code: code.as_bytes(),
@@ -271,8 +257,7 @@ fn unknown_doorbell_code_fails_only_that_sandbox() {
     );
     assert!(matches!(err, zeroboot_vmm::MachineError::BadDoorbell(0x77)), "{err}");
     // The template and other sandboxes carry on.
-    let hv = hypervisor();
-    let mut m = Machine::restore(&hv, &snapshot(&hv), Box::new(std::io::sink())).unwrap();
+    let mut m = fork();
     assert_eq!(run(&mut m, "print('fine')").stdout, b"fine\n");
 }
 
@@ -299,9 +284,7 @@ fn forged_response_lengths_are_rejected() {
 
 #[test]
 fn writes_to_unbacked_guest_physical_memory_are_survived() {
-    let hv = hypervisor();
-    let snap = snapshot(&hv);
-    let mut m = Machine::restore(&hv, &snap, Box::new(std::io::sink())).unwrap();
+    let mut m = fork();
     // Stores and loads at addresses with no memory behind them exit to the VMM,
     // which ignores stores and answers loads with all-ones, like an empty bus.
     let code = "import os, mmap\n\

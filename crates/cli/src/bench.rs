@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde_json::json;
 use zeroboot_protocol::Request;
 use zeroboot_vmm::{Hypervisor, Machine, Snapshot};
@@ -61,31 +61,6 @@ fn exec(machine: &mut Machine, code: &str) -> Result<()> {
     Ok(())
 }
 
-/// KiB of copy-on-write copies in the guest-memory mapping that starts at
-/// `addr`: the `Anonymous` field of its /proc/self/smaps entry. (Its
-/// `Private_Clean` also counts page-cache pages of the template that only this
-/// process maps; those are shared with every other fork, not owned by this one.)
-fn private_kib(addr: u64) -> Result<u64> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").context("reading /proc/self/smaps")?;
-    let start = format!("{addr:x}-");
-    let mut in_vma = false;
-    let mut kib = 0;
-    for line in smaps.lines() {
-        if line.contains('-') && line.split_whitespace().count() >= 5 && !line.ends_with(" kB") {
-            in_vma = line.starts_with(&start);
-            continue;
-        }
-        if in_vma && line.starts_with("Anonymous:") {
-            kib += line
-                .split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    Ok(kib)
-}
-
 fn machine_description() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -130,7 +105,7 @@ pub fn run(hv: &Hypervisor, snap: &Snapshot, args: &BenchArgs) -> Result<()> {
         exec(&mut m, PRINT)?;
         print.push(t.elapsed().as_secs_f64() * 1e6);
         exits.push(m.exits() as f64);
-        private.push(private_kib(m.ram().host_address())? as f64);
+        private.push(m.ram().copied_bytes()? as f64 / 1024.0);
         drop(m);
 
         let t = Instant::now();

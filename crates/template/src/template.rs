@@ -178,9 +178,9 @@ pub fn build(
     let inputs = inputs_hash(spec, &kernel.hash, &root.hash);
 
     let _lock = cache.lock(&format!("template-{}", spec.name))?;
+    let hv = Hypervisor::open().map_err(MachineError::from)?;
     if !force {
         if let Ok(info) = read_info(&dir) {
-            let hv = Hypervisor::open().map_err(MachineError::from)?;
             let vendor = zeroboot_vmm::machine::cpu_vendor(&hv);
             if info.inputs == inputs && Snapshot::open(&dir, &vendor).is_ok() {
                 return Ok((dir, info, true));
@@ -198,7 +198,6 @@ pub fn build(
 
     progress.start("boot");
     let boot_started = Instant::now();
-    let hv = Hypervisor::open().map_err(MachineError::from)?;
     let boot_spec = BootSpec {
         kernel: kernel.vmlinux.clone(),
         cmdline: KERNEL_CMDLINE.into(),

@@ -3,23 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-fn private_kib(addr: u64) -> u64 {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
-    let start = format!("{addr:x}-");
-    let mut in_vma = false;
-    let mut kib = 0;
-    for line in smaps.lines() {
-        if !line.ends_with(" kB") && line.contains('-') {
-            in_vma = line.starts_with(&start);
-        } else if in_vma && line.starts_with("Anonymous:") {
-            kib += line
-                .split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    kib
+fn kib(m: &zeroboot_vmm::Machine) -> u64 {
+    m.ram().copied_bytes().unwrap_or(0) / 1024
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -27,8 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let hv = zeroboot_vmm::Hypervisor::open()?;
     let snap = zeroboot_vmm::Snapshot::open(&dir, &zeroboot_vmm::machine::cpu_vendor(&hv))?;
     let mut m = zeroboot_vmm::Machine::restore(&hv, &snap, Box::new(std::io::stderr()))?;
-    let base = m.ram().host_address();
-    println!("after restore: {} KiB", private_kib(base));
+    println!("after restore: {} KiB", kib(&m));
     for code in [
         "pass",
         "pass",
@@ -48,7 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "{code:?}: {:?} exit {} -> {} KiB private",
             t.elapsed(),
             r.exit_code,
-            private_kib(base)
+            kib(&m)
         );
     }
     Ok(())

@@ -26,6 +26,8 @@ pub enum MemoryError {
     OutOfRange { gpa: u64, len: u64, size: u64 },
     #[error("reading into guest memory: {0}")]
     Read(std::io::Error),
+    #[error("reading /proc/self/smaps: {0}")]
+    Smaps(std::io::Error),
     #[error("writing guest memory to a file: {0}")]
     Write(std::io::Error),
 }
@@ -123,6 +125,30 @@ impl GuestRam {
         reader.read_exact(dst).map_err(MemoryError::Read)
     }
 
+    /// Bytes of copy-on-write copies this mapping holds: the `Anonymous` field
+    /// of its /proc/self/smaps entry. (Its `Private_Clean` also counts
+    /// template page-cache pages that only this process maps; those are shared
+    /// with every other fork, not owned by this one.)
+    pub fn copied_bytes(&self) -> Result<u64, MemoryError> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").map_err(MemoryError::Smaps)?;
+        let start = format!("{:x}-", self.host_address());
+        let mut in_mapping = false;
+        let mut kib = 0;
+        for line in smaps.lines() {
+            if !line.ends_with(" kB") && line.contains('-') {
+                // A mapping header: "start-end perms offset dev inode [path]".
+                in_mapping = line.starts_with(&start);
+            } else if in_mapping && line.starts_with("Anonymous:") {
+                kib += line
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+        Ok(kib * 1024)
+    }
+
     /// Writes guest memory to `file` as a sparse file: all-zero pages become
     /// holes, which read back as zeros when the file is mapped.
     pub fn write_sparse(&self, file: &mut File) -> Result<u64, MemoryError> {
@@ -179,6 +205,26 @@ mod tests {
         let copy = GuestRam::private_file_mapping(File::open(&path).unwrap(), 64 * PAGE_SIZE).unwrap();
         assert_eq!(copy.slice(PAGE_SIZE * 3, 4).unwrap(), b"abcd");
         assert_eq!(copy.slice(PAGE_SIZE * 40 + 100, 1).unwrap(), &[9]);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn copied_bytes_counts_only_written_pages() {
+        let path = std::env::temp_dir().join(format!("zeroboot-cow-{}", std::process::id()));
+        std::fs::write(&path, vec![1u8; 16 * PAGE_SIZE as usize]).unwrap();
+        let mut ram = GuestRam::private_file_mapping(File::open(&path).unwrap(), 16 * PAGE_SIZE).unwrap();
+        assert_eq!(
+            ram.slice(0, 16 * PAGE_SIZE as usize)
+                .unwrap()
+                .iter()
+                .map(|&b| b as u64)
+                .sum::<u64>(),
+            16 * PAGE_SIZE
+        );
+        assert_eq!(ram.copied_bytes().unwrap(), 0, "reads copy nothing");
+        ram.slice_mut(PAGE_SIZE * 2, 1).unwrap()[0] = 9;
+        ram.slice_mut(PAGE_SIZE * 7, 1).unwrap()[0] = 9;
+        assert_eq!(ram.copied_bytes().unwrap(), 2 * PAGE_SIZE);
         std::fs::remove_file(path).unwrap();
     }
 
