@@ -11,7 +11,9 @@ into the mailbox and rings RESULT. The mailbox layout is defined in
 crates/protocol/src/lib.rs; the constants below mirror it.
 """
 
+import io
 import os
+import struct
 import sys
 import time
 
@@ -20,18 +22,18 @@ T0 = time.monotonic()
 # --- mailbox layout (crates/protocol/src/lib.rs) -----------------------------
 MAILBOX_SIZE = 2 << 20
 MAGIC = int.from_bytes(b"ZBMB", "little")
-VERSION = 2
+VERSION = 3
 H_MAGIC, H_VERSION, H_REQUEST_SEQ, H_CODE_LEN, H_STDIN_LEN = 0, 4, 8, 12, 16
 H_RESPONSE_SEQ, H_EXIT_CODE, H_STDOUT_LEN, H_STDERR_LEN, H_RESPONSE_FLAGS = 20, 24, 28, 32, 36
+H_OUTPUT_LIMIT = 40
 H_BOOT_SEED, BOOT_SEED_LEN = 64, 64
 H_REQUEST_SEED, REQUEST_SEED_LEN = 128, 64
 REQUEST_OFFSET = 4096
 RESPONSE_OFFSET = 1 << 20
 RESPONSE_CAPACITY = MAILBOX_SIZE - RESPONSE_OFFSET
-FLAG_STDOUT_TRUNCATED, FLAG_STDERR_TRUNCATED = 1, 2
+FLAG_STDOUT_TRUNCATED, FLAG_STDERR_TRUNCATED, FLAG_MORE = 1, 2, 4
 DOORBELL_READY, DOORBELL_RESULT = 1, 2
-# stderr keeps at most this much so a traceback never crowds out stdout entirely.
-STDERR_SHARE = 64 << 10
+MAX_OUTPUT_LIMIT = 64 << 20
 
 
 def log(msg):
@@ -88,27 +90,44 @@ def seed_entropy(mailbox):
     mailbox[H_BOOT_SEED : H_BOOT_SEED + BOOT_SEED_LEN] = bytes(BOOT_SEED_LEN)
 
 
+# Imported before the snapshot, so forks find them in sys.modules. An import
+# in a fork reads files through the guest kernel: hundreds of milliseconds
+# where guest kernel mode is emulated (`import uuid` took 0.7 s).
+PRELOADED_MODULES = (
+    "abc argparse array base64 bisect calendar collections collections.abc contextlib copy csv "
+    "dataclasses datetime decimal enum fractions functools glob hashlib heapq hmac html io "
+    "itertools json locale math operator os.path pathlib pickle pprint queue random re secrets "
+    "shlex shutil signal socket statistics string struct subprocess tempfile textwrap threading "
+    "time timeit traceback types typing unicodedata urllib.parse uuid warnings weakref zlib"
+).split()
+
+
 def warm_up():
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.environ.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
     os.environ.setdefault("HOME", "/root")
-    import builtins  # noqa: F401
+    import importlib
+
+    for name in PRELOADED_MODULES:
+        importlib.import_module(name)
     import collections
     import datetime
     import decimal
-    import io  # noqa: F401
+    import hashlib
     import itertools
     import json
     import math
     import random
     import re
+    import secrets
     import statistics
-    import traceback  # noqa: F401
+    import uuid
 
     import numpy
 
     numpy.arange(4).sum()
     numpy.random.rand(3)
+    numpy.random.default_rng().random()
     numpy.dot(numpy.ones((8, 8)), numpy.ones((8, 8)))
     json.loads(json.dumps({"a": [1, 2.5, "x"]}))
     math.sqrt(2)
@@ -119,6 +138,9 @@ def warm_up():
     list(itertools.permutations(range(3)))
     statistics.mean([1, 2, 3])
     decimal.Decimal(1) / decimal.Decimal(3)
+    hashlib.sha256(b"warm").hexdigest()
+    str(uuid.uuid4())
+    secrets.token_hex(8)
     compile("print(1 + 1)", "<code>", "exec")
 
 
@@ -135,30 +157,44 @@ def prefault_heap(libc):
 
 
 def rehearse_exec_path():
-    """Runs the exec path once, so that every page of code and data it uses
-    is mapped before the snapshot. A page first touched in a fork costs a
-    guest page fault, which the guest kernel handles (slowly, where its kernel
-    mode is emulated)."""
-    import io
+    """Serves a few requests from a scratch mailbox, through the same code as
+    real ones, so that every page of code and data that path uses is mapped
+    before the snapshot. A page first touched in a fork costs a guest page
+    fault, which the guest kernel handles (slowly, where its kernel mode is
+    emulated)."""
+    scratch, bell = bytearray(MAILBOX_SIZE), bytearray(1)
+    for seq, code in enumerate(
+        ("print(1+1)", "import numpy; print(numpy.random.rand(3))", "import sys; sys.exit(3)", "1/0"), 1
+    ):
+        payload = code.encode()
+        scratch[REQUEST_OFFSET : REQUEST_OFFSET + len(payload)] = payload
+        struct.pack_into("<III", scratch, H_REQUEST_SEQ, seq, len(payload), 0)
+        struct.pack_into("<I", scratch, H_OUTPUT_LIMIT, 1 << 20)
+        scratch[H_REQUEST_SEED : H_REQUEST_SEED + REQUEST_SEED_LEN] = os.urandom(REQUEST_SEED_LEN)
+        handle_request(scratch, bell)
+        if struct.unpack_from("<I", scratch, H_RESPONSE_SEQ)[0] != seq:
+            raise SystemExit("zeroboot-agent: the rehearsal request got no response")
 
-    reseed_user_space(os.urandom(REQUEST_SEED_LEN))
-    for code in ("print(1+1)", "import numpy; print(numpy.random.rand(3))", "import sys; sys.exit(3)", "1/0"):
-        exit_code, out, err = run_code(code, "")
-        encode_output(out, err)
-    io.StringIO("warm").read()
 
-
-def encode_output(out, err):
-    """Encodes captured output for the mailbox: (stdout, stderr, flags)."""
-    err_b = err.encode("utf-8", "replace")
+def chunks(out, err, limit):
+    """Splits captured output into mailbox-sized chunks: yields
+    (stdout bytes, stderr bytes, flags), stdout first. Each stream keeps at
+    most `limit` bytes and says so when it lost some."""
+    out_b, err_b = out.encode("utf-8", "replace"), err.encode("utf-8", "replace")
     flags = 0
-    if len(err_b) > STDERR_SHARE:
-        err_b, flags = err_b[:STDERR_SHARE], flags | FLAG_STDERR_TRUNCATED
-    out_b = out.encode("utf-8", "replace")
-    room = RESPONSE_CAPACITY - len(err_b)
-    if len(out_b) > room:
-        out_b, flags = out_b[:room], flags | FLAG_STDOUT_TRUNCATED
-    return out_b, err_b, flags
+    if len(out_b) > limit or out.truncated:
+        out_b, flags = out_b[:limit], flags | FLAG_STDOUT_TRUNCATED
+    if len(err_b) > limit or err.truncated:
+        err_b, flags = err_b[:limit], flags | FLAG_STDERR_TRUNCATED
+    out_v, err_v = memoryview(out_b), memoryview(err_b)
+    while True:
+        o = out_v[:RESPONSE_CAPACITY]
+        e = err_v[: RESPONSE_CAPACITY - len(o)]
+        out_v, err_v = out_v[len(o) :], err_v[len(e) :]
+        if not out_v and not err_v:
+            yield o, e, flags
+            return
+        yield o, e, flags | FLAG_MORE
 
 
 def drain_console():
@@ -172,13 +208,43 @@ def drain_console():
         pass
 
 
-def run_code(code, stdin):
+class CappedText(io.TextIOBase):
+    """Captured stdout or stderr. Keeps the first `limit` characters (at least
+    `limit` bytes once encoded) and drops the rest, so code that prints without
+    end fills neither the guest's memory nor the mailbox."""
+
+    encoding = "utf-8"
+    errors = "strict"
+
+    def __init__(self, limit):
+        super().__init__()
+        self.text = io.StringIO()
+        self.room = limit
+        self.truncated = False
+
+    def writable(self):
+        return True
+
+    def write(self, s):
+        n = len(s)
+        if n > self.room:
+            s = s[: self.room]
+            self.truncated = True
+        self.room -= len(s)
+        self.text.write(s)
+        return n
+
+    def encode(self, encoding, errors):
+        return self.text.getvalue().encode(encoding, errors)
+
+
+def run_code(code, stdin, limit):
     """Runs `code` like `python3 -c`, returning (exit code, stdout, stderr)."""
     import builtins
     import io
     import traceback
 
-    out, err = io.StringIO(), io.StringIO()
+    out, err = CappedText(limit), CappedText(limit)
     saved = sys.stdin, sys.stdout, sys.stderr
     sys.stdin, sys.stdout, sys.stderr = io.StringIO(stdin), out, err
     exit_code = 0
@@ -202,7 +268,7 @@ def run_code(code, stdin):
         except Exception:
             pass
         sys.stdin, sys.stdout, sys.stderr = saved
-    return exit_code, out.getvalue(), err.getvalue()
+    return exit_code, out, err
 
 
 def reseed_user_space(seed):
@@ -217,43 +283,53 @@ def reseed_user_space(seed):
     numpy.random.seed(numpy.frombuffer(seed, dtype=numpy.uint32))
 
 
-def serve(mailbox, doorbell):
-    import struct
+U32 = struct.Struct("<I")
+I32 = struct.Struct("<i")
 
-    u32 = struct.Struct("<I")
-    i32 = struct.Struct("<i")
-    while True:
-        seq = u32.unpack_from(mailbox, H_REQUEST_SEQ)[0]
-        code_len = u32.unpack_from(mailbox, H_CODE_LEN)[0]
-        stdin_len = u32.unpack_from(mailbox, H_STDIN_LEN)[0]
-        try:
-            reseed_user_space(bytes(mailbox[H_REQUEST_SEED : H_REQUEST_SEED + REQUEST_SEED_LEN]))
-            if REQUEST_OFFSET + code_len + stdin_len > RESPONSE_OFFSET:
-                raise ValueError("request larger than the mailbox")
-            code = bytes(mailbox[REQUEST_OFFSET : REQUEST_OFFSET + code_len]).decode("utf-8", "replace")
-            stdin_at = REQUEST_OFFSET + code_len
-            stdin = bytes(mailbox[stdin_at : stdin_at + stdin_len]).decode("utf-8", "replace")
-            exit_code, out, err = run_code(code, stdin)
-        except BaseException as e:  # the agent must survive anything
-            exit_code, out, err = 1, "", f"zeroboot agent error: {e!r}\n"
-        exit_code = max(-(2**31), min(2**31 - 1, exit_code))
-        out_b, err_b, flags = encode_output(out, err)
+
+def handle_request(mailbox, doorbell):
+    """Runs the request in the mailbox and writes its response, ringing
+    RESULT once per chunk."""
+    seq = U32.unpack_from(mailbox, H_REQUEST_SEQ)[0]
+    code_len = U32.unpack_from(mailbox, H_CODE_LEN)[0]
+    stdin_len = U32.unpack_from(mailbox, H_STDIN_LEN)[0]
+    limit = min(U32.unpack_from(mailbox, H_OUTPUT_LIMIT)[0], MAX_OUTPUT_LIMIT)
+    try:
+        reseed_user_space(bytes(mailbox[H_REQUEST_SEED : H_REQUEST_SEED + REQUEST_SEED_LEN]))
+        if REQUEST_OFFSET + code_len + stdin_len > RESPONSE_OFFSET:
+            raise ValueError("request larger than the mailbox")
+        code = bytes(mailbox[REQUEST_OFFSET : REQUEST_OFFSET + code_len]).decode("utf-8", "replace")
+        stdin_at = REQUEST_OFFSET + code_len
+        stdin = bytes(mailbox[stdin_at : stdin_at + stdin_len]).decode("utf-8", "replace")
+        exit_code, out, err = run_code(code, stdin, limit)
+    except BaseException as e:  # the agent must survive anything
+        exit_code, out, err = 1, CappedText(0), CappedText(limit)
+        err.write(f"zeroboot agent error: {e!r}\n")
+    exit_code = max(-(2**31), min(2**31 - 1, exit_code))
+    for out_b, err_b, flags in chunks(out, err, limit):
         mailbox[RESPONSE_OFFSET : RESPONSE_OFFSET + len(out_b)] = out_b
         err_at = RESPONSE_OFFSET + len(out_b)
         mailbox[err_at : err_at + len(err_b)] = err_b
-        i32.pack_into(mailbox, H_EXIT_CODE, exit_code)
-        u32.pack_into(mailbox, H_STDOUT_LEN, len(out_b))
-        u32.pack_into(mailbox, H_STDERR_LEN, len(err_b))
-        u32.pack_into(mailbox, H_RESPONSE_FLAGS, flags)
-        u32.pack_into(mailbox, H_RESPONSE_SEQ, seq)
-        # The host reads the response at this store and, for another request,
-        # writes it before resuming us.
+        I32.pack_into(mailbox, H_EXIT_CODE, exit_code)
+        U32.pack_into(mailbox, H_STDOUT_LEN, len(out_b))
+        U32.pack_into(mailbox, H_STDERR_LEN, len(err_b))
+        U32.pack_into(mailbox, H_RESPONSE_FLAGS, flags)
+        U32.pack_into(mailbox, H_RESPONSE_SEQ, seq)
+        # The host reads the chunk at this store; it resumes us for the
+        # next chunk or, with a new request already written, for that.
         doorbell[0] = DOORBELL_RESULT
+
+
+def serve(mailbox, doorbell):
+    # The READY store is the snapshot: every fork resumes right after it, in
+    # this loop, with its request already in the mailbox.
+    doorbell[0] = DOORBELL_READY
+    while True:
+        handle_request(mailbox, doorbell)
 
 
 def main():
     import gc
-    import struct
 
     libc = mount_kernel_filesystems()
     log("filesystems mounted")
@@ -271,7 +347,6 @@ def main():
     gc.freeze()
     log("ready")
     drain_console()
-    doorbell[0] = DOORBELL_READY
     serve(mailbox, doorbell)
 
 

@@ -53,16 +53,22 @@ pub fn snapshot(hv: &Hypervisor) -> Snapshot {
     Snapshot::open(&dir, &zeroboot_vmm::machine::cpu_vendor(hv)).expect("open template")
 }
 
-/// A new sandbox forked from the default template, which is opened once per
-/// test process.
-pub fn fork() -> zeroboot_vmm::Machine {
-    static OPENED: OnceLock<(Hypervisor, Snapshot)> = OnceLock::new();
-    let (hv, snap) = OPENED.get_or_init(|| {
+/// The default template, opened once per test process, with a small pool of
+/// prepared VMs so that the tests exercise the pooled fork path.
+pub fn template() -> &'static zeroboot_vmm::Template {
+    static OPENED: OnceLock<zeroboot_vmm::Template> = OnceLock::new();
+    OPENED.get_or_init(|| {
         let hv = hypervisor();
         let snap = snapshot(&hv);
-        (hv, snap)
-    });
-    zeroboot_vmm::Machine::restore(hv, snap, Box::new(std::io::sink())).expect("restore from the template")
+        zeroboot_vmm::Template::with_pool(hv, snap, 2)
+    })
+}
+
+/// A new sandbox forked from the default template.
+pub fn fork() -> zeroboot_vmm::Machine {
+    template()
+        .fork(Box::new(std::io::sink()))
+        .expect("fork from the template")
 }
 
 /// The `zeroboot` binary built next to this test (scripts/test.sh builds it first).

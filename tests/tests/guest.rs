@@ -12,13 +12,7 @@ const TIMEOUT: Duration = Duration::from_secs(300);
 
 fn run(machine: &mut Machine, code: &str) -> zeroboot_protocol::Response {
     machine
-        .exec(
-            Request {
-                code: code.as_bytes(),
-                stdin: b"",
-            },
-            TIMEOUT,
-        )
+        .exec(Request::new(code.as_bytes(), b""), TIMEOUT)
         .unwrap_or_else(|e| panic!("exec of {code:?} failed: {e}"))
 }
 
@@ -83,6 +77,67 @@ fn forks_do_not_see_each_others_writes() {
     assert_eq!(r.stdout, b"none\n");
     let r = run(&mut a, "import builtins; print(builtins.secret)");
     assert_eq!(r.stdout, b"from-a\n");
+}
+
+#[test]
+fn concurrent_forks_are_isolated_in_memory_and_files() {
+    // Two forks run at once, each on its own thread; each writes a secret into
+    // Python state and a file, then looks for the other's.
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let handles: Vec<_> = ["left", "right"]
+        .into_iter()
+        .map(|me| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let mut m = fork();
+                barrier.wait();
+                run(
+                    &mut m,
+                    &format!("import builtins\nbuiltins.secret = '{me}'\nopen('/tmp/secret-{me}', 'w').write('{me}')"),
+                );
+                barrier.wait();
+                let r = run(
+                    &mut m,
+                    "import builtins, glob\nprint(builtins.secret, sorted(glob.glob('/tmp/secret-*')))",
+                );
+                String::from_utf8_lossy(&r.stdout).into_owned()
+            })
+        })
+        .collect();
+    let seen: Vec<String> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(seen[0], "left ['/tmp/secret-left']\n");
+    assert_eq!(seen[1], "right ['/tmp/secret-right']\n");
+    // A fork made after both sees only the template's state.
+    let r = run(
+        &mut fork(),
+        "import builtins, glob\nprint(getattr(builtins, 'secret', 'none'), glob.glob('/tmp/secret-*'))",
+    );
+    assert_eq!(r.stdout, b"none []\n");
+}
+
+#[test]
+fn large_output_arrives_in_chunks_up_to_the_limit() {
+    let code = "import sys\nsys.stdout.write('a' * 3_000_000)\nsys.stderr.write('b' * 1_500_000)";
+    // Default limit: 1 MiB a stream, marked truncated.
+    let r = run(&mut fork(), code);
+    assert_eq!((r.stdout.len(), r.stderr.len()), (1 << 20, 1 << 20));
+    assert!(r.stdout_truncated && r.stderr_truncated);
+    assert!(r.stdout.iter().all(|&c| c == b'a') && r.stderr.iter().all(|&c| c == b'b'));
+    // A larger limit: everything, in several mailbox-sized chunks.
+    let mut m = fork();
+    let r = m
+        .exec(
+            Request {
+                output_limit: 4 << 20,
+                ..Request::new(code.as_bytes(), b"")
+            },
+            TIMEOUT,
+        )
+        .unwrap();
+    assert_eq!((r.stdout.len(), r.stderr.len()), (3_000_000, 1_500_000));
+    assert!(!r.stdout_truncated && !r.stderr_truncated);
+    // The sandbox serves the next request normally.
+    assert_eq!(run(&mut m, "print('next')").stdout, b"next\n");
 }
 
 #[test]
@@ -157,18 +212,32 @@ fn corrupt_template_is_refused_with_the_file_named() {
 }
 
 #[test]
-fn every_fork_gets_fresh_randomness() {
+fn a_thousand_forks_get_a_thousand_distinct_random_values() {
     let code = "import os, random, uuid, secrets, numpy\n\
                 print(os.urandom(8).hex(), random.random(), numpy.random.rand(), \
                 numpy.random.default_rng().random(), uuid.uuid4(), secrets.token_hex(8))";
-    const FORKS: usize = 25;
+    const FORKS: usize = 1000;
+    const THREADS: usize = 2;
+    let outputs: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|_| {
+                scope.spawn(|| {
+                    (0..FORKS / THREADS)
+                        .map(|_| {
+                            let r = run(&mut fork(), code);
+                            assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+                            String::from_utf8_lossy(&r.stdout).into_owned()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
+    });
     let mut seen: Vec<std::collections::HashSet<String>> = vec![Default::default(); 6];
-    for _ in 0..FORKS {
-        let mut m = fork();
-        let r = run(&mut m, code);
-        let out = String::from_utf8_lossy(&r.stdout).to_string();
+    for out in &outputs {
         let values: Vec<&str> = out.split_whitespace().collect();
-        assert_eq!(values.len(), 6, "{out} {}", String::from_utf8_lossy(&r.stderr));
+        assert_eq!(values.len(), 6, "{out}");
         for (set, v) in seen.iter_mut().zip(values) {
             set.insert(v.to_string());
         }
@@ -206,13 +275,7 @@ fn deadline_stops_a_busy_loop() {
     let mut m = fork();
     let started = std::time::Instant::now();
     let err = m
-        .exec(
-            Request {
-                code: b"while True: pass",
-                stdin: b"",
-            },
-            Duration::from_millis(500),
-        )
+        .exec(Request::new(b"while True: pass", b""), Duration::from_millis(500))
         .expect_err("a busy loop must time out");
     assert!(matches!(err, zeroboot_vmm::MachineError::Timeout(_)), "{err}");
     assert!(
@@ -220,6 +283,34 @@ fn deadline_stops_a_busy_loop() {
         "took {:?}",
         started.elapsed()
     );
+}
+
+#[test]
+fn deadline_stops_a_sleeping_guest() {
+    let mut m = fork();
+    let started = std::time::Instant::now();
+    let err = m
+        .exec(
+            Request::new(b"import time; time.sleep(1e9)", b""),
+            Duration::from_millis(1000),
+        )
+        .expect_err("an endless sleep must time out");
+    assert!(matches!(err, zeroboot_vmm::MachineError::Timeout(_)), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn agent_exit_is_reported_as_a_guest_reset() {
+    // The agent is PID 1: its exit panics the guest kernel, which resets.
+    let err = fork()
+        .exec(Request::new(b"import os; os._exit(0)", b""), Duration::from_secs(120))
+        .expect_err("the guest cannot answer after its agent exited");
+    assert!(matches!(err, zeroboot_vmm::MachineError::GuestReset), "{err}");
+    assert!(err.to_string().contains("reset"), "{err}");
 }
 
 #[test]
@@ -237,13 +328,7 @@ fn cli_timeout_exits_124() {
 /// in its own VM) can only break its own sandbox.
 fn hostile(code: &str) -> zeroboot_vmm::MachineError {
     let mut m = fork();
-    let result = m.exec(
-        Request {
-            code: code.as_bytes(),
-            stdin: b"",
-        },
-        Duration::from_secs(30),
-    );
+    let result = m.exec(Request::new(code.as_bytes(), b""), Duration::from_secs(30));
     result.expect_err("hostile guest code must fail its own sandbox")
 }
 
@@ -323,4 +408,75 @@ fn cli_run_feeds_stdin_and_reads_code_from_a_file() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "7\n");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+}
+
+/// Runs `code`, which must print one float (a guest time), and returns it
+/// with the host's wall clock just before and just after.
+fn guest_time(m: &mut Machine, code: &str) -> (f64, f64, f64) {
+    let before = unix_now();
+    let r = run(m, code);
+    let after = unix_now();
+    let out = String::from_utf8_lossy(&r.stdout);
+    let t = out.trim().parse::<f64>().unwrap_or_else(|_| {
+        panic!(
+            "{code:?} printed {out:?}, stderr {}",
+            String::from_utf8_lossy(&r.stderr)
+        )
+    });
+    (before, t, after)
+}
+
+#[test]
+fn guest_wall_clock_agrees_with_the_host() {
+    const SLACK: f64 = 0.050;
+    let mut m = fork();
+    // Straight from the vDSO data the host rewrote, before any kernel entry.
+    let (before, t, after) = guest_time(&mut m, "import time; print(repr(time.time()))");
+    assert!(
+        t >= before - SLACK && t <= after + SLACK,
+        "vDSO time {t} outside host [{before}, {after}] ± 50 ms"
+    );
+    // Through a system call, after the kernel has taken the host's clock.
+    let (before, t, after) = guest_time(
+        &mut m,
+        "import ctypes, time\nclass T(ctypes.Structure): _fields_ = [('s', ctypes.c_long), ('ns', ctypes.c_long)]\n\
+         t = T(); ctypes.CDLL(None).syscall(228, 0, ctypes.byref(t)); print(repr(t.s + t.ns / 1e9))",
+    );
+    assert!(
+        t >= before - SLACK && t <= after + SLACK,
+        "kernel time {t} outside host [{before}, {after}] ± 50 ms"
+    );
+    // Sleeping takes the kernel's timers; the clocks still agree afterwards.
+    let (before, t, after) = guest_time(
+        &mut m,
+        "import time\nm = time.monotonic(); time.sleep(0.3); d = time.monotonic() - m\n\
+         assert 0.3 <= d < 5, d\nprint(repr(time.time()))",
+    );
+    assert!(after - before >= 0.3, "the sleep took host time too");
+    assert!(
+        t >= before - SLACK && t <= after + SLACK,
+        "time after sleep {t} outside host [{before}, {after}] ± 50 ms"
+    );
+}
+
+#[test]
+fn guest_monotonic_clock_continues_from_the_template() {
+    // Forks resume as if suspended at the snapshot: host time between two
+    // forks does not show in their monotonic clocks.
+    const CODE: &str = "import time; print(repr(time.monotonic()))";
+    let (_, first, _) = guest_time(&mut fork(), CODE);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, second, _) = guest_time(&mut fork(), CODE);
+    assert!(first > 1.0, "monotonic {first} s: the template's boot took longer");
+    assert!(
+        (second - first).abs() < 0.5,
+        "monotonic {first} then {second} s in forks made 1.5 s apart"
+    );
 }

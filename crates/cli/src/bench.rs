@@ -7,15 +7,28 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use serde_json::json;
 use zeroboot_protocol::Request;
-use zeroboot_vmm::{Hypervisor, Machine, Snapshot};
+use zeroboot_template::template;
+use zeroboot_vmm::{Hypervisor, Machine, Snapshot, Template};
 
 const PRINT: &str = "print(1+1)";
 const NUMPY: &str = "import numpy; print(numpy.random.rand(3))";
 const TIMEOUT: Duration = Duration::from_secs(60);
 
+#[derive(clap::Args)]
 pub struct BenchArgs {
+    #[arg(long, default_value = template::DEFAULT_NAME)]
+    pub template: String,
+    /// Samples per latency figure.
+    #[arg(long, default_value_t = 100)]
     pub iterations: usize,
+    /// Fork+exec runs in the throughput figure.
+    #[arg(long, default_value_t = 1000)]
     pub throughput_count: usize,
+    /// VMs kept prepared by a background thread (0: every fork makes its own).
+    #[arg(long, default_value_t = 4)]
+    pub pool: usize,
+    /// Print one JSON object.
+    #[arg(long)]
     pub json: bool,
 }
 
@@ -48,13 +61,7 @@ impl Percentiles {
 }
 
 fn exec(machine: &mut Machine, code: &str) -> Result<()> {
-    let r = machine.exec(
-        Request {
-            code: code.as_bytes(),
-            stdin: b"",
-        },
-        TIMEOUT,
-    )?;
+    let r = machine.exec(Request::new(code.as_bytes(), b""), TIMEOUT)?;
     if r.exit_code != 0 {
         bail!("bench code {code:?} failed: {}", String::from_utf8_lossy(&r.stderr));
     }
@@ -84,11 +91,17 @@ fn machine_description() -> String {
     format!("{cpu}, {cores} cores, host kernel {}, {kvm}", kernel.trim())
 }
 
-pub fn run(hv: &Hypervisor, snap: &Snapshot, args: &BenchArgs) -> Result<()> {
+fn fork(template: &Template) -> Result<Machine> {
+    Ok(template.fork(Box::new(std::io::sink()))?)
+}
+
+pub fn run(snap: Snapshot, args: &BenchArgs) -> Result<()> {
     if args.iterations == 0 {
         bail!("--iterations must be at least 1");
     }
     let n = args.iterations;
+    let template = Template::with_pool(Hypervisor::open()?, snap, args.pool);
+    let mut spawn_cold = Vec::with_capacity(n);
     let mut spawn = Vec::with_capacity(n);
     let mut print = Vec::with_capacity(n);
     let mut numpy = Vec::with_capacity(n);
@@ -96,12 +109,19 @@ pub fn run(hv: &Hypervisor, snap: &Snapshot, args: &BenchArgs) -> Result<()> {
     let mut private = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
-        let m = Machine::restore(hv, snap, Box::new(std::io::sink()))?;
+        let m = template.fork_cold(Box::new(std::io::sink()))?;
+        spawn_cold.push(t.elapsed().as_secs_f64() * 1e6);
+        drop(m);
+
+        // Give the pool's thread time to refill, as between real requests.
+        std::thread::sleep(Duration::from_millis(5));
+        let t = Instant::now();
+        let m = fork(&template)?;
         spawn.push(t.elapsed().as_secs_f64() * 1e6);
         drop(m);
 
         let t = Instant::now();
-        let mut m = Machine::restore(hv, snap, Box::new(std::io::sink()))?;
+        let mut m = fork(&template)?;
         exec(&mut m, PRINT)?;
         print.push(t.elapsed().as_secs_f64() * 1e6);
         exits.push(m.exits() as f64);
@@ -109,10 +129,11 @@ pub fn run(hv: &Hypervisor, snap: &Snapshot, args: &BenchArgs) -> Result<()> {
         drop(m);
 
         let t = Instant::now();
-        let mut m = Machine::restore(hv, snap, Box::new(std::io::sink()))?;
+        let mut m = fork(&template)?;
         exec(&mut m, NUMPY)?;
         numpy.push(t.elapsed().as_secs_f64() * 1e6);
     }
+    let template = &template;
 
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let remaining = AtomicUsize::new(args.throughput_count);
@@ -125,7 +146,7 @@ pub fn run(hv: &Hypervisor, snap: &Snapshot, args: &BenchArgs) -> Result<()> {
                         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1))
                         .is_ok()
                     {
-                        let mut m = Machine::restore(hv, snap, Box::new(std::io::sink()))?;
+                        let mut m = fork(template)?;
                         exec(&mut m, PRINT)?;
                     }
                     Ok(())
@@ -140,6 +161,7 @@ pub fn run(hv: &Hypervisor, snap: &Snapshot, args: &BenchArgs) -> Result<()> {
     let throughput_s = t.elapsed().as_secs_f64();
 
     let spawn = percentiles(spawn);
+    let spawn_cold = percentiles(spawn_cold);
     let print = percentiles(print);
     let numpy = percentiles(numpy);
     let exits = percentiles(exits);
@@ -149,7 +171,9 @@ pub fn run(hv: &Hypervisor, snap: &Snapshot, args: &BenchArgs) -> Result<()> {
         let out = json!({
             "machine": machine,
             "iterations": n,
+            "pool": args.pool,
             "spawn_us": spawn.json(),
+            "spawn_cold_us": spawn_cold.json(),
             "exec_print_us": print.json(),
             "exec_numpy_us": numpy.json(),
             "throughput_count": args.throughput_count,
@@ -162,18 +186,24 @@ pub fn run(hv: &Hypervisor, snap: &Snapshot, args: &BenchArgs) -> Result<()> {
         return Ok(());
     }
     println!("machine: {machine}");
-    println!("{n} iterations each; microseconds\n");
+    println!("{n} iterations each; microseconds");
     println!(
-        "{:<34} {:>10} {:>10} {:>10} {:>10}",
+        "forks take a VM prepared ahead of time by a background thread, from a pool of {};\n\
+         \"no pool\" makes the whole VM inside the timed region\n",
+        args.pool
+    );
+    println!(
+        "{:<36} {:>10} {:>10} {:>10} {:>10}",
         "figure (timed region)", "p50", "p90", "p99", "max"
     );
     for (name, p) in [
+        ("spawn, no pool: fork → runnable", spawn_cold),
         ("spawn: fork call → VM runnable", spawn),
         ("print(1+1): fork call → result", print),
         ("numpy.random.rand(3): fork → result", numpy),
     ] {
         println!(
-            "{name:<34} {:>10.0} {:>10.0} {:>10.0} {:>10.0}",
+            "{name:<36} {:>10.0} {:>10.0} {:>10.0} {:>10.0}",
             p.p50, p.p90, p.p99, p.max
         );
     }

@@ -36,19 +36,7 @@ enum Command {
     /// Run Python code in a fresh sandbox restored from a template.
     Run(RunArgs),
     /// Measure fork and exec latency, throughput and memory per sandbox.
-    Bench {
-        #[arg(long, default_value = template::DEFAULT_NAME)]
-        template: String,
-        /// Samples per latency figure.
-        #[arg(long, default_value_t = 100)]
-        iterations: usize,
-        /// Fork+exec runs in the throughput figure.
-        #[arg(long, default_value_t = 1000)]
-        throughput_count: usize,
-        /// Print one JSON object.
-        #[arg(long)]
-        json: bool,
-    },
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -91,6 +79,10 @@ struct RunArgs {
     /// Copy the guest kernel's console output to stderr.
     #[arg(long)]
     console: bool,
+    /// Most bytes of stdout, and of stderr, to keep; the rest is dropped
+    /// with a note on stderr.
+    #[arg(long, value_name = "BYTES", default_value_t = zeroboot_protocol::DEFAULT_OUTPUT_LIMIT)]
+    max_output: u32,
 }
 
 fn main() -> ExitCode {
@@ -102,12 +94,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Template(cmd) => template_command(cmd).map(|()| ExitCode::SUCCESS),
         Command::Run(args) => run(args),
-        Command::Bench {
-            template,
-            iterations,
-            throughput_count,
-            json,
-        } => bench_command(&template, iterations, throughput_count, json).map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => bench_command(&args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -243,19 +230,11 @@ fn inspect(cache: &Cache, name: &str) -> Result<()> {
     Ok(())
 }
 
-fn bench_command(name: &str, iterations: usize, throughput_count: usize, json: bool) -> Result<()> {
+fn bench_command(args: &bench::BenchArgs) -> Result<()> {
     let cache = Cache::from_env()?;
     let hv = Hypervisor::open()?;
-    let snap = template::open(&cache, &hv, name)?;
-    bench::run(
-        &hv,
-        &snap,
-        &bench::BenchArgs {
-            iterations,
-            throughput_count,
-            json,
-        },
-    )
+    let snap = template::open(&cache, &hv, &args.template)?;
+    bench::run(snap, args)
 }
 
 fn read_code(args: &RunArgs) -> Result<String> {
@@ -288,8 +267,8 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let hv = Hypervisor::open()?;
     let snap = match template::open(&cache, &hv, &args.template) {
         Ok(s) => s,
-        Err(template::TemplateError::NotFound { .. }) => {
-            eprintln!("template {:?} not found: building it first", args.template);
+        Err(e) if e.needs_build() => {
+            eprintln!("zeroboot: {e}\nzeroboot: building template {:?} now", args.template);
             build(
                 &cache,
                 &TemplateSpec {
@@ -315,6 +294,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         zeroboot_protocol::Request {
             code: code.as_bytes(),
             stdin: &stdin,
+            output_limit: args.max_output,
         },
         timeout,
     ) {
@@ -328,6 +308,14 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let total = started.elapsed();
     std::io::stdout().write_all(&response.stdout)?;
     std::io::stderr().write_all(&response.stderr)?;
+    for (name, truncated) in [
+        ("stdout", response.stdout_truncated),
+        ("stderr", response.stderr_truncated),
+    ] {
+        if truncated {
+            eprintln!("zeroboot: {name} truncated at {} bytes (--max-output)", args.max_output);
+        }
+    }
     if args.timings {
         eprintln!(
             "zeroboot: restore {:.3} ms, restore+exec {:.3} ms, {} exits",

@@ -13,6 +13,11 @@
 //!
 //! The mailbox is written by an untrusted guest, so every read of guest-written
 //! fields is bounds-checked and never panics.
+//!
+//! Output larger than the response area travels in chunks: the agent fills the
+//! area, sets [`FLAG_MORE`] and rings [`Doorbell::Result`]; the host copies the
+//! chunk out and resumes the guest, which writes the next one. Each stream is
+//! capped at the request's output limit, and the host enforces that cap too.
 
 use thiserror::Error;
 
@@ -21,7 +26,7 @@ pub const MAILBOX_SIZE: usize = 2 << 20;
 /// `"ZBMB"`, written by the host at boot.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"ZBMB");
 /// Version of this layout. The agent refuses a mailbox of another version.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// Header field offsets (bytes from the start of the mailbox).
 pub mod header {
@@ -37,6 +42,8 @@ pub mod header {
     pub const STDOUT_LEN: usize = 28;
     pub const STDERR_LEN: usize = 32;
     pub const RESPONSE_FLAGS: usize = 36;
+    /// Host → guest: the most bytes of stdout, and of stderr, to return.
+    pub const OUTPUT_LIMIT: usize = 40;
     /// Host → guest at boot: entropy the agent credits to the kernel CRNG.
     pub const BOOT_SEED: usize = 64;
     pub const BOOT_SEED_LEN: usize = 64;
@@ -57,6 +64,13 @@ pub const RESPONSE_CAPACITY: usize = MAILBOX_SIZE - RESPONSE_OFFSET;
 /// `RESPONSE_FLAGS` bits.
 pub const FLAG_STDOUT_TRUNCATED: u32 = 1 << 0;
 pub const FLAG_STDERR_TRUNCATED: u32 = 1 << 1;
+/// This is not the last chunk of the response.
+pub const FLAG_MORE: u32 = 1 << 2;
+
+/// Default cap on each of stdout and stderr.
+pub const DEFAULT_OUTPUT_LIMIT: u32 = 1 << 20;
+/// The largest cap a request may ask for.
+pub const MAX_OUTPUT_LIMIT: u32 = 64 << 20;
 
 /// The byte the agent stores to the doorbell says why it rang.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +102,10 @@ pub enum ProtocolError {
     Sequence { expected: u32, got: u32 },
     #[error("guest reported {stdout} + {stderr} output bytes, more than the {RESPONSE_CAPACITY} the mailbox holds")]
     ResponseTooLarge { stdout: u32, stderr: u32 },
+    #[error("output limit {0} is outside 0..={MAX_OUTPUT_LIMIT}")]
+    BadOutputLimit(u32),
+    #[error("guest sent more than the {0}-byte output limit")]
+    OutputOverLimit(u32),
 }
 
 /// What the host asks the agent to run.
@@ -95,10 +113,24 @@ pub enum ProtocolError {
 pub struct Request<'a> {
     pub code: &'a [u8],
     pub stdin: &'a [u8],
+    /// Cap on each of stdout and stderr; beyond it output is dropped and the
+    /// stream is marked truncated.
+    pub output_limit: u32,
+}
+
+impl<'a> Request<'a> {
+    /// A request with the default output limit.
+    pub fn new(code: &'a [u8], stdin: &'a [u8]) -> Self {
+        Self {
+            code,
+            stdin,
+            output_limit: DEFAULT_OUTPUT_LIMIT,
+        }
+    }
 }
 
 /// What the agent reports back.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Response {
     pub exit_code: i32,
     pub stdout: Vec<u8>,
@@ -146,6 +178,9 @@ pub fn write_request(
     if total > REQUEST_CAPACITY {
         return Err(ProtocolError::RequestTooLarge(total));
     }
+    if request.output_limit > MAX_OUTPUT_LIMIT {
+        return Err(ProtocolError::BadOutputLimit(request.output_limit));
+    }
     // Lengths fit in u32: both are below REQUEST_CAPACITY.
     let code_len = request.code.len() as u32;
     let stdin_len = request.stdin.len() as u32;
@@ -157,12 +192,48 @@ pub fn write_request(
     let seq = read_u32(mailbox, header::REQUEST_SEQ).wrapping_add(1);
     write_u32(mailbox, header::CODE_LEN, code_len);
     write_u32(mailbox, header::STDIN_LEN, stdin_len);
+    write_u32(mailbox, header::OUTPUT_LIMIT, request.output_limit);
     write_u32(mailbox, header::REQUEST_SEQ, seq);
     Ok(seq)
 }
 
-/// Reads the response to request `seq`. Never trusts the guest's lengths.
-pub fn read_response(mailbox: &[u8], seq: u32) -> Result<Response, ProtocolError> {
+/// One doorbell's worth of a response: a view into the mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunk<'a> {
+    pub exit_code: i32,
+    pub stdout: &'a [u8],
+    pub stderr: &'a [u8],
+    pub flags: u32,
+}
+
+impl Chunk<'_> {
+    /// More chunks of this response follow.
+    pub fn more(&self) -> bool {
+        self.flags & FLAG_MORE != 0
+    }
+}
+
+impl Response {
+    /// Appends `chunk`, refusing a guest that sends more than `limit` bytes on
+    /// either stream (it was told the limit in the request).
+    pub fn append(&mut self, chunk: &Chunk<'_>, limit: u32) -> Result<(), ProtocolError> {
+        let limit_bytes = limit as usize;
+        if self.stdout.len() + chunk.stdout.len() > limit_bytes || self.stderr.len() + chunk.stderr.len() > limit_bytes
+        {
+            return Err(ProtocolError::OutputOverLimit(limit));
+        }
+        self.stdout.extend_from_slice(chunk.stdout);
+        self.stderr.extend_from_slice(chunk.stderr);
+        self.exit_code = chunk.exit_code;
+        self.stdout_truncated |= chunk.flags & FLAG_STDOUT_TRUNCATED != 0;
+        self.stderr_truncated |= chunk.flags & FLAG_STDERR_TRUNCATED != 0;
+        Ok(())
+    }
+}
+
+/// Reads the chunk of the response to request `seq` that is in the mailbox.
+/// Never trusts the guest's lengths.
+pub fn read_chunk(mailbox: &[u8], seq: u32) -> Result<Chunk<'_>, ProtocolError> {
     check(mailbox)?;
     let got = read_u32(mailbox, header::RESPONSE_SEQ);
     if got != seq {
@@ -179,58 +250,63 @@ pub fn read_response(mailbox: &[u8], seq: u32) -> Result<Response, ProtocolError
     }
     let out_end = RESPONSE_OFFSET + stdout_len as usize;
     let err_end = out_end + stderr_len as usize;
-    let flags = read_u32(mailbox, header::RESPONSE_FLAGS);
-    Ok(Response {
+    Ok(Chunk {
         exit_code: read_u32(mailbox, header::EXIT_CODE) as i32,
-        stdout: mailbox[RESPONSE_OFFSET..out_end].to_vec(),
-        stderr: mailbox[out_end..err_end].to_vec(),
-        stdout_truncated: flags & FLAG_STDOUT_TRUNCATED != 0,
-        stderr_truncated: flags & FLAG_STDERR_TRUNCATED != 0,
+        stdout: &mailbox[RESPONSE_OFFSET..out_end],
+        stderr: &mailbox[out_end..err_end],
+        flags: read_u32(mailbox, header::RESPONSE_FLAGS),
     })
 }
 
-/// The guest side of [`read_response`], used by tests and by Rust agents.
-pub fn write_response(mailbox: &mut [u8], seq: u32, response: &Response) -> Result<(), ProtocolError> {
+/// The guest side of [`read_chunk`], used by tests and by Rust agents.
+pub fn write_chunk(mailbox: &mut [u8], seq: u32, chunk: &Chunk<'_>) -> Result<(), ProtocolError> {
     check(mailbox)?;
-    let total = response.stdout.len() + response.stderr.len();
+    let total = chunk.stdout.len() + chunk.stderr.len();
     if total > RESPONSE_CAPACITY {
         return Err(ProtocolError::ResponseTooLarge {
-            stdout: response.stdout.len() as u32,
-            stderr: response.stderr.len() as u32,
+            stdout: chunk.stdout.len() as u32,
+            stderr: chunk.stderr.len() as u32,
         });
     }
-    let out_end = RESPONSE_OFFSET + response.stdout.len();
-    mailbox[RESPONSE_OFFSET..out_end].copy_from_slice(&response.stdout);
-    mailbox[out_end..out_end + response.stderr.len()].copy_from_slice(&response.stderr);
-    let mut flags = 0;
-    if response.stdout_truncated {
-        flags |= FLAG_STDOUT_TRUNCATED;
-    }
-    if response.stderr_truncated {
-        flags |= FLAG_STDERR_TRUNCATED;
-    }
-    write_u32(mailbox, header::EXIT_CODE, response.exit_code as u32);
-    write_u32(mailbox, header::STDOUT_LEN, response.stdout.len() as u32);
-    write_u32(mailbox, header::STDERR_LEN, response.stderr.len() as u32);
-    write_u32(mailbox, header::RESPONSE_FLAGS, flags);
+    let out_end = RESPONSE_OFFSET + chunk.stdout.len();
+    mailbox[RESPONSE_OFFSET..out_end].copy_from_slice(chunk.stdout);
+    mailbox[out_end..out_end + chunk.stderr.len()].copy_from_slice(chunk.stderr);
+    write_u32(mailbox, header::EXIT_CODE, chunk.exit_code as u32);
+    write_u32(mailbox, header::STDOUT_LEN, chunk.stdout.len() as u32);
+    write_u32(mailbox, header::STDERR_LEN, chunk.stderr.len() as u32);
+    write_u32(mailbox, header::RESPONSE_FLAGS, chunk.flags);
     write_u32(mailbox, header::RESPONSE_SEQ, seq);
     Ok(())
 }
 
+/// A request as the guest reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncomingRequest {
+    pub seq: u32,
+    pub code: Vec<u8>,
+    pub stdin: Vec<u8>,
+    pub output_limit: u32,
+}
+
 /// Reads the request the host wrote (the guest side of [`write_request`]).
-pub fn read_request(mailbox: &[u8]) -> Result<(u32, Vec<u8>, Vec<u8>), ProtocolError> {
+pub fn read_request(mailbox: &[u8]) -> Result<IncomingRequest, ProtocolError> {
     check(mailbox)?;
     let code_len = read_u32(mailbox, header::CODE_LEN) as usize;
     let stdin_len = read_u32(mailbox, header::STDIN_LEN) as usize;
     if code_len.saturating_add(stdin_len) > REQUEST_CAPACITY {
         return Err(ProtocolError::RequestTooLarge(code_len.saturating_add(stdin_len)));
     }
+    let output_limit = read_u32(mailbox, header::OUTPUT_LIMIT);
+    if output_limit > MAX_OUTPUT_LIMIT {
+        return Err(ProtocolError::BadOutputLimit(output_limit));
+    }
     let code_end = REQUEST_OFFSET + code_len;
-    Ok((
-        read_u32(mailbox, header::REQUEST_SEQ),
-        mailbox[REQUEST_OFFSET..code_end].to_vec(),
-        mailbox[code_end..code_end + stdin_len].to_vec(),
-    ))
+    Ok(IncomingRequest {
+        seq: read_u32(mailbox, header::REQUEST_SEQ),
+        code: mailbox[REQUEST_OFFSET..code_end].to_vec(),
+        stdin: mailbox[code_end..code_end + stdin_len].to_vec(),
+        output_limit,
+    })
 }
 
 #[cfg(test)]
@@ -253,46 +329,69 @@ mod tests {
             Request {
                 code: b"print(1)",
                 stdin: b"in",
+                output_limit: 77,
             },
             &SEED,
         )
         .unwrap();
         assert_eq!(seq, 1);
-        let (got_seq, code, stdin) = read_request(&m).unwrap();
         assert_eq!(
-            (got_seq, code.as_slice(), stdin.as_slice()),
-            (1, &b"print(1)"[..], &b"in"[..])
+            read_request(&m).unwrap(),
+            IncomingRequest {
+                seq: 1,
+                code: b"print(1)".to_vec(),
+                stdin: b"in".to_vec(),
+                output_limit: 77
+            }
         );
-        let seq2 = write_request(
-            &mut m,
-            Request { code: b"x", stdin: b"" },
-            &[0; header::REQUEST_SEED_LEN],
-        )
-        .unwrap();
+        let seq2 = write_request(&mut m, Request::new(b"x", b""), &SEED).unwrap();
         assert_eq!(seq2, 2);
+        assert_eq!(read_request(&m).unwrap().output_limit, DEFAULT_OUTPUT_LIMIT);
     }
 
     #[test]
-    fn response_round_trip() {
+    fn chunks_assemble_into_a_response() {
         let mut m = mailbox();
-        let resp = Response {
-            exit_code: -3,
-            stdout: b"out".to_vec(),
-            stderr: b"err".to_vec(),
-            stdout_truncated: true,
-            stderr_truncated: false,
+        let mut response = Response::default();
+        let first = Chunk {
+            exit_code: 0,
+            stdout: b"out",
+            stderr: b"",
+            flags: FLAG_MORE,
         };
-        write_response(&mut m, 9, &resp).unwrap();
-        assert_eq!(read_response(&m, 9).unwrap(), resp);
+        write_chunk(&mut m, 9, &first).unwrap();
+        let chunk = read_chunk(&m, 9).unwrap();
+        assert_eq!(chunk, first);
+        assert!(chunk.more());
+        response.append(&chunk, 10).unwrap();
+        let last = Chunk {
+            exit_code: -3,
+            stdout: b"put",
+            stderr: b"err",
+            flags: FLAG_STDOUT_TRUNCATED,
+        };
+        write_chunk(&mut m, 9, &last).unwrap();
+        let chunk = read_chunk(&m, 9).unwrap();
+        assert!(!chunk.more());
+        response.append(&chunk, 10).unwrap();
+        assert_eq!(
+            response,
+            Response {
+                exit_code: -3,
+                stdout: b"output".to_vec(),
+                stderr: b"err".to_vec(),
+                stdout_truncated: true,
+                stderr_truncated: false,
+            }
+        );
+        // A guest that ignores the limit is refused.
+        assert_eq!(response.append(&chunk, 8), Err(ProtocolError::OutputOverLimit(8)));
     }
 
     #[test]
     fn stale_response_is_rejected() {
         let m = mailbox();
-        assert_eq!(
-            read_response(&m, 1),
-            Err(ProtocolError::Sequence { expected: 1, got: 0 })
-        );
+        assert_eq!(read_chunk(&m, 1), Err(ProtocolError::Sequence { expected: 1, got: 0 }));
     }
 
     #[test]
@@ -301,10 +400,10 @@ mod tests {
         write_u32(&mut m, header::RESPONSE_SEQ, 5);
         write_u32(&mut m, header::STDOUT_LEN, u32::MAX);
         write_u32(&mut m, header::STDERR_LEN, u32::MAX);
-        assert!(matches!(
-            read_response(&m, 5),
-            Err(ProtocolError::ResponseTooLarge { .. })
-        ));
+        assert!(matches!(read_chunk(&m, 5), Err(ProtocolError::ResponseTooLarge { .. })));
+        write_u32(&mut m, header::STDOUT_LEN, RESPONSE_CAPACITY as u32);
+        write_u32(&mut m, header::STDERR_LEN, 1);
+        assert!(matches!(read_chunk(&m, 5), Err(ProtocolError::ResponseTooLarge { .. })));
         write_u32(&mut m, header::CODE_LEN, u32::MAX);
         assert!(read_request(&m).is_err());
     }
@@ -314,21 +413,70 @@ mod tests {
         let mut m = mailbox();
         let big = vec![b'x'; REQUEST_CAPACITY + 1];
         assert_eq!(
-            write_request(
-                &mut m,
-                Request { code: &big, stdin: b"" },
-                &[0; header::REQUEST_SEED_LEN]
-            ),
+            write_request(&mut m, Request::new(&big, b""), &SEED),
             Err(ProtocolError::RequestTooLarge(REQUEST_CAPACITY + 1))
         );
         assert!(matches!(
-            write_request(
-                &mut m[..10],
-                Request { code: b"", stdin: b"" },
-                &[0; header::REQUEST_SEED_LEN]
-            ),
+            write_request(&mut m[..10], Request::new(b"", b""), &SEED),
             Err(ProtocolError::MailboxSize(10))
         ));
+        let huge_limit = Request {
+            output_limit: MAX_OUTPUT_LIMIT + 1,
+            ..Request::new(b"", b"")
+        };
+        assert_eq!(
+            write_request(&mut m, huge_limit, &SEED),
+            Err(ProtocolError::BadOutputLimit(MAX_OUTPUT_LIMIT + 1))
+        );
+    }
+
+    /// The decoders on random header values (the fuzz target in fuzz/ does
+    /// this coverage-guided); lengths near the limits are favoured.
+    #[test]
+    fn random_headers_never_panic() {
+        let mut m = mailbox();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let interesting = [
+            0,
+            1,
+            u32::MAX,
+            RESPONSE_CAPACITY as u32,
+            RESPONSE_CAPACITY as u32 + 1,
+            1 << 31,
+        ];
+        for _ in 0..20_000 {
+            for field in [
+                header::CODE_LEN,
+                header::STDIN_LEN,
+                header::OUTPUT_LIMIT,
+                header::STDOUT_LEN,
+                header::STDERR_LEN,
+                header::RESPONSE_FLAGS,
+                header::RESPONSE_SEQ,
+            ] {
+                let r = next();
+                let value = if r % 3 == 0 {
+                    interesting[(r >> 8) as usize % interesting.len()]
+                } else {
+                    (r >> 16) as u32 % (2 * RESPONSE_CAPACITY as u32)
+                };
+                write_u32(&mut m, field, value);
+            }
+            if let Ok(chunk) = read_chunk(&m, read_u32(&m, header::RESPONSE_SEQ)) {
+                assert!(chunk.stdout.len() + chunk.stderr.len() <= RESPONSE_CAPACITY);
+                let _ = Response::default().append(&chunk, DEFAULT_OUTPUT_LIMIT);
+            }
+            if let Ok(request) = read_request(&m) {
+                assert!(request.code.len() + request.stdin.len() <= REQUEST_CAPACITY);
+                assert!(request.output_limit <= MAX_OUTPUT_LIMIT);
+            }
+        }
     }
 
     #[test]

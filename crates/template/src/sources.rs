@@ -24,6 +24,7 @@ pub const KERNEL: &[SourceFile] = &[
     guest_file!("kernel/patches/0003-fpu-drop-without-fwait.patch"),
     guest_file!("kernel/patches/0004-finish-syscall-faulting-at-entry.patch"),
     guest_file!("kernel/patches/0005-e820-pmem-resources-without-pci.patch"),
+    guest_file!("kernel/patches/0006-adopt-host-clock-after-restore.patch"),
 ];
 
 /// Everything that decides the Debian base of the root filesystem.

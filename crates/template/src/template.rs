@@ -30,8 +30,14 @@ pub const DEFAULT_MEM_MIB: u64 = 512;
 /// - `nokaslr`: the host reads kernel symbols from System.map.
 /// - `reboot=k panic=1`: a panic resets through the i8042, which the VMM sees.
 /// - `rootwait`: libnvdimm probes /dev/pmem0 asynchronously.
+/// - `tsc=reliable`: no clocksource watchdog. A fork's TSC has moved on since
+///   the snapshot while kvmclock has not, which the watchdog would take for
+///   an unstable TSC (see vmm::guest_clock).
+/// - `no-kvmapf`: no asynchronous page faults. A fork's first touch of a
+///   template page would otherwise interrupt the guest twice ("page not
+///   present", "page ready") and run its scheduler, all in the guest kernel.
 pub const KERNEL_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=1 nokaslr noxsave clearcpuid=smap,popcnt init=/zeroboot/agent.py";
+    "console=ttyS0 reboot=k panic=1 nokaslr noxsave clearcpuid=smap,popcnt tsc=reliable no-kvmapf init=/zeroboot/agent.py";
 pub const ROOT_ARGS: &str = "rootfstype=erofs rootflags=dax ro rootwait";
 /// Boot-to-ready limit. A boot here takes about a minute; minutes mean trouble.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
@@ -54,6 +60,21 @@ pub enum TemplateError {
     NotFound { name: String, dir: PathBuf },
     #[error("{path}: {message}")]
     Metadata { path: PathBuf, message: String },
+}
+
+impl TemplateError {
+    /// The template does not exist, or an older zeroboot made it in a state
+    /// format this one does not read: `template build` makes a usable one.
+    pub fn needs_build(&self) -> bool {
+        matches!(
+            self,
+            Self::NotFound { .. }
+                | Self::Snapshot(SnapshotError::Codec {
+                    source: zeroboot_vmm::snapshot::codec::CodecError::Version { .. },
+                    ..
+                })
+        )
+    }
 }
 
 #[derive(Debug, Clone)]

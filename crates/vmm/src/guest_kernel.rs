@@ -12,6 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::guest_clock::{self, ClockError};
 use crate::memory::{GuestRam, MemoryError};
 
 /// `__START_KERNEL_map`: with KASLR off the kernel image is mapped here,
@@ -36,6 +37,8 @@ pub enum SymbolError {
     Implausible(u64),
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    #[error("guest clock: {0}")]
+    Clock(#[from] ClockError),
 }
 
 /// Guest-physical addresses of the kernel state the host rewrites.
@@ -43,6 +46,10 @@ pub enum SymbolError {
 pub struct KernelSymbols {
     pub base_crng: u64,
     pub input_pool: u64,
+    /// `_vdso_data`: the clock data the vDSO reads (see [`guest_clock`]).
+    pub vdso_data: u64,
+    /// `zeroboot_clock_rebased` (guest/kernel/patches/0006).
+    pub clock_rebased: u64,
 }
 
 fn lookup(map: &str, name: &'static str) -> Result<u64, SymbolError> {
@@ -66,6 +73,8 @@ impl KernelSymbols {
         Ok(Self {
             base_crng: lookup(map, "base_crng")?,
             input_pool: lookup(map, "input_pool")?,
+            vdso_data: lookup(map, "__vvar_page")? + guest_clock::VDSO_DATA_IN_VVAR,
+            clock_rebased: lookup(map, "zeroboot_clock_rebased")?,
         })
     }
 
@@ -83,6 +92,26 @@ impl KernelSymbols {
         if generation == 0 || generation > (1 << 20) {
             return Err(SymbolError::Implausible(generation));
         }
+        guest_clock::check(&self.vdso(ram)?)?;
+        Ok(())
+    }
+
+    fn vdso(&self, ram: &GuestRam) -> Result<[u8; guest_clock::VDSO_DATA_LEN], SymbolError> {
+        let mut data = [0u8; guest_clock::VDSO_DATA_LEN];
+        data.copy_from_slice(ram.slice(self.vdso_data, guest_clock::VDSO_DATA_LEN)?);
+        Ok(data)
+    }
+
+    /// Moves the guest's clock to now: the guest's TSC reads `tsc` when the
+    /// host's wall clock reads `realtime`. The guest must not run between
+    /// the two readings and this call.
+    pub fn rebase_clock(&self, ram: &mut GuestRam, tsc: u64, realtime: std::time::Duration) -> Result<(), SymbolError> {
+        let mut data = self.vdso(ram)?;
+        guest_clock::rebase(&mut data, tsc, realtime)?;
+        ram.slice_mut(self.vdso_data, guest_clock::VDSO_DATA_LEN)?
+            .copy_from_slice(&data);
+        ram.slice_mut(self.clock_rebased, 4)?
+            .copy_from_slice(&1u32.to_le_bytes());
         Ok(())
     }
 
@@ -105,13 +134,16 @@ impl KernelSymbols {
 mod tests {
     use super::*;
 
-    const MAP: &str = "ffffffff81000000 T _text\nffffffff81ababa0 d input_pool\nffffffff81b9df80 b base_crng\n";
+    const MAP: &str = "ffffffff81000000 T _text\nffffffff81ababa0 d input_pool\nffffffff81b9df80 b base_crng\n\
+        ffffffff81ad4000 D __vvar_page\nffffffff81b9e000 B zeroboot_clock_rebased\n";
 
     #[test]
     fn symbols_become_physical_addresses() {
         let s = KernelSymbols::from_system_map(MAP).unwrap();
         assert_eq!(s.base_crng, 0x1b9_df80);
         assert_eq!(s.input_pool, 0x1ab_aba0);
+        assert_eq!(s.vdso_data, 0x1ad_4080);
+        assert_eq!(s.clock_rebased, 0x1b9_e000);
         assert!(matches!(
             KernelSymbols::from_system_map("ffffffff81000000 T _text\n"),
             Err(SymbolError::Missing("base_crng"))
@@ -129,6 +161,10 @@ mod tests {
         ram.slice_mut(s.base_crng + BASE_CRNG_GENERATION, 8)
             .unwrap()
             .copy_from_slice(&3u64.to_le_bytes());
+        // vdso_data[0].clock_mode = VDSO_CLOCKMODE_TSC
+        ram.slice_mut(s.vdso_data + 4, 4)
+            .unwrap()
+            .copy_from_slice(&1u32.to_le_bytes());
         s.check(&ram).unwrap();
         let fresh: [u8; 64] = std::array::from_fn(|i| i as u8 + 1);
         s.reseed(&mut ram, &fresh).unwrap();
@@ -137,5 +173,19 @@ mod tests {
         assert_eq!(ram.slice(s.input_pool, 32).unwrap(), &fresh[32..]);
         let zero = GuestRam::anonymous(32 << 20).unwrap();
         assert!(matches!(s.check(&zero), Err(SymbolError::Implausible(0))));
+    }
+
+    #[test]
+    fn rebase_clock_writes_the_vdso_data_and_raises_the_flag() {
+        let mut ram = GuestRam::anonymous(32 << 20).unwrap();
+        let s = KernelSymbols::from_system_map(MAP).unwrap();
+        ram.slice_mut(s.vdso_data + 4, 4)
+            .unwrap()
+            .copy_from_slice(&1u32.to_le_bytes());
+        s.rebase_clock(&mut ram, 0x1234_5678, std::time::Duration::from_secs(1_800_000_000))
+            .unwrap();
+        assert_eq!(ram.slice(s.vdso_data + 8, 8).unwrap(), &0x1234_5678u64.to_le_bytes());
+        assert_eq!(ram.slice(s.vdso_data + 32, 8).unwrap(), &1_800_000_000u64.to_le_bytes());
+        assert_eq!(ram.slice(s.clock_rebased, 4).unwrap(), &1u32.to_le_bytes());
     }
 }

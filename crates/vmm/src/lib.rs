@@ -7,11 +7,16 @@
 //! - [`layout`], [`memory`]: guest-physical layout and guest memory.
 //! - [`devices`]: the serial console.
 //! - [`snapshot`]: the state file format and template files.
-//! - [`guest_kernel`]: guest kernel state the host rewrites in each fork.
+//! - [`guest_kernel`], [`guest_clock`]: guest kernel state the host rewrites
+//!   in each fork (CRNG keys, the clock).
 //! - [`machine`]: a running VM and its exit loop.
+//! - [`fork`]: [`fork::Template`], which forks sandboxes, from a pool of
+//!   VMs prepared ahead of time if asked.
 
 pub mod boot;
 pub mod devices;
+pub mod fork;
+pub mod guest_clock;
 pub mod guest_kernel;
 pub mod kvm;
 pub mod layout;
@@ -19,6 +24,7 @@ pub mod machine;
 pub mod memory;
 pub mod snapshot;
 
+pub use fork::Template;
 pub use kvm::Hypervisor;
 pub use machine::{BootSpec, Machine, MachineError};
 pub use snapshot::Snapshot;

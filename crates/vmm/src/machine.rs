@@ -92,6 +92,40 @@ pub struct Machine {
     exits: u64,
 }
 
+/// A VM made from a snapshot that has not run: guest memory mapped and
+/// registered, irqchip and PIT created, and the vCPU holding the snapshot's
+/// state (its timer disarmed). Nothing in it depends on when it is used, so
+/// shells can be made ahead of time ([`crate::fork::Template`]); a fork
+/// finishes one in [`Machine::from_shell`].
+pub struct Shell {
+    // Field order is drop order: the vCPU and VM go before the memory they map.
+    vcpu: Vcpu,
+    vm: Vm,
+    ram: GuestRam,
+    timer: Option<Timer>,
+}
+
+impl Shell {
+    pub fn new(hv: &Hypervisor, snapshot: &Snapshot) -> Result<Self, MachineError> {
+        let state = &snapshot.state;
+        let ram = GuestRam::private_file_mapping(
+            snapshot
+                .memory_file()
+                .map_err(|e| MachineError::UnexpectedExit(e.to_string()))?,
+            state.layout.total_bytes(),
+        )?;
+        let vm = hv.create_vm()?;
+        // Ordering: memory slot first (see Vm::set_memory), then the in-kernel
+        // devices, then the vCPU (its LAPIC needs the irqchip).
+        vm.set_memory(&ram)?;
+        vm.create_irqchip_and_pit()?;
+        let vcpu = vm.create_vcpu(0)?;
+        let (msrs, timer) = split_timer(&state.vcpu);
+        vcpu.restore_state(&state.vcpu, &msrs)?;
+        Ok(Self { vcpu, vm, ram, timer })
+    }
+}
+
 /// The CPUID vendor string (leaf 0) from KVM's table.
 pub fn cpu_vendor(hv: &Hypervisor) -> String {
     let leaf0 = hv.supported_cpuid().iter().find(|e| e.function == 0);
@@ -175,15 +209,26 @@ impl Machine {
     }
 
     /// Creates a new VM from `snapshot`: guest memory is a private
-    /// copy-on-write mapping of the snapshot's memory file.
+    /// copy-on-write mapping of the snapshot's memory file. The same as
+    /// [`crate::fork::Template::fork`] without a pool of prepared VMs.
     pub fn restore(hv: &Hypervisor, snapshot: &Snapshot, console: Box<dyn Write + Send>) -> Result<Self, MachineError> {
+        Self::from_shell(Shell::new(hv, snapshot)?, snapshot, console)
+    }
+
+    /// Completes a fork from `shell`, which was prepared from `snapshot`.
+    /// Everything that depends on when the fork starts happens here.
+    pub(crate) fn from_shell(
+        shell: Shell,
+        snapshot: &Snapshot,
+        console: Box<dyn Write + Send>,
+    ) -> Result<Self, MachineError> {
         let state = &snapshot.state;
-        let mut ram = GuestRam::private_file_mapping(
-            snapshot
-                .memory_file()
-                .map_err(|e| MachineError::UnexpectedExit(e.to_string()))?,
-            state.layout.total_bytes(),
-        )?;
+        let Shell {
+            vm,
+            vcpu,
+            mut ram,
+            timer,
+        } = shell;
         // Every fork must differ from its siblings: fresh kernel CRNG keys
         // before the guest runs an instruction.
         if let Some(kernel) = &state.kernel {
@@ -191,16 +236,26 @@ impl Machine {
             fill_random(&mut fresh);
             kernel.reseed(&mut ram, &fresh)?;
         }
-        let vm = hv.create_vm()?;
-        // Ordering: memory slot first (see Vm::set_memory), then the in-kernel
-        // devices, then their state, then the vCPU (its LAPIC needs the irqchip).
-        vm.set_memory(&ram)?;
-        vm.create_irqchip_and_pit()?;
+        // Ordering: the VM-wide devices come after the vCPU here (the shell
+        // restored the vCPU ahead of time). That is safe because nothing runs
+        // in between, and the LAPIC only needs the irqchip to exist. The
+        // kvmclock value is set now, not when the shell was made, so a shell
+        // that waited in the pool does not start with its clock ahead.
         vm.restore_state(&state.vm)?;
         let serial = SerialConsole::from_state(&state.serial, console)?;
         vm.register_irq(serial.irq(), COM1_IRQ)?;
-        let vcpu = vm.create_vcpu(0)?;
-        vcpu.restore_state(&state.vcpu, &defer_timer(&state.vcpu))?;
+        // The shell restored the MSRs with the TSC-deadline timer disarmed,
+        // because a deadline already in the past fires at once, and where the
+        // guest TSC cannot be set back (kvm_pvm) every saved deadline is in the
+        // past. Now the clock is re-based to the TSC the guest will read, and
+        // only then is the timer armed, relative to that TSC.
+        let tsc = vcpu.tsc()?;
+        if let Some(kernel) = &state.kernel {
+            kernel.rebase_clock(&mut ram, tsc, unix_now())?;
+        }
+        if let Some(timer) = timer {
+            vcpu.set_msrs(&[timer.rearm(tsc)])?;
+        }
         Ok(Self {
             vcpu,
             vm,
@@ -328,9 +383,7 @@ impl Machine {
         if let Some(kernel) = &self.kernel {
             kernel.check(&self.ram)?;
         }
-        let saved_at_unix_ns = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
+        let saved_at_unix_ns = unix_now().as_nanos() as u64;
         Ok(MachineState {
             cpu_vendor: self.cpu_vendor.clone(),
             layout: self.layout,
@@ -342,28 +395,36 @@ impl Machine {
         })
     }
 
-    /// Hands `request` to the agent and runs until it answers.
+    /// Hands `request` to the agent and runs until it answers. Output larger
+    /// than the mailbox arrives in several chunks, one doorbell each; the
+    /// deadline covers them all.
     pub fn exec(&mut self, request: Request<'_>, timeout: Duration) -> Result<Response, MachineError> {
         let mailbox_gpa = self.layout.mailbox_gpa;
+        let deadline = Instant::now() + timeout;
         // Fresh seeds for the guest's user-space generators (Python's `random`,
         // numpy's global state), which were seeded once in the template.
         let mut seed = [0u8; protocol::header::REQUEST_SEED_LEN];
         fill_random(&mut seed);
         let mailbox = self.ram.slice_mut(mailbox_gpa, protocol::MAILBOX_SIZE)?;
         let seq = protocol::write_request(mailbox, request, &seed)?;
-        match self.run_until_doorbell(timeout)? {
-            Doorbell::Result => {}
-            got => {
-                return Err(MachineError::WrongDoorbell {
-                    expected: Doorbell::Result,
-                    got,
-                })
+        let mut response = Response::default();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.run_until_doorbell(left)? {
+                Doorbell::Result => {}
+                got => {
+                    return Err(MachineError::WrongDoorbell {
+                        expected: Doorbell::Result,
+                        got,
+                    })
+                }
+            }
+            let chunk = protocol::read_chunk(self.ram.slice(mailbox_gpa, protocol::MAILBOX_SIZE)?, seq)?;
+            response.append(&chunk, request.output_limit)?;
+            if !chunk.more() {
+                return Ok(response);
             }
         }
-        Ok(protocol::read_response(
-            self.ram.slice(mailbox_gpa, protocol::MAILBOX_SIZE)?,
-            seq,
-        )?)
     }
 }
 
@@ -374,22 +435,52 @@ impl Machine {
 /// due sooner (a short `time.sleep`) fires at this point instead.
 pub const TIMER_GRACE: Duration = Duration::from_millis(100);
 
-/// The vCPU's MSRs with the TSC-deadline timer moved to [`TIMER_GRACE`]
-/// after the restored TSC.
-fn defer_timer(vcpu: &crate::snapshot::state::VcpuState) -> Vec<kvm_bindings::kvm_msr_entry> {
-    use crate::kvm::{MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE};
-    let mut msrs = vcpu.msrs.clone();
-    let tsc = msrs.iter().find(|m| m.index == MSR_IA32_TSC).map(|m| m.data);
-    if let (Some(tsc), Some(khz)) = (tsc, vcpu.tsc_khz) {
-        let grace = u64::from(khz) * TIMER_GRACE.as_millis() as u64;
-        for m in msrs
-            .iter_mut()
-            .filter(|m| m.index == MSR_IA32_TSC_DEADLINE && m.data != 0)
-        {
-            m.data = m.data.max(tsc.saturating_add(grace));
+/// The snapshot's TSC-deadline timer, as an interval from the snapshot's TSC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Timer {
+    /// Cycles from the snapshot's TSC to its deadline (0 if already due).
+    due_in: u64,
+    /// [`TIMER_GRACE`] in cycles.
+    grace: u64,
+}
+
+impl Timer {
+    /// The deadline MSR for a guest whose TSC now reads `tsc`: the same
+    /// interval as at the snapshot, but no sooner than the grace period.
+    fn rearm(self, tsc: u64) -> kvm_bindings::kvm_msr_entry {
+        kvm_bindings::kvm_msr_entry {
+            index: crate::kvm::MSR_IA32_TSC_DEADLINE,
+            data: tsc.saturating_add(self.due_in.max(self.grace)),
+            ..Default::default()
         }
     }
-    msrs
+}
+
+/// The vCPU's MSRs with the TSC-deadline timer disarmed, and that timer if
+/// it was armed.
+fn split_timer(vcpu: &crate::snapshot::state::VcpuState) -> (Vec<kvm_bindings::kvm_msr_entry>, Option<Timer>) {
+    use crate::kvm::{MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE};
+    let mut msrs = vcpu.msrs.clone();
+    let tsc = msrs.iter().find(|m| m.index == MSR_IA32_TSC).map_or(0, |m| m.data);
+    let khz = u64::from(vcpu.tsc_khz.unwrap_or(0));
+    let mut timer = None;
+    for m in msrs
+        .iter_mut()
+        .filter(|m| m.index == MSR_IA32_TSC_DEADLINE && m.data != 0)
+    {
+        timer = Some(Timer {
+            due_in: m.data.saturating_sub(tsc),
+            grace: khz * TIMER_GRACE.as_millis() as u64,
+        });
+        m.data = 0;
+    }
+    (msrs, timer)
+}
+
+fn unix_now() -> Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
 }
 
 /// Fills `buf` from the kernel's CSPRNG.
@@ -480,7 +571,7 @@ mod tests {
     }
 
     #[test]
-    fn timer_deadline_moves_past_the_grace_period() {
+    fn timer_is_disarmed_for_restore_and_rearmed_relative_to_the_new_tsc() {
         let mut state = crate::snapshot::tests::sample_state().vcpu;
         state.tsc_khz = Some(1_000_000); // 1 GHz: 1 ms = 1e6 cycles
         state.msrs = vec![
@@ -488,13 +579,17 @@ mod tests {
             msr(MSR_IA32_TSC_DEADLINE, 6_000_000),
             msr(0x1a0, 1),
         ];
-        let out = defer_timer(&state);
-        assert_eq!(out[1].data, 5_000_000 + 100 * 1_000_000);
-        assert_eq!((out[0].data, out[2].data), (5_000_000, 1), "other MSRs untouched");
-        // A disarmed timer stays disarmed; a later deadline is kept.
+        let (msrs, timer) = split_timer(&state);
+        assert_eq!(msrs[1].data, 0, "restored disarmed");
+        assert_eq!((msrs[0].data, msrs[2].data), (5_000_000, 1), "other MSRs untouched");
+        let timer = timer.unwrap();
+        // Due 1 ms after the snapshot: held back to the grace period.
+        assert_eq!(timer.rearm(9_000_000_000).data, 9_000_000_000 + 100 * 1_000_000);
+        // Due 1 s after the snapshot: stays 1 s out.
+        state.msrs[1].data = 5_000_000 + 1_000_000_000;
+        assert_eq!(split_timer(&state).1.unwrap().rearm(7).data, 7 + 1_000_000_000);
+        // A disarmed timer stays disarmed.
         state.msrs[1].data = 0;
-        assert_eq!(defer_timer(&state)[1].data, 0);
-        state.msrs[1].data = u64::MAX;
-        assert_eq!(defer_timer(&state)[1].data, u64::MAX);
+        assert_eq!(split_timer(&state).1, None);
     }
 }

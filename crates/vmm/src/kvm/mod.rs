@@ -260,6 +260,20 @@ impl Vcpu {
         ioctl("KVM_SET_CPUID2", self.fd.set_cpuid2(&cpuid))
     }
 
+    /// The guest's TSC as KVM computes it now. Where KVM cannot offset the
+    /// guest's RDTSC (kvm_pvm), this is the host's TSC whatever was restored.
+    pub fn tsc(&self) -> Result<u64, KvmError> {
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_IA32_TSC,
+            ..Default::default()
+        }])
+        .map_err(|_| KvmError::MissingCap("too many MSRs"))?;
+        match ioctl("KVM_GET_MSRS", self.fd.get_msrs(&mut msrs))? {
+            1 => Ok(msrs.as_slice()[0].data),
+            _ => Err(KvmError::Msr { index: MSR_IA32_TSC }),
+        }
+    }
+
     pub fn set_msrs(&self, entries: &[kvm_msr_entry]) -> Result<(), KvmError> {
         let mut rest = entries;
         while !rest.is_empty() {

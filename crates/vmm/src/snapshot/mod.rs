@@ -138,6 +138,8 @@ pub(crate) mod tests {
             kernel: Some(crate::guest_kernel::KernelSymbols {
                 base_crng: 0x1b9_df80,
                 input_pool: 0x1ab_aba0,
+                vdso_data: 0x1ad_4080,
+                clock_rebased: 0x1b9_e000,
             }),
             saved_at_unix_ns: 1_700_000_000_000_000_000,
             vm: VmState {

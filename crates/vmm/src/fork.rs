@@ -1,0 +1,115 @@
+//! Forking sandboxes from a template, optionally from a pool of VMs made
+//! ahead of time.
+//!
+//! Most of a fork's setup does not depend on when it starts: creating the VM,
+//! mapping and registering guest memory, the irqchip and PIT, the vCPU and the
+//! snapshot's vCPU state. A [`Template`] with a pool does that on a background
+//! thread and keeps a few such [`Shell`]s ready. [`Template::fork`] then only
+//! does what must happen at the start: fresh CRNG keys, the VM's device and
+//! clock state, the console, the clock re-base and the timer. Each shell is
+//! used once, so every sandbox is still a new VM that nothing else has run in.
+
+use std::io::Write;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::kvm::Hypervisor;
+use crate::machine::{Machine, MachineError, Shell};
+use crate::snapshot::Snapshot;
+
+struct Shared {
+    hv: Hypervisor,
+    snapshot: Snapshot,
+}
+
+/// An opened template: the decoded state and the memory file, opened once
+/// and shared by every fork.
+pub struct Template {
+    // Field order is drop order: the pool (and its thread) goes first.
+    pool: Option<Pool>,
+    shared: Arc<Shared>,
+}
+
+struct Pool {
+    // A Mutex so that a Template can fork from many threads at once.
+    shells: Mutex<Receiver<Result<Shell, MachineError>>>,
+    filler: Option<JoinHandle<()>>,
+}
+
+impl Template {
+    /// Forks without a pool: each fork makes its shell itself.
+    pub fn new(hv: Hypervisor, snapshot: Snapshot) -> Self {
+        Self {
+            pool: None,
+            shared: Arc::new(Shared { hv, snapshot }),
+        }
+    }
+
+    /// Keeps up to `shells` VMs ready on a background thread. Each costs a
+    /// KVM VM and vCPU (a few file descriptors) and the page tables of its
+    /// memory mapping while it waits.
+    pub fn with_pool(hv: Hypervisor, snapshot: Snapshot, shells: usize) -> Self {
+        let shared = Arc::new(Shared { hv, snapshot });
+        if shells == 0 {
+            return Self { pool: None, shared };
+        }
+        // The channel holds `shells - 1` and the filler blocks holding one more.
+        let (tx, rx) = sync_channel(shells.saturating_sub(1));
+        let source = shared.clone();
+        let filler = std::thread::Builder::new()
+            .name("zeroboot-shells".into())
+            .spawn(move || loop {
+                let shell = Shell::new(&source.hv, &source.snapshot);
+                let failed = shell.is_err();
+                // A send fails once the template is dropped: stop.
+                if tx.send(shell).is_err() || failed {
+                    return;
+                }
+            })
+            .ok();
+        let pool = filler.map(|filler| Pool {
+            shells: Mutex::new(rx),
+            filler: Some(filler),
+        });
+        Self { pool, shared }
+    }
+
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.shared.snapshot
+    }
+
+    pub fn hypervisor(&self) -> &Hypervisor {
+        &self.shared.hv
+    }
+
+    /// A new sandbox: a new KVM VM whose memory is a private copy-on-write
+    /// mapping of the template's, ready to run from the snapshot.
+    pub fn fork(&self, console: Box<dyn Write + Send>) -> Result<Machine, MachineError> {
+        let ready = self.pool.as_ref().and_then(|p| p.shells.lock().ok()?.try_recv().ok());
+        let shell = match ready {
+            Some(shell) => shell?,
+            // Empty pool (or none): make one here rather than wait.
+            _ => Shell::new(&self.shared.hv, &self.shared.snapshot)?,
+        };
+        Machine::from_shell(shell, &self.shared.snapshot, console)
+    }
+
+    /// A fork that makes its VM itself, whether or not there is a pool.
+    pub fn fork_cold(&self, console: Box<dyn Write + Send>) -> Result<Machine, MachineError> {
+        let shell = Shell::new(&self.shared.hv, &self.shared.snapshot)?;
+        Machine::from_shell(shell, &self.shared.snapshot, console)
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Dropping the receiver makes the filler's send fail, including one
+        // that is blocked on a full channel, and the filler returns.
+        let (_, dead) = sync_channel::<Result<Shell, MachineError>>(0);
+        drop(std::mem::replace(&mut self.shells, Mutex::new(dead)));
+        if let Some(filler) = self.filler.take() {
+            let _ = filler.join();
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! Decodes a mailbox whose header and response area a hostile guest wrote.
+//!   cargo +nightly fuzz run mailbox
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use zeroboot_protocol::{header, read_chunk, read_request, Response, MAILBOX_SIZE, RESPONSE_OFFSET};
+
+fuzz_target!(|data: &[u8]| {
+    let mut mailbox = vec![0u8; MAILBOX_SIZE];
+    // The first bytes are the header, the rest lands in the response area.
+    let (head, body) = data.split_at(data.len().min(header::REQUEST_SEED));
+    mailbox[..head.len()].copy_from_slice(head);
+    let body = &body[..body.len().min(MAILBOX_SIZE - RESPONSE_OFFSET)];
+    mailbox[RESPONSE_OFFSET..RESPONSE_OFFSET + body.len()].copy_from_slice(body);
+    let seq = u32::from_le_bytes(mailbox[header::RESPONSE_SEQ..header::RESPONSE_SEQ + 4].try_into().unwrap());
+    if let Ok(chunk) = read_chunk(&mailbox, seq) {
+        assert!(chunk.stdout.len() + chunk.stderr.len() <= MAILBOX_SIZE - RESPONSE_OFFSET);
+        let mut response = Response::default();
+        let _ = response.append(&chunk, 1 << 20);
+    }
+    let _ = read_request(&mailbox);
+});
