@@ -3,12 +3,12 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use zeroboot_protocol::{header, read_chunk, read_request, Response, MAILBOX_SIZE, RESPONSE_OFFSET};
+use zeroboot_protocol::{header, read_chunk, read_entropy_table, read_request, Response, MAILBOX_SIZE, RESPONSE_OFFSET};
 
 fuzz_target!(|data: &[u8]| {
     let mut mailbox = vec![0u8; MAILBOX_SIZE];
     // The first bytes are the header, the rest lands in the response area.
-    let (head, body) = data.split_at(data.len().min(header::REQUEST_SEED));
+    let (head, body) = data.split_at(data.len().min(header::ENTROPY_TABLE + 64));
     mailbox[..head.len()].copy_from_slice(head);
     let body = &body[..body.len().min(MAILBOX_SIZE - RESPONSE_OFFSET)];
     mailbox[RESPONSE_OFFSET..RESPONSE_OFFSET + body.len()].copy_from_slice(body);
@@ -19,4 +19,9 @@ fuzz_target!(|data: &[u8]| {
         let _ = response.append(&chunk, 1 << 20);
     }
     let _ = read_request(&mailbox);
+    if let Ok(regions) = read_entropy_table(&mailbox) {
+        for r in regions {
+            assert!(r.gpa + r.write_len() <= (r.gpa | 0xfff) + 1);
+        }
+    }
 });

@@ -22,12 +22,13 @@ T0 = time.monotonic()
 # --- mailbox layout (crates/protocol/src/lib.rs) -----------------------------
 MAILBOX_SIZE = 2 << 20
 MAGIC = int.from_bytes(b"ZBMB", "little")
-VERSION = 3
+VERSION = 4
 H_MAGIC, H_VERSION, H_REQUEST_SEQ, H_CODE_LEN, H_STDIN_LEN = 0, 4, 8, 12, 16
 H_RESPONSE_SEQ, H_EXIT_CODE, H_STDOUT_LEN, H_STDERR_LEN, H_RESPONSE_FLAGS = 20, 24, 28, 32, 36
 H_OUTPUT_LIMIT = 40
 H_BOOT_SEED, BOOT_SEED_LEN = 64, 64
 H_REQUEST_SEED, REQUEST_SEED_LEN = 128, 64
+H_ENTROPY_COUNT, H_ENTROPY_TABLE, MAX_ENTROPY_REGIONS = 256, 264, 32
 REQUEST_OFFSET = 4096
 RESPONSE_OFFSET = 1 << 20
 RESPONSE_CAPACITY = MAILBOX_SIZE - RESPONSE_OFFSET
@@ -272,15 +273,109 @@ def run_code(code, stdin, limit):
 
 
 def reseed_user_space(seed):
-    """Gives this fork its own Python and numpy generators. The kernel's CRNG
-    (os.urandom, secrets, uuid4, numpy.random.default_rng) was already rekeyed
-    by the host before the fork ran."""
+    """Gives this fork its own Python and numpy generators, in the guest.
+    Only used when the host cannot do it (see generator_regions): it touches
+    hundreds of pages, each a shadow-paging fault in a new fork. The kernel's
+    CRNG (os.urandom, secrets, uuid4, numpy.random.default_rng) was already
+    rekeyed by the host before the fork ran."""
     import random
 
     import numpy
 
     random.seed(seed)
     numpy.random.seed(numpy.frombuffer(seed, dtype=numpy.uint32))
+
+
+MT_WORDS = 624  # Mersenne Twister state words, in CPython and in numpy
+
+
+def generator_regions():
+    """Guest memory holding the state of Python's `random` and numpy's global
+    generator, as (virtual address, bytes of randomness or 0, value), for the
+    host to overwrite before every request. None if a layout is not the one
+    expected, in which case the agent reseeds in the guest instead.
+
+    The objects live as long as the agent and CPython never moves objects;
+    the guest has no swap device and no compaction, so their pages stay where
+    they are."""
+    import ctypes
+    import random
+
+    import numpy
+
+    # CPython 3.11 Modules/_randommodule.c: {PyObject_HEAD; int index; uint32_t state[624];}
+    inst = random._inst
+    _, internal, gauss_next = inst.getstate()
+    at = id(inst)
+    if (
+        gauss_next is not None
+        or ctypes.string_at(at + 20, 4 * MT_WORDS) != struct.pack(f"<{MT_WORDS}I", *internal[:MT_WORDS])
+        or struct.unpack("<i", ctypes.string_at(at + 16, 4))[0] != internal[MT_WORDS]
+    ):
+        return None
+    regions = [(at + 20, 4 * MT_WORDS, 0), (at + 16, 0, MT_WORDS)]
+    # numpy's MT19937 embeds {uint32_t key[624]; int pos;}; find it by content.
+    legacy = numpy.random.mtrand._rand
+    bit_generator = legacy._bit_generator
+    state = bit_generator.state["state"]
+    key = state["key"].astype("<u4").tobytes()
+    body = ctypes.string_at(id(bit_generator), type(bit_generator).__basicsize__)
+    offset = body.find(key)
+    has_gauss = legacy.get_state()[3]
+    if offset < 0 or body.find(key, offset + 1) >= 0 or has_gauss:
+        return None
+    pos_at = id(bit_generator) + offset + len(key)
+    if struct.unpack("<i", ctypes.string_at(pos_at, 4))[0] != state["pos"]:
+        return None
+    regions += [(id(bit_generator) + offset, len(key), 0), (pos_at, 0, MT_WORDS)]
+    return regions
+
+
+def physical_regions(regions):
+    """Splits virtual regions at page boundaries and translates each piece to
+    a guest-physical address through /proc/self/pagemap."""
+    out = []
+    with open("/proc/self/pagemap", "rb") as pagemap:
+
+        def physical(vaddr):
+            pagemap.seek(vaddr // 4096 * 8)
+            entry = struct.unpack("<Q", pagemap.read(8))[0]
+            if not entry >> 63 or not entry & ((1 << 55) - 1):
+                raise OSError(f"page of {vaddr:#x} is not resident")
+            return (entry & ((1 << 55) - 1)) * 4096 + vaddr % 4096
+
+        for vaddr, length, value in regions:
+            if length == 0:
+                out.append((physical(vaddr), 0, value))
+                continue
+            end = vaddr + length
+            while vaddr < end:
+                piece = min(end, (vaddr // 4096 + 1) * 4096) - vaddr
+                out.append((physical(vaddr), piece, 0))
+                vaddr += piece
+    return out
+
+
+def register_entropy(mailbox):
+    """Tells the host where the user-space generators keep their state.
+    Returns whether it did; if not, requests reseed them in the guest."""
+    try:
+        regions = generator_regions()
+        table = physical_regions(regions) if regions else []
+    except (OSError, AttributeError, KeyError, ValueError) as e:
+        log(f"generator state not registered ({e!r}): reseeding in the guest")
+        table = []
+    if not table or len(table) > MAX_ENTROPY_REGIONS:
+        log("generator state not registered: reseeding in the guest")
+        return False
+    for i, (gpa, length, value) in enumerate(table):
+        struct.pack_into("<QII", mailbox, H_ENTROPY_TABLE + 16 * i, gpa, length, value)
+    struct.pack_into("<I", mailbox, H_ENTROPY_COUNT, len(table))
+    log(f"generator state registered: {len(table)} regions")
+    return True
+
+
+HOST_RESEEDS = False
 
 
 U32 = struct.Struct("<I")
@@ -295,7 +390,8 @@ def handle_request(mailbox, doorbell):
     stdin_len = U32.unpack_from(mailbox, H_STDIN_LEN)[0]
     limit = min(U32.unpack_from(mailbox, H_OUTPUT_LIMIT)[0], MAX_OUTPUT_LIMIT)
     try:
-        reseed_user_space(bytes(mailbox[H_REQUEST_SEED : H_REQUEST_SEED + REQUEST_SEED_LEN]))
+        if not HOST_RESEEDS:
+            reseed_user_space(bytes(mailbox[H_REQUEST_SEED : H_REQUEST_SEED + REQUEST_SEED_LEN]))
         if REQUEST_OFFSET + code_len + stdin_len > RESPONSE_OFFSET:
             raise ValueError("request larger than the mailbox")
         code = bytes(mailbox[REQUEST_OFFSET : REQUEST_OFFSET + code_len]).decode("utf-8", "replace")
@@ -345,6 +441,8 @@ def main():
     rehearse_exec_path()
     gc.collect()
     gc.freeze()
+    global HOST_RESEEDS
+    HOST_RESEEDS = register_entropy(mailbox)
     log("ready")
     drain_console()
     serve(mailbox, doorbell)

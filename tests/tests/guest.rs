@@ -35,6 +35,11 @@ fn template_reached_ready_and_recorded_its_boot() {
         "snapshot taken at CPL3 (the agent)"
     );
     assert!(snap.state.vcpu.msrs.len() > 10, "MSRs were saved");
+    // Both user-space generators (Python's random, numpy's global state) are
+    // registered for the host to refresh: a 2.5 KB state and a position each.
+    let positions = snap.state.entropy.iter().filter(|r| r.len == 0).count();
+    let random_bytes: u32 = snap.state.entropy.iter().map(|r| r.len).sum();
+    assert_eq!((positions, random_bytes), (2, 2 * 2496), "{:?}", snap.state.entropy);
 }
 
 #[test]

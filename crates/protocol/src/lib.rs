@@ -26,7 +26,7 @@ pub const MAILBOX_SIZE: usize = 2 << 20;
 /// `"ZBMB"`, written by the host at boot.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"ZBMB");
 /// Version of this layout. The agent refuses a mailbox of another version.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 
 /// Header field offsets (bytes from the start of the mailbox).
 pub mod header {
@@ -47,10 +47,21 @@ pub mod header {
     /// Host → guest at boot: entropy the agent credits to the kernel CRNG.
     pub const BOOT_SEED: usize = 64;
     pub const BOOT_SEED_LEN: usize = 64;
-    /// Host → guest with every request: seeds for user-space generators.
+    /// Host → guest with every request: seeds for user-space generators,
+    /// which the agent uses only if it registered no [`super::EntropyRegion`]s.
     pub const REQUEST_SEED: usize = 128;
     pub const REQUEST_SEED_LEN: usize = 64;
+    /// Guest → host at READY: how many [`super::EntropyRegion`]s follow.
+    pub const ENTROPY_COUNT: usize = 256;
+    /// Guest → host at READY: the regions, 16 bytes each (gpa u64, len u32,
+    /// value u32).
+    pub const ENTROPY_TABLE: usize = 264;
 }
+
+/// Most entropy regions the agent may register.
+pub const MAX_ENTROPY_REGIONS: usize = 32;
+const ENTROPY_ENTRY_LEN: usize = 16;
+const _: () = assert!(header::ENTROPY_TABLE + MAX_ENTROPY_REGIONS * ENTROPY_ENTRY_LEN <= REQUEST_OFFSET);
 
 /// Request payload (code, then stdin) starts here.
 pub const REQUEST_OFFSET: usize = 4096;
@@ -106,6 +117,82 @@ pub enum ProtocolError {
     BadOutputLimit(u32),
     #[error("guest sent more than the {0}-byte output limit")]
     OutputOverLimit(u32),
+    #[error("the agent's entropy table is invalid: {0}")]
+    EntropyTable(String),
+}
+
+/// Guest memory that holds the state of a user-space random generator
+/// (Python's `random`, numpy's global generator), registered by the agent at
+/// READY. Before every request the host overwrites it, so the generators in
+/// each fork and each request differ, with no work in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EntropyRegion {
+    /// Guest-physical address; the region never crosses a 4 KiB page.
+    pub gpa: u64,
+    /// Bytes of fresh randomness to write at `gpa`, or 0 to write `value`
+    /// as a little-endian u32 there instead (a generator's position).
+    pub len: u32,
+    pub value: u32,
+}
+
+impl EntropyRegion {
+    /// Bytes the host writes.
+    pub fn write_len(&self) -> u64 {
+        if self.len == 0 {
+            4
+        } else {
+            u64::from(self.len)
+        }
+    }
+}
+
+/// Reads the agent's entropy regions. Checks only the table's own shape; the
+/// caller checks the addresses against guest memory.
+pub fn read_entropy_table(mailbox: &[u8]) -> Result<Vec<EntropyRegion>, ProtocolError> {
+    check(mailbox)?;
+    let count = read_u32(mailbox, header::ENTROPY_COUNT) as usize;
+    if count > MAX_ENTROPY_REGIONS {
+        return Err(ProtocolError::EntropyTable(format!(
+            "{count} regions, at most {MAX_ENTROPY_REGIONS}"
+        )));
+    }
+    let mut regions = Vec::with_capacity(count);
+    for i in 0..count {
+        let at = header::ENTROPY_TABLE + i * ENTROPY_ENTRY_LEN;
+        let mut gpa = [0u8; 8];
+        gpa.copy_from_slice(&mailbox[at..at + 8]);
+        let region = EntropyRegion {
+            gpa: u64::from_le_bytes(gpa),
+            len: read_u32(mailbox, at + 8),
+            value: read_u32(mailbox, at + 12),
+        };
+        let page_end = (region.gpa | 0xfff).saturating_add(1);
+        if region.gpa.saturating_add(region.write_len()) > page_end {
+            return Err(ProtocolError::EntropyTable(format!(
+                "region {i} at {:#x} (+{}) crosses a page",
+                region.gpa,
+                region.write_len()
+            )));
+        }
+        regions.push(region);
+    }
+    Ok(regions)
+}
+
+/// The guest side of [`read_entropy_table`], for tests and Rust agents.
+pub fn write_entropy_table(mailbox: &mut [u8], regions: &[EntropyRegion]) -> Result<(), ProtocolError> {
+    check(mailbox)?;
+    if regions.len() > MAX_ENTROPY_REGIONS {
+        return Err(ProtocolError::EntropyTable(format!("{} regions", regions.len())));
+    }
+    write_u32(mailbox, header::ENTROPY_COUNT, regions.len() as u32);
+    for (i, r) in regions.iter().enumerate() {
+        let at = header::ENTROPY_TABLE + i * ENTROPY_ENTRY_LEN;
+        mailbox[at..at + 8].copy_from_slice(&r.gpa.to_le_bytes());
+        write_u32(mailbox, at + 8, r.len);
+        write_u32(mailbox, at + 12, r.value);
+    }
+    Ok(())
 }
 
 /// What the host asks the agent to run.
@@ -477,6 +564,36 @@ mod tests {
                 assert!(request.output_limit <= MAX_OUTPUT_LIMIT);
             }
         }
+    }
+
+    #[test]
+    fn entropy_table_round_trip_and_limits() {
+        let mut m = mailbox();
+        assert_eq!(read_entropy_table(&m).unwrap(), vec![]);
+        let regions = [
+            EntropyRegion {
+                gpa: 0x10_0014,
+                len: 2496,
+                value: 0,
+            },
+            EntropyRegion {
+                gpa: 0x10_0010,
+                len: 0,
+                value: 624,
+            },
+        ];
+        write_entropy_table(&mut m, &regions).unwrap();
+        assert_eq!(read_entropy_table(&m).unwrap(), regions);
+        // Crossing a page boundary, or too many regions, is refused.
+        let crossing = [EntropyRegion {
+            gpa: 0x10_0ffe,
+            len: 0,
+            value: 1,
+        }];
+        write_entropy_table(&mut m, &crossing).unwrap();
+        assert!(matches!(read_entropy_table(&m), Err(ProtocolError::EntropyTable(_))));
+        write_u32(&mut m, header::ENTROPY_COUNT, u32::MAX);
+        assert!(matches!(read_entropy_table(&m), Err(ProtocolError::EntropyTable(_))));
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub enum MachineError {
     UnexpectedExit(String),
     #[error("the guest rang {got:?} while the host waited for {expected:?}")]
     WrongDoorbell { expected: Doorbell, got: Doorbell },
+    #[error("the agent registered entropy at {gpa:#x} (+{len}), outside guest RAM below the mailbox")]
+    EntropyOutsideRam { gpa: u64, len: u64 },
 }
 
 /// What to boot.
@@ -89,6 +91,7 @@ pub struct Machine {
     layout: MemoryLayout,
     kernel: Option<KernelSymbols>,
     cpu_vendor: String,
+    entropy: Vec<protocol::EntropyRegion>,
     exits: u64,
 }
 
@@ -204,6 +207,7 @@ impl Machine {
             layout,
             kernel,
             cpu_vendor: cpu_vendor(hv),
+            entropy: Vec::new(),
             exits: 0,
         })
     }
@@ -264,6 +268,7 @@ impl Machine {
             layout: state.layout,
             kernel: state.kernel,
             cpu_vendor: state.cpu_vendor.clone(),
+            entropy: state.entropy.clone(),
             exits: 0,
         })
     }
@@ -384,15 +389,40 @@ impl Machine {
             kernel.check(&self.ram)?;
         }
         let saved_at_unix_ns = unix_now().as_nanos() as u64;
+        let entropy = protocol::read_entropy_table(self.ram.slice(self.layout.mailbox_gpa, protocol::MAILBOX_SIZE)?)?;
+        for r in &entropy {
+            // Only ordinary RAM: not the boot tables' low page, the mailbox or the root image.
+            if r.gpa < crate::layout::HIMEM_START || r.gpa.saturating_add(r.write_len()) > self.layout.mailbox_gpa {
+                return Err(MachineError::EntropyOutsideRam {
+                    gpa: r.gpa,
+                    len: r.write_len(),
+                });
+            }
+        }
         Ok(MachineState {
             cpu_vendor: self.cpu_vendor.clone(),
             layout: self.layout,
             kernel: self.kernel,
             saved_at_unix_ns,
+            entropy,
             vm: self.vm.save_state()?,
             vcpu: self.vcpu.save_state()?,
             serial: self.serial.state(),
         })
+    }
+
+    /// Overwrites the guest's user-space generator states with fresh
+    /// randomness (the regions were checked when the snapshot was taken).
+    fn refresh_entropy(&mut self) -> Result<(), MachineError> {
+        for r in &self.entropy {
+            let bytes = self.ram.slice_mut(r.gpa, r.write_len() as usize)?;
+            if r.len == 0 {
+                bytes.copy_from_slice(&r.value.to_le_bytes());
+            } else {
+                fill_random(bytes);
+            }
+        }
+        Ok(())
     }
 
     /// Hands `request` to the agent and runs until it answers. Output larger
@@ -405,6 +435,7 @@ impl Machine {
         // numpy's global state), which were seeded once in the template.
         let mut seed = [0u8; protocol::header::REQUEST_SEED_LEN];
         fill_random(&mut seed);
+        self.refresh_entropy()?;
         let mailbox = self.ram.slice_mut(mailbox_gpa, protocol::MAILBOX_SIZE)?;
         let seq = protocol::write_request(mailbox, request, &seed)?;
         let mut response = Response::default();

@@ -142,6 +142,11 @@ pub(crate) mod tests {
                 clock_rebased: 0x1b9_e000,
             }),
             saved_at_unix_ns: 1_700_000_000_000_000_000,
+            entropy: vec![zeroboot_protocol::EntropyRegion {
+                gpa: 0x20_0014,
+                len: 2496,
+                value: 0,
+            }],
             vm: VmState {
                 pic_master: Default::default(),
                 pic_slave: Default::default(),

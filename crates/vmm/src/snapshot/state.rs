@@ -113,6 +113,9 @@ pub struct MachineState {
     pub kernel: Option<KernelSymbols>,
     /// Host wall-clock time of the snapshot, in nanoseconds since the epoch.
     pub saved_at_unix_ns: u64,
+    /// Guest memory holding user-space random generator state, which the
+    /// host overwrites before every request (registered by the agent).
+    pub entropy: Vec<zeroboot_protocol::EntropyRegion>,
     pub vm: VmState,
     pub vcpu: VcpuState,
     pub serial: SerialState,
