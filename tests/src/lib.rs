@@ -87,3 +87,93 @@ pub fn zeroboot_bin() -> PathBuf {
     );
     bin
 }
+
+/// A `zeroboot serve` process on a free loopback port, stopped on drop.
+pub struct Server {
+    child: std::process::Child,
+    pub url: String,
+    agent: ureq::Agent,
+}
+
+impl Server {
+    /// Starts `zeroboot serve --listen 127.0.0.1:0` with `args` and waits for
+    /// the address it prints.
+    pub fn start(args: &[&str]) -> Self {
+        use std::io::BufRead;
+        template_dir();
+        let mut child = std::process::Command::new(zeroboot_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--pool", "2"])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start zeroboot serve");
+        let stdout = child.stdout.take().expect("server stdout");
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let url = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(url) = line.strip_prefix("zeroboot: listening on ") {
+                        break url.to_string();
+                    }
+                }
+                _ => {
+                    let _ = child.kill();
+                    panic!("zeroboot serve exited before listening");
+                }
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        Self { child, url, agent }
+    }
+
+    /// Sends `method path` with an optional JSON body and bearer key; returns
+    /// the status, the `Retry-After` header and the body as JSON (or text).
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>, key: Option<&str>) -> Reply {
+        let url = format!("{}{path}", self.url);
+        let auth = key.map(|k| format!("Bearer {k}"));
+        let result = match (method, body) {
+            ("GET", _) => {
+                let mut req = self.agent.get(&url);
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                req.call()
+            }
+            (_, body) => {
+                let mut req = self.agent.post(&url).header("Content-Type", "application/json");
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                req.send(body.unwrap_or(""))
+            }
+        };
+        let mut response = result.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let text = response.body_mut().read_to_string().expect("response body");
+        Reply {
+            status,
+            retry_after,
+            text,
+        }
+    }
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub retry_after: Option<String>,
+    pub text: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

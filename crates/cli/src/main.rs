@@ -2,6 +2,7 @@
 
 mod bench;
 mod progress;
+mod serve;
 
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
@@ -37,6 +38,8 @@ enum Command {
     Run(RunArgs),
     /// Measure fork and exec latency, throughput and memory per sandbox.
     Bench(bench::BenchArgs),
+    /// Serve the HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Subcommand)]
@@ -95,6 +98,7 @@ fn main() -> ExitCode {
         Command::Template(cmd) => template_command(cmd).map(|()| ExitCode::SUCCESS),
         Command::Run(args) => run(args),
         Command::Bench(args) => bench_command(&args).map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => serve::run(&args, open_or_build).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -254,6 +258,27 @@ fn read_code(args: &RunArgs) -> Result<String> {
     }
 }
 
+/// Opens template `name`, building it first if it is missing or an older
+/// zeroboot made it.
+fn open_or_build(cache: &Cache, hv: &Hypervisor, name: &str) -> Result<zeroboot_vmm::Snapshot> {
+    match template::open(cache, hv, name) {
+        Ok(s) => Ok(s),
+        Err(e) if e.needs_build() => {
+            eprintln!("zeroboot: {e}\nzeroboot: building template {name:?} now");
+            build(
+                cache,
+                &TemplateSpec {
+                    name: name.to_string(),
+                    ..Default::default()
+                },
+                false,
+            )?;
+            Ok(template::open(cache, hv, name)?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn run(args: RunArgs) -> Result<ExitCode> {
     let code = read_code(&args)?;
     let stdin = match &args.stdin {
@@ -265,22 +290,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     }
     let cache = Cache::from_env()?;
     let hv = Hypervisor::open()?;
-    let snap = match template::open(&cache, &hv, &args.template) {
-        Ok(s) => s,
-        Err(e) if e.needs_build() => {
-            eprintln!("zeroboot: {e}\nzeroboot: building template {:?} now", args.template);
-            build(
-                &cache,
-                &TemplateSpec {
-                    name: args.template.clone(),
-                    ..Default::default()
-                },
-                false,
-            )?;
-            template::open(&cache, &hv, &args.template)?
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let snap = open_or_build(&cache, &hv, &args.template)?;
     let started = Instant::now();
     let console: Box<dyn Write + Send> = if args.console {
         Box::new(std::io::stderr())

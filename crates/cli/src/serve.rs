@@ -1,0 +1,107 @@
+//! `zeroboot serve`: the HTTP API on a tokio runtime; forks run on blocking
+//! threads (see zeroboot-server).
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use zeroboot_server::auth::Auth;
+use zeroboot_server::{AppState, Limits, Served};
+use zeroboot_template::{template, Cache};
+use zeroboot_vmm::{Hypervisor, Snapshot, Template};
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free one; the address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Templates to serve; the first for each language serves that language.
+    #[arg(long = "template", default_value = template::DEFAULT_NAME)]
+    templates: Vec<String>,
+    /// File of API keys, one per line. Without keys only loopback clients are served.
+    #[arg(long, env = "ZEROBOOT_API_KEYS_FILE", value_name = "FILE")]
+    api_keys: Option<PathBuf>,
+    /// VMs each template keeps prepared on a background thread.
+    #[arg(long, default_value_t = 4)]
+    pool: usize,
+    /// Sandboxes running at once (default: 4 per core); more requests wait, then get 503.
+    #[arg(long)]
+    max_concurrent: Option<usize>,
+    /// How long a request waits for a free sandbox slot before it gets 503.
+    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    queue_wait_ms: u64,
+    /// Requests per second per API key (or for all loopback clients without keys).
+    #[arg(long, default_value_t = NonZeroU32::new(1000).unwrap_or(NonZeroU32::MIN))]
+    rate: NonZeroU32,
+    /// Requests a key may send at once above its rate.
+    #[arg(long, default_value_t = NonZeroU32::new(2000).unwrap_or(NonZeroU32::MIN))]
+    burst: NonZeroU32,
+}
+
+pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<Snapshot>) -> Result<()> {
+    let cache = Cache::from_env()?;
+    let mut served = Vec::new();
+    for name in &args.templates {
+        let hv = Hypervisor::open()?;
+        let snapshot = open(&cache, &hv, name)?;
+        served.push(Served {
+            name: name.clone(),
+            language: "python".into(),
+            template: Template::with_pool(hv, snapshot, args.pool),
+        });
+    }
+    let keys = match &args.api_keys {
+        Some(path) => Some(Auth::read_keys(path)?),
+        None => None,
+    };
+    let mut limits = Limits::default();
+    if let Some(n) = args.max_concurrent {
+        limits.max_concurrent = n.max(1);
+    }
+    limits.queue_wait = Duration::from_millis(args.queue_wait_ms);
+    let auth = Auth::new(keys, args.rate, args.burst);
+    let has_keys = auth.has_keys();
+    let state = Arc::new(AppState::new(served, limits, auth));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(512)
+        .thread_keep_alive(Duration::from_secs(60))
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        println!("zeroboot: listening on http://{addr}");
+        if has_keys {
+            println!("zeroboot: API keys required (Authorization: Bearer)");
+        } else {
+            println!("zeroboot: no API keys configured: serving loopback clients only");
+        }
+        zeroboot_server::serve(listener, state, shutdown_signal())
+            .await
+            .context("serving")
+    })
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate => {}
+    }
+    println!("zeroboot: shutting down");
+}

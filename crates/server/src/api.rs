@@ -1,0 +1,83 @@
+//! Request and response bodies. `/v1/exec` and `/v1/exec/batch` accept what
+//! the public zeroboot clients send (`code`, `language`, `timeout_seconds`)
+//! and return their fields plus ours (`timed_out`, `truncated`, `template`).
+
+use serde::{Deserialize, Serialize};
+
+fn python() -> String {
+    "python".into()
+}
+
+fn thirty() -> f64 {
+    30.0
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ExecRequest {
+    pub code: String,
+    #[serde(default = "python")]
+    pub language: String,
+    #[serde(default = "thirty")]
+    pub timeout_seconds: f64,
+    /// Standard input for the code.
+    #[serde(default)]
+    pub stdin: String,
+    /// A template by name, instead of the one serving `language`.
+    #[serde(default)]
+    pub template: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExecResponse {
+    pub id: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub exit_code: i32,
+    pub fork_time_ms: f64,
+    pub exec_time_ms: f64,
+    pub total_time_ms: f64,
+    pub timed_out: bool,
+    /// stdout or stderr was cut at the output limit.
+    pub truncated: bool,
+    pub template: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct BatchRequest {
+    pub executions: Vec<ExecRequest>,
+}
+
+/// One batch entry: a result, or the error that request alone got.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum BatchEntry {
+    Ok(ExecResponse),
+    Err { error: ErrorBody },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BatchResponse {
+    pub results: Vec<BatchEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TemplateHealth {
+    pub name: String,
+    pub language: String,
+    pub ready: bool,
+    pub memory_mib: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Health {
+    pub status: String,
+    pub templates: Vec<TemplateHealth>,
+    pub live_sandboxes: u64,
+    pub max_concurrent: usize,
+}
