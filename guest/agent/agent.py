@@ -172,7 +172,7 @@ def rehearse_exec_path():
         struct.pack_into("<III", scratch, H_REQUEST_SEQ, seq, len(payload), 0)
         struct.pack_into("<I", scratch, H_OUTPUT_LIMIT, 1 << 20)
         scratch[H_REQUEST_SEED : H_REQUEST_SEED + REQUEST_SEED_LEN] = os.urandom(REQUEST_SEED_LEN)
-        handle_request(scratch, bell)
+        handle_request(scratch, bell, fresh_namespace())
         if struct.unpack_from("<I", scratch, H_RESPONSE_SEQ)[0] != seq:
             raise SystemExit("zeroboot-agent: the rehearsal request got no response")
 
@@ -239,9 +239,16 @@ class CappedText(io.TextIOBase):
         return self.text.getvalue().encode(encoding, errors)
 
 
-def run_code(code, stdin, limit):
-    """Runs `code` like `python3 -c`, returning (exit code, stdout, stderr)."""
+def fresh_namespace():
     import builtins
+
+    return {"__name__": "__main__", "__builtins__": builtins}
+
+
+def run_code(code, stdin, limit, namespace):
+    """Runs `code` like `python3 -c` in `namespace`, which later requests to
+    the same sandbox share (as cells of a notebook do); returns (exit code,
+    stdout, stderr)."""
     import io
     import traceback
 
@@ -250,7 +257,6 @@ def run_code(code, stdin, limit):
     sys.stdin, sys.stdout, sys.stderr = io.StringIO(stdin), out, err
     exit_code = 0
     try:
-        namespace = {"__name__": "__main__", "__builtins__": builtins}
         exec(compile(code, "<string>", "exec"), namespace)
     except SystemExit as e:
         if e.code is None:
@@ -382,9 +388,9 @@ U32 = struct.Struct("<I")
 I32 = struct.Struct("<i")
 
 
-def handle_request(mailbox, doorbell):
-    """Runs the request in the mailbox and writes its response, ringing
-    RESULT once per chunk."""
+def handle_request(mailbox, doorbell, namespace):
+    """Runs the request in the mailbox in `namespace` and writes its
+    response, ringing RESULT once per chunk."""
     seq = U32.unpack_from(mailbox, H_REQUEST_SEQ)[0]
     code_len = U32.unpack_from(mailbox, H_CODE_LEN)[0]
     stdin_len = U32.unpack_from(mailbox, H_STDIN_LEN)[0]
@@ -397,7 +403,7 @@ def handle_request(mailbox, doorbell):
         code = bytes(mailbox[REQUEST_OFFSET : REQUEST_OFFSET + code_len]).decode("utf-8", "replace")
         stdin_at = REQUEST_OFFSET + code_len
         stdin = bytes(mailbox[stdin_at : stdin_at + stdin_len]).decode("utf-8", "replace")
-        exit_code, out, err = run_code(code, stdin, limit)
+        exit_code, out, err = run_code(code, stdin, limit, namespace)
     except BaseException as e:  # the agent must survive anything
         exit_code, out, err = 1, CappedText(0), CappedText(limit)
         err.write(f"zeroboot agent error: {e!r}\n")
@@ -419,9 +425,10 @@ def handle_request(mailbox, doorbell):
 def serve(mailbox, doorbell):
     # The READY store is the snapshot: every fork resumes right after it, in
     # this loop, with its request already in the mailbox.
+    namespace = fresh_namespace()
     doorbell[0] = DOORBELL_READY
     while True:
-        handle_request(mailbox, doorbell)
+        handle_request(mailbox, doorbell, namespace)
 
 
 def main():

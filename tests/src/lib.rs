@@ -129,24 +129,37 @@ impl Server {
     }
 
     /// Sends `method path` with an optional JSON body and bearer key; returns
-    /// the status, the `Retry-After` header and the body as JSON (or text).
+    /// the status, the `Retry-After` header and the body.
     pub fn call(&self, method: &str, path: &str, body: Option<&str>, key: Option<&str>) -> Reply {
+        self.call_bytes(method, path, body.map(str::as_bytes), key)
+    }
+
+    /// [`Server::call`] with a raw body (JSON content type unless `PUT`).
+    pub fn call_bytes(&self, method: &str, path: &str, body: Option<&[u8]>, key: Option<&str>) -> Reply {
         let url = format!("{}{path}", self.url);
         let auth = key.map(|k| format!("Bearer {k}"));
-        let result = match (method, body) {
-            ("GET", _) => {
-                let mut req = self.agent.get(&url);
+        let result = match method {
+            "GET" | "DELETE" => {
+                let mut req = if method == "GET" {
+                    self.agent.get(&url)
+                } else {
+                    self.agent.delete(&url)
+                };
                 if let Some(a) = &auth {
                     req = req.header("Authorization", a);
                 }
                 req.call()
             }
-            (_, body) => {
-                let mut req = self.agent.post(&url).header("Content-Type", "application/json");
+            _ => {
+                let mut req = if method == "PUT" {
+                    self.agent.put(&url).header("Content-Type", "application/octet-stream")
+                } else {
+                    self.agent.post(&url).header("Content-Type", "application/json")
+                };
                 if let Some(a) = &auth {
                     req = req.header("Authorization", a);
                 }
-                req.send(body.unwrap_or(""))
+                req.send(body.unwrap_or(b""))
             }
         };
         let mut response = result.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
@@ -156,11 +169,17 @@ impl Server {
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let text = response.body_mut().read_to_string().expect("response body");
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(256 << 20)
+            .read_to_vec()
+            .expect("response body");
         Reply {
             status,
             retry_after,
-            text,
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+            bytes,
         }
     }
 }
@@ -169,6 +188,7 @@ pub struct Reply {
     pub status: u16,
     pub retry_after: Option<String>,
     pub text: String,
+    pub bytes: Vec<u8>,
 }
 
 impl Drop for Server {

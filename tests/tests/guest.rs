@@ -3,7 +3,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use zeroboot_e2e::{fork, hypervisor, snapshot, template_dir, zeroboot_bin};
+use zeroboot_e2e::{fork, hypervisor, snapshot, template, template_dir, zeroboot_bin};
 use zeroboot_protocol::Request;
 use zeroboot_template::template::{read_info, BOOT_LOG};
 use zeroboot_vmm::Machine;
@@ -484,4 +484,45 @@ fn guest_monotonic_clock_continues_from_the_template() {
         (second - first).abs() < 0.5,
         "monotonic {first} then {second} s in forks made 1.5 s apart"
     );
+}
+
+#[test]
+fn a_live_sandbox_forks_children_that_start_from_its_state() {
+    let mut parent = fork();
+    run(
+        &mut parent,
+        "import numpy\nx = 41\na = numpy.arange(1000)\nopen('/tmp/note', 'w').write('hi')",
+    );
+    let started = std::time::Instant::now();
+    let live = parent.snapshot_live().unwrap();
+    let captured = started.elapsed();
+    let mut children: Vec<Machine> = (0..3)
+        .map(|_| template().fork_live(&live, Box::new(std::io::sink())).unwrap())
+        .collect();
+    eprintln!(
+        "captured {} KiB of changed memory in {captured:?}; 3 children in {:?}",
+        live.changed_bytes() / 1024,
+        started.elapsed()
+    );
+    // The parent moves on; its children keep the state they were forked with.
+    run(&mut parent, "x = 0");
+    let mut seen = std::collections::HashSet::new();
+    for child in &mut children {
+        let r = run(
+            child,
+            "import os\nprint(x + 1, int(a.sum()), open('/tmp/note').read(), os.urandom(8).hex())",
+        );
+        let out = String::from_utf8_lossy(&r.stdout).into_owned();
+        assert!(
+            out.starts_with("42 499500 hi "),
+            "{out} {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        seen.insert(out);
+    }
+    assert_eq!(seen.len(), 3, "children share randomness: {seen:?}");
+    // Children are separate from each other too.
+    run(&mut children[0], "x = -1");
+    assert_eq!(run(&mut children[1], "print(x)").stdout, b"41\n");
+    assert_eq!(run(&mut parent, "print(x)").stdout, b"0\n");
 }

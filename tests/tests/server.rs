@@ -138,3 +138,126 @@ fn a_crashing_sandbox_is_a_clear_error() {
     let reply = server.call("POST", "/v1/exec", Some(r#"{"code": "print(5)"}"#), None);
     assert_eq!(body(&reply)["stdout"], "5\n");
 }
+
+fn exec_in(server: &Server, id: &str, code: &str) -> Value {
+    let reply = server.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        Some(&json!({"code": code}).to_string()),
+        None,
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    body(&reply)
+}
+
+#[test]
+fn sandboxes_keep_state_move_files_and_fork_from_where_they_are() {
+    let server = Server::start(&[]);
+    let reply = server.call("POST", "/v1/sandboxes", Some("{}"), None);
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    let id = body(&reply)["id"].as_str().unwrap().to_string();
+    exec_in(&server, &id, "import numpy\nx = 41");
+    assert_eq!(
+        exec_in(&server, &id, "print(x + 1, numpy.__name__)")["stdout"],
+        "42 numpy\n"
+    );
+
+    // Files, binary-safe, both ways.
+    let data: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    let put = server.call_bytes(
+        "PUT",
+        &format!("/v1/sandboxes/{id}/files/tmp/dir/data.bin"),
+        Some(&data),
+        None,
+    );
+    assert_eq!(put.status, 204, "{}", put.text);
+    let got = server.call("GET", &format!("/v1/sandboxes/{id}/files/tmp/dir/data.bin"), None, None);
+    assert_eq!((got.status, got.bytes.len()), (200, data.len()));
+    assert!(got.bytes == data);
+    let missing = server.call("GET", &format!("/v1/sandboxes/{id}/files/tmp/nope"), None, None);
+    assert_eq!(
+        (missing.status, body(&missing)["error"]["code"].as_str()),
+        (404, Some("file_not_found"))
+    );
+    assert_eq!(
+        exec_in(&server, &id, "print(len(open('/tmp/dir/data.bin','rb').read()))")["stdout"],
+        "100000\n"
+    );
+
+    // Fork: children start from the parent's current state, then go their own way.
+    let reply = server.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/fork"),
+        Some(r#"{"count": 2}"#),
+        None,
+    );
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    let forked = body(&reply);
+    let children: Vec<String> = forked["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(children.len(), 2);
+    assert_eq!(forked["sandboxes"][0]["parent"], id.as_str());
+    exec_in(&server, &id, "x = 0");
+    for child in &children {
+        let r = exec_in(
+            &server,
+            child,
+            "import os\nprint(x, os.path.getsize('/tmp/dir/data.bin'))",
+        );
+        assert_eq!(r["stdout"], "41 100000\n", "{r}");
+    }
+    exec_in(&server, &children[0], "x = -1");
+    assert_eq!(exec_in(&server, &children[1], "print(x)")["stdout"], "41\n");
+    assert_eq!(exec_in(&server, &id, "print(x)")["stdout"], "0\n");
+
+    let list = body(&server.call("GET", "/v1/sandboxes", None, None));
+    assert_eq!(list["sandboxes"].as_array().unwrap().len(), 3);
+    let gone = server.call("DELETE", &format!("/v1/sandboxes/{}", children[0]), None, None);
+    assert_eq!(gone.status, 204);
+    let reply = server.call(
+        "POST",
+        &format!("/v1/sandboxes/{}/exec", children[0]),
+        Some(r#"{"code": "1"}"#),
+        None,
+    );
+    assert_eq!(
+        (reply.status, body(&reply)["error"]["code"].as_str()),
+        (404, Some("sandbox_not_found"))
+    );
+}
+
+#[test]
+fn a_sandbox_that_times_out_is_ended_and_idle_ones_expire() {
+    let server = Server::start(&[]);
+    let id = body(&server.call("POST", "/v1/sandboxes", Some(r#"{"ttl_seconds": 2}"#), None))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let reply = server.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        Some(r#"{"code": "while True: pass", "timeout_seconds": 0.5}"#),
+        None,
+    );
+    assert_eq!(body(&reply)["timed_out"], true);
+    let reply = server.call("GET", &format!("/v1/sandboxes/{id}"), None, None);
+    assert_eq!(reply.status, 404, "a timed-out sandbox cannot serve again");
+    // Idle past its TTL: removed by the reaper.
+    let id = body(&server.call("POST", "/v1/sandboxes", Some(r#"{"ttl_seconds": 1}"#), None))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        server.call("GET", &format!("/v1/sandboxes/{id}"), None, None).status,
+        200
+    );
+    std::thread::sleep(std::time::Duration::from_millis(3000));
+    assert_eq!(
+        server.call("GET", &format!("/v1/sandboxes/{id}"), None, None).status,
+        404
+    );
+}

@@ -146,8 +146,15 @@ impl Auth {
 /// Middleware: authenticate, then rate-limit.
 pub async fn require(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let auth = state.auth();
-    match auth.identify(&request).and_then(|caller| auth.admit(caller)) {
-        Ok(()) => next.run(request).await,
+    match auth
+        .identify(&request)
+        .and_then(|caller| auth.admit(caller).map(|()| caller))
+    {
+        Ok(caller) => {
+            let mut request = request;
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
         Err(e) => {
             let mut response = e.into_response();
             if response.status() == StatusCode::UNAUTHORIZED {

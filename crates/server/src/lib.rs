@@ -6,33 +6,39 @@
 //! - [`error`]: the one error shape, `{error: {code, message}}`.
 //! - [`auth`]: API keys, the loopback rule without keys, per-key rate limits.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`sessions`]: long-lived sandboxes, each on its own thread, and their forks.
 
 pub mod api;
 pub mod auth;
 pub mod error;
 pub mod metrics;
+pub mod sessions;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{middleware, Json, Router};
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroboot_protocol::{Request, DEFAULT_OUTPUT_LIMIT, REQUEST_CAPACITY};
-use zeroboot_vmm::{MachineError, Template};
+use zeroboot_vmm::{Machine, MachineError, Template};
 
 use crate::api::{
     BatchEntry, BatchRequest, BatchResponse, ErrorBody, ExecRequest, ExecResponse, Health, TemplateHealth,
 };
-use crate::auth::Auth;
+use crate::auth::{Auth, Caller};
 use crate::error::ApiError;
 use crate::metrics::{Metrics, Outcome};
+use crate::sessions::{SessionInfo, Sessions};
 
 /// What the server allows. Every limit answers with a clear error, never a hang.
 #[derive(Debug, Clone)]
@@ -48,6 +54,12 @@ pub struct Limits {
     pub max_timeout: Duration,
     /// Per-stream output cap.
     pub max_output_bytes: u32,
+    /// Long-lived sandboxes per API key (or for loopback clients without keys).
+    pub max_sandboxes_per_caller: usize,
+    pub default_sandbox_ttl: Duration,
+    pub max_sandbox_ttl: Duration,
+    /// Children one fork call may make.
+    pub max_fork: usize,
 }
 
 impl Default for Limits {
@@ -61,6 +73,10 @@ impl Default for Limits {
             queue_wait: Duration::from_secs(10),
             max_timeout: Duration::from_secs(300),
             max_output_bytes: DEFAULT_OUTPUT_LIMIT,
+            max_sandboxes_per_caller: 64,
+            default_sandbox_ttl: Duration::from_secs(300),
+            max_sandbox_ttl: Duration::from_secs(24 * 3600),
+            max_fork: 16,
         }
     }
 }
@@ -81,6 +97,10 @@ pub struct AppState {
     slots: Arc<Semaphore>,
     auth: Auth,
     metrics: Metrics,
+    sessions: Sessions,
+    /// Finished sandboxes go to a thread that tears them down (about 15 ms
+    /// of KVM and munmap work here), off the request's path.
+    retired: Mutex<std::sync::mpsc::Sender<Machine>>,
 }
 
 impl AppState {
@@ -94,10 +114,25 @@ impl AppState {
                 .or_insert_with(|| served.name.clone());
             by_name.insert(served.name.clone(), Arc::new(served));
         }
+        let (retired, graveyard) = std::sync::mpsc::channel::<Machine>();
+        // If the thread cannot start, sandboxes are dropped where they finish.
+        let _ = std::thread::Builder::new()
+            .name("zeroboot-retire".into())
+            .spawn(move || {
+                for machine in graveyard {
+                    drop(machine);
+                }
+            });
         Self {
+            retired: Mutex::new(retired),
             templates: by_name,
             languages,
             slots: Arc::new(Semaphore::new(limits.max_concurrent)),
+            sessions: Sessions::new(
+                limits.max_sandboxes_per_caller,
+                limits.default_sandbox_ttl,
+                limits.max_sandbox_ttl,
+            ),
             limits,
             auth,
             metrics: Metrics::default(),
@@ -108,15 +143,14 @@ impl AppState {
         &self.auth
     }
 
-    fn resolve(&self, req: &ExecRequest) -> Result<Arc<Served>, ApiError> {
-        let name = match &req.template {
+    fn resolve(&self, language: &str, template: Option<&String>) -> Result<Arc<Served>, ApiError> {
+        let name = match template {
             Some(name) => name,
-            None => self.languages.get(&req.language).ok_or_else(|| {
+            None => self.languages.get(language).ok_or_else(|| {
                 ApiError::bad_request(
                     "unsupported_language",
                     format!(
-                        "language {:?} is not available; available: {}",
-                        req.language,
+                        "language {language:?} is not available; available: {}",
                         self.languages.keys().cloned().collect::<Vec<_>>().join(", ")
                     ),
                 )
@@ -131,14 +165,14 @@ impl AppState {
                 ),
             )
         })?;
-        if served.language != req.language && req.template.is_none() {
+        if served.language != language && template.is_none() {
             return Err(ApiError::internal("language map out of sync"));
         }
         Ok(served.clone())
     }
 
-    fn validate(&self, req: &ExecRequest) -> Result<Duration, ApiError> {
-        let size = req.code.len() + req.stdin.len();
+    fn validate(&self, code: &str, stdin: &str, timeout_seconds: f64) -> Result<Duration, ApiError> {
+        let size = code.len() + stdin.len();
         if size > self.limits.max_code_bytes {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -150,13 +184,13 @@ impl AppState {
             ));
         }
         let max = self.limits.max_timeout.as_secs_f64();
-        if !(req.timeout_seconds > 0.0 && req.timeout_seconds <= max) {
+        if !(timeout_seconds > 0.0 && timeout_seconds <= max) {
             return Err(ApiError::bad_request(
                 "invalid_timeout",
                 format!("timeout_seconds must be more than 0 and at most {max}"),
             ));
         }
-        Ok(Duration::from_secs_f64(req.timeout_seconds))
+        Ok(Duration::from_secs_f64(timeout_seconds))
     }
 
     async fn slot(&self) -> Result<OwnedSemaphorePermit, ApiError> {
@@ -179,8 +213,8 @@ impl AppState {
 
     /// Validates, waits for a slot, then forks and runs on a blocking thread.
     pub async fn execute(self: &Arc<Self>, req: ExecRequest) -> Result<ExecResponse, ApiError> {
-        let timeout = self.validate(&req)?;
-        let served = self.resolve(&req)?;
+        let timeout = self.validate(&req.code, &req.stdin, req.timeout_seconds)?;
+        let served = self.resolve(&req.language, req.template.as_ref())?;
         let permit = self.slot().await?;
         let state = self.clone();
         let output_limit = self.limits.max_output_bytes;
@@ -190,13 +224,17 @@ impl AppState {
         })
         .await
         .map_err(ApiError::internal)?;
-        let label = match &outcome {
+        self.count(&outcome);
+        outcome
+    }
+
+    fn count(&self, outcome: &Result<ExecResponse, ApiError>) {
+        let label = match outcome {
             Ok(r) if r.timed_out => "timeout",
             Ok(_) => "ok",
             Err(_) => "error",
         };
         self.metrics.executions.get_or_create(&Outcome { outcome: label }).inc();
-        outcome
     }
 
     fn run_blocking(
@@ -214,30 +252,55 @@ impl AppState {
         let forked = started.elapsed();
         self.metrics.live_sandboxes.inc();
         self.metrics.spawn_seconds.observe(forked.as_secs_f64());
+        let (result, _) = self.exec_on(&mut machine, &served.name, req, timeout, output_limit);
+        let total = started.elapsed();
+        self.retire(machine);
+        self.metrics.live_sandboxes.dec();
+        self.metrics.total_seconds.observe(total.as_secs_f64());
+        result.map(|mut r| {
+            r.fork_time_ms = forked.as_secs_f64() * 1e3;
+            r.total_time_ms = total.as_secs_f64() * 1e3;
+            r
+        })
+    }
+
+    fn retire(&self, machine: Machine) {
+        if let Ok(tx) = self.retired.lock() {
+            // On failure the machine comes back in the error and drops here.
+            let _ = tx.send(machine);
+        }
+    }
+
+    /// Runs `req` in `machine`. The flag says whether the sandbox can take
+    /// another request (not after a timeout or a crash).
+    fn exec_on(
+        &self,
+        machine: &mut Machine,
+        template: &str,
+        req: &ExecRequest,
+        timeout: Duration,
+        output_limit: u32,
+    ) -> (Result<ExecResponse, ApiError>, bool) {
+        let started = Instant::now();
         let request = Request {
             code: req.code.as_bytes(),
             stdin: req.stdin.as_bytes(),
             output_limit,
         };
         let result = machine.exec(request, timeout);
-        drop(machine);
-        self.metrics.live_sandboxes.dec();
-        let total = started.elapsed();
-        let ran = total.saturating_sub(forked);
+        let ran = started.elapsed();
         self.metrics.exec_seconds.observe(ran.as_secs_f64());
-        self.metrics.total_seconds.observe(total.as_secs_f64());
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let mut response = ExecResponse {
             id: execution_id(),
             stdout: String::new(),
             stderr: String::new(),
             exit_code: 0,
-            fork_time_ms: ms(forked),
-            exec_time_ms: ms(ran),
-            total_time_ms: ms(total),
+            fork_time_ms: 0.0,
+            exec_time_ms: ran.as_secs_f64() * 1e3,
+            total_time_ms: ran.as_secs_f64() * 1e3,
             timed_out: false,
             truncated: false,
-            template: served.name.clone(),
+            template: template.to_string(),
         };
         match result {
             Ok(r) => {
@@ -245,22 +308,51 @@ impl AppState {
                 response.stderr = String::from_utf8_lossy(&r.stderr).into_owned();
                 response.exit_code = r.exit_code;
                 response.truncated = r.stdout_truncated || r.stderr_truncated;
+                (Ok(response), true)
             }
             Err(MachineError::Timeout(_)) => {
                 response.timed_out = true;
                 response.exit_code = 124;
                 response.stderr = format!("zeroboot: timed out after {} s\n", req.timeout_seconds);
+                (Ok(response), false)
             }
-            Err(e @ (MachineError::GuestReset | MachineError::TripleFault { .. })) => {
-                return Err(ApiError::new(
+            Err(e @ (MachineError::GuestReset | MachineError::TripleFault { .. })) => (
+                Err(ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "sandbox_crashed",
                     format!("{e}: the code ended its sandbox (its agent exited or the guest kernel panicked)"),
-                ));
-            }
-            Err(e) => return Err(ApiError::internal(e)),
+                )),
+                false,
+            ),
+            Err(e) => (Err(ApiError::internal(e)), false),
         }
-        Ok(response)
+    }
+
+    /// Runs `req` in long-lived sandbox `id`; a sandbox that timed out or
+    /// crashed is removed (its guest cannot take another request).
+    async fn exec_in_session(
+        self: &Arc<Self>,
+        id: &str,
+        caller: Caller,
+        req: ExecRequest,
+    ) -> Result<ExecResponse, ApiError> {
+        let session = self.sessions.get(id, caller)?;
+        let timeout = self.validate(&req.code, &req.stdin, req.timeout_seconds)?;
+        let permit = self.slot().await?;
+        let state = self.clone();
+        let template = session.served.name.clone();
+        let output_limit = self.limits.max_output_bytes;
+        let (outcome, usable) = session
+            .call(move |machine| {
+                let _permit = permit;
+                state.exec_on(machine, &template, &req, timeout, output_limit)
+            })
+            .await?;
+        if !usable {
+            self.sessions.forget(id);
+        }
+        self.count(&outcome);
+        outcome
     }
 }
 
@@ -318,6 +410,260 @@ async fn exec_batch(
     Ok(Json(BatchResponse { results }))
 }
 
+fn default_language() -> String {
+    "python".into()
+}
+
+fn default_timeout() -> f64 {
+    30.0
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(serde::Deserialize)]
+struct CreateSandbox {
+    #[serde(default = "default_language")]
+    language: String,
+    #[serde(default)]
+    template: Option<String>,
+    /// Idle seconds after which the sandbox is removed.
+    #[serde(default)]
+    ttl_seconds: Option<f64>,
+}
+
+#[derive(serde::Deserialize)]
+struct SandboxExec {
+    code: String,
+    #[serde(default = "default_timeout")]
+    timeout_seconds: f64,
+    #[serde(default)]
+    stdin: String,
+}
+
+#[derive(serde::Deserialize)]
+struct ForkSandbox {
+    #[serde(default = "one")]
+    count: usize,
+}
+
+#[derive(serde::Serialize)]
+struct SandboxList {
+    sandboxes: Vec<SessionInfo>,
+}
+
+#[derive(serde::Serialize)]
+struct Forked {
+    sandboxes: Vec<SessionInfo>,
+    /// Capture of the parent plus every child's VM.
+    fork_time_ms: f64,
+    /// Guest memory the parent had changed since its own fork, copied into each child.
+    parent_changed_kib: u64,
+}
+
+async fn create_sandbox(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<CreateSandbox>, JsonRejection>,
+) -> Result<(StatusCode, Json<SessionInfo>), ApiError> {
+    let Json(req) = body?;
+    let served = state.resolve(&req.language, req.template.as_ref())?;
+    let ttl = match req.ttl_seconds {
+        None => state.limits.default_sandbox_ttl,
+        Some(t) if t > 0.0 && t <= state.limits.max_sandbox_ttl.as_secs_f64() => Duration::from_secs_f64(t),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_ttl",
+                format!(
+                    "ttl_seconds must be more than 0 and at most {}",
+                    state.limits.max_sandbox_ttl.as_secs()
+                ),
+            ))
+        }
+    };
+    state.sessions.reserve(caller, 1)?;
+    let session = state
+        .sessions
+        .start(served, caller, None, ttl, |served| {
+            served.template.fork(Box::new(std::io::sink()))
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(session.info())))
+}
+
+async fn list_sandboxes(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<SandboxList>, ApiError> {
+    Ok(Json(SandboxList {
+        sandboxes: state.sessions.list(caller)?,
+    }))
+}
+
+async fn get_sandbox(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<SessionInfo>, ApiError> {
+    Ok(Json(state.sessions.get(&id, caller)?.info()))
+}
+
+async fn delete_sandbox(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.sessions.remove(&id, caller)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn sandbox_exec(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Result<Json<SandboxExec>, JsonRejection>,
+) -> Result<Json<ExecResponse>, ApiError> {
+    let Json(req) = body?;
+    let req = ExecRequest {
+        code: req.code,
+        language: String::new(),
+        timeout_seconds: req.timeout_seconds,
+        stdin: req.stdin,
+        template: None,
+    };
+    Ok(Json(state.exec_in_session(&id, caller, req).await?))
+}
+
+async fn fork_sandbox(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Result<Json<ForkSandbox>, JsonRejection>,
+) -> Result<(StatusCode, Json<Forked>), ApiError> {
+    let Json(req) = body?;
+    if req.count == 0 || req.count > state.limits.max_fork {
+        return Err(ApiError::bad_request(
+            "invalid_count",
+            format!("count must be 1 to {}", state.limits.max_fork),
+        ));
+    }
+    let parent = state.sessions.get(&id, caller)?;
+    state.sessions.reserve(caller, req.count)?;
+    let started = Instant::now();
+    let live = parent
+        .call(|machine| machine.snapshot_live())
+        .await?
+        .map_err(ApiError::internal)?;
+    let live = Arc::new(live);
+    let mut sandboxes = Vec::with_capacity(req.count);
+    for _ in 0..req.count {
+        let live = live.clone();
+        let child = state
+            .sessions
+            .start(
+                parent.served.clone(),
+                caller,
+                Some(parent.id.clone()),
+                parent.ttl,
+                move |served| served.template.fork_live(&live, Box::new(std::io::sink())),
+            )
+            .await?;
+        sandboxes.push(child.info());
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(Forked {
+            sandboxes,
+            fork_time_ms: started.elapsed().as_secs_f64() * 1e3,
+            parent_changed_kib: live.changed_bytes() / 1024,
+        }),
+    ))
+}
+
+/// A guest path from the URL: absolute, no NUL, no `..` component.
+fn guest_path(path: &str) -> Result<String, ApiError> {
+    let path = format!("/{}", path.trim_start_matches('/'));
+    if path.contains('\0') || path.split('/').any(|c| c == "..") || path.ends_with('/') {
+        return Err(ApiError::bad_request(
+            "invalid_path",
+            "the file path must name a file, without '..'",
+        ));
+    }
+    Ok(path)
+}
+
+/// A Python string literal for `text` (JSON string syntax is valid Python).
+fn py_str(text: &str) -> String {
+    serde_json::Value::String(text.to_string()).to_string()
+}
+
+async fn put_file(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path((id, path)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let path = guest_path(&path)?;
+    let encoded = BASE64.encode(&body);
+    let code = format!(
+        "import base64, os\np = {}\nos.makedirs(os.path.dirname(p), exist_ok=True)\n\
+         open(p, 'wb').write(base64.b64decode({}))",
+        py_str(&path),
+        py_str(&encoded)
+    );
+    let r = state.exec_in_session(&id, caller, file_request(code)).await?;
+    if r.exit_code != 0 || r.timed_out {
+        return Err(file_error(&path, &r));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn get_file(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path((id, path)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let path = guest_path(&path)?;
+    let code = format!(
+        "import base64, sys\nsys.stdout.write(base64.b64encode(open({}, 'rb').read()).decode())",
+        py_str(&path)
+    );
+    let r = state.exec_in_session(&id, caller, file_request(code)).await?;
+    if r.exit_code != 0 || r.timed_out || r.truncated {
+        return Err(file_error(&path, &r));
+    }
+    let bytes = BASE64
+        .decode(r.stdout.trim())
+        .map_err(|e| ApiError::internal(format!("the guest sent bad base64: {e}")))?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+fn file_request(code: String) -> ExecRequest {
+    ExecRequest {
+        code,
+        language: String::new(),
+        timeout_seconds: 60.0,
+        stdin: String::new(),
+        template: None,
+    }
+}
+
+fn file_error(path: &str, r: &ExecResponse) -> ApiError {
+    let last = r.stderr.lines().last().unwrap_or("").to_string();
+    if last.starts_with("FileNotFoundError") || last.starts_with("IsADirectoryError") {
+        ApiError::new(StatusCode::NOT_FOUND, "file_not_found", format!("{path}: {last}"))
+    } else if r.truncated {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "file_too_large",
+            format!("{path} is larger than the output limit allows"),
+        )
+    } else {
+        ApiError::bad_request("file_error", format!("{path}: {last}"))
+    }
+}
+
 async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
     let templates = state
         .templates
@@ -332,7 +678,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
         templates,
-        live_sandboxes: state.metrics.live_sandboxes.get().max(0) as u64,
+        live_sandboxes: state.metrics.live_sandboxes.get().max(0) as u64 + state.sessions.count() as u64,
         max_concurrent: state.limits.max_concurrent,
     })
 }
@@ -373,6 +719,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/exec", post(exec))
         .route("/v1/exec/batch", post(exec_batch))
         .route("/v1/metrics", get(metrics))
+        .route("/v1/sandboxes", post(create_sandbox).get(list_sandboxes))
+        .route("/v1/sandboxes/{id}", get(get_sandbox).delete(delete_sandbox))
+        .route("/v1/sandboxes/{id}/exec", post(sandbox_exec))
+        .route("/v1/sandboxes/{id}/fork", post(fork_sandbox))
+        .route("/v1/sandboxes/{id}/files/{*path}", put(put_file).get(get_file))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require));
     Router::new()
         .route("/v1/health", get(health))
@@ -391,10 +742,22 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
+    let reaper_state = state.clone();
+    let reaper = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let removed = reaper_state.sessions.reap();
+            if removed > 0 {
+                tracing::info!("removed {removed} idle sandboxes");
+            }
+        }
+    });
+    let served = axum::serve(
         listener,
         router(state).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
-    .await
+    .await;
+    reaper.abort();
+    served
 }

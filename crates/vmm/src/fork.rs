@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::kvm::Hypervisor;
-use crate::machine::{Machine, MachineError, Shell};
+use crate::machine::{LiveSnapshot, Machine, MachineError, Shell};
 use crate::snapshot::Snapshot;
 
 struct Shared {
@@ -92,13 +92,22 @@ impl Template {
             // Empty pool (or none): make one here rather than wait.
             _ => Shell::new(&self.shared.hv, &self.shared.snapshot)?,
         };
-        Machine::from_shell(shell, &self.shared.snapshot, console)
+        Machine::from_shell(shell, &self.shared.snapshot.state, console)
     }
 
     /// A fork that makes its VM itself, whether or not there is a pool.
     pub fn fork_cold(&self, console: Box<dyn Write + Send>) -> Result<Machine, MachineError> {
         let shell = Shell::new(&self.shared.hv, &self.shared.snapshot)?;
-        Machine::from_shell(shell, &self.shared.snapshot, console)
+        Machine::from_shell(shell, &self.shared.snapshot.state, console)
+    }
+
+    /// A new sandbox that starts where `live` (a sandbox forked from this
+    /// template) was when it was captured. Like any fork it is a new VM with
+    /// fresh CRNG keys and the clock re-based to now.
+    pub fn fork_live(&self, live: &LiveSnapshot, console: Box<dyn Write + Send>) -> Result<Machine, MachineError> {
+        let mut shell = Shell::with_state(&self.shared.hv, &self.shared.snapshot, &live.state)?;
+        shell.overlay(&live.pages)?;
+        Machine::from_shell(shell, &live.state, console)
     }
 }
 

@@ -26,5 +26,5 @@ pub mod snapshot;
 
 pub use fork::Template;
 pub use kvm::Hypervisor;
-pub use machine::{BootSpec, Machine, MachineError};
+pub use machine::{BootSpec, LiveSnapshot, Machine, MachineError};
 pub use snapshot::Snapshot;

@@ -95,6 +95,21 @@ pub struct Machine {
     exits: u64,
 }
 
+/// A running sandbox captured between requests: children forked from it
+/// start where it was, as copy-on-write views of the template's memory file
+/// with the sandbox's own changed pages copied on top.
+pub struct LiveSnapshot {
+    pub(crate) state: MachineState,
+    pub(crate) pages: Vec<(u64, Vec<u8>)>,
+}
+
+impl LiveSnapshot {
+    /// Bytes of guest memory the sandbox had changed.
+    pub fn changed_bytes(&self) -> u64 {
+        self.pages.iter().map(|(_, p)| p.len() as u64).sum()
+    }
+}
+
 /// A VM made from a snapshot that has not run: guest memory mapped and
 /// registered, irqchip and PIT created, and the vCPU holding the snapshot's
 /// state (its timer disarmed). Nothing in it depends on when it is used, so
@@ -110,7 +125,12 @@ pub struct Shell {
 
 impl Shell {
     pub fn new(hv: &Hypervisor, snapshot: &Snapshot) -> Result<Self, MachineError> {
-        let state = &snapshot.state;
+        Self::with_state(hv, snapshot, &snapshot.state)
+    }
+
+    /// A shell over `snapshot`'s memory file holding `state`, which may be a
+    /// later state of a sandbox forked from it ([`LiveSnapshot`]).
+    pub(crate) fn with_state(hv: &Hypervisor, snapshot: &Snapshot, state: &MachineState) -> Result<Self, MachineError> {
         let ram = GuestRam::private_file_mapping(
             snapshot
                 .memory_file()
@@ -126,6 +146,14 @@ impl Shell {
         let (msrs, timer) = split_timer(&state.vcpu);
         vcpu.restore_state(&state.vcpu, &msrs)?;
         Ok(Self { vcpu, vm, ram, timer })
+    }
+
+    /// Copies a live sandbox's changed pages over the template's.
+    pub(crate) fn overlay(&mut self, pages: &[(u64, Vec<u8>)]) -> Result<(), MachineError> {
+        for (gpa, bytes) in pages {
+            self.ram.slice_mut(*gpa, bytes.len())?.copy_from_slice(bytes);
+        }
+        Ok(())
     }
 }
 
@@ -216,17 +244,16 @@ impl Machine {
     /// copy-on-write mapping of the snapshot's memory file. The same as
     /// [`crate::fork::Template::fork`] without a pool of prepared VMs.
     pub fn restore(hv: &Hypervisor, snapshot: &Snapshot, console: Box<dyn Write + Send>) -> Result<Self, MachineError> {
-        Self::from_shell(Shell::new(hv, snapshot)?, snapshot, console)
+        Self::from_shell(Shell::new(hv, snapshot)?, &snapshot.state, console)
     }
 
     /// Completes a fork from `shell`, which was prepared from `snapshot`.
     /// Everything that depends on when the fork starts happens here.
     pub(crate) fn from_shell(
         shell: Shell,
-        snapshot: &Snapshot,
+        state: &MachineState,
         console: Box<dyn Write + Send>,
     ) -> Result<Self, MachineError> {
-        let state = &snapshot.state;
         let Shell {
             vm,
             vcpu,
@@ -409,6 +436,20 @@ impl Machine {
             vcpu: self.vcpu.save_state()?,
             serial: self.serial.state(),
         })
+    }
+
+    /// Captures this sandbox as it is now, to fork children from
+    /// ([`crate::fork::Template::fork_live`]): its machine state and the
+    /// guest pages it has changed since it was forked from the template. Call
+    /// between requests (the vCPU is then stopped with no I/O pending).
+    pub fn snapshot_live(&self) -> Result<LiveSnapshot, MachineError> {
+        let state = self.save()?;
+        let runs = self.ram.private_runs()?;
+        let mut pages = Vec::with_capacity(runs.len());
+        for (gpa, len) in runs {
+            pages.push((gpa, self.ram.slice(gpa, len as usize)?.to_vec()));
+        }
+        Ok(LiveSnapshot { state, pages })
     }
 
     /// Overwrites the guest's user-space generator states with fresh

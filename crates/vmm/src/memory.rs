@@ -30,6 +30,8 @@ pub enum MemoryError {
     Smaps(std::io::Error),
     #[error("writing guest memory to a file: {0}")]
     Write(std::io::Error),
+    #[error("reading /proc/self/pagemap: {0}")]
+    Pagemap(std::io::Error),
 }
 
 pub struct GuestRam {
@@ -147,6 +149,45 @@ impl GuestRam {
             }
         }
         Ok(kib * 1024)
+    }
+
+    /// Guest-physical runs `(gpa, len)` of the pages this mapping holds
+    /// copies of (copy-on-write copies, or pages swapped out), from
+    /// /proc/self/pagemap. Everything else still reads from the file.
+    pub fn private_runs(&self) -> Result<Vec<(u64, u64)>, MemoryError> {
+        use std::io::{Read, Seek, SeekFrom};
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        const FILE_OR_SHARED: u64 = 1 << 61;
+        let mut pagemap = File::open("/proc/self/pagemap").map_err(MemoryError::Pagemap)?;
+        let pages = self.size / PAGE_SIZE;
+        pagemap
+            .seek(SeekFrom::Start(self.host_address() / PAGE_SIZE * 8))
+            .map_err(MemoryError::Pagemap)?;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut buf = vec![0u8; 8 * 4096];
+        let mut page = 0u64;
+        while page < pages {
+            let count = (pages - page).min(4096) as usize;
+            pagemap
+                .read_exact(&mut buf[..count * 8])
+                .map_err(MemoryError::Pagemap)?;
+            for entry in buf[..count * 8].chunks_exact(8) {
+                let mut word = [0u8; 8];
+                word.copy_from_slice(entry);
+                let bits = u64::from_le_bytes(word);
+                let private = (bits & PRESENT != 0 && bits & FILE_OR_SHARED == 0) || bits & SWAPPED != 0;
+                if private {
+                    let gpa = page * PAGE_SIZE;
+                    match runs.last_mut() {
+                        Some((start, len)) if *start + *len == gpa => *len += PAGE_SIZE,
+                        _ => runs.push((gpa, PAGE_SIZE)),
+                    }
+                }
+                page += 1;
+            }
+        }
+        Ok(runs)
     }
 
     /// Writes guest memory to `file` as a sparse file: all-zero pages become

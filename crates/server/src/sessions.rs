@@ -1,0 +1,236 @@
+//! Long-lived sandboxes: a VM forked from a template that keeps its state
+//! between calls (variables, imports, files), as a notebook kernel does, and
+//! that can be forked again from where it is.
+//!
+//! Each sandbox owns one OS thread, which makes the VM and runs every one of
+//! its `KVM_RUN`s: calls are closures sent to that thread. When the sandbox is
+//! removed its sender is dropped, the thread's loop ends and the VM with it.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+use zeroboot_vmm::{LiveSnapshot, Machine, MachineError};
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::Served;
+
+type Job = Box<dyn FnOnce(&mut Machine) + Send>;
+
+pub struct Session {
+    pub id: String,
+    pub served: Arc<Served>,
+    pub owner: Caller,
+    pub parent: Option<String>,
+    pub ttl: Duration,
+    last_used: Mutex<Instant>,
+    jobs: mpsc::Sender<Job>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SessionInfo {
+    pub id: String,
+    pub template: String,
+    pub parent: Option<String>,
+    pub ttl_seconds: f64,
+    pub idle_seconds: f64,
+}
+
+impl Session {
+    pub fn info(&self) -> SessionInfo {
+        SessionInfo {
+            id: self.id.clone(),
+            template: self.served.name.clone(),
+            parent: self.parent.clone(),
+            ttl_seconds: self.ttl.as_secs_f64(),
+            idle_seconds: self.idle().as_secs_f64(),
+        }
+    }
+
+    fn idle(&self) -> Duration {
+        self.last_used.lock().map_or(Duration::ZERO, |t| t.elapsed())
+    }
+
+    fn touch(&self) {
+        if let Ok(mut t) = self.last_used.lock() {
+            *t = Instant::now();
+        }
+    }
+
+    /// Runs `f` on the sandbox's thread and returns its result.
+    pub async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Machine) -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        self.touch();
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |machine| {
+            let _ = tx.send(f(machine));
+        });
+        self.jobs.send(job).map_err(|_| gone(&self.id))?;
+        let result = rx.await.map_err(|_| gone(&self.id));
+        self.touch();
+        result
+    }
+}
+
+fn gone(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::GONE,
+        "sandbox_gone",
+        format!("sandbox {id} has ended (it timed out, crashed or was removed)"),
+    )
+}
+
+pub struct Sessions {
+    map: Mutex<HashMap<String, Arc<Session>>>,
+    pub max_per_caller: usize,
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+}
+
+impl Sessions {
+    pub fn new(max_per_caller: usize, default_ttl: Duration, max_ttl: Duration) -> Self {
+        Self {
+            map: Mutex::new(HashMap::new()),
+            max_per_caller,
+            default_ttl,
+            max_ttl,
+        }
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>>, ApiError> {
+        self.map
+            .lock()
+            .map_err(|_| ApiError::internal("sessions lock poisoned"))
+    }
+
+    pub fn get(&self, id: &str, caller: Caller) -> Result<Arc<Session>, ApiError> {
+        self.lock()?
+            .get(id)
+            .filter(|s| s.owner == caller)
+            .cloned()
+            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "sandbox_not_found", format!("no sandbox {id}")))
+    }
+
+    pub fn list(&self, caller: Caller) -> Result<Vec<SessionInfo>, ApiError> {
+        let mut out: Vec<SessionInfo> = self
+            .lock()?
+            .values()
+            .filter(|s| s.owner == caller)
+            .map(|s| s.info())
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    pub fn remove(&self, id: &str, caller: Caller) -> Result<(), ApiError> {
+        let mut map = self.lock()?;
+        match map.get(id) {
+            Some(s) if s.owner == caller => {
+                map.remove(id);
+                Ok(())
+            }
+            _ => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "sandbox_not_found",
+                format!("no sandbox {id}"),
+            )),
+        }
+    }
+
+    /// Removes a sandbox whatever its owner (it ended on its own).
+    pub fn forget(&self, id: &str) {
+        if let Ok(mut map) = self.map.lock() {
+            map.remove(id);
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.map.lock().map_or(0, |m| m.len())
+    }
+
+    /// Checks that `caller` may start `more` sandboxes.
+    pub fn reserve(&self, caller: Caller, more: usize) -> Result<(), ApiError> {
+        let have = self.lock()?.values().filter(|s| s.owner == caller).count();
+        if have + more > self.max_per_caller {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "sandbox_limit",
+                format!(
+                    "{have} sandboxes open; at most {} per key. Delete some first",
+                    self.max_per_caller
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Starts a sandbox whose VM `make` creates on the sandbox's own thread,
+    /// and waits until it exists.
+    pub async fn start(
+        &self,
+        served: Arc<Served>,
+        owner: Caller,
+        parent: Option<String>,
+        ttl: Duration,
+        make: impl FnOnce(&Served) -> Result<Machine, MachineError> + Send + 'static,
+    ) -> Result<Arc<Session>, ApiError> {
+        let id = format!("sbx_{}", crate::execution_id());
+        let (jobs, inbox) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let for_thread = served.clone();
+        std::thread::Builder::new()
+            .name(format!("zeroboot-{id}"))
+            .spawn(move || {
+                let mut machine = match make(&for_thread) {
+                    Ok(m) => {
+                        let _ = ready_tx.send(Ok(()));
+                        m
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Ok(job) = inbox.recv() {
+                    job(&mut machine);
+                }
+            })
+            .map_err(ApiError::internal)?;
+        match ready_rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(ApiError::internal(e)),
+            Err(_) => return Err(ApiError::internal("sandbox thread ended before its VM existed")),
+        }
+        let session = Arc::new(Session {
+            id: id.clone(),
+            served,
+            owner,
+            parent,
+            ttl,
+            last_used: Mutex::new(Instant::now()),
+            jobs,
+        });
+        self.lock()?.insert(id, session.clone());
+        Ok(session)
+    }
+
+    /// Removes sandboxes idle for longer than their TTL.
+    pub fn reap(&self) -> usize {
+        let Ok(mut map) = self.map.lock() else {
+            return 0;
+        };
+        let before = map.len();
+        map.retain(|_, s| s.idle() <= s.ttl);
+        before - map.len()
+    }
+}
+
+/// A live sandbox's state shared by the children forked from it.
+pub type Live = Arc<LiveSnapshot>;
