@@ -22,10 +22,11 @@ T0 = time.monotonic()
 # --- mailbox layout (crates/protocol/src/lib.rs) -----------------------------
 MAILBOX_SIZE = 2 << 20
 MAGIC = int.from_bytes(b"ZBMB", "little")
-VERSION = 4
+VERSION = 5
 H_MAGIC, H_VERSION, H_REQUEST_SEQ, H_CODE_LEN, H_STDIN_LEN = 0, 4, 8, 12, 16
 H_RESPONSE_SEQ, H_EXIT_CODE, H_STDOUT_LEN, H_STDERR_LEN, H_RESPONSE_FLAGS = 20, 24, 28, 32, 36
-H_OUTPUT_LIMIT = 40
+H_OUTPUT_LIMIT, H_REQUEST_FLAGS = 40, 44
+REQUEST_STREAM = 1
 H_BOOT_SEED, BOOT_SEED_LEN = 64, 64
 H_REQUEST_SEED, REQUEST_SEED_LEN = 128, 64
 H_ENTROPY_COUNT, H_ENTROPY_TABLE, MAX_ENTROPY_REGIONS = 256, 264, 32
@@ -170,32 +171,57 @@ def rehearse_exec_path():
         payload = code.encode()
         scratch[REQUEST_OFFSET : REQUEST_OFFSET + len(payload)] = payload
         struct.pack_into("<III", scratch, H_REQUEST_SEQ, seq, len(payload), 0)
-        struct.pack_into("<I", scratch, H_OUTPUT_LIMIT, 1 << 20)
+        struct.pack_into("<II", scratch, H_OUTPUT_LIMIT, 1 << 20, REQUEST_STREAM if seq % 2 else 0)
         scratch[H_REQUEST_SEED : H_REQUEST_SEED + REQUEST_SEED_LEN] = os.urandom(REQUEST_SEED_LEN)
         handle_request(scratch, bell, fresh_namespace())
         if struct.unpack_from("<I", scratch, H_RESPONSE_SEQ)[0] != seq:
             raise SystemExit("zeroboot-agent: the rehearsal request got no response")
 
 
-def chunks(out, err, limit):
-    """Splits captured output into mailbox-sized chunks: yields
-    (stdout bytes, stderr bytes, flags), stdout first. Each stream keeps at
-    most `limit` bytes and says so when it lost some."""
-    out_b, err_b = out.encode("utf-8", "replace"), err.encode("utf-8", "replace")
-    flags = 0
-    if len(out_b) > limit or out.truncated:
-        out_b, flags = out_b[:limit], flags | FLAG_STDOUT_TRUNCATED
-    if len(err_b) > limit or err.truncated:
-        err_b, flags = err_b[:limit], flags | FLAG_STDERR_TRUNCATED
-    out_v, err_v = memoryview(out_b), memoryview(err_b)
-    while True:
-        o = out_v[:RESPONSE_CAPACITY]
-        e = err_v[: RESPONSE_CAPACITY - len(o)]
-        out_v, err_v = out_v[len(o) :], err_v[len(e) :]
-        if not out_v and not err_v:
-            yield o, e, flags
-            return
-        yield o, e, flags | FLAG_MORE
+class Responder:
+    """Sends one request's output to the host in mailbox-sized chunks, each
+    stream capped at `limit` bytes. Every chunk but the last has FLAG_MORE;
+    the host copies each out at its doorbell and resumes us."""
+
+    def __init__(self, mailbox, doorbell, seq, limit):
+        self.mailbox, self.doorbell, self.seq = mailbox, doorbell, seq
+        self.left = [limit, limit]
+        self.flags = 0
+
+    def _cap(self, data, stream, truncated_flag):
+        if len(data) > self.left[stream]:
+            data = data[: self.left[stream]]
+            self.flags |= truncated_flag
+        self.left[stream] -= len(data)
+        return memoryview(data)
+
+    def send(self, out_text, err_text, exit_code=0, final=False):
+        out_v = self._cap(out_text.encode("utf-8", "replace"), 0, FLAG_STDOUT_TRUNCATED)
+        err_v = self._cap(err_text.encode("utf-8", "replace"), 1, FLAG_STDERR_TRUNCATED)
+        while True:
+            o = out_v[:RESPONSE_CAPACITY]
+            e = err_v[: RESPONSE_CAPACITY - len(o)]
+            out_v, err_v = out_v[len(o) :], err_v[len(e) :]
+            last = not out_v and not err_v
+            if last and not final and not o and not e:
+                return
+            self._ring(o, e, exit_code, self.flags | (0 if last and final else FLAG_MORE))
+            if last:
+                return
+
+    def _ring(self, out_b, err_b, exit_code, flags):
+        mailbox = self.mailbox
+        mailbox[RESPONSE_OFFSET : RESPONSE_OFFSET + len(out_b)] = out_b
+        err_at = RESPONSE_OFFSET + len(out_b)
+        mailbox[err_at : err_at + len(err_b)] = err_b
+        I32.pack_into(mailbox, H_EXIT_CODE, exit_code)
+        U32.pack_into(mailbox, H_STDOUT_LEN, len(out_b))
+        U32.pack_into(mailbox, H_STDERR_LEN, len(err_b))
+        U32.pack_into(mailbox, H_RESPONSE_FLAGS, flags)
+        U32.pack_into(mailbox, H_RESPONSE_SEQ, self.seq)
+        # The host reads the chunk at this store; it resumes us for the
+        # next chunk or, with a new request already written, for that.
+        self.doorbell[0] = DOORBELL_RESULT
 
 
 def drain_console():
@@ -212,16 +238,18 @@ def drain_console():
 class CappedText(io.TextIOBase):
     """Captured stdout or stderr. Keeps the first `limit` characters (at least
     `limit` bytes once encoded) and drops the rest, so code that prints without
-    end fills neither the guest's memory nor the mailbox."""
+    end fills neither the guest's memory nor the mailbox. `on_line` runs when
+    a write completes a line (streaming)."""
 
     encoding = "utf-8"
     errors = "strict"
 
-    def __init__(self, limit):
+    def __init__(self, limit, on_line=None):
         super().__init__()
-        self.text = io.StringIO()
+        self.pending = []
         self.room = limit
         self.truncated = False
+        self.on_line = on_line
 
     def writable(self):
         return True
@@ -232,11 +260,34 @@ class CappedText(io.TextIOBase):
             s = s[: self.room]
             self.truncated = True
         self.room -= len(s)
-        self.text.write(s)
+        self.pending.append(s)
+        if self.on_line is not None and "\n" in s:
+            self.on_line()
         return n
 
-    def encode(self, encoding, errors):
-        return self.text.getvalue().encode(encoding, errors)
+    def take(self):
+        """The text written since the last take."""
+        text = "".join(self.pending)
+        self.pending.clear()
+        return text
+
+
+class Streamer:
+    """In stream mode, sends what was written when a line completes, at most
+    once per STREAM_INTERVAL (each send is a VM exit)."""
+
+    STREAM_INTERVAL = 0.005
+
+    def __init__(self, responder):
+        self.responder = responder
+        self.out = self.err = None
+        self.last = time.monotonic()
+
+    def on_line(self):
+        now = time.monotonic()
+        if now - self.last >= self.STREAM_INTERVAL:
+            self.last = now
+            self.responder.send(self.out.take(), self.err.take())
 
 
 def fresh_namespace():
@@ -245,14 +296,12 @@ def fresh_namespace():
     return {"__name__": "__main__", "__builtins__": builtins}
 
 
-def run_code(code, stdin, limit, namespace):
+def run_code(code, stdin, out, err, namespace):
     """Runs `code` like `python3 -c` in `namespace`, which later requests to
-    the same sandbox share (as cells of a notebook do); returns (exit code,
-    stdout, stderr)."""
-    import io
+    the same sandbox share (as cells of a notebook do), writing to the
+    captures `out` and `err`; returns the exit code."""
     import traceback
 
-    out, err = CappedText(limit), CappedText(limit)
     saved = sys.stdin, sys.stdout, sys.stderr
     sys.stdin, sys.stdout, sys.stderr = io.StringIO(stdin), out, err
     exit_code = 0
@@ -275,7 +324,7 @@ def run_code(code, stdin, limit, namespace):
         except Exception:
             pass
         sys.stdin, sys.stdout, sys.stderr = saved
-    return exit_code, out, err
+    return exit_code
 
 
 def reseed_user_space(seed):
@@ -389,12 +438,19 @@ I32 = struct.Struct("<i")
 
 
 def handle_request(mailbox, doorbell, namespace):
-    """Runs the request in the mailbox in `namespace` and writes its
-    response, ringing RESULT once per chunk."""
+    """Runs the request in the mailbox in `namespace` and sends its output,
+    ringing RESULT once per chunk."""
     seq = U32.unpack_from(mailbox, H_REQUEST_SEQ)[0]
     code_len = U32.unpack_from(mailbox, H_CODE_LEN)[0]
     stdin_len = U32.unpack_from(mailbox, H_STDIN_LEN)[0]
     limit = min(U32.unpack_from(mailbox, H_OUTPUT_LIMIT)[0], MAX_OUTPUT_LIMIT)
+    stream = U32.unpack_from(mailbox, H_REQUEST_FLAGS)[0] & REQUEST_STREAM
+    responder = Responder(mailbox, doorbell, seq, limit)
+    streamer = Streamer(responder) if stream else None
+    on_line = streamer.on_line if streamer else None
+    out, err = CappedText(limit, on_line), CappedText(limit, on_line)
+    if streamer:
+        streamer.out, streamer.err = out, err
     try:
         if not HOST_RESEEDS:
             reseed_user_space(bytes(mailbox[H_REQUEST_SEED : H_REQUEST_SEED + REQUEST_SEED_LEN]))
@@ -403,23 +459,16 @@ def handle_request(mailbox, doorbell, namespace):
         code = bytes(mailbox[REQUEST_OFFSET : REQUEST_OFFSET + code_len]).decode("utf-8", "replace")
         stdin_at = REQUEST_OFFSET + code_len
         stdin = bytes(mailbox[stdin_at : stdin_at + stdin_len]).decode("utf-8", "replace")
-        exit_code, out, err = run_code(code, stdin, limit, namespace)
+        exit_code = run_code(code, stdin, out, err, namespace)
     except BaseException as e:  # the agent must survive anything
-        exit_code, out, err = 1, CappedText(0), CappedText(limit)
+        exit_code = 1
         err.write(f"zeroboot agent error: {e!r}\n")
     exit_code = max(-(2**31), min(2**31 - 1, exit_code))
-    for out_b, err_b, flags in chunks(out, err, limit):
-        mailbox[RESPONSE_OFFSET : RESPONSE_OFFSET + len(out_b)] = out_b
-        err_at = RESPONSE_OFFSET + len(out_b)
-        mailbox[err_at : err_at + len(err_b)] = err_b
-        I32.pack_into(mailbox, H_EXIT_CODE, exit_code)
-        U32.pack_into(mailbox, H_STDOUT_LEN, len(out_b))
-        U32.pack_into(mailbox, H_STDERR_LEN, len(err_b))
-        U32.pack_into(mailbox, H_RESPONSE_FLAGS, flags)
-        U32.pack_into(mailbox, H_RESPONSE_SEQ, seq)
-        # The host reads the chunk at this store; it resumes us for the
-        # next chunk or, with a new request already written, for that.
-        doorbell[0] = DOORBELL_RESULT
+    if out.truncated:
+        responder.flags |= FLAG_STDOUT_TRUNCATED
+    if err.truncated:
+        responder.flags |= FLAG_STDERR_TRUNCATED
+    responder.send(out.take(), err.take(), exit_code, final=True)
 
 
 def serve(mailbox, doorbell):

@@ -275,37 +275,29 @@ fn urandom_read_by_a_subprocess_differs_between_forks() {
     assert_eq!(seen.len(), 3);
 }
 
-#[test]
-fn deadline_stops_a_busy_loop() {
+/// Runs `code` with `deadline` and checks it ends with a timeout soon after.
+fn assert_stopped_at_deadline(code: &str, deadline: Duration) {
     let mut m = fork();
     let started = std::time::Instant::now();
     let err = m
-        .exec(Request::new(b"while True: pass", b""), Duration::from_millis(500))
-        .expect_err("a busy loop must time out");
-    assert!(matches!(err, zeroboot_vmm::MachineError::Timeout(_)), "{err}");
+        .exec(Request::new(code.as_bytes(), b""), deadline)
+        .expect_err("the code must time out");
+    assert!(matches!(err, zeroboot_vmm::MachineError::Timeout(_)), "{code}: {err}");
     assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "took {:?}",
+        started.elapsed() < deadline + Duration::from_secs(3),
+        "{code}: took {:?}",
         started.elapsed()
     );
 }
 
 #[test]
+fn deadline_stops_a_busy_loop() {
+    assert_stopped_at_deadline("while True: pass", Duration::from_millis(500));
+}
+
+#[test]
 fn deadline_stops_a_sleeping_guest() {
-    let mut m = fork();
-    let started = std::time::Instant::now();
-    let err = m
-        .exec(
-            Request::new(b"import time; time.sleep(1e9)", b""),
-            Duration::from_millis(1000),
-        )
-        .expect_err("an endless sleep must time out");
-    assert!(matches!(err, zeroboot_vmm::MachineError::Timeout(_)), "{err}");
-    assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert_stopped_at_deadline("import time; time.sleep(1e9)", Duration::from_millis(1000));
 }
 
 #[test]
@@ -525,4 +517,39 @@ fn a_live_sandbox_forks_children_that_start_from_its_state() {
     run(&mut children[0], "x = -1");
     assert_eq!(run(&mut children[1], "print(x)").stdout, b"41\n");
     assert_eq!(run(&mut parent, "print(x)").stdout, b"0\n");
+}
+
+#[test]
+fn streamed_output_arrives_while_the_code_runs() {
+    let mut m = fork();
+    let started = std::time::Instant::now();
+    let mut arrivals: Vec<(Duration, String)> = Vec::new();
+    let request = Request {
+        stream: true,
+        ..Request::new(
+            b"import time, sys\nfor i in range(3):\n    print('line', i)\n    time.sleep(0.3)\nprint('err', file=sys.stderr)",
+            b"",
+        )
+    };
+    let r = m
+        .exec_streaming(request, TIMEOUT, &mut |chunk| {
+            arrivals.push((
+                started.elapsed(),
+                String::from_utf8_lossy(chunk.stdout).into_owned() + &String::from_utf8_lossy(chunk.stderr),
+            ));
+        })
+        .unwrap();
+    let total = started.elapsed();
+    assert_eq!(r.stdout, b"line 0\nline 1\nline 2\n");
+    assert_eq!(r.stderr, b"err\n");
+    let first = arrivals
+        .iter()
+        .find(|(_, text)| text.contains("line 0"))
+        .expect("line 0 arrived");
+    assert!(
+        first.0 + Duration::from_millis(500) < total,
+        "line 0 came at {:?}, the run took {total:?}: {arrivals:?}",
+        first.0
+    );
+    assert!(arrivals.len() >= 3, "{arrivals:?}");
 }

@@ -261,3 +261,49 @@ fn a_sandbox_that_times_out_is_ended_and_idle_ones_expire() {
         404
     );
 }
+
+/// Parses a Server-Sent Events body into (event, data) pairs.
+fn events(text: &str) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for block in text.split("\n\n") {
+        let mut name = String::from("message");
+        let mut data = String::new();
+        for line in block.lines() {
+            if let Some(v) = line.strip_prefix("event:") {
+                name = v.trim().to_string();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data.push_str(v.trim_start());
+            }
+        }
+        if !data.is_empty() {
+            out.push((name, serde_json::from_str(&data).unwrap()));
+        }
+    }
+    out
+}
+
+#[test]
+fn exec_streams_server_sent_events() {
+    let server = Server::start(&[]);
+    let code = "import time\nfor i in range(3):\n    print(i)\n    time.sleep(0.05)\nraise SystemExit(4)";
+    let reply = server.call(
+        "POST",
+        "/v1/exec",
+        Some(&json!({"code": code, "stream": true}).to_string()),
+        None,
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let events = events(&reply.text);
+    let streamed: String = events
+        .iter()
+        .filter(|(name, _)| name == "stdout")
+        .map(|(_, d)| d["data"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(streamed, "0\n1\n2\n", "{events:?}");
+    let (last, result) = events.last().unwrap();
+    assert_eq!(last, "result");
+    assert_eq!(
+        (result["exit_code"].as_i64(), result["stdout"].as_str()),
+        (Some(4), Some("0\n1\n2\n"))
+    );
+}

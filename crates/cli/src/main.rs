@@ -300,14 +300,20 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let mut machine = Machine::restore(&hv, &snap, console)?;
     let restored = started.elapsed();
     let timeout = Duration::from_secs_f64(args.timeout);
-    let response = match machine.exec(
-        zeroboot_protocol::Request {
-            code: code.as_bytes(),
-            stdin: &stdin,
-            output_limit: args.max_output,
-        },
-        timeout,
-    ) {
+    // Output is streamed: it appears as the guest writes each line.
+    let mut show = |chunk: &zeroboot_protocol::Chunk<'_>| {
+        let _ = std::io::stdout()
+            .write_all(chunk.stdout)
+            .and_then(|()| std::io::stdout().flush());
+        let _ = std::io::stderr().write_all(chunk.stderr);
+    };
+    let request = zeroboot_protocol::Request {
+        code: code.as_bytes(),
+        stdin: &stdin,
+        output_limit: args.max_output,
+        stream: true,
+    };
+    let response = match machine.exec_streaming(request, timeout, &mut show) {
         Ok(r) => r,
         Err(zeroboot_vmm::MachineError::Timeout(_)) => {
             eprintln!("zeroboot: timed out after {:.1}s", args.timeout);
@@ -316,8 +322,6 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         Err(e) => return Err(e.into()),
     };
     let total = started.elapsed();
-    std::io::stdout().write_all(&response.stdout)?;
-    std::io::stderr().write_all(&response.stderr)?;
     for (name, truncated) in [
         ("stdout", response.stdout_truncated),
         ("stderr", response.stderr_truncated),

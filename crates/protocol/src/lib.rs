@@ -26,7 +26,7 @@ pub const MAILBOX_SIZE: usize = 2 << 20;
 /// `"ZBMB"`, written by the host at boot.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"ZBMB");
 /// Version of this layout. The agent refuses a mailbox of another version.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 
 /// Header field offsets (bytes from the start of the mailbox).
 pub mod header {
@@ -44,6 +44,8 @@ pub mod header {
     pub const RESPONSE_FLAGS: usize = 36;
     /// Host → guest: the most bytes of stdout, and of stderr, to return.
     pub const OUTPUT_LIMIT: usize = 40;
+    /// Host → guest: [`super::REQUEST_STREAM`] and future request options.
+    pub const REQUEST_FLAGS: usize = 44;
     /// Host → guest at boot: entropy the agent credits to the kernel CRNG.
     pub const BOOT_SEED: usize = 64;
     pub const BOOT_SEED_LEN: usize = 64;
@@ -77,6 +79,10 @@ pub const FLAG_STDOUT_TRUNCATED: u32 = 1 << 0;
 pub const FLAG_STDERR_TRUNCATED: u32 = 1 << 1;
 /// This is not the last chunk of the response.
 pub const FLAG_MORE: u32 = 1 << 2;
+
+/// `REQUEST_FLAGS` bit: send output as it is written (a chunk, with
+/// [`FLAG_MORE`], when a line completes), not only at the end.
+pub const REQUEST_STREAM: u32 = 1 << 0;
 
 /// Default cap on each of stdout and stderr.
 pub const DEFAULT_OUTPUT_LIMIT: u32 = 1 << 20;
@@ -203,6 +209,8 @@ pub struct Request<'a> {
     /// Cap on each of stdout and stderr; beyond it output is dropped and the
     /// stream is marked truncated.
     pub output_limit: u32,
+    /// Send output while the code runs (see [`REQUEST_STREAM`]).
+    pub stream: bool,
 }
 
 impl<'a> Request<'a> {
@@ -212,6 +220,7 @@ impl<'a> Request<'a> {
             code,
             stdin,
             output_limit: DEFAULT_OUTPUT_LIMIT,
+            stream: false,
         }
     }
 }
@@ -280,6 +289,11 @@ pub fn write_request(
     write_u32(mailbox, header::CODE_LEN, code_len);
     write_u32(mailbox, header::STDIN_LEN, stdin_len);
     write_u32(mailbox, header::OUTPUT_LIMIT, request.output_limit);
+    write_u32(
+        mailbox,
+        header::REQUEST_FLAGS,
+        if request.stream { REQUEST_STREAM } else { 0 },
+    );
     write_u32(mailbox, header::REQUEST_SEQ, seq);
     Ok(seq)
 }
@@ -373,6 +387,7 @@ pub struct IncomingRequest {
     pub code: Vec<u8>,
     pub stdin: Vec<u8>,
     pub output_limit: u32,
+    pub stream: bool,
 }
 
 /// Reads the request the host wrote (the guest side of [`write_request`]).
@@ -393,6 +408,7 @@ pub fn read_request(mailbox: &[u8]) -> Result<IncomingRequest, ProtocolError> {
         code: mailbox[REQUEST_OFFSET..code_end].to_vec(),
         stdin: mailbox[code_end..code_end + stdin_len].to_vec(),
         output_limit,
+        stream: read_u32(mailbox, header::REQUEST_FLAGS) & REQUEST_STREAM != 0,
     })
 }
 
@@ -417,6 +433,7 @@ mod tests {
                 code: b"print(1)",
                 stdin: b"in",
                 output_limit: 77,
+                stream: true,
             },
             &SEED,
         )
@@ -428,7 +445,8 @@ mod tests {
                 seq: 1,
                 code: b"print(1)".to_vec(),
                 stdin: b"in".to_vec(),
-                output_limit: 77
+                output_limit: 77,
+                stream: true,
             }
         );
         let seq2 = write_request(&mut m, Request::new(b"x", b""), &SEED).unwrap();

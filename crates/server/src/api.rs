@@ -25,6 +25,10 @@ pub struct ExecRequest {
     /// A template by name, instead of the one serving `language`.
     #[serde(default)]
     pub template: Option<String>,
+    /// Answer with Server-Sent Events while the code runs (as does
+    /// `Accept: text/event-stream`).
+    #[serde(default)]
+    pub stream: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

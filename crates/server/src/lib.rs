@@ -29,7 +29,7 @@ use axum::{middleware, Json, Router};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use zeroboot_protocol::{Request, DEFAULT_OUTPUT_LIMIT, REQUEST_CAPACITY};
+use zeroboot_protocol::{Chunk, Request, DEFAULT_OUTPUT_LIMIT, REQUEST_CAPACITY};
 use zeroboot_vmm::{Machine, MachineError, Template};
 
 use crate::api::{
@@ -220,12 +220,62 @@ impl AppState {
         let output_limit = self.limits.max_output_bytes;
         let outcome = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            state.run_blocking(&served, &req, timeout, output_limit)
+            state.run_blocking(&served, &req, timeout, output_limit, &mut |_| {})
         })
         .await
         .map_err(ApiError::internal)?;
         self.count(&outcome);
         outcome
+    }
+
+    /// [`AppState::execute`] as Server-Sent Events: `stdout` and `stderr`
+    /// events (`{"data": text}`) as the guest writes, then one `result`
+    /// event (the usual response) or `error` event. Errors found before the
+    /// sandbox starts are ordinary JSON errors.
+    pub async fn execute_streaming(self: &Arc<Self>, mut req: ExecRequest) -> Result<Response, ApiError> {
+        use axum::response::sse::{Event, KeepAlive, Sse};
+        req.stream = true;
+        let timeout = self.validate(&req.code, &req.stdin, req.timeout_seconds)?;
+        let served = self.resolve(&req.language, req.template.as_ref())?;
+        let permit = self.slot().await?;
+        let state = self.clone();
+        let output_limit = self.limits.max_output_bytes;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Event>(256);
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let event = |name: &str, text: &[u8]| {
+                Event::default()
+                    .event(name)
+                    .json_data(serde_json::json!({"data": String::from_utf8_lossy(text)}))
+            };
+            let mut on_chunk = |chunk: &Chunk<'_>| {
+                // A client that went away stops reading; the code still ends
+                // at its deadline and the sandbox is released.
+                for (name, text) in [("stdout", chunk.stdout), ("stderr", chunk.stderr)] {
+                    if !text.is_empty() {
+                        if let Ok(e) = event(name, text) {
+                            let _ = tx.blocking_send(e);
+                        }
+                    }
+                }
+            };
+            let outcome = state.run_blocking(&served, &req, timeout, output_limit, &mut on_chunk);
+            state.count(&outcome);
+            let last = match outcome {
+                Ok(r) => Event::default().event("result").json_data(&r),
+                Err(e) => Event::default()
+                    .event("error")
+                    .json_data(serde_json::json!({"error": {"code": e.code, "message": e.message}})),
+            };
+            if let Ok(e) = last {
+                let _ = tx.blocking_send(e);
+            }
+        });
+        let events = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            Ok::<_, std::convert::Infallible>,
+        );
+        Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
     }
 
     fn count(&self, outcome: &Result<ExecResponse, ApiError>) {
@@ -243,6 +293,7 @@ impl AppState {
         req: &ExecRequest,
         timeout: Duration,
         output_limit: u32,
+        on_chunk: &mut dyn FnMut(&Chunk<'_>),
     ) -> Result<ExecResponse, ApiError> {
         let started = Instant::now();
         let mut machine = served
@@ -252,7 +303,7 @@ impl AppState {
         let forked = started.elapsed();
         self.metrics.live_sandboxes.inc();
         self.metrics.spawn_seconds.observe(forked.as_secs_f64());
-        let (result, _) = self.exec_on(&mut machine, &served.name, req, timeout, output_limit);
+        let (result, _) = self.exec_on(&mut machine, &served.name, req, timeout, output_limit, on_chunk);
         let total = started.elapsed();
         self.retire(machine);
         self.metrics.live_sandboxes.dec();
@@ -280,14 +331,16 @@ impl AppState {
         req: &ExecRequest,
         timeout: Duration,
         output_limit: u32,
+        on_chunk: &mut dyn FnMut(&Chunk<'_>),
     ) -> (Result<ExecResponse, ApiError>, bool) {
         let started = Instant::now();
         let request = Request {
             code: req.code.as_bytes(),
             stdin: req.stdin.as_bytes(),
             output_limit,
+            stream: req.stream,
         };
-        let result = machine.exec(request, timeout);
+        let result = machine.exec_streaming(request, timeout, on_chunk);
         let ran = started.elapsed();
         self.metrics.exec_seconds.observe(ran.as_secs_f64());
         let mut response = ExecResponse {
@@ -345,7 +398,7 @@ impl AppState {
         let (outcome, usable) = session
             .call(move |machine| {
                 let _permit = permit;
-                state.exec_on(machine, &template, &req, timeout, output_limit)
+                state.exec_on(machine, &template, &req, timeout, output_limit, &mut |_| {})
             })
             .await?;
         if !usable {
@@ -365,10 +418,18 @@ fn execution_id() -> String {
 
 async fn exec(
     State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
     body: Result<Json<ExecRequest>, JsonRejection>,
-) -> Result<Json<ExecResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let Json(req) = body?;
-    Ok(Json(state.execute(req).await?))
+    let accepts_events = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if req.stream || accepts_events {
+        return state.execute_streaming(req).await;
+    }
+    Ok(Json(state.execute(req).await?).into_response())
 }
 
 async fn exec_batch(
@@ -531,6 +592,7 @@ async fn sandbox_exec(
         timeout_seconds: req.timeout_seconds,
         stdin: req.stdin,
         template: None,
+        stream: false,
     };
     Ok(Json(state.exec_in_session(&id, caller, req).await?))
 }
@@ -646,6 +708,7 @@ fn file_request(code: String) -> ExecRequest {
         timeout_seconds: 60.0,
         stdin: String::new(),
         template: None,
+        stream: false,
     }
 }
 

@@ -470,6 +470,17 @@ impl Machine {
     /// than the mailbox arrives in several chunks, one doorbell each; the
     /// deadline covers them all.
     pub fn exec(&mut self, request: Request<'_>, timeout: Duration) -> Result<Response, MachineError> {
+        self.exec_streaming(request, timeout, &mut |_| {})
+    }
+
+    /// [`Machine::exec`], calling `on_chunk` with each piece of output as it
+    /// arrives (with `request.stream`, while the code runs).
+    pub fn exec_streaming(
+        &mut self,
+        request: Request<'_>,
+        timeout: Duration,
+        on_chunk: &mut dyn FnMut(&protocol::Chunk<'_>),
+    ) -> Result<Response, MachineError> {
         let mailbox_gpa = self.layout.mailbox_gpa;
         let deadline = Instant::now() + timeout;
         // Fresh seeds for the guest's user-space generators (Python's `random`,
@@ -493,6 +504,7 @@ impl Machine {
             }
             let chunk = protocol::read_chunk(self.ram.slice(mailbox_gpa, protocol::MAILBOX_SIZE)?, seq)?;
             response.append(&chunk, request.output_limit)?;
+            on_chunk(&chunk);
             if !chunk.more() {
                 return Ok(response);
             }
