@@ -3,6 +3,9 @@
 //! and return their fields plus ours (`timed_out`, `truncated`, `template`).
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+pub use crate::sessions::SessionInfo;
 
 fn python() -> String {
     "python".into()
@@ -12,7 +15,7 @@ fn thirty() -> f64 {
     30.0
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ExecRequest {
     pub code: String,
     #[serde(default = "python")]
@@ -31,7 +34,7 @@ pub struct ExecRequest {
     pub stream: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct ExecResponse {
     pub id: String,
     pub stdout: String,
@@ -46,31 +49,31 @@ pub struct ExecResponse {
     pub template: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct BatchRequest {
     pub executions: Vec<ExecRequest>,
 }
 
 /// One batch entry: a result, or the error that request alone got.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(untagged)]
 pub enum BatchEntry {
     Ok(ExecResponse),
     Err { error: ErrorBody },
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct ErrorBody {
     pub code: String,
     pub message: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct BatchResponse {
     pub results: Vec<BatchEntry>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct TemplateHealth {
     pub name: String,
     pub language: String,
@@ -78,10 +81,65 @@ pub struct TemplateHealth {
     pub memory_mib: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Health {
     pub status: String,
     pub templates: Vec<TemplateHealth>,
     pub live_sandboxes: u64,
     pub max_concurrent: usize,
+}
+
+/// Every error: `{"error": {"code", "message"}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct ErrorResponse {
+    pub error: ErrorBody,
+}
+
+fn default_language() -> String {
+    "python".into()
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct CreateSandbox {
+    #[serde(default = "default_language")]
+    pub language: String,
+    #[serde(default)]
+    pub template: Option<String>,
+    /// Idle seconds after which the sandbox is removed (default 300).
+    #[serde(default)]
+    pub ttl_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct SandboxExec {
+    pub code: String,
+    #[serde(default = "thirty")]
+    pub timeout_seconds: f64,
+    #[serde(default)]
+    pub stdin: String,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ForkSandbox {
+    /// New sandboxes to make (1 to 16).
+    #[serde(default = "one")]
+    pub count: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct SandboxList {
+    pub sandboxes: Vec<SessionInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Forked {
+    pub sandboxes: Vec<SessionInfo>,
+    /// Capture of the parent plus every child's VM.
+    pub fork_time_ms: f64,
+    /// Guest memory the parent had changed since its own fork, copied into each child.
+    pub parent_changed_kib: u64,
 }

@@ -7,11 +7,13 @@
 //! - [`auth`]: API keys, the loopback rule without keys, per-key rate limits.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`sessions`]: long-lived sandboxes, each on its own thread, and their forks.
+//! - [`openapi`]: the OpenAPI 3 description, served at `/v1/openapi.json`.
 
 pub mod api;
 pub mod auth;
 pub mod error;
 pub mod metrics;
+pub mod openapi;
 pub mod sessions;
 
 use std::collections::BTreeMap;
@@ -33,7 +35,8 @@ use zeroboot_protocol::{Chunk, Request, DEFAULT_OUTPUT_LIMIT, REQUEST_CAPACITY};
 use zeroboot_vmm::{Machine, MachineError, Template};
 
 use crate::api::{
-    BatchEntry, BatchRequest, BatchResponse, ErrorBody, ExecRequest, ExecResponse, Health, TemplateHealth,
+    BatchEntry, BatchRequest, BatchResponse, CreateSandbox, ErrorBody, ExecRequest, ExecResponse, ForkSandbox, Forked,
+    Health, SandboxExec, SandboxList, TemplateHealth,
 };
 use crate::auth::{Auth, Caller};
 use crate::error::ApiError;
@@ -416,6 +419,20 @@ fn execution_id() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Forks a new sandbox from a template, runs `code` in it and returns the result.
+/// With `stream: true` or `Accept: text/event-stream` the answer is Server-Sent
+/// Events: `stdout`/`stderr` events (`{"data": text}`), then `result` or `error`.
+#[utoipa::path(post, path = "/v1/exec", tag = "exec", request_body = ExecRequest,
+    responses(
+        (status = 200, description = "The code ran (whatever its exit code) or timed out", body = ExecResponse),
+        (status = 400, description = "Bad language, template, timeout or JSON", body = crate::api::ErrorResponse),
+        (status = 401, description = "No valid API key", body = crate::api::ErrorResponse),
+        (status = 413, description = "Body or code too large", body = crate::api::ErrorResponse),
+        (status = 422, description = "The code crashed its sandbox", body = crate::api::ErrorResponse),
+        (status = 429, description = "Over the key's rate", body = crate::api::ErrorResponse),
+        (status = 503, description = "Every sandbox slot stayed busy", body = crate::api::ErrorResponse),
+    ),
+    security(("bearer" = [])))]
 async fn exec(
     State(state): State<Arc<AppState>>,
     headers: axum::http::HeaderMap,
@@ -432,6 +449,13 @@ async fn exec(
     Ok(Json(state.execute(req).await?).into_response())
 }
 
+/// Runs several executions in parallel, each in its own new sandbox.
+#[utoipa::path(post, path = "/v1/exec/batch", tag = "exec", request_body = BatchRequest,
+    responses(
+        (status = 200, description = "One entry per execution: a result or that execution's error", body = BatchResponse),
+        (status = 400, description = "Too many executions or bad JSON", body = crate::api::ErrorResponse),
+    ),
+    security(("bearer" = [])))]
 async fn exec_batch(
     State(state): State<Arc<AppState>>,
     body: Result<Json<BatchRequest>, JsonRejection>,
@@ -471,58 +495,14 @@ async fn exec_batch(
     Ok(Json(BatchResponse { results }))
 }
 
-fn default_language() -> String {
-    "python".into()
-}
-
-fn default_timeout() -> f64 {
-    30.0
-}
-
-fn one() -> usize {
-    1
-}
-
-#[derive(serde::Deserialize)]
-struct CreateSandbox {
-    #[serde(default = "default_language")]
-    language: String,
-    #[serde(default)]
-    template: Option<String>,
-    /// Idle seconds after which the sandbox is removed.
-    #[serde(default)]
-    ttl_seconds: Option<f64>,
-}
-
-#[derive(serde::Deserialize)]
-struct SandboxExec {
-    code: String,
-    #[serde(default = "default_timeout")]
-    timeout_seconds: f64,
-    #[serde(default)]
-    stdin: String,
-}
-
-#[derive(serde::Deserialize)]
-struct ForkSandbox {
-    #[serde(default = "one")]
-    count: usize,
-}
-
-#[derive(serde::Serialize)]
-struct SandboxList {
-    sandboxes: Vec<SessionInfo>,
-}
-
-#[derive(serde::Serialize)]
-struct Forked {
-    sandboxes: Vec<SessionInfo>,
-    /// Capture of the parent plus every child's VM.
-    fork_time_ms: f64,
-    /// Guest memory the parent had changed since its own fork, copied into each child.
-    parent_changed_kib: u64,
-}
-
+/// Starts a long-lived sandbox forked from a template.
+#[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", request_body = CreateSandbox,
+    responses(
+        (status = 201, description = "Started", body = SessionInfo),
+        (status = 400, description = "Bad language, template or TTL", body = crate::api::ErrorResponse),
+        (status = 429, description = "Too many sandboxes for this key", body = crate::api::ErrorResponse),
+    ),
+    security(("bearer" = [])))]
 async fn create_sandbox(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -553,6 +533,10 @@ async fn create_sandbox(
     Ok((StatusCode::CREATED, Json(session.info())))
 }
 
+/// The caller's sandboxes.
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",
+    responses((status = 200, description = "Sandboxes of this key", body = SandboxList)),
+    security(("bearer" = [])))]
 async fn list_sandboxes(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -562,6 +546,13 @@ async fn list_sandboxes(
     }))
 }
 
+/// One sandbox.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path)),
+    responses(
+        (status = 200, description = "The sandbox", body = SessionInfo),
+        (status = 404, description = "No such sandbox", body = crate::api::ErrorResponse),
+    ),
+    security(("bearer" = [])))]
 async fn get_sandbox(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -570,6 +561,13 @@ async fn get_sandbox(
     Ok(Json(state.sessions.get(&id, caller)?.info()))
 }
 
+/// Removes a sandbox and its VM.
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path)),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 404, description = "No such sandbox", body = crate::api::ErrorResponse),
+    ),
+    security(("bearer" = [])))]
 async fn delete_sandbox(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -579,6 +577,15 @@ async fn delete_sandbox(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Runs code in a sandbox; its variables, imports and files stay for the next call.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "sandboxes", params(("id" = String, Path)),
+    request_body = SandboxExec,
+    responses(
+        (status = 200, description = "The code ran or timed out (a timed-out sandbox is ended)", body = ExecResponse),
+        (status = 404, description = "No such sandbox", body = crate::api::ErrorResponse),
+        (status = 422, description = "The code crashed the sandbox, which is ended", body = crate::api::ErrorResponse),
+    ),
+    security(("bearer" = [])))]
 async fn sandbox_exec(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -597,6 +604,16 @@ async fn sandbox_exec(
     Ok(Json(state.exec_in_session(&id, caller, req).await?))
 }
 
+/// Makes `count` new sandboxes that start from this sandbox's current state.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", tag = "sandboxes", params(("id" = String, Path)),
+    request_body = ForkSandbox,
+    responses(
+        (status = 201, description = "The new sandboxes", body = Forked),
+        (status = 400, description = "Bad count", body = crate::api::ErrorResponse),
+        (status = 404, description = "No such sandbox", body = crate::api::ErrorResponse),
+        (status = 429, description = "Too many sandboxes for this key", body = crate::api::ErrorResponse),
+    ),
+    security(("bearer" = [])))]
 async fn fork_sandbox(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -660,6 +677,16 @@ fn py_str(text: &str) -> String {
     serde_json::Value::String(text.to_string()).to_string()
 }
 
+/// Writes a file in the sandbox (the body is its bytes).
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/files/{path}", tag = "files",
+    params(("id" = String, Path), ("path" = String, Path, description = "Absolute path in the guest, without the leading /")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses(
+        (status = 204, description = "Written"),
+        (status = 400, description = "Bad path or the guest refused", body = crate::api::ErrorResponse),
+        (status = 404, description = "No such sandbox", body = crate::api::ErrorResponse),
+    ),
+    security(("bearer" = [])))]
 async fn put_file(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -681,6 +708,14 @@ async fn put_file(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Reads a file from the sandbox.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/{path}", tag = "files",
+    params(("id" = String, Path), ("path" = String, Path, description = "Absolute path in the guest, without the leading /")),
+    responses(
+        (status = 200, description = "The file's bytes", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 404, description = "No such sandbox or file", body = crate::api::ErrorResponse),
+    ),
+    security(("bearer" = [])))]
 async fn get_file(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -727,6 +762,9 @@ fn file_error(path: &str, r: &ExecResponse) -> ApiError {
     }
 }
 
+/// Templates and their readiness. Needs no key.
+#[utoipa::path(get, path = "/v1/health", tag = "service",
+    responses((status = 200, description = "Serving", body = Health)))]
 async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
     let templates = state
         .templates
@@ -746,6 +784,10 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
     })
 }
 
+/// Prometheus metrics (OpenMetrics text).
+#[utoipa::path(get, path = "/v1/metrics", tag = "service",
+    responses((status = 200, description = "Metrics", content_type = "application/openmetrics-text", body = String)),
+    security(("bearer" = [])))]
 async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let text = state.metrics.render().map_err(ApiError::internal)?;
     Ok((
@@ -790,6 +832,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require));
     Router::new()
         .route("/v1/health", get(health))
+        .route("/v1/openapi.json", get(openapi::serve))
         .route("/health", get(health))
         .merge(authed)
         .fallback(not_found)

@@ -32,7 +32,7 @@ pub struct Session {
     jobs: mpsc::Sender<Job>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct SessionInfo {
     pub id: String,
     pub template: String,

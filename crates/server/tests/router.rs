@@ -237,3 +237,26 @@ fn key_files_are_checked() {
     assert!(Auth::read_keys(&empty).unwrap_err().to_string().contains("no API keys"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn openapi_describes_every_endpoint() {
+    let remote = app_with(Some(vec![KEY.into()]), Limits::default(), 1000, [10, 0, 0, 1]);
+    let (status, _, spec) = call(remote, get("/v1/openapi.json")).await;
+    assert_eq!(status, StatusCode::OK, "the description needs no key");
+    assert!(spec["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/v1/exec",
+        "/v1/exec/batch",
+        "/v1/health",
+        "/v1/metrics",
+        "/v1/sandboxes",
+        "/v1/sandboxes/{id}",
+        "/v1/sandboxes/{id}/exec",
+        "/v1/sandboxes/{id}/fork",
+        "/v1/sandboxes/{id}/files/{path}",
+    ] {
+        assert!(spec["paths"][path].is_object(), "{path} missing");
+    }
+    assert_eq!(spec["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    assert!(spec["components"]["schemas"]["ExecResponse"]["properties"]["timed_out"].is_object());
+}
