@@ -7,7 +7,7 @@ set -euo pipefail
 packages=(
   linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev
   debootstrap erofs-utils xz-utils tar
-  wrk
+  wrk python3-venv
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -10,3 +10,8 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release -- -D warnings
 cargo build --workspace --release
 cargo test --workspace --release -- --test-threads=2
+# The Python SDK, installed with pip into its own venv, against a real
+# `zeroboot serve` (the tests start one from target/release/zeroboot).
+python3 -m venv target/sdk-venv
+target/sdk-venv/bin/pip install --quiet ./sdk/python
+target/sdk-venv/bin/python -m unittest discover -s sdk/python/tests -v

@@ -1,0 +1,105 @@
+"""The Python SDK against a real `zeroboot serve` and real guests.
+
+Uses the server at $ZEROBOOT_URL, or starts one from $ZEROBOOT_BIN (default:
+target/release/zeroboot in this repository) for the duration of the tests.
+"""
+
+import asyncio
+import os
+import subprocess
+import unittest
+from pathlib import Path
+
+from zeroboot import AsyncSandbox, Sandbox, ZerobootError
+
+REPO = Path(__file__).resolve().parents[3]
+_server = None
+
+
+def setUpModule():
+    global _server
+    if os.environ.get("ZEROBOOT_URL"):
+        return
+    binary = os.environ.get("ZEROBOOT_BIN", str(REPO / "target" / "release" / "zeroboot"))
+    if not Path(binary).exists():
+        raise RuntimeError(f"{binary} is missing: build zeroboot first (cargo build --release)")
+    _server = subprocess.Popen(
+        [binary, "serve", "--listen", "127.0.0.1:0", "--pool", "2"], stdout=subprocess.PIPE, text=True
+    )
+    for line in _server.stdout:
+        if line.startswith("zeroboot: listening on "):
+            os.environ["ZEROBOOT_URL"] = line.split()[-1]
+            break
+    else:
+        raise RuntimeError("zeroboot serve exited before listening")
+
+
+def tearDownModule():
+    if _server is not None:
+        _server.terminate()
+        _server.wait(timeout=30)
+
+
+def client():
+    return Sandbox(os.environ["ZEROBOOT_URL"])
+
+
+class SyncTests(unittest.TestCase):
+    def test_run_returns_output_exit_code_and_timings(self):
+        r = client().run("import sys\nprint(1+1)\nsys.exit(3)")
+        self.assertEqual((r.stdout, r.exit_code, r.timed_out), ("2\n", 3, False))
+        self.assertGreater(r.total_time_ms, 0)
+
+    def test_errors_are_exceptions_with_codes(self):
+        with self.assertRaises(ZerobootError) as caught:
+            client().run("print(1)", language="cobol")
+        self.assertEqual((caught.exception.status, caught.exception.code), (400, "unsupported_language"))
+
+    def test_run_batch_and_timeout(self):
+        results = client().run_batch(["print(1)", "while True: pass"], timeout_seconds=0.5)
+        self.assertEqual(results[0].stdout, "1\n")
+        self.assertTrue(results[1].timed_out)
+
+    def test_stream_yields_lines_then_the_result(self):
+        events = list(client().stream("import time\nfor i in range(3):\n    print(i)\n    time.sleep(0.05)"))
+        self.assertEqual("".join(e.text for e in events if e.kind == "stdout"), "0\n1\n2\n")
+        self.assertEqual(events[-1].kind, "result")
+        self.assertEqual(events[-1].result.exit_code, 0)
+
+    def test_session_keeps_state_forks_and_moves_files(self):
+        sb = client()
+        with sb.session(ttl_seconds=60) as s:
+            s.exec("x = 41")
+            s.write_file("/tmp/data.bin", bytes(range(256)) * 10)
+            self.assertEqual(s.read_file("/tmp/data.bin"), bytes(range(256)) * 10)
+            children = s.fork(2)
+            s.exec("x = 0")
+            for child in children:
+                self.assertEqual(child.exec("print(x + 1)").stdout, "42\n")
+                self.assertEqual(child.read_file("tmp/data.bin")[:3], b"\x00\x01\x02")
+                child.close()
+            self.assertIn(s.id, [i.id for i in sb.sessions()])
+        with self.assertRaises(ZerobootError) as caught:
+            s.exec("1")
+        self.assertEqual(caught.exception.status, 404)
+
+
+class AsyncTests(unittest.TestCase):
+    def test_async_surface(self):
+        async def main():
+            sb = AsyncSandbox(os.environ["ZEROBOOT_URL"])
+            results = await asyncio.gather(sb.run("print('a')"), sb.run("print('b')"))
+            self.assertEqual([r.stdout for r in results], ["a\n", "b\n"])
+            texts = [e.text async for e in sb.stream("print('s')") if e.kind == "stdout"]
+            self.assertEqual("".join(texts), "s\n")
+            async with await sb.session() as s:
+                await s.exec("y = 2")
+                (child,) = await s.fork()
+                self.assertEqual((await child.exec("print(y * 21)")).stdout, "42\n")
+                await child.close()
+
+        asyncio.run(main())
+
+
+if __name__ == "__main__":
+    unittest.main()

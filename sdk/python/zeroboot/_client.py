@@ -1,0 +1,289 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Sequence, Union
+
+
+class ZerobootError(Exception):
+    """An error the server answered with: `{error: {code, message}}`."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: Optional[float] = None):
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass
+class ExecResult:
+    stdout: str
+    stderr: str
+    exit_code: int
+    timed_out: bool
+    truncated: bool
+    template: str
+    id: str
+    fork_time_ms: float
+    exec_time_ms: float
+    total_time_ms: float
+
+    @classmethod
+    def from_json(cls, d: Dict[str, Any]) -> "ExecResult":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass
+class SandboxInfo:
+    id: str
+    template: str
+    parent: Optional[str]
+    ttl_seconds: float
+    idle_seconds: float
+
+    @classmethod
+    def from_json(cls, d: Dict[str, Any]) -> "SandboxInfo":
+        return cls(**{k: d.get(k) for k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Event:
+    """One Server-Sent Event of a streamed run: `stdout` or `stderr` with
+    `text`, then `result` with `result`."""
+
+    kind: str
+    text: str = ""
+    result: Optional[ExecResult] = None
+    error: Optional[ZerobootError] = field(default=None)
+
+
+class _Http:
+    def __init__(self, url: str, api_key: Optional[str], timeout: float):
+        self.url = url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = timeout
+
+    def _request(self, method: str, path: str, body: Optional[bytes], content_type: str, accept: str):
+        headers = {"Accept": accept}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
+        try:
+            return urllib.request.urlopen(req, timeout=self.timeout)
+        except urllib.error.HTTPError as e:
+            raise _error(e) from None
+
+    def json(self, method: str, path: str, payload: Any = None) -> Any:
+        body = None if payload is None else json.dumps(payload).encode()
+        with self._request(method, path, body, "application/json", "application/json") as resp:
+            data = resp.read()
+        return json.loads(data) if data else None
+
+    def raw(self, method: str, path: str, body: Optional[bytes] = None) -> bytes:
+        with self._request(method, path, body, "application/octet-stream", "*/*") as resp:
+            return resp.read()
+
+    def events(self, path: str, payload: Any) -> Iterator[Event]:
+        body = json.dumps(payload).encode()
+        with self._request("POST", path, body, "application/json", "text/event-stream") as resp:
+            name, data = "message", []
+            for raw in resp:
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if line.startswith("event:"):
+                    name = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].lstrip())
+                elif not line and data:
+                    yield _event(name, json.loads("\n".join(data)))
+                    name, data = "message", []
+
+
+def _error(e: urllib.error.HTTPError) -> ZerobootError:
+    try:
+        body = json.loads(e.read())["error"]
+        code, message = body["code"], body["message"]
+    except (ValueError, KeyError, TypeError):
+        code, message = "http_error", str(e)
+    retry = e.headers.get("Retry-After") if e.headers else None
+    return ZerobootError(e.code, code, message, float(retry) if retry else None)
+
+
+def _event(name: str, data: Dict[str, Any]) -> Event:
+    if name == "result":
+        return Event("result", result=ExecResult.from_json(data))
+    if name == "error":
+        err = data.get("error", {})
+        return Event("error", error=ZerobootError(0, err.get("code", "error"), err.get("message", "")))
+    return Event(name, text=data.get("data", ""))
+
+
+def _exec_body(code: str, language: str, timeout_seconds: float, stdin: str, template: Optional[str]) -> Dict[str, Any]:
+    body: Dict[str, Any] = {"code": code, "language": language, "timeout_seconds": timeout_seconds, "stdin": stdin}
+    if template:
+        body["template"] = template
+    return body
+
+
+class Sandbox:
+    """A zeroboot server. Every `run` forks a brand-new VM."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8080", api_key: Optional[str] = None, timeout: float = 600.0):
+        self._http = _Http(url, api_key, timeout)
+
+    def run(
+        self,
+        code: str,
+        *,
+        language: str = "python",
+        timeout_seconds: float = 30.0,
+        stdin: str = "",
+        template: Optional[str] = None,
+    ) -> ExecResult:
+        body = _exec_body(code, language, timeout_seconds, stdin, template)
+        return ExecResult.from_json(self._http.json("POST", "/v1/exec", body))
+
+    def run_batch(self, codes: Sequence[str], *, language: str = "python", timeout_seconds: float = 30.0
+                  ) -> List[Union[ExecResult, ZerobootError]]:
+        """Runs each code in its own VM, in parallel; an entry that failed
+        alone is its error."""
+        body = {"executions": [_exec_body(c, language, timeout_seconds, "", None) for c in codes]}
+        out: List[Union[ExecResult, ZerobootError]] = []
+        for entry in self._http.json("POST", "/v1/exec/batch", body)["results"]:
+            if "error" in entry:
+                out.append(ZerobootError(0, entry["error"]["code"], entry["error"]["message"]))
+            else:
+                out.append(ExecResult.from_json(entry))
+        return out
+
+    def stream(self, code: str, *, language: str = "python", timeout_seconds: float = 30.0, stdin: str = ""
+               ) -> Iterator[Event]:
+        """Yields output events as the code writes, then the result event."""
+        body = _exec_body(code, language, timeout_seconds, stdin, None)
+        body["stream"] = True
+        return self._http.events("/v1/exec", body)
+
+    def session(self, *, language: str = "python", ttl_seconds: Optional[float] = None,
+                template: Optional[str] = None) -> "Session":
+        """Starts a long-lived sandbox (see `Session`)."""
+        body: Dict[str, Any] = {"language": language}
+        if ttl_seconds is not None:
+            body["ttl_seconds"] = ttl_seconds
+        if template:
+            body["template"] = template
+        info = SandboxInfo.from_json(self._http.json("POST", "/v1/sandboxes", body))
+        return Session(self._http, info)
+
+    def sessions(self) -> List[SandboxInfo]:
+        return [SandboxInfo.from_json(s) for s in self._http.json("GET", "/v1/sandboxes")["sandboxes"]]
+
+    def health(self) -> Dict[str, Any]:
+        return self._http.json("GET", "/v1/health")
+
+
+class Session:
+    """A long-lived sandbox: variables, imports and files persist between
+    `exec` calls. Close it (or use `with`) to free its VM."""
+
+    def __init__(self, http: _Http, info: SandboxInfo):
+        self._http = http
+        self.info = info
+        self.id = info.id
+
+    def exec(self, code: str, *, timeout_seconds: float = 30.0, stdin: str = "") -> ExecResult:
+        body = {"code": code, "timeout_seconds": timeout_seconds, "stdin": stdin}
+        return ExecResult.from_json(self._http.json("POST", f"/v1/sandboxes/{self.id}/exec", body))
+
+    def fork(self, count: int = 1) -> List["Session"]:
+        """New sessions that start from this one's current state."""
+        forked = self._http.json("POST", f"/v1/sandboxes/{self.id}/fork", {"count": count})
+        return [Session(self._http, SandboxInfo.from_json(s)) for s in forked["sandboxes"]]
+
+    def write_file(self, path: str, data: bytes) -> None:
+        self._http.raw("PUT", f"/v1/sandboxes/{self.id}/files/{_quote(path)}", bytes(data))
+
+    def read_file(self, path: str) -> bytes:
+        return self._http.raw("GET", f"/v1/sandboxes/{self.id}/files/{_quote(path)}")
+
+    def close(self) -> None:
+        try:
+            self._http.raw("DELETE", f"/v1/sandboxes/{self.id}")
+        except ZerobootError as e:
+            if e.status != 404:
+                raise
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+
+def _quote(path: str) -> str:
+    return urllib.parse.quote(path.lstrip("/"))
+
+
+class AsyncSandbox:
+    """`Sandbox` for asyncio: each call runs in a worker thread, so the event
+    loop never blocks on the network."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8080", api_key: Optional[str] = None, timeout: float = 600.0):
+        self._sync = Sandbox(url, api_key, timeout)
+
+    async def run(self, code: str, **kwargs: Any) -> ExecResult:
+        return await asyncio.to_thread(self._sync.run, code, **kwargs)
+
+    async def run_batch(self, codes: Sequence[str], **kwargs: Any) -> List[Union[ExecResult, ZerobootError]]:
+        return await asyncio.to_thread(self._sync.run_batch, codes, **kwargs)
+
+    async def stream(self, code: str, **kwargs: Any) -> AsyncIterator[Event]:
+        events = self._sync.stream(code, **kwargs)
+        done = object()
+        while True:
+            event = await asyncio.to_thread(next, events, done)
+            if event is done:
+                return
+            yield event  # type: ignore[misc]
+
+    async def session(self, **kwargs: Any) -> "AsyncSession":
+        return AsyncSession(await asyncio.to_thread(self._sync.session, **kwargs))
+
+    async def sessions(self) -> List[SandboxInfo]:
+        return await asyncio.to_thread(self._sync.sessions)
+
+    async def health(self) -> Dict[str, Any]:
+        return await asyncio.to_thread(self._sync.health)
+
+
+class AsyncSession:
+    def __init__(self, session: Session):
+        self._sync = session
+        self.info = session.info
+        self.id = session.id
+
+    async def exec(self, code: str, **kwargs: Any) -> ExecResult:
+        return await asyncio.to_thread(self._sync.exec, code, **kwargs)
+
+    async def fork(self, count: int = 1) -> List["AsyncSession"]:
+        return [AsyncSession(s) for s in await asyncio.to_thread(self._sync.fork, count)]
+
+    async def write_file(self, path: str, data: bytes) -> None:
+        await asyncio.to_thread(self._sync.write_file, path, data)
+
+    async def read_file(self, path: str) -> bytes:
+        return await asyncio.to_thread(self._sync.read_file, path)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._sync.close)
+
+    async def __aenter__(self) -> "AsyncSession":
+        return self
+
+    async def __aexit__(self, *_: Any) -> None:
+        await self.close()
