@@ -21,5 +21,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
+# Only the SDK tests need these.
+command -v python3 >/dev/null || { echo "python3 not found: the Python SDK tests need it" >&2; exit 1; }
+command -v npm >/dev/null || { echo "npm not found: the TypeScript SDK tests need Node.js 18+ and npm" >&2; exit 1; }
 [ -e /dev/kvm ] || echo "warning: /dev/kvm is missing; zeroboot needs KVM to run sandboxes" >&2
 echo "dependencies ready"

@@ -15,3 +15,6 @@ cargo test --workspace --release -- --test-threads=2
 python3 -m venv target/sdk-venv
 target/sdk-venv/bin/pip install --quiet ./sdk/python
 target/sdk-venv/bin/python -m unittest discover -s sdk/python/tests -v
+# The TypeScript SDK: built with its locked dev dependencies, tested with
+# node's test runner against a real `zeroboot serve`.
+(cd sdk/typescript && npm ci --no-audit --no-fund --silent && npm run --silent build && npm test)

@@ -1,0 +1,224 @@
+/**
+ * Client for the zeroboot HTTP API (described at /v1/openapi.json).
+ *
+ *   const sb = new Sandbox({ url: "http://127.0.0.1:8080" });
+ *   console.log((await sb.run("print(1+1)")).stdout);   // a new VM per call
+ *   for await (const e of sb.stream("print('hi')")) console.log(e.kind, e.text);
+ *   const s = await sb.session();                        // a long-lived sandbox
+ *   await s.exec("x = 41");
+ *   const [child] = await s.fork();                      // starts where s is now
+ *
+ * Uses only `fetch`.
+ */
+
+export interface ExecResult {
+  id: string;
+  stdout: string;
+  stderr: string;
+  exit_code: number;
+  fork_time_ms: number;
+  exec_time_ms: number;
+  total_time_ms: number;
+  timed_out: boolean;
+  truncated: boolean;
+  template: string;
+}
+
+export interface SandboxInfo {
+  id: string;
+  template: string;
+  parent: string | null;
+  ttl_seconds: number;
+  idle_seconds: number;
+}
+
+export interface RunOptions {
+  language?: string;
+  timeoutSeconds?: number;
+  stdin?: string;
+  template?: string;
+}
+
+/** One event of a streamed run: `stdout`/`stderr` with `text`, then `result` or `error`. */
+export interface StreamEvent {
+  kind: "stdout" | "stderr" | "result" | "error";
+  text?: string;
+  result?: ExecResult;
+  error?: ZerobootError;
+}
+
+/** An error the server answered with: `{error: {code, message}}`. */
+export class ZerobootError extends Error {
+  constructor(
+    readonly status: number,
+    readonly code: string,
+    message: string,
+    readonly retryAfter?: number,
+  ) {
+    super(`${status} ${code}: ${message}`);
+    this.name = "ZerobootError";
+  }
+}
+
+class Http {
+  constructor(
+    readonly url: string,
+    readonly apiKey?: string,
+  ) {}
+
+  async request(method: string, path: string, body?: BodyInit, contentType?: string, accept = "application/json") {
+    const headers: Record<string, string> = { Accept: accept };
+    if (contentType) headers["Content-Type"] = contentType;
+    if (this.apiKey) headers["Authorization"] = `Bearer ${this.apiKey}`;
+    const response = await fetch(this.url + path, { method, headers, body });
+    if (!response.ok) {
+      let code = "http_error";
+      let message = response.statusText;
+      try {
+        const err = (await response.json()).error;
+        code = err.code;
+        message = err.message;
+      } catch {
+        // not our JSON error shape
+      }
+      const retry = response.headers.get("retry-after");
+      throw new ZerobootError(response.status, code, message, retry ? Number(retry) : undefined);
+    }
+    return response;
+  }
+
+  async json<T>(method: string, path: string, payload?: unknown): Promise<T> {
+    const body = payload === undefined ? undefined : JSON.stringify(payload);
+    const response = await this.request(method, path, body, body ? "application/json" : undefined);
+    const text = await response.text();
+    return (text ? JSON.parse(text) : undefined) as T;
+  }
+}
+
+function execBody(code: string, o: RunOptions = {}) {
+  return {
+    code,
+    language: o.language ?? "python",
+    timeout_seconds: o.timeoutSeconds ?? 30,
+    stdin: o.stdin ?? "",
+    ...(o.template ? { template: o.template } : {}),
+  };
+}
+
+function filePath(path: string) {
+  return encodeURI(path.replace(/^\/+/, ""));
+}
+
+/** A zeroboot server. Every `run` forks a brand-new VM. */
+export class Sandbox {
+  private http: Http;
+
+  constructor(options: { url?: string; apiKey?: string } = {}) {
+    this.http = new Http((options.url ?? "http://127.0.0.1:8080").replace(/\/+$/, ""), options.apiKey);
+  }
+
+  run(code: string, options?: RunOptions): Promise<ExecResult> {
+    return this.http.json("POST", "/v1/exec", execBody(code, options));
+  }
+
+  /** Runs each code in its own VM, in parallel; an entry that failed alone is its error. */
+  async runBatch(codes: string[], options?: RunOptions): Promise<(ExecResult | ZerobootError)[]> {
+    const body = { executions: codes.map((c) => execBody(c, options)) };
+    const { results } = await this.http.json<{ results: any[] }>("POST", "/v1/exec/batch", body);
+    return results.map((r) => (r.error ? new ZerobootError(0, r.error.code, r.error.message) : (r as ExecResult)));
+  }
+
+  /** Yields output events as the code writes, then the result event. */
+  async *stream(code: string, options?: RunOptions): AsyncGenerator<StreamEvent> {
+    const body = JSON.stringify({ ...execBody(code, options), stream: true });
+    const response = await this.http.request("POST", "/v1/exec", body, "application/json", "text/event-stream");
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for await (const piece of response.body as unknown as AsyncIterable<Uint8Array>) {
+      buffer += decoder.decode(piece, { stream: true });
+      let end: number;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        let name = "message";
+        const data: string[] = [];
+        for (const line of block.split("\n")) {
+          if (line.startsWith("event:")) name = line.slice(6).trim();
+          else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
+        }
+        if (data.length === 0) continue;
+        const value = JSON.parse(data.join("\n"));
+        if (name === "result") yield { kind: "result", result: value as ExecResult };
+        else if (name === "error")
+          yield { kind: "error", error: new ZerobootError(0, value.error.code, value.error.message) };
+        else yield { kind: name as "stdout" | "stderr", text: value.data };
+      }
+    }
+  }
+
+  /** Starts a long-lived sandbox (see `Session`). */
+  async session(options: { language?: string; ttlSeconds?: number; template?: string } = {}): Promise<Session> {
+    const info = await this.http.json<SandboxInfo>("POST", "/v1/sandboxes", {
+      language: options.language ?? "python",
+      ...(options.ttlSeconds !== undefined ? { ttl_seconds: options.ttlSeconds } : {}),
+      ...(options.template ? { template: options.template } : {}),
+    });
+    return new Session(this.http, info);
+  }
+
+  async sessions(): Promise<SandboxInfo[]> {
+    return (await this.http.json<{ sandboxes: SandboxInfo[] }>("GET", "/v1/sandboxes")).sandboxes;
+  }
+
+  health(): Promise<unknown> {
+    return this.http.json("GET", "/v1/health");
+  }
+}
+
+/** A long-lived sandbox: variables, imports and files persist between `exec` calls. */
+export class Session {
+  readonly id: string;
+
+  constructor(
+    private http: Http,
+    readonly info: SandboxInfo,
+  ) {
+    this.id = info.id;
+  }
+
+  exec(code: string, options: { timeoutSeconds?: number; stdin?: string } = {}): Promise<ExecResult> {
+    return this.http.json("POST", `/v1/sandboxes/${this.id}/exec`, {
+      code,
+      timeout_seconds: options.timeoutSeconds ?? 30,
+      stdin: options.stdin ?? "",
+    });
+  }
+
+  /** New sessions that start from this one's current state. */
+  async fork(count = 1): Promise<Session[]> {
+    const forked = await this.http.json<{ sandboxes: SandboxInfo[] }>("POST", `/v1/sandboxes/${this.id}/fork`, {
+      count,
+    });
+    return forked.sandboxes.map((info) => new Session(this.http, info));
+  }
+
+  async writeFile(path: string, data: Uint8Array | string): Promise<void> {
+    const bytes = typeof data === "string" ? new TextEncoder().encode(data) : data;
+    // fetch takes any ArrayBufferView; TypeScript's DOM types are narrower.
+    const body = bytes as unknown as BodyInit;
+    await this.http.request("PUT", `/v1/sandboxes/${this.id}/files/${filePath(path)}`, body, "application/octet-stream");
+  }
+
+  async readFile(path: string): Promise<Uint8Array> {
+    const response = await this.http.request("GET", `/v1/sandboxes/${this.id}/files/${filePath(path)}`, undefined, undefined, "*/*");
+    return new Uint8Array(await response.arrayBuffer());
+  }
+
+  async close(): Promise<void> {
+    try {
+      await this.http.request("DELETE", `/v1/sandboxes/${this.id}`);
+    } catch (e) {
+      if (!(e instanceof ZerobootError && e.status === 404)) throw e;
+    }
+  }
+}

@@ -1,0 +1,77 @@
+// The TypeScript SDK (built to dist/) against a real `zeroboot serve`.
+// Uses $ZEROBOOT_URL, or starts a server from $ZEROBOOT_BIN (default:
+// target/release/zeroboot in this repository).
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { createInterface } from "node:readline";
+import { existsSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { Sandbox, ZerobootError } from "../dist/index.js";
+
+const repo = fileURLToPath(new URL("../../../", import.meta.url));
+let server;
+let url = process.env.ZEROBOOT_URL;
+
+before(async () => {
+  if (url) return;
+  const bin = process.env.ZEROBOOT_BIN ?? `${repo}target/release/zeroboot`;
+  if (!existsSync(bin)) throw new Error(`${bin} is missing: build zeroboot first (cargo build --release)`);
+  server = spawn(bin, ["serve", "--listen", "127.0.0.1:0", "--pool", "2"], { stdio: ["ignore", "pipe", "inherit"] });
+  url = await new Promise((resolve, reject) => {
+    const lines = createInterface({ input: server.stdout });
+    lines.on("line", (line) => {
+      if (line.startsWith("zeroboot: listening on ")) resolve(line.split(" ").pop());
+    });
+    server.on("exit", () => reject(new Error("zeroboot serve exited before listening")));
+  });
+});
+
+after(() => server?.kill());
+
+test("run returns output, exit code and timings", async () => {
+  const r = await new Sandbox({ url }).run("import sys\nprint(1+1)\nsys.exit(3)");
+  assert.equal(r.stdout, "2\n");
+  assert.equal(r.exit_code, 3);
+  assert.ok(r.total_time_ms > 0);
+});
+
+test("errors are ZerobootErrors with codes", async () => {
+  await assert.rejects(new Sandbox({ url }).run("1", { language: "cobol" }), (e) => {
+    assert.ok(e instanceof ZerobootError);
+    assert.equal(e.status, 400);
+    assert.equal(e.code, "unsupported_language");
+    return true;
+  });
+});
+
+test("runBatch and timeouts", async () => {
+  const [a, b] = await new Sandbox({ url }).runBatch(["print(1)", "while True: pass"], { timeoutSeconds: 0.5 });
+  assert.equal(a.stdout, "1\n");
+  assert.equal(b.timed_out, true);
+});
+
+test("stream yields lines then the result", async () => {
+  const events = [];
+  for await (const e of new Sandbox({ url }).stream("import time\nfor i in range(3):\n    print(i)\n    time.sleep(0.05)")) {
+    events.push(e);
+  }
+  assert.equal(events.filter((e) => e.kind === "stdout").map((e) => e.text).join(""), "0\n1\n2\n");
+  assert.equal(events.at(-1).kind, "result");
+});
+
+test("sessions keep state, fork and move files", async () => {
+  const sb = new Sandbox({ url });
+  const s = await sb.session({ ttlSeconds: 60 });
+  await s.exec("x = 41");
+  const data = Uint8Array.from({ length: 1000 }, (_, i) => i % 256);
+  await s.writeFile("/tmp/data.bin", data);
+  assert.deepEqual(await s.readFile("/tmp/data.bin"), data);
+  const [child] = await s.fork();
+  await s.exec("x = 0");
+  assert.equal((await child.exec("print(x + 1)")).stdout, "42\n");
+  assert.ok((await sb.sessions()).some((i) => i.id === child.id));
+  await child.close();
+  await s.close();
+  await assert.rejects(s.exec("1"), (e) => e.status === 404);
+});
