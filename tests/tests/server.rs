@@ -307,3 +307,41 @@ fn exec_streams_server_sent_events() {
         (Some(4), Some("0\n1\n2\n"))
     );
 }
+
+#[test]
+fn cli_client_runs_code_and_manages_sandboxes() {
+    let server = Server::start(&[]);
+    let zeroboot = |args: &[&str]| {
+        std::process::Command::new(zeroboot_e2e::zeroboot_bin())
+            .args(args)
+            .env("ZEROBOOT_URL", &server.url)
+            .output()
+            .unwrap()
+    };
+    let out = zeroboot(&[
+        "exec",
+        "-c",
+        "import sys\nprint('hi')\nprint('e', file=sys.stderr)\nsys.exit(5)",
+    ]);
+    assert_eq!(out.status.code(), Some(5));
+    assert_eq!(
+        (out.stdout.as_slice(), out.stderr.as_slice()),
+        (&b"hi\n"[..], &b"e\n"[..])
+    );
+    let out = zeroboot(&["exec", "--timeout", "0.5", "-c", "while True: pass"]);
+    assert_eq!(out.status.code(), Some(124));
+    let out = zeroboot(&["sandbox", "create", "--ttl", "60"]);
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(id.starts_with("sbx_"), "{id}");
+    assert!(zeroboot(&["exec", "--sandbox", &id, "-c", "x = 41"]).status.success());
+    let out = zeroboot(&["sandbox", "fork", &id]);
+    let child = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let out = zeroboot(&["exec", "--sandbox", &child, "-c", "print(x + 1)"]);
+    assert_eq!(out.stdout, b"42\n");
+    let listed = String::from_utf8(zeroboot(&["sandbox", "ls"]).stdout).unwrap();
+    assert!(listed.contains(&id) && listed.contains(&child), "{listed}");
+    assert!(zeroboot(&["sandbox", "rm", &child]).status.success());
+    let out = zeroboot(&["exec", "--sandbox", &child, "-c", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sandbox_not_found"));
+}

@@ -1,6 +1,7 @@
 //! `zeroboot`: build templates and run code in fresh VM sandboxes.
 
 mod bench;
+mod client;
 mod progress;
 mod serve;
 
@@ -40,6 +41,11 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve the HTTP API.
     Serve(serve::ServeArgs),
+    /// Run code through a zeroboot server (streams output).
+    Exec(client::ExecArgs),
+    /// Long-lived sandboxes on a zeroboot server.
+    #[command(subcommand)]
+    Sandbox(client::SandboxCommand),
 }
 
 #[derive(Subcommand)]
@@ -99,6 +105,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Bench(args) => bench_command(&args).map(|()| ExitCode::SUCCESS),
         Command::Serve(args) => serve::run(&args, open_or_build).map(|()| ExitCode::SUCCESS),
+        Command::Exec(args) => read_code(args.code(), args.file()).and_then(|code| client::exec(&args, code)),
+        Command::Sandbox(cmd) => client::sandbox(&cmd).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -241,11 +249,12 @@ fn bench_command(args: &bench::BenchArgs) -> Result<()> {
     bench::run(snap, args)
 }
 
-fn read_code(args: &RunArgs) -> Result<String> {
-    if let Some(code) = &args.code {
+/// The code from `-c CODE`, a FILE, or `-` (standard input).
+pub(crate) fn read_code(code: &Option<String>, file: &Option<PathBuf>) -> Result<String> {
+    if let Some(code) = code {
         return Ok(code.clone());
     }
-    match &args.file {
+    match file {
         Some(path) if path.as_os_str() == "-" => {
             let mut code = String::new();
             std::io::stdin()
@@ -280,7 +289,7 @@ fn open_or_build(cache: &Cache, hv: &Hypervisor, name: &str) -> Result<zeroboot_
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {
-    let code = read_code(&args)?;
+    let code = read_code(&args.code, &args.file)?;
     let stdin = match &args.stdin {
         Some(path) => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
         None => Vec::new(),
