@@ -345,3 +345,35 @@ fn cli_client_runs_code_and_manages_sandboxes() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("sandbox_not_found"));
 }
+
+#[test]
+fn per_key_sandbox_count_and_memory_are_capped() {
+    // The template has 512 MiB of guest RAM.
+    let server = Server::start(&["--max-sandboxes-per-key", "3", "--max-sandbox-memory-mib", "1024"]);
+    let create = || server.call("POST", "/v1/sandboxes", Some("{}"), None);
+    let first = body(&create());
+    assert_eq!(create().status, 201);
+    let reply = create();
+    assert_eq!(
+        (reply.status, body(&reply)["error"]["code"].as_str()),
+        (429, Some("memory_limit"))
+    );
+    let id = first["id"].as_str().unwrap();
+    let reply = server.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/fork"),
+        Some(r#"{"count": 1}"#),
+        None,
+    );
+    assert_eq!(
+        (reply.status, body(&reply)["error"]["code"].as_str()),
+        (429, Some("memory_limit"))
+    );
+    let server = Server::start(&["--max-sandboxes-per-key", "1"]);
+    assert_eq!(server.call("POST", "/v1/sandboxes", Some("{}"), None).status, 201);
+    let reply = server.call("POST", "/v1/sandboxes", Some("{}"), None);
+    assert_eq!(
+        (reply.status, body(&reply)["error"]["code"].as_str()),
+        (429, Some("sandbox_limit"))
+    );
+}

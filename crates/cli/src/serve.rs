@@ -30,6 +30,12 @@ pub struct ServeArgs {
     /// Sandboxes running at once (default: 4 per core); more requests wait, then get 503.
     #[arg(long)]
     max_concurrent: Option<usize>,
+    /// Long-lived sandboxes one API key may hold.
+    #[arg(long, default_value_t = 64)]
+    max_sandboxes_per_key: usize,
+    /// Guest RAM, in MiB, one API key's long-lived sandboxes may hold.
+    #[arg(long, default_value_t = 16 << 10)]
+    max_sandbox_memory_mib: u64,
     /// How long a request waits for a free sandbox slot before it gets 503.
     #[arg(long, default_value_t = 10_000, value_name = "MS")]
     queue_wait_ms: u64,
@@ -62,6 +68,8 @@ pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<
         limits.max_concurrent = n.max(1);
     }
     limits.queue_wait = Duration::from_millis(args.queue_wait_ms);
+    limits.max_sandboxes_per_caller = args.max_sandboxes_per_key;
+    limits.max_sandbox_mib_per_caller = args.max_sandbox_memory_mib;
     let auth = Auth::new(keys, args.rate, args.burst);
     let has_keys = auth.has_keys();
     let state = Arc::new(AppState::new(served, limits, auth));

@@ -59,6 +59,8 @@ pub struct Limits {
     pub max_output_bytes: u32,
     /// Long-lived sandboxes per API key (or for loopback clients without keys).
     pub max_sandboxes_per_caller: usize,
+    /// Guest RAM, in MiB, that one key's long-lived sandboxes may hold.
+    pub max_sandbox_mib_per_caller: u64,
     pub default_sandbox_ttl: Duration,
     pub max_sandbox_ttl: Duration,
     /// Children one fork call may make.
@@ -77,6 +79,7 @@ impl Default for Limits {
             max_timeout: Duration::from_secs(300),
             max_output_bytes: DEFAULT_OUTPUT_LIMIT,
             max_sandboxes_per_caller: 64,
+            max_sandbox_mib_per_caller: 16 << 10,
             default_sandbox_ttl: Duration::from_secs(300),
             max_sandbox_ttl: Duration::from_secs(24 * 3600),
             max_fork: 16,
@@ -90,6 +93,13 @@ pub struct Served {
     /// The language its agent runs (`python`).
     pub language: String,
     pub template: Template,
+}
+
+impl Served {
+    /// Guest RAM of each sandbox forked from it.
+    pub fn memory_mib(&self) -> u64 {
+        self.template.snapshot().state.layout.ram_bytes >> 20
+    }
 }
 
 pub struct AppState {
@@ -133,6 +143,7 @@ impl AppState {
             slots: Arc::new(Semaphore::new(limits.max_concurrent)),
             sessions: Sessions::new(
                 limits.max_sandboxes_per_caller,
+                limits.max_sandbox_mib_per_caller,
                 limits.default_sandbox_ttl,
                 limits.max_sandbox_ttl,
             ),
@@ -523,7 +534,7 @@ async fn create_sandbox(
             ))
         }
     };
-    state.sessions.reserve(caller, 1)?;
+    state.sessions.reserve(caller, 1, served.memory_mib())?;
     let session = state
         .sessions
         .start(served, caller, None, ttl, |served| {
@@ -628,7 +639,7 @@ async fn fork_sandbox(
         ));
     }
     let parent = state.sessions.get(&id, caller)?;
-    state.sessions.reserve(caller, req.count)?;
+    state.sessions.reserve(caller, req.count, parent.served.memory_mib())?;
     let started = Instant::now();
     let live = parent
         .call(|machine| machine.snapshot_live())
@@ -773,7 +784,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
             name: s.name.clone(),
             language: s.language.clone(),
             ready: true,
-            memory_mib: s.template.snapshot().state.layout.ram_bytes >> 20,
+            memory_mib: s.memory_mib(),
         })
         .collect();
     Json(Health {

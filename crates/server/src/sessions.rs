@@ -90,15 +90,18 @@ fn gone(id: &str) -> ApiError {
 pub struct Sessions {
     map: Mutex<HashMap<String, Arc<Session>>>,
     pub max_per_caller: usize,
+    /// Guest memory (MiB of guest RAM) a caller's sandboxes may hold.
+    pub max_mib_per_caller: u64,
     pub default_ttl: Duration,
     pub max_ttl: Duration,
 }
 
 impl Sessions {
-    pub fn new(max_per_caller: usize, default_ttl: Duration, max_ttl: Duration) -> Self {
+    pub fn new(max_per_caller: usize, max_mib_per_caller: u64, default_ttl: Duration, max_ttl: Duration) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
             max_per_caller,
+            max_mib_per_caller,
             default_ttl,
             max_ttl,
         }
@@ -155,9 +158,25 @@ impl Sessions {
         self.map.lock().map_or(0, |m| m.len())
     }
 
-    /// Checks that `caller` may start `more` sandboxes.
-    pub fn reserve(&self, caller: Caller, more: usize) -> Result<(), ApiError> {
-        let have = self.lock()?.values().filter(|s| s.owner == caller).count();
+    /// Checks that `caller` may start `more` sandboxes of `mib` MiB of
+    /// guest RAM each.
+    pub fn reserve(&self, caller: Caller, more: usize, mib: u64) -> Result<(), ApiError> {
+        let map = self.lock()?;
+        let mine: Vec<&Arc<Session>> = map.values().filter(|s| s.owner == caller).collect();
+        let have = mine.len();
+        let have_mib: u64 = mine.iter().map(|s| s.served.memory_mib()).sum();
+        let want_mib = have_mib + more as u64 * mib;
+        if want_mib > self.max_mib_per_caller {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "memory_limit",
+                format!(
+                    "your sandboxes hold {have_mib} MiB of guest memory; {more} more would make {want_mib}, \
+                     over the {} MiB per key. Delete some first",
+                    self.max_mib_per_caller
+                ),
+            ));
+        }
         if have + more > self.max_per_caller {
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
