@@ -25,7 +25,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1000)]
     pub throughput_count: usize,
     /// VMs kept prepared by a background thread (0: every fork makes its own).
-    #[arg(long, default_value_t = 4)]
+    /// Preparing VMs while another sandbox runs slows that sandbox here, so
+    /// the default keeps one.
+    #[arg(long, default_value_t = 1)]
     pub pool: usize,
     /// Print one JSON object.
     #[arg(long)]

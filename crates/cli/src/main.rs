@@ -206,6 +206,11 @@ fn inspect(cache: &Cache, name: &str) -> Result<()> {
         mem.len() >> 20,
         (mem.blocks() * 512) >> 20
     );
+    println!(
+        "write set     {} KiB in {} runs, copied ahead of time by prepared VMs",
+        snap.write_set.iter().map(|r| r.1).sum::<u64>() / 1024,
+        snap.write_set.len()
+    );
     let r = &s.vcpu.regs;
     let sr = &s.vcpu.sregs;
     println!(

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use zeroboot_protocol::Doorbell;
+use zeroboot_protocol::{Doorbell, Request};
 use zeroboot_vmm::snapshot::{self, Snapshot, SnapshotError, MEMORY_FILE};
 use zeroboot_vmm::{BootSpec, Hypervisor, Machine, MachineError};
 
@@ -39,6 +39,35 @@ pub const DEFAULT_MEM_MIB: u64 = 512;
 pub const KERNEL_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=1 nokaslr noxsave clearcpuid=smap,popcnt tsc=reliable no-kvmapf init=/zeroboot/agent.py";
 pub const ROOT_ARGS: &str = "rootfstype=erofs rootflags=dax ro rootwait";
+/// Requests whose writes make up a template's write set: a fork that runs
+/// one of them finds those pages already copied (see vmm's `Shell::new`).
+pub const WRITE_SET_PROBES: &[&str] = &["print(1+1)", "import numpy; print(numpy.random.rand(3))"];
+
+/// Forks the freshly written template once per probe and records the union
+/// of the pages each fork wrote.
+fn record_write_set(hv: &Hypervisor, dir: &Path) -> Result<(), TemplateError> {
+    let vendor = zeroboot_vmm::machine::cpu_vendor(hv);
+    let snap = Snapshot::open(dir, &vendor)?;
+    let mut pages = std::collections::BTreeSet::new();
+    for code in WRITE_SET_PROBES {
+        let mut fork = Machine::restore(hv, &snap, Box::new(std::io::sink()))?;
+        fork.exec(Request::new(code.as_bytes(), b""), BOOT_TIMEOUT)?;
+        for (gpa, len) in fork.ram().private_runs().map_err(MachineError::from)? {
+            pages.extend((gpa..gpa + len).step_by(zeroboot_vmm::layout::PAGE_SIZE as usize));
+        }
+    }
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for page in pages {
+        match runs.last_mut() {
+            Some((start, len)) if *start + *len == page => *len += zeroboot_vmm::layout::PAGE_SIZE,
+            _ => runs.push((page, zeroboot_vmm::layout::PAGE_SIZE)),
+        }
+    }
+    let path = dir.join(snapshot::WRITE_SET_FILE);
+    std::fs::write(&path, snapshot::format_write_set(&runs)).map_err(io_err(&path))?;
+    Ok(())
+}
+
 /// Boot-to-ready limit. A boot here takes about a minute; minutes mean trouble.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
@@ -143,6 +172,7 @@ fn inputs_hash(spec: &TemplateSpec, kernel: &str, root: &str) -> String {
         .add(b"cmdline", KERNEL_CMDLINE.as_bytes())
         .add(b"root_args", ROOT_ARGS.as_bytes())
         .add(b"state_format", &snapshot::codec::FORMAT_VERSION.to_le_bytes())
+        .add(b"write_set_probes", WRITE_SET_PROBES.join("\0").as_bytes())
         .add(b"engine", env!("CARGO_PKG_VERSION").as_bytes());
     h.finish()
 }
@@ -261,6 +291,7 @@ pub fn build(
     progress.start("snapshot");
     let snap_started = Instant::now();
     let state = machine.save()?;
+    let exits_to_ready = machine.exits();
     let mem_path = staging.join(MEMORY_FILE);
     let mut mem_file = File::options()
         .create(true)
@@ -272,6 +303,8 @@ pub fn build(
     let memory_bytes = machine.ram().write_sparse(&mut mem_file).map_err(MachineError::from)?;
     mem_file.sync_all().map_err(io_err(&mem_path))?;
     snapshot::write_state(&staging, &state)?;
+    drop(machine);
+    record_write_set(&hv, &staging)?;
     let info = TemplateInfo {
         name: spec.name.clone(),
         mem_mib: spec.mem_mib,
@@ -288,7 +321,7 @@ pub fn build(
             snapshot_s: snap_started.elapsed().as_secs_f64(),
         },
         memory_bytes,
-        exits_to_ready: machine.exits(),
+        exits_to_ready,
     };
     let meta = staging.join(METADATA_FILE);
     let json = serde_json::to_string_pretty(&info).map_err(|e| TemplateError::Metadata {
@@ -296,7 +329,6 @@ pub fn build(
         message: e.to_string(),
     })?;
     std::fs::write(&meta, json).map_err(io_err(&meta))?;
-    drop(machine);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
     }

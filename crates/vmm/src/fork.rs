@@ -59,12 +59,15 @@ impl Template {
         let source = shared.clone();
         let filler = std::thread::Builder::new()
             .name("zeroboot-shells".into())
-            .spawn(move || loop {
-                let shell = Shell::new(&source.hv, &source.snapshot);
-                let failed = shell.is_err();
-                // A send fails once the template is dropped: stop.
-                if tx.send(shell).is_err() || failed {
-                    return;
+            .spawn(move || {
+                lower_priority();
+                loop {
+                    let shell = Shell::new(&source.hv, &source.snapshot);
+                    let failed = shell.is_err();
+                    // A send fails once the template is dropped: stop.
+                    if tx.send(shell).is_err() || failed {
+                        return;
+                    }
                 }
             })
             .ok();
@@ -121,4 +124,14 @@ impl Drop for Pool {
             let _ = filler.join();
         }
     }
+}
+
+/// Runs the calling thread at a lower CPU priority, so that preparing VMs
+/// gives way to sandboxes that are running code.
+fn lower_priority() {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority on this thread's own id; a failure leaves the
+    // priority as it was, which is harmless.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10) };
 }

@@ -125,7 +125,16 @@ pub struct Shell {
 
 impl Shell {
     pub fn new(hv: &Hypervisor, snapshot: &Snapshot) -> Result<Self, MachineError> {
-        Self::with_state(hv, snapshot, &snapshot.state)
+        let mut shell = Self::with_state(hv, snapshot, &snapshot.state)?;
+        // Copy the pages forks usually write now, off the fork's path. A
+        // page the host already holds privately is writable in its page
+        // tables, so the guest's first touch, read or write, maps it
+        // writable at once; otherwise a read-then-write costs two
+        // shadow-paging faults and the copy happens inside the second.
+        for &(gpa, len) in &snapshot.write_set {
+            shell.ram.touch_for_write(gpa, len)?;
+        }
+        Ok(shell)
     }
 
     /// A shell over `snapshot`'s memory file holding `state`, which may be a

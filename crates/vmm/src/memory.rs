@@ -151,6 +151,20 @@ impl GuestRam {
         Ok(kib * 1024)
     }
 
+    /// Makes this mapping hold its own copy of every page in `gpa..gpa+len`
+    /// (contents unchanged), as a write would.
+    pub fn touch_for_write(&mut self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        let bytes = self.slice_mut(gpa, len as usize)?;
+        for offset in (0..bytes.len()).step_by(PAGE_SIZE as usize) {
+            // A volatile write of the byte already there: the compiler may
+            // not drop it, and the kernel copies the page on the write fault.
+            let p: *mut u8 = &mut bytes[offset];
+            // SAFETY: `p` points into `bytes`, a live mutable slice of this mapping.
+            unsafe { std::ptr::write_volatile(p, std::ptr::read_volatile(p)) };
+        }
+        Ok(())
+    }
+
     /// Guest-physical runs `(gpa, len)` of the pages this mapping holds
     /// copies of (copy-on-write copies, or pages swapped out), from
     /// /proc/self/pagemap. Everything else still reads from the file.

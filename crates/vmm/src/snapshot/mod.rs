@@ -64,6 +64,35 @@ pub struct Snapshot {
     pub dir: PathBuf,
     pub state: MachineState,
     memory: File,
+    /// Guest pages forks usually write ([`WRITE_SET_FILE`]); empty if none.
+    pub write_set: Vec<(u64, u64)>,
+}
+
+/// Guest-physical runs (`0x<gpa> <bytes>` a line) that forks of this
+/// template usually write, recorded when it was built. Prepared VMs copy
+/// them ahead of time, so the fork maps them writable at the first touch
+/// instead of faulting twice (see `Shell::new`).
+pub const WRITE_SET_FILE: &str = "write-set.txt";
+
+/// Parses a write-set file; runs must be page-aligned and inside `size`.
+pub fn parse_write_set(text: &str, size: u64) -> Option<Vec<(u64, u64)>> {
+    let mut runs = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let mut words = line.split_whitespace();
+        let gpa = u64::from_str_radix(words.next()?.strip_prefix("0x")?, 16).ok()?;
+        let len: u64 = words.next()?.parse().ok()?;
+        let page = crate::layout::PAGE_SIZE;
+        if gpa % page != 0 || len % page != 0 || gpa.checked_add(len)? > size {
+            return None;
+        }
+        runs.push((gpa, len));
+    }
+    Some(runs)
+}
+
+/// Writes `runs` in the format [`parse_write_set`] reads.
+pub fn format_write_set(runs: &[(u64, u64)]) -> String {
+    runs.iter().map(|(gpa, len)| format!("{gpa:#x} {len}\n")).collect()
 }
 
 impl Snapshot {
@@ -89,10 +118,16 @@ impl Snapshot {
                 actual,
             });
         }
+        // An unreadable or malformed write set only costs speed: ignore it.
+        let write_set = std::fs::read_to_string(dir.join(WRITE_SET_FILE))
+            .ok()
+            .and_then(|text| parse_write_set(&text, expected))
+            .unwrap_or_default();
         Ok(Self {
             dir: dir.to_path_buf(),
             state,
             memory,
+            write_set,
         })
     }
 
@@ -160,6 +195,16 @@ pub(crate) mod tests {
                 ..Default::default()
             },
         }
+    }
+
+    #[test]
+    fn write_set_round_trips_and_rejects_bad_runs() {
+        let runs = vec![(0x1000, 0x3000), (0x20_0000, 0x1000)];
+        assert_eq!(parse_write_set(&format_write_set(&runs), 1 << 30), Some(runs));
+        assert_eq!(parse_write_set("0x1001 4096\n", 1 << 30), None, "unaligned");
+        assert_eq!(parse_write_set("0x1000 4096\n", 0x1800), None, "past the end");
+        assert_eq!(parse_write_set("4096 4096\n", 1 << 30), None, "not hex");
+        assert_eq!(parse_write_set("", 1 << 30), Some(vec![]));
     }
 
     #[test]
