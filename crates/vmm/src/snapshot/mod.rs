@@ -82,7 +82,7 @@ pub fn parse_write_set(text: &str, size: u64) -> Option<Vec<(u64, u64)>> {
         let gpa = u64::from_str_radix(words.next()?.strip_prefix("0x")?, 16).ok()?;
         let len: u64 = words.next()?.parse().ok()?;
         let page = crate::layout::PAGE_SIZE;
-        if gpa % page != 0 || len % page != 0 || gpa.checked_add(len)? > size {
+        if !gpa.is_multiple_of(page) || !len.is_multiple_of(page) || gpa.checked_add(len)? > size {
             return None;
         }
         runs.push((gpa, len));
