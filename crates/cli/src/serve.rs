@@ -24,8 +24,9 @@ pub struct ServeArgs {
     /// File of API keys, one per line. Without keys only loopback clients are served.
     #[arg(long, env = "ZEROBOOT_API_KEYS_FILE", value_name = "FILE")]
     api_keys: Option<PathBuf>,
-    /// VMs each template keeps prepared on a background thread.
-    #[arg(long, default_value_t = 4)]
+    /// VMs each template keeps prepared on a background thread (preparing
+    /// them slows running sandboxes on small hosts; see the README).
+    #[arg(long, default_value_t = 1)]
     pool: usize,
     /// Sandboxes running at once (default: 4 per core); more requests wait, then get 503.
     #[arg(long)]
