@@ -21,7 +21,8 @@ fuzz_target!(|data: &[u8]| {
     let _ = read_request(&mailbox);
     if let Ok(regions) = read_entropy_table(&mailbox) {
         for r in regions {
-            assert!(r.gpa + r.write_len() <= (r.gpa | 0xfff) + 1);
+            let end = u128::from(r.gpa) + u128::from(r.write_len());
+            assert!(end <= u128::from(r.gpa | 0xfff) + 1 && end <= u128::from(u64::MAX));
         }
     }
 });

@@ -172,8 +172,10 @@ pub fn read_entropy_table(mailbox: &[u8]) -> Result<Vec<EntropyRegion>, Protocol
             len: read_u32(mailbox, at + 8),
             value: read_u32(mailbox, at + 12),
         };
-        let page_end = (region.gpa | 0xfff).saturating_add(1);
-        if region.gpa.saturating_add(region.write_len()) > page_end {
+        // In u128: the last page of the address space ends at 2^64.
+        let page_end = u128::from(region.gpa | 0xfff) + 1;
+        let end = u128::from(region.gpa) + u128::from(region.write_len());
+        if end > page_end || end > u128::from(u64::MAX) {
             return Err(ProtocolError::EntropyTable(format!(
                 "region {i} at {:#x} (+{}) crosses a page",
                 region.gpa,
@@ -611,6 +613,15 @@ mod tests {
         write_entropy_table(&mut m, &crossing).unwrap();
         assert!(matches!(read_entropy_table(&m), Err(ProtocolError::EntropyTable(_))));
         write_u32(&mut m, header::ENTROPY_COUNT, u32::MAX);
+        assert!(matches!(read_entropy_table(&m), Err(ProtocolError::EntropyTable(_))));
+        // Found by fuzz/mailbox: a region in the last page of the address
+        // space passed the page check through saturating arithmetic.
+        let top = [EntropyRegion {
+            gpa: 0xffff_ffff_ffff_f000,
+            len: 4096,
+            value: 0,
+        }];
+        write_entropy_table(&mut m, &top).unwrap();
         assert!(matches!(read_entropy_table(&m), Err(ProtocolError::EntropyTable(_))));
     }
 
