@@ -95,10 +95,16 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    // ZEROBOOT_LOG sets the filter (e.g. `info`); ZEROBOOT_LOG_FORMAT=json
+    // writes one JSON object a line.
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("ZEROBOOT_LOG"))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if std::env::var("ZEROBOOT_LOG_FORMAT").as_deref() == Ok("json") {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Template(cmd) => template_command(cmd).map(|()| ExitCode::SUCCESS),

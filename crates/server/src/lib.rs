@@ -321,6 +321,18 @@ impl AppState {
         let total = started.elapsed();
         self.retire(machine);
         self.metrics.live_sandboxes.dec();
+        match &result {
+            Ok(r) => tracing::info!(
+                id = %r.id,
+                template = %served.name,
+                exit_code = r.exit_code,
+                timed_out = r.timed_out,
+                fork_ms = forked.as_secs_f64() * 1e3,
+                total_ms = total.as_secs_f64() * 1e3,
+                "execution"
+            ),
+            Err(e) => tracing::info!(template = %served.name, code = e.code, "execution failed"),
+        }
         self.metrics.total_seconds.observe(total.as_secs_f64());
         result.map(|mut r| {
             r.fork_time_ms = forked.as_secs_f64() * 1e3;
@@ -823,6 +835,28 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// Gives every response an `x-request-id` (the execution id is separate,
+/// in exec results) and logs each request with it.
+async fn request_id(request: axum::extract::Request, next: middleware::Next) -> Response {
+    let id = execution_id();
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let started = Instant::now();
+    let mut response = next.run(request).await;
+    tracing::info!(
+        request_id = %id,
+        %method,
+        %path,
+        status = response.status().as_u16(),
+        ms = started.elapsed().as_secs_f64() * 1e3,
+        "request"
+    );
+    if let Ok(value) = header::HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     ApiError::internal("a handler panicked").into_response()
 }
@@ -850,6 +884,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .layer(middleware::from_fn(request_id))
         .with_state(state)
 }
 

@@ -61,7 +61,8 @@ fn error_code(body: &Value) -> &str {
 #[tokio::test]
 async fn health_lists_templates() {
     for path in ["/v1/health", "/health"] {
-        let (status, _, body) = call(app(), get(path)).await;
+        let (status, headers, body) = call(app(), get(path)).await;
+        assert_eq!(headers["x-request-id"].len(), 24, "every response carries a request id");
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["status"], "ok");
         assert_eq!(body["templates"], json!([]));
