@@ -34,6 +34,20 @@ pub struct ExecRequest {
     pub stream: bool,
 }
 
+impl ExecRequest {
+    /// A request for a long-lived sandbox, which already has its template.
+    pub fn in_sandbox(code: String, timeout_seconds: f64, stdin: String) -> Self {
+        Self {
+            code,
+            language: String::new(),
+            timeout_seconds,
+            stdin,
+            template: None,
+            stream: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct ExecResponse {
     pub id: String,

@@ -225,11 +225,17 @@ impl AppState {
         }
     }
 
-    /// Validates, waits for a slot, then forks and runs on a blocking thread.
-    pub async fn execute(self: &Arc<Self>, req: ExecRequest) -> Result<ExecResponse, ApiError> {
+    /// What a one-shot execution needs before it may fork: its deadline and
+    /// template (or a 4xx), then a sandbox slot (or a 503).
+    async fn admit(&self, req: &ExecRequest) -> Result<(Duration, Arc<Served>, OwnedSemaphorePermit), ApiError> {
         let timeout = self.validate(&req.code, &req.stdin, req.timeout_seconds)?;
         let served = self.resolve(&req.language, req.template.as_ref())?;
-        let permit = self.slot().await?;
+        Ok((timeout, served, self.slot().await?))
+    }
+
+    /// Validates, waits for a slot, then forks and runs on a blocking thread.
+    pub async fn execute(self: &Arc<Self>, req: ExecRequest) -> Result<ExecResponse, ApiError> {
+        let (timeout, served, permit) = self.admit(&req).await?;
         let state = self.clone();
         let output_limit = self.limits.max_output_bytes;
         let outcome = tokio::task::spawn_blocking(move || {
@@ -249,9 +255,7 @@ impl AppState {
     pub async fn execute_streaming(self: &Arc<Self>, mut req: ExecRequest) -> Result<Response, ApiError> {
         use axum::response::sse::{Event, KeepAlive, Sse};
         req.stream = true;
-        let timeout = self.validate(&req.code, &req.stdin, req.timeout_seconds)?;
-        let served = self.resolve(&req.language, req.template.as_ref())?;
-        let permit = self.slot().await?;
+        let (timeout, served, permit) = self.admit(&req).await?;
         let state = self.clone();
         let output_limit = self.limits.max_output_bytes;
         let (tx, rx) = tokio::sync::mpsc::channel::<Event>(256);
@@ -616,14 +620,7 @@ async fn sandbox_exec(
     body: Result<Json<SandboxExec>, JsonRejection>,
 ) -> Result<Json<ExecResponse>, ApiError> {
     let Json(req) = body?;
-    let req = ExecRequest {
-        code: req.code,
-        language: String::new(),
-        timeout_seconds: req.timeout_seconds,
-        stdin: req.stdin,
-        template: None,
-        stream: false,
-    };
+    let req = ExecRequest::in_sandbox(req.code, req.timeout_seconds, req.stdin);
     Ok(Json(state.exec_in_session(&id, caller, req).await?))
 }
 
@@ -760,14 +757,7 @@ async fn get_file(
 }
 
 fn file_request(code: String) -> ExecRequest {
-    ExecRequest {
-        code,
-        language: String::new(),
-        timeout_seconds: 60.0,
-        stdin: String::new(),
-        template: None,
-        stream: false,
-    }
+    ExecRequest::in_sandbox(code, 60.0, String::new())
 }
 
 fn file_error(path: &str, r: &ExecResponse) -> ApiError {

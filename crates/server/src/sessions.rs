@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
-use zeroboot_vmm::{LiveSnapshot, Machine, MachineError};
+use zeroboot_vmm::{Machine, MachineError};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -250,6 +250,3 @@ impl Sessions {
         before - map.len()
     }
 }
-
-/// A live sandbox's state shared by the children forked from it.
-pub type Live = Arc<LiveSnapshot>;

@@ -56,13 +56,7 @@ fn record_write_set(hv: &Hypervisor, dir: &Path) -> Result<(), TemplateError> {
             pages.extend((gpa..gpa + len).step_by(zeroboot_vmm::layout::PAGE_SIZE as usize));
         }
     }
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for page in pages {
-        match runs.last_mut() {
-            Some((start, len)) if *start + *len == page => *len += zeroboot_vmm::layout::PAGE_SIZE,
-            _ => runs.push((page, zeroboot_vmm::layout::PAGE_SIZE)),
-        }
-    }
+    let runs = zeroboot_vmm::memory::page_runs(pages);
     let path = dir.join(snapshot::WRITE_SET_FILE);
     std::fs::write(&path, snapshot::format_write_set(&runs)).map_err(io_err(&path))?;
     Ok(())

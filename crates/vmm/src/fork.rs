@@ -82,10 +82,6 @@ impl Template {
         &self.shared.snapshot
     }
 
-    pub fn hypervisor(&self) -> &Hypervisor {
-        &self.shared.hv
-    }
-
     /// A new sandbox: a new KVM VM whose memory is a private copy-on-write
     /// mapping of the template's, ready to run from the snapshot.
     pub fn fork(&self, console: Box<dyn Write + Send>) -> Result<Machine, MachineError> {
@@ -100,8 +96,7 @@ impl Template {
 
     /// A fork that makes its VM itself, whether or not there is a pool.
     pub fn fork_cold(&self, console: Box<dyn Write + Send>) -> Result<Machine, MachineError> {
-        let shell = Shell::new(&self.shared.hv, &self.shared.snapshot)?;
-        Machine::from_shell(shell, &self.shared.snapshot.state, console)
+        Machine::restore(&self.shared.hv, &self.shared.snapshot, console)
     }
 
     /// A new sandbox that starts where `live` (a sandbox forked from this

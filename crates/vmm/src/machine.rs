@@ -91,7 +91,10 @@ pub struct Machine {
     layout: MemoryLayout,
     kernel: Option<KernelSymbols>,
     cpu_vendor: String,
-    entropy: Vec<protocol::EntropyRegion>,
+    /// The agent's generator-state regions: read from the mailbox when a
+    /// booted machine is saved (`None` until then), inherited by forks, whose
+    /// guest could have rewritten that table since.
+    entropy: Option<Vec<protocol::EntropyRegion>>,
     exits: u64,
 }
 
@@ -244,7 +247,7 @@ impl Machine {
             layout,
             kernel,
             cpu_vendor: cpu_vendor(hv),
-            entropy: Vec::new(),
+            entropy: None,
             exits: 0,
         })
     }
@@ -304,7 +307,7 @@ impl Machine {
             layout: state.layout,
             kernel: state.kernel,
             cpu_vendor: state.cpu_vendor.clone(),
-            entropy: state.entropy.clone(),
+            entropy: Some(state.entropy.clone()),
             exits: 0,
         })
     }
@@ -425,16 +428,10 @@ impl Machine {
             kernel.check(&self.ram)?;
         }
         let saved_at_unix_ns = unix_now().as_nanos() as u64;
-        let entropy = protocol::read_entropy_table(self.ram.slice(self.layout.mailbox_gpa, protocol::MAILBOX_SIZE)?)?;
-        for r in &entropy {
-            // Only ordinary RAM: not the boot tables' low page, the mailbox or the root image.
-            if r.gpa < crate::layout::HIMEM_START || r.gpa.saturating_add(r.write_len()) > self.layout.mailbox_gpa {
-                return Err(MachineError::EntropyOutsideRam {
-                    gpa: r.gpa,
-                    len: r.write_len(),
-                });
-            }
-        }
+        let entropy = match &self.entropy {
+            Some(inherited) => inherited.clone(),
+            None => self.read_entropy_table()?,
+        };
         Ok(MachineState {
             cpu_vendor: self.cpu_vendor.clone(),
             layout: self.layout,
@@ -445,6 +442,21 @@ impl Machine {
             vcpu: self.vcpu.save_state()?,
             serial: self.serial.state(),
         })
+    }
+
+    /// The agent's entropy table from the mailbox, checked to name only
+    /// ordinary RAM: not the boot tables' low page, the mailbox or the root image.
+    fn read_entropy_table(&self) -> Result<Vec<protocol::EntropyRegion>, MachineError> {
+        let entropy = protocol::read_entropy_table(self.ram.slice(self.layout.mailbox_gpa, protocol::MAILBOX_SIZE)?)?;
+        for r in &entropy {
+            if r.gpa < crate::layout::HIMEM_START || r.gpa.saturating_add(r.write_len()) > self.layout.mailbox_gpa {
+                return Err(MachineError::EntropyOutsideRam {
+                    gpa: r.gpa,
+                    len: r.write_len(),
+                });
+            }
+        }
+        Ok(entropy)
     }
 
     /// Captures this sandbox as it is now, to fork children from
@@ -464,7 +476,7 @@ impl Machine {
     /// Overwrites the guest's user-space generator states with fresh
     /// randomness (the regions were checked when the snapshot was taken).
     fn refresh_entropy(&mut self) -> Result<(), MachineError> {
-        for r in &self.entropy {
+        for r in self.entropy.iter().flatten() {
             let bytes = self.ram.slice_mut(r.gpa, r.write_len() as usize)?;
             if r.len == 0 {
                 bytes.copy_from_slice(&r.value.to_le_bytes());

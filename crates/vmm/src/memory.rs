@@ -34,6 +34,18 @@ pub enum MemoryError {
     Pagemap(std::io::Error),
 }
 
+/// Merges ascending page addresses into `(gpa, len)` runs of adjacent pages.
+pub fn page_runs(pages: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for gpa in pages {
+        match runs.last_mut() {
+            Some((start, len)) if *start + *len == gpa => *len += PAGE_SIZE,
+            _ => runs.push((gpa, PAGE_SIZE)),
+        }
+    }
+    runs
+}
+
 pub struct GuestRam {
     memory: GuestMemoryMmap,
     host_base: *mut u8,
@@ -178,7 +190,7 @@ impl GuestRam {
         pagemap
             .seek(SeekFrom::Start(self.host_address() / PAGE_SIZE * 8))
             .map_err(MemoryError::Pagemap)?;
-        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut private = Vec::new();
         let mut buf = vec![0u8; 8 * 4096];
         let mut page = 0u64;
         while page < pages {
@@ -190,18 +202,14 @@ impl GuestRam {
                 let mut word = [0u8; 8];
                 word.copy_from_slice(entry);
                 let bits = u64::from_le_bytes(word);
-                let private = (bits & PRESENT != 0 && bits & FILE_OR_SHARED == 0) || bits & SWAPPED != 0;
-                if private {
-                    let gpa = page * PAGE_SIZE;
-                    match runs.last_mut() {
-                        Some((start, len)) if *start + *len == gpa => *len += PAGE_SIZE,
-                        _ => runs.push((gpa, PAGE_SIZE)),
-                    }
+                let is_private = (bits & PRESENT != 0 && bits & FILE_OR_SHARED == 0) || bits & SWAPPED != 0;
+                if is_private {
+                    private.push(page * PAGE_SIZE);
                 }
                 page += 1;
             }
         }
-        Ok(runs)
+        Ok(page_runs(private))
     }
 
     /// Writes guest memory to `file` as a sparse file: all-zero pages become
@@ -241,6 +249,15 @@ impl GuestRam {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn page_runs_merge_adjacent_pages() {
+        assert_eq!(
+            page_runs([0x1000, 0x2000, 0x3000, 0x8000, 0xa000, 0xb000]),
+            vec![(0x1000, 0x3000), (0x8000, 0x1000), (0xa000, 0x2000)]
+        );
+        assert_eq!(page_runs([]), vec![]);
+    }
 
     #[test]
     fn sparse_write_round_trips() {
