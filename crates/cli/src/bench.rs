@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use serde_json::json;
 use zeroboot_protocol::Request;
+use zeroboot_sandbox::{IsolatedTemplate, Sandbox, WorkerCommand};
 use zeroboot_template::template;
-use zeroboot_vmm::{Hypervisor, Machine, Snapshot, Template};
+use zeroboot_vmm::Snapshot;
 
 const PRINT: &str = "print(1+1)";
 const NUMPY: &str = "import numpy; print(numpy.random.rand(3))";
@@ -24,10 +25,9 @@ pub struct BenchArgs {
     /// Fork+exec runs in the throughput figure.
     #[arg(long, default_value_t = 1000)]
     pub throughput_count: usize,
-    /// VMs kept prepared by a background thread (0: every fork makes its own).
-    /// Preparing VMs while another sandbox runs slows that sandbox here, so
-    /// the default keeps one.
-    #[arg(long, default_value_t = 1)]
+    /// Sandbox processes kept with their VM prepared (0: every fork starts
+    /// its own process and VM).
+    #[arg(long, default_value_t = 2)]
     pub pool: usize,
     /// Print one JSON object.
     #[arg(long)]
@@ -62,7 +62,7 @@ impl Percentiles {
     }
 }
 
-fn exec(machine: &mut Machine, code: &str) -> Result<()> {
+fn exec(machine: &mut Sandbox, code: &str) -> Result<()> {
     let r = machine.exec(Request::new(code.as_bytes(), b""), TIMEOUT)?;
     if r.exit_code != 0 {
         bail!("bench code {code:?} failed: {}", String::from_utf8_lossy(&r.stderr));
@@ -93,16 +93,21 @@ fn machine_description() -> String {
     format!("{cpu}, {cores} cores, host kernel {}, {kvm}", kernel.trim())
 }
 
-fn fork(template: &Template) -> Result<Machine> {
-    Ok(template.fork(Box::new(std::io::sink()))?)
+fn fork(template: &IsolatedTemplate) -> Result<Sandbox> {
+    Ok(template.fork()?)
 }
+
+/// Time for the pool to refill between timed forks, as between requests.
+const REFILL: Duration = Duration::from_millis(30);
 
 pub fn run(snap: Snapshot, args: &BenchArgs) -> Result<()> {
     if args.iterations == 0 {
         bail!("--iterations must be at least 1");
     }
     let n = args.iterations;
-    let template = Template::with_pool(Hypervisor::open()?, snap, args.pool);
+    let worker = WorkerCommand::current_exe(&["worker"])?;
+    let cold = IsolatedTemplate::new(worker.clone(), Snapshot::open(&snap.dir, &snap.state.cpu_vendor)?, 0);
+    let template = IsolatedTemplate::new(worker, snap, args.pool);
     let mut spawn_cold = Vec::with_capacity(n);
     let mut spawn = Vec::with_capacity(n);
     let mut print = Vec::with_capacity(n);
@@ -111,25 +116,27 @@ pub fn run(snap: Snapshot, args: &BenchArgs) -> Result<()> {
     let mut private = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
-        let m = template.fork_cold(Box::new(std::io::sink()))?;
+        let m = fork(&cold)?;
         spawn_cold.push(t.elapsed().as_secs_f64() * 1e6);
         drop(m);
 
-        // Give the pool's thread time to refill, as between real requests.
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(REFILL);
         let t = Instant::now();
         let m = fork(&template)?;
         spawn.push(t.elapsed().as_secs_f64() * 1e6);
         drop(m);
 
+        std::thread::sleep(REFILL);
         let t = Instant::now();
         let mut m = fork(&template)?;
         exec(&mut m, PRINT)?;
         print.push(t.elapsed().as_secs_f64() * 1e6);
-        exits.push(m.exits() as f64);
-        private.push(m.ram().copied_bytes()? as f64 / 1024.0);
+        let stats = m.stats()?;
+        exits.push(stats.exits as f64);
+        private.push(stats.private_bytes as f64 / 1024.0);
         drop(m);
 
+        std::thread::sleep(REFILL);
         let t = Instant::now();
         let mut m = fork(&template)?;
         exec(&mut m, NUMPY)?;
@@ -190,9 +197,11 @@ pub fn run(snap: Snapshot, args: &BenchArgs) -> Result<()> {
     println!("machine: {machine}");
     println!("{n} iterations each; microseconds");
     println!(
-        "forks take a VM prepared ahead of time by a background thread, from a pool of {};\n\
-         \"no pool\" makes the whole VM inside the timed region\n",
-        args.pool
+        "each sandbox is a worker process holding one new VM; forks take one prepared\n\
+         ahead of time from a pool of {} ({} ms idle before each timed fork);\n\
+         \"no pool\" starts the process and makes the VM inside the timed region\n",
+        args.pool,
+        REFILL.as_millis()
     );
     println!(
         "{:<36} {:>10} {:>10} {:>10} {:>10}",

@@ -46,6 +46,10 @@ enum Command {
     /// Long-lived sandboxes on a zeroboot server.
     #[command(subcommand)]
     Sandbox(client::SandboxCommand),
+    /// One sandbox's worker process, driven over stdin and stdout by
+    /// `serve` and `bench` (see zeroboot_sandbox::worker).
+    #[command(hide = true)]
+    Worker { template_dir: std::path::PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -113,6 +117,9 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(&args, open_or_build).map(|()| ExitCode::SUCCESS),
         Command::Exec(args) => read_code(args.code(), args.file()).and_then(|code| client::exec(&args, code)),
         Command::Sandbox(cmd) => client::sandbox(&cmd).map(|()| ExitCode::SUCCESS),
+        Command::Worker { template_dir } => zeroboot_sandbox::worker::serve(&template_dir)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(Into::into),
     };
     match result {
         Ok(code) => code,

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use zeroboot_sandbox::{IsolatedTemplate, WorkerCommand};
 use zeroboot_server::auth::Auth;
 use zeroboot_server::{AppState, Limits, Served};
 use zeroboot_template::{template, Cache};
-use zeroboot_vmm::{Hypervisor, Snapshot, Template};
+use zeroboot_vmm::{Hypervisor, Snapshot};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -24,9 +25,8 @@ pub struct ServeArgs {
     /// File of API keys, one per line. Without keys only loopback clients are served.
     #[arg(long, env = "ZEROBOOT_API_KEYS_FILE", value_name = "FILE")]
     api_keys: Option<PathBuf>,
-    /// VMs each template keeps prepared on a background thread (preparing
-    /// them slows running sandboxes on small hosts; see the README).
-    #[arg(long, default_value_t = 1)]
+    /// Sandbox processes each template keeps with their VM prepared.
+    #[arg(long, default_value_t = 2)]
     pool: usize,
     /// Sandboxes running at once (default: 4 per core); more requests wait, then get 503.
     #[arg(long)]
@@ -50,6 +50,7 @@ pub struct ServeArgs {
 
 pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<Snapshot>) -> Result<()> {
     let cache = Cache::from_env()?;
+    let worker = WorkerCommand::current_exe(&["worker"])?;
     let mut served = Vec::new();
     for name in &args.templates {
         let hv = Hypervisor::open()?;
@@ -57,7 +58,7 @@ pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<
         served.push(Served {
             name: name.clone(),
             language: "python".into(),
-            template: Template::with_pool(hv, snapshot, args.pool),
+            template: IsolatedTemplate::new(worker.clone(), snapshot, args.pool),
         });
     }
     let keys = match &args.api_keys {

@@ -18,7 +18,7 @@ pub mod sessions;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
@@ -32,7 +32,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroboot_protocol::{Chunk, Request, DEFAULT_OUTPUT_LIMIT, REQUEST_CAPACITY};
-use zeroboot_vmm::{Machine, MachineError, Template};
+use zeroboot_sandbox::{IsolatedTemplate, Sandbox, SandboxError};
+use zeroboot_vmm::MachineError;
 
 use crate::api::{
     BatchEntry, BatchRequest, BatchResponse, CreateSandbox, ErrorBody, ExecRequest, ExecResponse, ForkSandbox, Forked,
@@ -92,7 +93,7 @@ pub struct Served {
     pub name: String,
     /// The language its agent runs (`python`).
     pub language: String,
-    pub template: Template,
+    pub template: IsolatedTemplate,
 }
 
 impl Served {
@@ -111,9 +112,6 @@ pub struct AppState {
     auth: Auth,
     metrics: Metrics,
     sessions: Sessions,
-    /// Finished sandboxes go to a thread that tears them down (about 15 ms
-    /// of KVM and munmap work here), off the request's path.
-    retired: Mutex<std::sync::mpsc::Sender<Machine>>,
 }
 
 impl AppState {
@@ -127,17 +125,7 @@ impl AppState {
                 .or_insert_with(|| served.name.clone());
             by_name.insert(served.name.clone(), Arc::new(served));
         }
-        let (retired, graveyard) = std::sync::mpsc::channel::<Machine>();
-        // If the thread cannot start, sandboxes are dropped where they finish.
-        let _ = std::thread::Builder::new()
-            .name("zeroboot-retire".into())
-            .spawn(move || {
-                for machine in graveyard {
-                    drop(machine);
-                }
-            });
         Self {
-            retired: Mutex::new(retired),
             templates: by_name,
             languages,
             slots: Arc::new(Semaphore::new(limits.max_concurrent)),
@@ -314,16 +302,14 @@ impl AppState {
         on_chunk: &mut dyn FnMut(&Chunk<'_>),
     ) -> Result<ExecResponse, ApiError> {
         let started = Instant::now();
-        let mut machine = served
-            .template
-            .fork(Box::new(std::io::sink()))
-            .map_err(ApiError::internal)?;
+        let mut sandbox = served.template.fork().map_err(ApiError::internal)?;
         let forked = started.elapsed();
         self.metrics.live_sandboxes.inc();
         self.metrics.spawn_seconds.observe(forked.as_secs_f64());
-        let (result, _) = self.exec_on(&mut machine, &served.name, req, timeout, output_limit, on_chunk);
+        let (result, _) = self.exec_on(&mut sandbox, &served.name, req, timeout, output_limit, on_chunk);
         let total = started.elapsed();
-        self.retire(machine);
+        // Kills the worker process, which takes the VM down with it.
+        drop(sandbox);
         self.metrics.live_sandboxes.dec();
         match &result {
             Ok(r) => tracing::info!(
@@ -345,18 +331,11 @@ impl AppState {
         })
     }
 
-    fn retire(&self, machine: Machine) {
-        if let Ok(tx) = self.retired.lock() {
-            // On failure the machine comes back in the error and drops here.
-            let _ = tx.send(machine);
-        }
-    }
-
-    /// Runs `req` in `machine`. The flag says whether the sandbox can take
+    /// Runs `req` in `sandbox`. The flag says whether the sandbox can take
     /// another request (not after a timeout or a crash).
     fn exec_on(
         &self,
-        machine: &mut Machine,
+        sandbox: &mut Sandbox,
         template: &str,
         req: &ExecRequest,
         timeout: Duration,
@@ -370,7 +349,7 @@ impl AppState {
             output_limit,
             stream: req.stream,
         };
-        let result = machine.exec_streaming(request, timeout, on_chunk);
+        let result = sandbox.exec_streaming(request, timeout, on_chunk);
         let ran = started.elapsed();
         self.metrics.exec_seconds.observe(ran.as_secs_f64());
         let mut response = ExecResponse {
@@ -393,13 +372,13 @@ impl AppState {
                 response.truncated = r.stdout_truncated || r.stderr_truncated;
                 (Ok(response), true)
             }
-            Err(MachineError::Timeout(_)) => {
+            Err(SandboxError::Guest(MachineError::Timeout(_))) => {
                 response.timed_out = true;
                 response.exit_code = 124;
                 response.stderr = format!("zeroboot: timed out after {} s\n", req.timeout_seconds);
                 (Ok(response), false)
             }
-            Err(e @ (MachineError::GuestReset | MachineError::TripleFault { .. })) => (
+            Err(SandboxError::Guest(e @ (MachineError::GuestReset | MachineError::TripleFault { .. }))) => (
                 Err(ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "sandbox_crashed",
@@ -553,9 +532,7 @@ async fn create_sandbox(
     state.sessions.reserve(caller, 1, served.memory_mib())?;
     let session = state
         .sessions
-        .start(served, caller, None, ttl, |served| {
-            served.template.fork(Box::new(std::io::sink()))
-        })
+        .start(served, caller, None, ttl, |served| served.template.fork())
         .await?;
     Ok((StatusCode::CREATED, Json(session.info())))
 }
@@ -665,7 +642,7 @@ async fn fork_sandbox(
                 caller,
                 Some(parent.id.clone()),
                 parent.ttl,
-                move |served| served.template.fork_live(&live, Box::new(std::io::sink())),
+                move |served| served.template.fork_live(&live),
             )
             .await?;
         sandboxes.push(child.info());

@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
-use zeroboot_vmm::{Machine, MachineError};
+use zeroboot_sandbox::{Sandbox, SandboxError};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::Served;
 
-type Job = Box<dyn FnOnce(&mut Machine) + Send>;
+type Job = Box<dyn FnOnce(&mut Sandbox) + Send>;
 
 pub struct Session {
     pub id: String,
@@ -65,7 +65,7 @@ impl Session {
     /// Runs `f` on the sandbox's thread and returns its result.
     pub async fn call<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Machine) -> T + Send + 'static,
+        f: impl FnOnce(&mut Sandbox) -> T + Send + 'static,
     ) -> Result<T, ApiError> {
         self.touch();
         let (tx, rx) = oneshot::channel();
@@ -198,7 +198,7 @@ impl Sessions {
         owner: Caller,
         parent: Option<String>,
         ttl: Duration,
-        make: impl FnOnce(&Served) -> Result<Machine, MachineError> + Send + 'static,
+        make: impl FnOnce(&Served) -> Result<Sandbox, SandboxError> + Send + 'static,
     ) -> Result<Arc<Session>, ApiError> {
         let id = format!("sbx_{}", crate::execution_id());
         let (jobs, inbox) = mpsc::channel::<Job>();

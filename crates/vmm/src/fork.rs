@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 
 use crate::kvm::Hypervisor;
 use crate::machine::{LiveSnapshot, Machine, MachineError, Shell};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{MachineState, Snapshot};
 
 struct Shared {
     hv: Hypervisor,
@@ -94,6 +94,35 @@ impl Template {
         Machine::from_shell(shell, &self.shared.snapshot.state, console)
     }
 
+    /// The part of a fork that may happen ahead of time: a [`Shell`] over
+    /// the template. [`Template::start`] finishes it.
+    pub fn prepare(&self) -> Result<Prepared, MachineError> {
+        Ok(Prepared {
+            shell: Shell::new(&self.shared.hv, &self.shared.snapshot)?,
+            live_state: None,
+        })
+    }
+
+    /// [`Template::prepare`] for a fork of `live`.
+    pub fn prepare_live(&self, live: LiveSnapshot) -> Result<Prepared, MachineError> {
+        Ok(Prepared {
+            shell: self.live_shell(&live)?,
+            live_state: Some(live.state),
+        })
+    }
+
+    fn live_shell(&self, live: &LiveSnapshot) -> Result<Shell, MachineError> {
+        let mut shell = Shell::with_state(&self.shared.hv, &self.shared.snapshot, &live.state)?;
+        shell.overlay(&live.pages)?;
+        Ok(shell)
+    }
+
+    /// Finishes a prepared fork; the sandbox starts now.
+    pub fn start(&self, prepared: Prepared, console: Box<dyn Write + Send>) -> Result<Machine, MachineError> {
+        let state = prepared.live_state.as_ref().unwrap_or(&self.shared.snapshot.state);
+        Machine::from_shell(prepared.shell, state, console)
+    }
+
     /// A fork that makes its VM itself, whether or not there is a pool.
     pub fn fork_cold(&self, console: Box<dyn Write + Send>) -> Result<Machine, MachineError> {
         Machine::restore(&self.shared.hv, &self.shared.snapshot, console)
@@ -103,10 +132,15 @@ impl Template {
     /// template) was when it was captured. Like any fork it is a new VM with
     /// fresh CRNG keys and the clock re-based to now.
     pub fn fork_live(&self, live: &LiveSnapshot, console: Box<dyn Write + Send>) -> Result<Machine, MachineError> {
-        let mut shell = Shell::with_state(&self.shared.hv, &self.shared.snapshot, &live.state)?;
-        shell.overlay(&live.pages)?;
-        Machine::from_shell(shell, &live.state, console)
+        Machine::from_shell(self.live_shell(live)?, &live.state, console)
     }
+}
+
+/// A fork prepared ahead of its start ([`Template::prepare`]): a VM that has
+/// not run, and the state it starts from if that is not the template's.
+pub struct Prepared {
+    shell: Shell,
+    live_state: Option<MachineState>,
 }
 
 impl Drop for Pool {

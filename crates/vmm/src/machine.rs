@@ -107,6 +107,22 @@ pub struct LiveSnapshot {
 }
 
 impl LiveSnapshot {
+    /// A live snapshot from its parts, as [`LiveSnapshot::state`] and
+    /// [`LiveSnapshot::pages`] gave them (say, in another process). Forking
+    /// from it checks the pages against guest RAM.
+    pub fn from_parts(state: MachineState, pages: Vec<(u64, Vec<u8>)>) -> Self {
+        Self { state, pages }
+    }
+
+    pub fn state(&self) -> &MachineState {
+        &self.state
+    }
+
+    /// The changed pages: guest-physical address and contents.
+    pub fn pages(&self) -> &[(u64, Vec<u8>)] {
+        &self.pages
+    }
+
     /// Bytes of guest memory the sandbox had changed.
     pub fn changed_bytes(&self) -> u64 {
         self.pages.iter().map(|(_, p)| p.len() as u64).sum()

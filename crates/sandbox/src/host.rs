@@ -1,0 +1,452 @@
+//! The host's side: a template whose forks each run in a worker process
+//! ([`crate::worker`]), optionally from a pool of workers whose VMs are
+//! already prepared.
+
+use std::ffi::OsString;
+use std::io::{BufWriter, Read};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
+use std::sync::{Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use zeroboot_protocol::{Chunk, Request, Response};
+use zeroboot_vmm::snapshot::codec;
+use zeroboot_vmm::{LiveSnapshot, MachineError, Snapshot};
+
+use crate::wire::{self, Command, Failure, LiveParts, Reply, Stats, WireError};
+
+/// How long a worker may take to prepare or start a VM, or to capture one.
+const SETUP_DEADLINE: Duration = Duration::from_secs(60);
+/// How long past an exec's own timeout the host waits for its reply. The
+/// worker enforces the timeout itself; this only catches a stuck worker.
+const EXEC_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The guest timed out, reset or triple-faulted: the code's doing.
+    #[error(transparent)]
+    Guest(MachineError),
+    #[error("in the sandbox process: {0}")]
+    Worker(String),
+    #[error("cannot start the sandbox process {program}: {source}")]
+    Spawn { program: PathBuf, source: std::io::Error },
+    #[error("the sandbox process did not answer within {0:?}; it was killed")]
+    Unresponsive(Duration),
+    #[error("the sandbox process ended ({status}) mid-{during}")]
+    Died { status: String, during: &'static str },
+    #[error("talking to the sandbox process: {0}")]
+    Wire(#[from] WireError),
+    #[error("the sandbox process sent {got} where {expected} belongs")]
+    Unexpected { expected: &'static str, got: &'static str },
+}
+
+impl From<Failure> for SandboxError {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Timeout { ms } => Self::Guest(MachineError::Timeout(Duration::from_millis(ms))),
+            Failure::GuestReset => Self::Guest(MachineError::GuestReset),
+            Failure::TripleFault { rip } => Self::Guest(MachineError::TripleFault { rip }),
+            Failure::Other(message) => Self::Worker(message),
+        }
+    }
+}
+
+/// How to start a worker: a program and its arguments, to which the
+/// template's directory is appended. The CLI's is `zeroboot worker`.
+#[derive(Debug, Clone)]
+pub struct WorkerCommand {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+}
+
+impl WorkerCommand {
+    /// This executable, with `args` (it must run [`crate::worker::serve`]).
+    pub fn current_exe(args: &[&str]) -> std::io::Result<Self> {
+        Ok(Self {
+            program: std::env::current_exe()?,
+            args: args.iter().map(OsString::from).collect(),
+        })
+    }
+}
+
+struct Spec {
+    command: WorkerCommand,
+    dir: PathBuf,
+}
+
+/// A template whose forks are each a worker process holding one VM.
+pub struct IsolatedTemplate {
+    // Field order is drop order: the pool (and its thread) goes first.
+    pool: Option<Pool>,
+    spec: std::sync::Arc<Spec>,
+    snapshot: Snapshot,
+}
+
+struct Pool {
+    // A Mutex so that forks can come from many threads at once.
+    ready: Mutex<Receiver<Result<Sandbox, SandboxError>>>,
+    filler: Option<JoinHandle<()>>,
+}
+
+impl IsolatedTemplate {
+    /// Forks of the template `snapshot` was opened from, keeping up to `pool`
+    /// workers with their VM prepared.
+    pub fn new(command: WorkerCommand, snapshot: Snapshot, pool: usize) -> Self {
+        let spec = std::sync::Arc::new(Spec {
+            command,
+            dir: snapshot.dir.clone(),
+        });
+        let pool = (pool > 0).then(|| Pool::start(spec.clone(), pool)).flatten();
+        Self { pool, spec, snapshot }
+    }
+
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    /// A new sandbox: a worker process with a new VM, started now.
+    pub fn fork(&self) -> Result<Sandbox, SandboxError> {
+        let ready = self.pool.as_ref().and_then(|p| p.ready.lock().ok()?.try_recv().ok());
+        let mut sandbox = match ready {
+            Some(prepared) => prepared?,
+            // Empty pool (or none): prepare one here rather than wait.
+            None => Sandbox::prepare(&self.spec, None)?,
+        };
+        sandbox.start()?;
+        Ok(sandbox)
+    }
+
+    /// A new sandbox that starts where `live` (captured from a fork of this
+    /// template) was.
+    pub fn fork_live(&self, live: &LiveSnapshot) -> Result<Sandbox, SandboxError> {
+        let parts = LiveParts {
+            state: codec::encode(live.state()).map_err(|e| SandboxError::Worker(e.to_string()))?,
+            pages: live.pages().to_vec(),
+        };
+        let mut sandbox = Sandbox::prepare(&self.spec, Some(parts))?;
+        sandbox.start()?;
+        Ok(sandbox)
+    }
+}
+
+impl Pool {
+    fn start(spec: std::sync::Arc<Spec>, size: usize) -> Option<Self> {
+        // The channel holds `size - 1` and the filler blocks holding one more.
+        let (tx, rx) = sync_channel(size.saturating_sub(1));
+        let filler = std::thread::Builder::new()
+            .name("zeroboot-workers".into())
+            .spawn(move || loop {
+                let sandbox = Sandbox::prepare(&spec, None);
+                let failed = sandbox.is_err();
+                // A send fails once the template is dropped: stop.
+                if tx.send(sandbox).is_err() || failed {
+                    return;
+                }
+            })
+            .ok()?;
+        Some(Self {
+            ready: Mutex::new(rx),
+            filler: Some(filler),
+        })
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Dropping the receiver (and the sandboxes in it) makes the filler's
+        // send fail, including one blocked on a full channel.
+        let (_, dead) = sync_channel::<Result<Sandbox, SandboxError>>(0);
+        drop(std::mem::replace(&mut self.ready, Mutex::new(dead)));
+        if let Some(filler) = self.filler.take() {
+            let _ = filler.join();
+        }
+    }
+}
+
+/// One sandbox: a worker process and the VM inside it. Dropping it kills
+/// the process, which frees the VM.
+pub struct Sandbox {
+    child: Option<Child>,
+    to: BufWriter<ChildStdin>,
+    from: FrameReader,
+}
+
+impl Sandbox {
+    fn prepare(spec: &Spec, live: Option<LiveParts>) -> Result<Self, SandboxError> {
+        let program = &spec.command.program;
+        let mut child = std::process::Command::new(program)
+            .args(&spec.command.args)
+            .arg(&spec.dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|source| SandboxError::Spawn {
+                program: program.clone(),
+                source,
+            })?;
+        let (Some(to), Some(from)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err(SandboxError::Worker("no pipes to the worker".into()));
+        };
+        let mut sandbox = Self {
+            child: Some(child),
+            to: BufWriter::new(to),
+            from: FrameReader::new(from),
+        };
+        match sandbox.call(&Command::Prepare { live }, SETUP_DEADLINE, "Prepare")? {
+            Reply::Prepared => Ok(sandbox),
+            other => Err(unexpected("Prepared", &other)),
+        }
+    }
+
+    fn start(&mut self) -> Result<(), SandboxError> {
+        match self.call(&Command::Start, SETUP_DEADLINE, "Start")? {
+            Reply::Started => Ok(()),
+            other => Err(unexpected("Started", &other)),
+        }
+    }
+
+    pub fn exec(&mut self, request: Request<'_>, timeout: Duration) -> Result<Response, SandboxError> {
+        self.exec_streaming(request, timeout, &mut |_| {})
+    }
+
+    /// Runs `request`, calling `on_chunk` with output as it arrives when
+    /// `request.stream` is set.
+    pub fn exec_streaming(
+        &mut self,
+        request: Request<'_>,
+        timeout: Duration,
+        on_chunk: &mut dyn FnMut(&Chunk<'_>),
+    ) -> Result<Response, SandboxError> {
+        let command = Command::Exec {
+            code: request.code.to_vec(),
+            stdin: request.stdin.to_vec(),
+            output_limit: request.output_limit,
+            stream: request.stream,
+            timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
+        };
+        self.send(&command, "Exec")?;
+        let deadline = Instant::now() + timeout + EXEC_GRACE;
+        loop {
+            match self.receive(deadline, "Exec")? {
+                Reply::Chunk {
+                    exit_code,
+                    stdout,
+                    stderr,
+                    flags,
+                } => on_chunk(&Chunk {
+                    exit_code,
+                    stdout: &stdout,
+                    stderr: &stderr,
+                    flags,
+                }),
+                Reply::Done(o) => {
+                    return Ok(Response {
+                        exit_code: o.exit_code,
+                        stdout: o.stdout,
+                        stderr: o.stderr,
+                        stdout_truncated: o.stdout_truncated,
+                        stderr_truncated: o.stderr_truncated,
+                    })
+                }
+                Reply::Failed(f) => return Err(f.into()),
+                other => return Err(unexpected("Done", &other)),
+            }
+        }
+    }
+
+    /// Captures the sandbox where it is, for [`IsolatedTemplate::fork_live`].
+    pub fn snapshot_live(&mut self) -> Result<LiveSnapshot, SandboxError> {
+        match self.call(&Command::SnapshotLive, SETUP_DEADLINE, "SnapshotLive")? {
+            Reply::Live(parts) => {
+                let state = codec::decode(&parts.state).map_err(|e| SandboxError::Worker(e.to_string()))?;
+                Ok(LiveSnapshot::from_parts(state, parts.pages))
+            }
+            other => Err(unexpected("Live", &other)),
+        }
+    }
+
+    /// Private memory and VM exits so far.
+    pub fn stats(&mut self) -> Result<Stats, SandboxError> {
+        match self.call(&Command::Stats, SETUP_DEADLINE, "Stats")? {
+            Reply::Stats(s) => Ok(s),
+            other => Err(unexpected("Stats", &other)),
+        }
+    }
+
+    /// The worker's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn call(&mut self, command: &Command, within: Duration, during: &'static str) -> Result<Reply, SandboxError> {
+        self.send(command, during)?;
+        match self.receive(Instant::now() + within, during)? {
+            Reply::Failed(f) => Err(f.into()),
+            reply => Ok(reply),
+        }
+    }
+
+    fn send(&mut self, command: &Command, during: &'static str) -> Result<(), SandboxError> {
+        wire::write_frame(&mut self.to, command).map_err(|e| self.broken(e, during))
+    }
+
+    fn receive(&mut self, deadline: Instant, during: &'static str) -> Result<Reply, SandboxError> {
+        match self.from.read(deadline) {
+            Ok(Some(reply)) => Ok(reply),
+            Ok(None) => {
+                self.kill();
+                Err(SandboxError::Unresponsive(
+                    deadline.saturating_duration_since(Instant::now()),
+                ))
+            }
+            Err(e) => Err(self.broken(e, during)),
+        }
+    }
+
+    /// A pipe error: if the worker has died, say how.
+    fn broken(&mut self, e: WireError, during: &'static str) -> SandboxError {
+        let pipe_gone = matches!(&e, WireError::Closed)
+            || matches!(&e, WireError::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe);
+        if !pipe_gone {
+            self.kill();
+            return e.into();
+        }
+        let status = self
+            .child
+            .as_mut()
+            .and_then(|c| c.wait().ok())
+            .map_or_else(|| "status unknown".to_string(), |s| s.to_string());
+        SandboxError::Died { status, during }
+    }
+
+    fn kill(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            // The process takes its VM down as it exits (some milliseconds
+            // here); a thread waits for it, off the caller's path.
+            let unsent = match reaper().lock() {
+                Ok(tx) => tx.send(child).err().map(|back| back.0),
+                Err(_) => Some(child),
+            };
+            if let Some(mut child) = unsent {
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// The thread that waits for killed workers, so that none stays a zombie.
+fn reaper() -> &'static Mutex<Sender<Child>> {
+    static REAPER: OnceLock<Mutex<Sender<Child>>> = OnceLock::new();
+    REAPER.get_or_init(|| {
+        let (tx, rx) = channel::<Child>();
+        // If the thread cannot start, the send fails and the dropper waits.
+        let _ = std::thread::Builder::new()
+            .name("zeroboot-reaper".into())
+            .spawn(move || {
+                for mut child in rx {
+                    let _ = child.wait();
+                }
+            });
+        Mutex::new(tx)
+    })
+}
+
+fn unexpected(expected: &'static str, got: &Reply) -> SandboxError {
+    let got = match got {
+        Reply::Prepared => "Prepared",
+        Reply::Started => "Started",
+        Reply::Chunk { .. } => "Chunk",
+        Reply::Done(_) => "Done",
+        Reply::Live(_) => "Live",
+        Reply::Stats(_) => "Stats",
+        Reply::Failed(_) => "Failed",
+    };
+    SandboxError::Unexpected { expected, got }
+}
+
+/// Reads frames from a worker's stdout, giving up at a deadline.
+struct FrameReader {
+    pipe: ChildStdout,
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    fn new(pipe: ChildStdout) -> Self {
+        Self {
+            pipe,
+            buf: Vec::with_capacity(64 * 1024),
+        }
+    }
+
+    /// The next frame, or `None` at the deadline.
+    fn read(&mut self, deadline: Instant) -> Result<Option<Reply>, WireError> {
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+                if len > wire::MAX_FRAME {
+                    return Err(WireError::TooLarge(len.into()));
+                }
+                let end = 4 + len as usize;
+                if self.buf.len() >= end {
+                    let reply = wire::decode(&self.buf[4..end]);
+                    self.buf.drain(..end);
+                    return reply.map(Some);
+                }
+                self.buf.reserve(end - self.buf.len());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || !readable(&self.pipe, left)? {
+                return Ok(None);
+            }
+            let start = self.buf.len();
+            let room = self.buf.capacity().max(start + 64 * 1024);
+            self.buf.resize(room, 0);
+            let n = match self.pipe.read(&mut self.buf[start..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+                Err(e) => {
+                    self.buf.truncate(start);
+                    return Err(e.into());
+                }
+            };
+            self.buf.truncate(start + n);
+            if n == 0 {
+                return Err(WireError::Closed);
+            }
+        }
+    }
+}
+
+/// Waits up to `within` for `pipe` to have data (or be closed).
+fn readable(pipe: &impl AsRawFd, within: Duration) -> Result<bool, WireError> {
+    let mut fd = libc::pollfd {
+        fd: pipe.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = within.as_millis().clamp(1, i32::MAX as u128) as i32;
+    loop {
+        // SAFETY: one pollfd that lives across the call.
+        let rc = unsafe { libc::poll(&mut fd, 1, ms) };
+        if rc >= 0 {
+            return Ok(rc > 0);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e.into());
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Frames between the host and a worker process, over the worker's stdin
+//! (commands) and stdout (replies): a little-endian `u32` length, then the
+//! bincode encoding of a [`Command`] or [`Reply`].
+
+use std::io::{Read, Write};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// Largest frame either side accepts. The largest frames are live snapshots,
+/// which hold at most a sandbox's guest RAM.
+pub const MAX_FRAME: u32 = 1 << 31;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("the pipe failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the other side closed the pipe")]
+    Closed,
+    #[error("a frame of {0} bytes is over the {MAX_FRAME}-byte limit")]
+    TooLarge(u64),
+    #[error("a frame does not decode: {0}")]
+    Decode(#[from] bincode::Error),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Command {
+    /// Make the VM ahead of time, from the template or from a live snapshot
+    /// of one of its forks. Must come first, once.
+    Prepare {
+        live: Option<LiveParts>,
+    },
+    /// Finish the fork (fresh entropy, clock, timer): the sandbox exists now.
+    Start,
+    Exec {
+        code: Vec<u8>,
+        stdin: Vec<u8>,
+        output_limit: u32,
+        stream: bool,
+        timeout_ms: u64,
+    },
+    SnapshotLive,
+    Stats,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Reply {
+    Prepared,
+    Started,
+    /// Output sent while the code runs (a streamed request only).
+    Chunk {
+        exit_code: i32,
+        stdout: Vec<u8>,
+        stderr: Vec<u8>,
+        flags: u32,
+    },
+    Done(Outcome),
+    Live(LiveParts),
+    Stats(Stats),
+    Failed(Failure),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Outcome {
+    pub exit_code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+}
+
+/// Why a command failed in the worker. The first three are the guest's
+/// doing; the host tells callers about those differently.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum Failure {
+    Timeout { ms: u64 },
+    GuestReset,
+    TripleFault { rip: u64 },
+    Other(String),
+}
+
+/// A [`zeroboot_vmm::LiveSnapshot`] in transit: its state in the snapshot
+/// codec, and its changed pages.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LiveParts {
+    pub state: Vec<u8>,
+    pub pages: Vec<(u64, Vec<u8>)>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Stats {
+    /// Guest memory the sandbox holds its own copy of.
+    pub private_bytes: u64,
+    /// VM exits so far.
+    pub exits: u64,
+}
+
+pub fn write_frame(out: &mut impl Write, message: &impl Serialize) -> Result<(), WireError> {
+    let body = bincode::serialize(message)?;
+    let len = u32::try_from(body.len())
+        .ok()
+        .filter(|&n| n <= MAX_FRAME)
+        .ok_or(WireError::TooLarge(body.len() as u64))?;
+    out.write_all(&len.to_le_bytes())?;
+    out.write_all(&body)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Reads one frame; [`WireError::Closed`] on end of input before it starts.
+pub fn read_frame<T: DeserializeOwned>(input: &mut impl Read) -> Result<T, WireError> {
+    let mut len = [0u8; 4];
+    match input.read_exact(&mut len) {
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
+        other => other?,
+    }
+    let len = u32::from_le_bytes(len);
+    if len > MAX_FRAME {
+        return Err(WireError::TooLarge(len.into()));
+    }
+    let mut body = vec![0u8; len as usize];
+    input.read_exact(&mut body)?;
+    decode(&body)
+}
+
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
+    use bincode::Options;
+    // The same limits as `bincode::deserialize`, plus a cap on what a
+    // length prefix inside the frame may make it allocate.
+    Ok(bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .allow_trailing_bytes()
+        .with_limit(u64::from(MAX_FRAME))
+        .deserialize(body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_bad_ones_are_errors() {
+        let mut buf = Vec::new();
+        let cmd = Command::Exec {
+            code: b"print(1)".to_vec(),
+            stdin: vec![],
+            output_limit: 7,
+            stream: true,
+            timeout_ms: 5,
+        };
+        write_frame(&mut buf, &cmd).unwrap();
+        write_frame(&mut buf, &Reply::Failed(Failure::Timeout { ms: 3 })).unwrap();
+        let mut input = &buf[..];
+        assert!(matches!(
+            read_frame::<Command>(&mut input).unwrap(),
+            Command::Exec { output_limit: 7, .. }
+        ));
+        assert!(matches!(
+            read_frame::<Reply>(&mut input).unwrap(),
+            Reply::Failed(Failure::Timeout { ms: 3 })
+        ));
+        assert!(matches!(read_frame::<Reply>(&mut input), Err(WireError::Closed)));
+        // A length over the cap, a truncated body, and garbage.
+        assert!(matches!(
+            read_frame::<Reply>(&mut &u32::MAX.to_le_bytes()[..]),
+            Err(WireError::TooLarge(_))
+        ));
+        assert!(matches!(
+            read_frame::<Reply>(&mut &[9, 0, 0, 0, 1][..]),
+            Err(WireError::Io(_))
+        ));
+        let garbage = [4u8, 0, 0, 0, 0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(
+            read_frame::<Reply>(&mut &garbage[..]),
+            Err(WireError::Decode(_))
+        ));
+    }
+}

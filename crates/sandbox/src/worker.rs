@@ -1,0 +1,204 @@
+//! The worker: one process per sandbox, holding one VM.
+//!
+//! Why a process each: while a vCPU runs, any change another thread makes to
+//! the page tables of the same process (an `munmap` of a finished VM's
+//! memory, a copy-on-write fault while preparing the next one, an allocator
+//! returning memory) sends a TLB-shootdown IPI to the vCPU's CPU. Under
+//! `kvm_pvm` each one costs the guest dearly: with one thread mapping,
+//! touching and unmapping 1 MiB in a loop, a `print(1+1)` that takes 15 ms
+//! took 1.8 s. A process of its own has nobody else changing its mappings.
+//!
+//! The worker reads [`Command`]s on stdin and writes [`Reply`]s on stdout;
+//! nothing else may write to stdout. It ends at the end of its input, and
+//! when its parent dies.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use zeroboot_protocol::{Chunk, Request};
+use zeroboot_vmm::machine::cpu_vendor;
+use zeroboot_vmm::snapshot::codec;
+use zeroboot_vmm::{Hypervisor, LiveSnapshot, Machine, MachineError, Snapshot, Template};
+
+use crate::wire::{read_frame, write_frame, Command, Failure, LiveParts, Outcome, Reply, Stats, WireError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("the first command must be Prepare, got {0}")]
+    NotPrepare(&'static str),
+}
+
+/// Runs a worker for the template in `dir` on this process's stdin and
+/// stdout, until its input ends. Failures to make the VM go to the host as
+/// a [`Reply::Failed`]; only a broken pipe is an error here.
+pub fn serve(dir: &Path) -> Result<(), WorkerError> {
+    die_with_parent();
+    let mut input = BufReader::new(std::io::stdin().lock());
+    let mut output = BufWriter::new(std::io::stdout().lock());
+    let live = match read_frame(&mut input) {
+        Ok(Command::Prepare { live }) => live,
+        Ok(other) => return Err(WorkerError::NotPrepare(name(&other))),
+        Err(WireError::Closed) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let (template, prepared) = match prepare(dir, live) {
+        Ok(made) => made,
+        Err(failure) => return Ok(write_frame(&mut output, &Reply::Failed(failure))?),
+    };
+    write_frame(&mut output, &Reply::Prepared)?;
+    match read_frame(&mut input) {
+        Ok(Command::Start) => {}
+        Err(WireError::Closed) => return Ok(()),
+        Ok(other) => {
+            let failure = Failure::Other(format!("expected Start, got {}", name(&other)));
+            return Ok(write_frame(&mut output, &Reply::Failed(failure))?);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let mut machine = match template.start(prepared, Box::new(std::io::sink())) {
+        Ok(m) => m,
+        Err(e) => return Ok(write_frame(&mut output, &Reply::Failed(failure(e)))?),
+    };
+    write_frame(&mut output, &Reply::Started)?;
+    loop {
+        let command = match read_frame(&mut input) {
+            Ok(c) => c,
+            Err(WireError::Closed) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let reply = match command {
+            Command::Exec {
+                code,
+                stdin,
+                output_limit,
+                stream,
+                timeout_ms,
+            } => exec(
+                &mut machine,
+                &code,
+                &stdin,
+                output_limit,
+                stream,
+                timeout_ms,
+                &mut output,
+            )?,
+            Command::SnapshotLive => match machine.snapshot_live() {
+                Ok(live) => match codec::encode(live.state()) {
+                    Ok(state) => Reply::Live(LiveParts {
+                        state,
+                        pages: live.pages().to_vec(),
+                    }),
+                    Err(e) => Reply::Failed(Failure::Other(e.to_string())),
+                },
+                Err(e) => Reply::Failed(failure(e)),
+            },
+            Command::Stats => match machine.ram().copied_bytes() {
+                Ok(private_bytes) => Reply::Stats(Stats {
+                    private_bytes,
+                    exits: machine.exits(),
+                }),
+                Err(e) => Reply::Failed(Failure::Other(e.to_string())),
+            },
+            other @ (Command::Prepare { .. } | Command::Start) => {
+                Reply::Failed(Failure::Other(format!("{} was already done", name(&other))))
+            }
+        };
+        write_frame(&mut output, &reply)?;
+    }
+}
+
+fn prepare(dir: &Path, live: Option<LiveParts>) -> Result<(Template, zeroboot_vmm::fork::Prepared), Failure> {
+    let other = |e: &dyn std::fmt::Display| Failure::Other(e.to_string());
+    let hv = Hypervisor::open().map_err(|e| other(&e))?;
+    let snapshot = Snapshot::open(dir, &cpu_vendor(&hv)).map_err(|e| other(&e))?;
+    let template = Template::new(hv, snapshot);
+    let prepared = match live {
+        None => template.prepare(),
+        Some(parts) => {
+            let state = codec::decode(&parts.state).map_err(|e| other(&e))?;
+            template.prepare_live(LiveSnapshot::from_parts(state, parts.pages))
+        }
+    }
+    .map_err(failure)?;
+    Ok((template, prepared))
+}
+
+fn exec(
+    machine: &mut Machine,
+    code: &[u8],
+    stdin: &[u8],
+    output_limit: u32,
+    stream: bool,
+    timeout_ms: u64,
+    output: &mut impl Write,
+) -> Result<Reply, WireError> {
+    let request = Request {
+        code,
+        stdin,
+        output_limit,
+        stream,
+    };
+    // A chunk that cannot be sent means the host is gone; the exec still
+    // ends at its deadline and the next write reports the broken pipe.
+    let mut on_chunk = |chunk: &Chunk<'_>| {
+        let _ = write_frame(
+            output,
+            &Reply::Chunk {
+                exit_code: chunk.exit_code,
+                stdout: chunk.stdout.to_vec(),
+                stderr: chunk.stderr.to_vec(),
+                flags: chunk.flags,
+            },
+        );
+    };
+    let on_chunk: &mut dyn FnMut(&Chunk<'_>) = if stream { &mut on_chunk } else { &mut |_| {} };
+    Ok(
+        match machine.exec_streaming(request, Duration::from_millis(timeout_ms), on_chunk) {
+            Ok(r) => Reply::Done(Outcome {
+                exit_code: r.exit_code,
+                stdout: r.stdout,
+                stderr: r.stderr,
+                stdout_truncated: r.stdout_truncated,
+                stderr_truncated: r.stderr_truncated,
+            }),
+            Err(e) => Reply::Failed(failure(e)),
+        },
+    )
+}
+
+fn failure(e: MachineError) -> Failure {
+    match e {
+        MachineError::Timeout(d) => Failure::Timeout {
+            ms: d.as_millis() as u64,
+        },
+        MachineError::GuestReset => Failure::GuestReset,
+        MachineError::TripleFault { rip } => Failure::TripleFault { rip },
+        other => Failure::Other(other.to_string()),
+    }
+}
+
+fn name(command: &Command) -> &'static str {
+    match command {
+        Command::Prepare { .. } => "Prepare",
+        Command::Start => "Start",
+        Command::Exec { .. } => "Exec",
+        Command::SnapshotLive => "SnapshotLive",
+        Command::Stats => "Stats",
+    }
+}
+
+/// Asks the kernel to kill this process when its parent dies, so that a
+/// host killed with SIGKILL leaves no VM behind. (The end of stdin would
+/// stop an idle worker too, but not one inside a long `KVM_RUN`.)
+fn die_with_parent() {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and no pointers.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
+    // SAFETY: getppid has no preconditions. A parent that died before the
+    // prctl left this process to init: end now.
+    if unsafe { libc::getppid() } == 1 {
+        std::process::exit(0);
+    }
+}
