@@ -71,6 +71,47 @@ pub fn fork() -> zeroboot_vmm::Machine {
         .expect("fork from the template")
 }
 
+/// The default template, forking into worker processes (`zeroboot worker`)
+/// with a pool of `pool`.
+pub fn isolated_template(pool: usize) -> zeroboot_sandbox::IsolatedTemplate {
+    let worker = zeroboot_sandbox::WorkerCommand {
+        program: zeroboot_bin(),
+        args: vec!["worker".into()],
+    };
+    zeroboot_sandbox::IsolatedTemplate::new(worker, snapshot(&hypervisor()), pool)
+}
+
+/// Processes whose parent is `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        // The parent pid is the 2nd field after the parenthesised command.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        if after.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+/// Waits up to `within` for `done`, polling.
+pub fn eventually(within: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + within;
+    while std::time::Instant::now() < end {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    done()
+}
+
 /// The `zeroboot` binary built next to this test (scripts/test.sh builds it first).
 pub fn zeroboot_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -189,6 +230,18 @@ pub struct Reply {
     pub retry_after: Option<String>,
     pub text: String,
     pub bytes: Vec<u8>,
+}
+
+impl Server {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash or the OOM killer would.
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Server {

@@ -1,10 +1,14 @@
 //! Thousands of fork+exec in one process leave its fds, memory and threads
-//! where they were. Its own test binary, so no other test shares the process.
+//! where they were, and forks into worker processes leave no process behind.
+//! Its own test binary, so no other test shares the process.
 
 use std::time::Duration;
 
-use zeroboot_e2e::fork;
+use zeroboot_e2e::{children_of, eventually, fork, isolated_template};
 use zeroboot_protocol::Request;
+
+/// The two tests count this process's fds and threads: one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd").count()
@@ -29,6 +33,7 @@ fn fork_and_exec() {
 
 #[test]
 fn forks_release_every_fd_mapping_and_thread() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // ZEROBOOT_CLEANUP_FORKS sets the count; the figure is 10,000,
     // which takes several minutes here.
     let forks: usize = std::env::var("ZEROBOOT_CLEANUP_FORKS")
@@ -56,4 +61,39 @@ fn forks_release_every_fd_mapping_and_thread() {
         rss_after <= rss + 8 * 1024,
         "RSS went from {rss} KiB to {rss_after} KiB over {forks} forks"
     );
+}
+
+#[test]
+fn worker_process_forks_leave_no_process_fd_or_thread_behind() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let template = isolated_template(2);
+    let run = || {
+        let mut sandbox = template.fork().expect("fork a worker");
+        let r = sandbox
+            .exec(Request::new(b"print(1+1)", b""), Duration::from_secs(60))
+            .expect("exec in a worker");
+        assert_eq!(r.stdout, b"2\n");
+    };
+    for _ in 0..20 {
+        run();
+    }
+    let me = std::process::id();
+    let settled = |n: usize| eventually(Duration::from_secs(10), || children_of(me).len() <= n);
+    // The pool's two prepared workers, and nothing else once the reaper is done.
+    assert!(settled(2), "children: {:?}", children_of(me));
+    let (fds, threads) = (open_fds(), status_field("Threads:"));
+    let forks: usize = std::env::var("ZEROBOOT_CLEANUP_WORKER_FORKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    for _ in 0..forks {
+        run();
+    }
+    assert!(settled(2), "after {forks} forks, children: {:?}", children_of(me));
+    let (fds_after, threads_after) = (open_fds(), status_field("Threads:"));
+    assert!(
+        fds_after <= fds + 4,
+        "open fds went from {fds} to {fds_after} over {forks} forks"
+    );
+    assert_eq!(threads_after, threads, "threads went from {threads} to {threads_after}");
 }

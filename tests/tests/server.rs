@@ -3,8 +3,10 @@
 // Helpers here are test code too; clippy only exempts #[test] functions.
 #![allow(clippy::unwrap_used)]
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
-use zeroboot_e2e::Server;
+use zeroboot_e2e::{children_of, eventually, Server};
 
 fn body(reply: &zeroboot_e2e::Reply) -> Value {
     serde_json::from_str(&reply.text).unwrap_or_else(|_| panic!("not JSON: {}", reply.text))
@@ -376,4 +378,47 @@ fn per_key_sandbox_count_and_memory_are_capped() {
         (reply.status, body(&reply)["error"]["code"].as_str()),
         (429, Some("sandbox_limit"))
     );
+}
+
+#[test]
+fn a_server_killed_under_load_leaves_no_sandbox_and_restarts_clean() {
+    let mut server = Server::start(&[]);
+    let pid = server.pid();
+    let url = server.url.clone();
+    // Load: a few slow executions in flight, plus a long-lived sandbox.
+    let r = server.call("POST", "/v1/sandboxes", Some("{}"), None);
+    assert_eq!(r.status, 201, "{}", r.text);
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+                let _ = agent
+                    .post(format!("{url}/v1/exec"))
+                    .header("content-type", "application/json")
+                    .send(r#"{"code": "import time; time.sleep(20)", "timeout_seconds": 30}"#);
+            })
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(60), || children_of(pid).len() >= 5),
+        "workers for the pool, the sandbox and the executions"
+    );
+    let workers = children_of(pid);
+    server.kill_hard();
+    assert!(
+        eventually(Duration::from_secs(10), || workers.iter().all(|w| {
+            !std::path::Path::new(&format!("/proc/{w}")).exists()
+                || std::fs::read_to_string(format!("/proc/{w}/stat")).is_ok_and(|s| s.contains(") Z"))
+        })),
+        "every worker died with the server: {workers:?}"
+    );
+    for t in load {
+        let _ = t.join();
+    }
+    // The template on disk is intact: a new server opens it and runs code.
+    let server = Server::start(&[]);
+    let r = server.call("POST", "/v1/exec", Some(r#"{"code": "print(6*7)"}"#), None);
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(body(&r)["stdout"], "42\n");
 }

@@ -1,0 +1,138 @@
+//! Sandboxes in worker processes (zeroboot-sandbox), against real guests.
+
+use std::time::Duration;
+
+use zeroboot_e2e::{children_of, eventually, isolated_template};
+use zeroboot_protocol::Request;
+use zeroboot_sandbox::SandboxError;
+use zeroboot_vmm::MachineError;
+
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+fn alive(pid: u32) -> bool {
+    // A reaped process has no /proc entry; a zombie says so in its state.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn each_fork_is_a_worker_process_that_ends_with_its_sandbox() {
+    let template = isolated_template(0);
+    let mut a = template.fork().unwrap();
+    let mut b = template.fork().unwrap();
+    let (pa, pb) = (a.pid().unwrap(), b.pid().unwrap());
+    assert_ne!(pa, pb, "two sandboxes, two processes");
+    let cmdline = std::fs::read(format!("/proc/{pa}/cmdline")).unwrap();
+    assert!(String::from_utf8_lossy(&cmdline).contains("worker"));
+
+    let r = a
+        .exec(
+            Request::new(b"import builtins; builtins.mine = 'a'; print(1+1)", b""),
+            TIMEOUT,
+        )
+        .unwrap();
+    assert_eq!((r.exit_code, r.stdout.as_slice()), (0, &b"2\n"[..]));
+    let r = b
+        .exec(
+            Request::new(b"import builtins; print(getattr(builtins, 'mine', None))", b""),
+            TIMEOUT,
+        )
+        .unwrap();
+    assert_eq!(r.stdout, b"None\n", "b does not see a's state");
+
+    let stats = a.stats().unwrap();
+    assert!(stats.exits >= 1, "{stats:?}");
+    assert!(stats.private_bytes > 0 && stats.private_bytes < 64 << 20, "{stats:?}");
+
+    drop(a);
+    assert!(
+        eventually(Duration::from_secs(10), || !alive(pa)),
+        "worker {pa} ended and was reaped"
+    );
+    assert!(alive(pb), "the other sandbox is untouched");
+    let r = b.exec(Request::new(b"print('still here')", b""), TIMEOUT).unwrap();
+    assert_eq!(r.stdout, b"still here\n");
+}
+
+#[test]
+fn guest_timeouts_and_crashes_cross_the_process_boundary() {
+    let template = isolated_template(1);
+    let mut s = template.fork().unwrap();
+    let err = s
+        .exec(Request::new(b"while True: pass", b""), Duration::from_millis(500))
+        .unwrap_err();
+    assert!(matches!(err, SandboxError::Guest(MachineError::Timeout(_))), "{err}");
+
+    let mut s = template.fork().unwrap();
+    let err = s
+        .exec(Request::new(b"import os; os._exit(0)", b""), TIMEOUT)
+        .unwrap_err();
+    assert!(matches!(err, SandboxError::Guest(MachineError::GuestReset)), "{err}");
+}
+
+#[test]
+fn a_worker_killed_under_a_sandbox_is_a_clear_error() {
+    let template = isolated_template(0);
+    let mut s = template.fork().unwrap();
+    let pid = s.pid().unwrap();
+    // SAFETY: kill(2) on a child process of this test.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let err = s.exec(Request::new(b"print(1)", b""), TIMEOUT).unwrap_err();
+    assert!(matches!(err, SandboxError::Died { .. }), "{err}");
+    assert!(err.to_string().contains("signal: 9"), "{err}");
+    // The next fork is unaffected.
+    let mut s = template.fork().unwrap();
+    assert_eq!(s.exec(Request::new(b"print(3)", b""), TIMEOUT).unwrap().stdout, b"3\n");
+}
+
+#[test]
+fn a_live_sandbox_forks_into_new_processes() {
+    let template = isolated_template(0);
+    let mut parent = template.fork().unwrap();
+    parent
+        .exec(
+            Request::new(b"x = 41\nopen('/tmp/note', 'w').write('kept')", b""),
+            TIMEOUT,
+        )
+        .unwrap();
+    let live = parent.snapshot_live().unwrap();
+    assert!(live.changed_bytes() > 0);
+    let mut child = template.fork_live(&live).unwrap();
+    assert_ne!(child.pid(), parent.pid());
+    let r = child
+        .exec(Request::new(b"print(x + 1, open('/tmp/note').read())", b""), TIMEOUT)
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        "42 kept\n",
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+}
+
+#[test]
+fn a_pool_keeps_workers_ready_and_ends_them_when_dropped() {
+    let me = std::process::id();
+    let before = children_of(me);
+    let new_workers = || {
+        children_of(me)
+            .into_iter()
+            .filter(|p| !before.contains(p) && alive(*p))
+            .count()
+    };
+    let template = isolated_template(2);
+    // Two prepared: one in the channel, one held by the filler.
+    assert!(
+        eventually(Duration::from_secs(60), || new_workers() == 2),
+        "the pool started two workers"
+    );
+    drop(template);
+    assert!(
+        eventually(Duration::from_secs(10), || new_workers() == 0),
+        "dropping the template ended its pooled workers"
+    );
+}
