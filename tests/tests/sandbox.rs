@@ -28,6 +28,11 @@ fn each_fork_is_a_worker_process_that_ends_with_its_sandbox() {
     assert_ne!(pa, pb, "two sandboxes, two processes");
     let cmdline = std::fs::read(format!("/proc/{pa}/cmdline")).unwrap();
     assert!(String::from_utf8_lossy(&cmdline).contains("worker"));
+    // The worker runs its guest under its seccomp filter (mode 2), which it
+    // cannot drop (no_new_privs).
+    let status = std::fs::read_to_string(format!("/proc/{pa}/status")).unwrap();
+    assert!(status.contains("\nSeccomp:\t2\n"), "{status}");
+    assert!(status.contains("\nNoNewPrivs:\t1\n"), "{status}");
 
     let r = a
         .exec(

@@ -8,6 +8,7 @@
 //! [`worker`]'s documentation.
 
 pub mod host;
+pub mod seccomp;
 pub mod wire;
 pub mod worker;
 

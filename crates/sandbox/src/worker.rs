@@ -21,6 +21,7 @@ use zeroboot_vmm::machine::cpu_vendor;
 use zeroboot_vmm::snapshot::codec;
 use zeroboot_vmm::{Hypervisor, LiveSnapshot, Machine, MachineError, Snapshot, Template};
 
+use crate::seccomp;
 use crate::wire::{read_frame, write_frame, Command, Failure, LiveParts, Outcome, Reply, Stats, WireError};
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +50,11 @@ pub fn serve(dir: &Path) -> Result<(), WorkerError> {
         Err(failure) => return Ok(write_frame(&mut output, &Reply::Failed(failure))?),
     };
     write_frame(&mut output, &Reply::Prepared)?;
+    // From here on the guest can act, so from here on the filter holds.
+    // Building it allocates; install is the last thing before the wait.
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() } as u32;
+    let sandboxed = seccomp::worker_filter(pid).and_then(|filter| seccomp::install(&filter));
     match read_frame(&mut input) {
         Ok(Command::Start) => {}
         Err(WireError::Closed) => return Ok(()),
@@ -57,6 +63,9 @@ pub fn serve(dir: &Path) -> Result<(), WorkerError> {
             return Ok(write_frame(&mut output, &Reply::Failed(failure))?);
         }
         Err(e) => return Err(e.into()),
+    }
+    if let Err(e) = sandboxed {
+        return Ok(write_frame(&mut output, &Reply::Failed(Failure::Other(e.to_string())))?);
     }
     let mut machine = match template.start(prepared, Box::new(std::io::sink())) {
         Ok(m) => m,
