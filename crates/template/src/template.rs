@@ -83,15 +83,30 @@ pub enum TemplateError {
     NotFound { name: String, dir: PathBuf },
     #[error("{path}: {message}")]
     Metadata { path: PathBuf, message: String },
+    #[error(
+        "{path} is damaged: its checksum is {actual:#010x}, the template recorded {expected:#010x}; \
+         rebuild it with `zeroboot template build --name {name}`"
+    )]
+    Corrupt {
+        name: String,
+        path: PathBuf,
+        expected: u32,
+        actual: u32,
+    },
+    #[error("template {name:?} has no memory checksum (an older zeroboot made it); rebuild it with `zeroboot template build --name {name}`")]
+    Unverified { name: String },
 }
 
 impl TemplateError {
-    /// The template does not exist, or an older zeroboot made it in a state
-    /// format this one does not read: `template build` makes a usable one.
+    /// The template does not exist, or an older zeroboot made it (a state
+    /// format this one does not read, no checksum): `template build` makes a
+    /// usable one. A damaged template is not in this list: it is refused
+    /// until someone asks for a rebuild.
     pub fn needs_build(&self) -> bool {
         matches!(
             self,
             Self::NotFound { .. }
+                | Self::Unverified { .. }
                 | Self::Snapshot(SnapshotError::Codec {
                     source: zeroboot_vmm::snapshot::codec::CodecError::Version { .. },
                     ..
@@ -138,6 +153,10 @@ pub struct TemplateInfo {
     /// Guest memory the snapshot holds (non-zero pages), in bytes.
     pub memory_bytes: u64,
     pub exits_to_ready: u64,
+    /// `snapshot::memory_checksum` of the memory file when it was written;
+    /// checked on open. None in templates made before it existed.
+    #[serde(default)]
+    pub memory_crc32: Option<u32>,
 }
 
 pub fn validate_name(name: &str) -> Result<(), TemplateError> {
@@ -227,7 +246,7 @@ pub fn build(
     if !force {
         if let Ok(info) = read_info(&dir) {
             let vendor = zeroboot_vmm::machine::cpu_vendor(&hv);
-            if info.inputs == inputs && Snapshot::open(&dir, &vendor).is_ok() {
+            if info.inputs == inputs && Snapshot::open(&dir, &vendor).is_ok() && verify(&dir, &info).is_ok() {
                 return Ok((dir, info, true));
             }
         }
@@ -296,6 +315,7 @@ pub fn build(
         .map_err(io_err(&mem_path))?;
     let memory_bytes = machine.ram().write_sparse(&mut mem_file).map_err(MachineError::from)?;
     mem_file.sync_all().map_err(io_err(&mem_path))?;
+    let memory_crc32 = snapshot::memory_checksum(&mem_file).map_err(io_err(&mem_path))?;
     snapshot::write_state(&staging, &state)?;
     drop(machine);
     record_write_set(&hv, &staging)?;
@@ -316,6 +336,7 @@ pub fn build(
         },
         memory_bytes,
         exits_to_ready,
+        memory_crc32: Some(memory_crc32),
     };
     let meta = staging.join(METADATA_FILE);
     let json = serde_json::to_string_pretty(&info).map_err(|e| TemplateError::Metadata {
@@ -340,7 +361,29 @@ pub fn open(cache: &Cache, hv: &Hypervisor, name: &str) -> Result<Snapshot, Temp
             dir: cache.templates_dir(),
         });
     }
-    Ok(Snapshot::open(&dir, &zeroboot_vmm::machine::cpu_vendor(hv))?)
+    let snapshot = Snapshot::open(&dir, &zeroboot_vmm::machine::cpu_vendor(hv))?;
+    verify(&dir, &read_info(&dir)?)?;
+    Ok(snapshot)
+}
+
+/// Checks the memory file against the checksum recorded when it was
+/// written. (The state file carries its own CRC, checked as it is read.)
+pub fn verify(dir: &Path, info: &TemplateInfo) -> Result<(), TemplateError> {
+    let expected = info.memory_crc32.ok_or_else(|| TemplateError::Unverified {
+        name: info.name.clone(),
+    })?;
+    let path = dir.join(snapshot::MEMORY_FILE);
+    let file = File::open(&path).map_err(io_err(&path))?;
+    let actual = snapshot::memory_checksum(&file).map_err(io_err(&path))?;
+    if actual != expected {
+        return Err(TemplateError::Corrupt {
+            name: info.name.clone(),
+            path,
+            expected,
+            actual,
+        });
+    }
+    Ok(())
 }
 
 /// One line of `zeroboot template ls`.
