@@ -24,5 +24,19 @@ command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://ru
 # Only the SDK tests need these.
 command -v python3 >/dev/null || { echo "python3 not found: the Python SDK tests need it" >&2; exit 1; }
 command -v npm >/dev/null || { echo "npm not found: the TypeScript SDK tests need Node.js 18+ and npm" >&2; exit 1; }
-[ -e /dev/kvm ] || echo "warning: /dev/kvm is missing; zeroboot needs KVM to run sandboxes" >&2
+if [ -e /dev/kvm ]; then
+  # The server runs as an unprivileged user in group kvm (deploy/systemd),
+  # and a test runs it that way: give group kvm read and write on /dev/kvm,
+  # as Debian's udev rules do on a standard install.
+  if [ "$(stat -c %G:%a /dev/kvm)" != "kvm:660" ]; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    getent group kvm >/dev/null || $sudo groupadd --system kvm
+    $sudo chgrp kvm /dev/kvm
+    $sudo chmod 660 /dev/kvm
+    echo "/dev/kvm: group kvm, mode 660"
+  fi
+else
+  echo "warning: /dev/kvm is missing; zeroboot needs KVM to run sandboxes" >&2
+fi
 echo "dependencies ready"

@@ -140,11 +140,17 @@ impl Server {
     /// Starts `zeroboot serve --listen 127.0.0.1:0` with `args` and waits for
     /// the address it prints.
     pub fn start(args: &[&str]) -> Self {
-        use std::io::BufRead;
         template_dir();
-        let mut child = std::process::Command::new(zeroboot_bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--pool", "2"])
-            .args(args)
+        let mut command = std::process::Command::new(zeroboot_bin());
+        command.args(["serve", "--listen", "127.0.0.1:0", "--pool", "2"]).args(args);
+        Self::spawn(command)
+    }
+
+    /// Starts `command`, which must run `zeroboot serve --listen 127.0.0.1:0`
+    /// (perhaps through a wrapper such as setpriv), and waits for its address.
+    pub fn spawn(mut command: std::process::Command) -> Self {
+        use std::io::BufRead;
+        let mut child = command
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("start zeroboot serve");

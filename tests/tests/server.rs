@@ -422,3 +422,62 @@ fn a_server_killed_under_load_leaves_no_sandbox_and_restarts_clean() {
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(body(&r)["stdout"], "42\n");
 }
+
+/// The numeric id of group `name`, from /etc/group.
+fn group_id(name: &str) -> Option<u32> {
+    std::fs::read_to_string("/etc/group")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:"))?.split(':').nth(1)?.parse().ok())
+}
+
+#[test]
+fn the_server_runs_as_an_unprivileged_user_from_a_read_only_cache() {
+    use std::os::unix::fs::MetadataExt;
+    let kvm = std::fs::metadata("/dev/kvm").expect("/dev/kvm");
+    let kvm_gid = group_id("kvm").expect("a kvm group: run scripts/install-deps.sh");
+    assert!(
+        kvm.gid() == kvm_gid && kvm.mode() & 0o060 == 0o060,
+        "/dev/kvm must be read-write for group kvm, as on a standard Debian host: run scripts/install-deps.sh"
+    );
+    // A cache that only root may write, holding a copy of the template.
+    let real = zeroboot_e2e::template_dir();
+    let cache = std::env::temp_dir().join(format!("zeroboot-nonroot-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    std::fs::create_dir_all(cache.join("templates")).unwrap();
+    let cp = std::process::Command::new("cp")
+        .args(["-a", "--sparse=always"])
+        .arg(&real)
+        .arg(cache.join("templates/python"))
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    let chmod = std::process::Command::new("chmod").args(["-R", "a+rX,go-w"]).arg(&cache).status().unwrap();
+    assert!(chmod.success());
+
+    // nobody:nogroup plus group kvm, no capabilities, no way to gain any.
+    let mut command = std::process::Command::new("setpriv");
+    command
+        .args(["--reuid=65534", "--regid=65534", &format!("--groups={kvm_gid}")])
+        .args(["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"])
+        .arg(zeroboot_e2e::zeroboot_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--pool", "2"])
+        .env("ZEROBOOT_CACHE", &cache)
+        .env("HOME", "/nonexistent");
+    let server = Server::spawn(command);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+    assert!(status.contains("\nUid:\t65534\t65534\t65534\t65534\n"), "{status}");
+
+    let r = server.call("POST", "/v1/exec", Some(r#"{"code": "print(1+1)"}"#), None);
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(body(&r)["stdout"], "2\n");
+    let r = server.call("POST", "/v1/sandboxes", Some("{}"), None);
+    assert_eq!(r.status, 201, "{}", r.text);
+    let id = body(&r)["id"].as_str().unwrap().to_string();
+    let out = exec_in(&server, &id, "x = 5");
+    assert_eq!(out["exit_code"], 0, "{out}");
+    let r = server.call("POST", &format!("/v1/sandboxes/{id}/fork"), Some(r#"{"count": 1}"#), None);
+    assert_eq!(r.status, 201, "{}", r.text);
+    drop(server);
+    std::fs::remove_dir_all(&cache).unwrap();
+}
