@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release -- -D warnings
+./scripts/validate-deploy.sh
 cargo build --workspace --release
 cargo test --workspace --release -- --test-threads=2
 # The Python SDK, installed with pip into its own venv, against a real
@@ -18,3 +19,5 @@ target/sdk-venv/bin/python -m unittest discover -s sdk/python/tests -v
 # The TypeScript SDK: built with its locked dev dependencies, tested with
 # node's test runner against a real `zeroboot serve`.
 (cd sdk/typescript && npm ci --no-audit --no-fund --silent && npm run --silent build && npm test)
+# API fuzzing with schemathesis against a real server: no 5xx allowed.
+./scripts/fuzz-api.sh 200
