@@ -141,3 +141,35 @@ fn a_pool_keeps_workers_ready_and_ends_them_when_dropped() {
         "dropping the template ended its pooled workers"
     );
 }
+
+#[test]
+fn memory_hogs_and_fork_bombs_end_only_their_own_sandbox() {
+    let template = isolated_template(1);
+    let mut bystander = template.fork().unwrap();
+    bystander.exec(Request::new(b"kept = 'here'", b""), TIMEOUT).unwrap();
+
+    // 64 GiB in a 512 MiB guest: Python's MemoryError, and the sandbox
+    // carries on.
+    let mut hog = template.fork().unwrap();
+    let r = hog
+        .exec(Request::new(b"x = bytearray(64 * 1024**3)", b""), TIMEOUT)
+        .unwrap();
+    assert_eq!(r.exit_code, 1);
+    assert!(String::from_utf8_lossy(&r.stderr).contains("MemoryError"), "{r:?}");
+    let r = hog.exec(Request::new(b"print('after')", b""), TIMEOUT).unwrap();
+    assert_eq!(r.stdout, b"after\n");
+
+    // A fork bomb runs until its deadline, then its VM is gone.
+    let mut bomb = template.fork().unwrap();
+    let err = bomb
+        .exec(
+            Request::new(b"import os\nwhile True:\n    os.fork()", b""),
+            Duration::from_secs(3),
+        )
+        .unwrap_err();
+    assert!(matches!(err, SandboxError::Guest(MachineError::Timeout(_))), "{err}");
+    drop(bomb);
+
+    let r = bystander.exec(Request::new(b"print(kept)", b""), TIMEOUT).unwrap();
+    assert_eq!(r.stdout, b"here\n", "the other sandbox is untouched");
+}
