@@ -21,3 +21,6 @@ target/sdk-venv/bin/python -m unittest discover -s sdk/python/tests -v
 (cd sdk/typescript && npm ci --no-audit --no-fund --silent && npm run --silent build && npm test)
 # API fuzzing with schemathesis against a real server: no 5xx allowed.
 ./scripts/fuzz-api.sh 200
+# Soak, shortened (the full run is scripts/soak.py with its defaults):
+# the server's fds, RSS, threads and worker processes stay flat.
+python3 scripts/soak.py --execs 1000 --session-execs 200
