@@ -142,7 +142,9 @@ impl Server {
     pub fn start(args: &[&str]) -> Self {
         template_dir();
         let mut command = std::process::Command::new(zeroboot_bin());
-        command.args(["serve", "--listen", "127.0.0.1:0", "--pool", "2"]).args(args);
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--pool", "2"])
+            .args(args);
         Self::spawn(command)
     }
 

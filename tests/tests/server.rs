@@ -452,7 +452,11 @@ fn the_server_runs_as_an_unprivileged_user_from_a_read_only_cache() {
         .status()
         .unwrap();
     assert!(cp.success());
-    let chmod = std::process::Command::new("chmod").args(["-R", "a+rX,go-w"]).arg(&cache).status().unwrap();
+    let chmod = std::process::Command::new("chmod")
+        .args(["-R", "a+rX,go-w"])
+        .arg(&cache)
+        .status()
+        .unwrap();
     assert!(chmod.success());
 
     // nobody:nogroup plus group kvm, no capabilities, no way to gain any.
@@ -476,7 +480,12 @@ fn the_server_runs_as_an_unprivileged_user_from_a_read_only_cache() {
     let id = body(&r)["id"].as_str().unwrap().to_string();
     let out = exec_in(&server, &id, "x = 5");
     assert_eq!(out["exit_code"], 0, "{out}");
-    let r = server.call("POST", &format!("/v1/sandboxes/{id}/fork"), Some(r#"{"count": 1}"#), None);
+    let r = server.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/fork"),
+        Some(r#"{"count": 1}"#),
+        None,
+    );
     assert_eq!(r.status, 201, "{}", r.text);
     drop(server);
     std::fs::remove_dir_all(&cache).unwrap();
