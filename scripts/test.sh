@@ -24,3 +24,5 @@ target/sdk-venv/bin/python -m unittest discover -s sdk/python/tests -v
 # Soak, shortened (the full run is scripts/soak.py with its defaults):
 # the server's fds, RSS, threads and worker processes stay flat.
 python3 scripts/soak.py --execs 1000 --session-execs 200
+# Every cargo-fuzz target for 20 s (nightly; scripts/fuzz.sh N for longer).
+./scripts/fuzz.sh 20

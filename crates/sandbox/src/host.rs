@@ -405,7 +405,6 @@ impl FrameReader {
                     self.buf.drain(..end);
                     return reply.map(Some);
                 }
-                self.buf.reserve(end - self.buf.len());
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || !readable(&self.pipe, left)? {

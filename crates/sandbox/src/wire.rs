@@ -117,8 +117,12 @@ pub fn read_frame<T: DeserializeOwned>(input: &mut impl Read) -> Result<T, WireE
     if len > MAX_FRAME {
         return Err(WireError::TooLarge(len.into()));
     }
-    let mut body = vec![0u8; len as usize];
-    input.read_exact(&mut body)?;
+    // Grown as bytes arrive, not allocated from the claimed length.
+    let mut body = Vec::new();
+    input.take(len.into()).read_to_end(&mut body)?;
+    if body.len() != len as usize {
+        return Err(WireError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
     decode(&body)
 }
 
