@@ -228,7 +228,7 @@ impl<'a> Request<'a> {
 }
 
 /// What the agent reports back.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Response {
     pub exit_code: i32,
     pub stdout: Vec<u8>,

@@ -7,12 +7,12 @@ use std::io::{BufWriter, Read};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Stdio};
-use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Sender};
 use std::sync::{Mutex, OnceLock};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use zeroboot_protocol::{Chunk, Request, Response};
+use zeroboot_vmm::fork::ReadyPool;
 use zeroboot_vmm::snapshot::codec;
 use zeroboot_vmm::{LiveSnapshot, MachineError, Snapshot};
 
@@ -80,15 +80,9 @@ struct Spec {
 /// A template whose forks are each a worker process holding one VM.
 pub struct IsolatedTemplate {
     // Field order is drop order: the pool (and its thread) goes first.
-    pool: Option<Pool>,
+    pool: Option<ReadyPool<Result<Sandbox, SandboxError>>>,
     spec: std::sync::Arc<Spec>,
     snapshot: Snapshot,
-}
-
-struct Pool {
-    // A Mutex so that forks can come from many threads at once.
-    ready: Mutex<Receiver<Result<Sandbox, SandboxError>>>,
-    filler: Option<JoinHandle<()>>,
 }
 
 impl IsolatedTemplate {
@@ -99,7 +93,9 @@ impl IsolatedTemplate {
             command,
             dir: snapshot.dir.clone(),
         });
-        let pool = (pool > 0).then(|| Pool::start(spec.clone(), pool)).flatten();
+        let source = spec.clone();
+        let make = move || Sandbox::prepare(&source, None);
+        let pool = ReadyPool::start("zeroboot-workers", pool, make, Result::is_err);
         Self { pool, spec, snapshot }
     }
 
@@ -109,7 +105,7 @@ impl IsolatedTemplate {
 
     /// A new sandbox: a worker process with a new VM, started now.
     pub fn fork(&self) -> Result<Sandbox, SandboxError> {
-        let ready = self.pool.as_ref().and_then(|p| p.ready.lock().ok()?.try_recv().ok());
+        let ready = self.pool.as_ref().and_then(ReadyPool::take);
         let mut sandbox = match ready {
             Some(prepared) => prepared?,
             // Empty pool (or none): prepare one here rather than wait.
@@ -129,40 +125,6 @@ impl IsolatedTemplate {
         let mut sandbox = Sandbox::prepare(&self.spec, Some(parts))?;
         sandbox.start()?;
         Ok(sandbox)
-    }
-}
-
-impl Pool {
-    fn start(spec: std::sync::Arc<Spec>, size: usize) -> Option<Self> {
-        // The channel holds `size - 1` and the filler blocks holding one more.
-        let (tx, rx) = sync_channel(size.saturating_sub(1));
-        let filler = std::thread::Builder::new()
-            .name("zeroboot-workers".into())
-            .spawn(move || loop {
-                let sandbox = Sandbox::prepare(&spec, None);
-                let failed = sandbox.is_err();
-                // A send fails once the template is dropped: stop.
-                if tx.send(sandbox).is_err() || failed {
-                    return;
-                }
-            })
-            .ok()?;
-        Some(Self {
-            ready: Mutex::new(rx),
-            filler: Some(filler),
-        })
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        // Dropping the receiver (and the sandboxes in it) makes the filler's
-        // send fail, including one blocked on a full channel.
-        let (_, dead) = sync_channel::<Result<Sandbox, SandboxError>>(0);
-        drop(std::mem::replace(&mut self.ready, Mutex::new(dead)));
-        if let Some(filler) = self.filler.take() {
-            let _ = filler.join();
-        }
     }
 }
 
@@ -243,15 +205,7 @@ impl Sandbox {
                     stderr: &stderr,
                     flags,
                 }),
-                Reply::Done(o) => {
-                    return Ok(Response {
-                        exit_code: o.exit_code,
-                        stdout: o.stdout,
-                        stderr: o.stderr,
-                        stdout_truncated: o.stdout_truncated,
-                        stderr_truncated: o.stderr_truncated,
-                    })
-                }
+                Reply::Done(response) => return Ok(response),
                 Reply::Failed(f) => return Err(f.into()),
                 other => return Err(unexpected("Done", &other)),
             }

@@ -5,6 +5,7 @@
 use std::io::{Read, Write};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use zeroboot_protocol::Response;
 
 /// Largest frame either side accepts. The largest frames are live snapshots,
 /// which hold at most a sandbox's guest RAM.
@@ -53,19 +54,10 @@ pub enum Reply {
         stderr: Vec<u8>,
         flags: u32,
     },
-    Done(Outcome),
+    Done(Response),
     Live(LiveParts),
     Stats(Stats),
     Failed(Failure),
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Outcome {
-    pub exit_code: i32,
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
-    pub stdout_truncated: bool,
-    pub stderr_truncated: bool,
 }
 
 /// Why a command failed in the worker. The first three are the guest's

@@ -22,7 +22,7 @@ use zeroboot_vmm::snapshot::codec;
 use zeroboot_vmm::{Hypervisor, LiveSnapshot, Machine, MachineError, Snapshot, Template};
 
 use crate::seccomp;
-use crate::wire::{read_frame, write_frame, Command, Failure, LiveParts, Outcome, Reply, Stats, WireError};
+use crate::wire::{read_frame, write_frame, Command, Failure, LiveParts, Reply, Stats, WireError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -166,13 +166,7 @@ fn exec(
     let on_chunk: &mut dyn FnMut(&Chunk<'_>) = if stream { &mut on_chunk } else { &mut |_| {} };
     Ok(
         match machine.exec_streaming(request, Duration::from_millis(timeout_ms), on_chunk) {
-            Ok(r) => Reply::Done(Outcome {
-                exit_code: r.exit_code,
-                stdout: r.stdout,
-                stderr: r.stderr,
-                stdout_truncated: r.stdout_truncated,
-                stderr_truncated: r.stderr_truncated,
-            }),
+            Ok(response) => Reply::Done(response),
             Err(e) => Reply::Failed(failure(e)),
         },
     )

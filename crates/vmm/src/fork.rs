@@ -27,14 +27,69 @@ struct Shared {
 /// and shared by every fork.
 pub struct Template {
     // Field order is drop order: the pool (and its thread) goes first.
-    pool: Option<Pool>,
+    pool: Option<ReadyPool<Result<Shell, MachineError>>>,
     shared: Arc<Shared>,
 }
 
-struct Pool {
-    // A Mutex so that a Template can fork from many threads at once.
-    shells: Mutex<Receiver<Result<Shell, MachineError>>>,
+/// Values made ahead of time on a background thread: up to `size` kept
+/// ready, taken without waiting. Used for VM shells here and for prepared
+/// worker processes by `zeroboot-sandbox`.
+pub struct ReadyPool<T: Send + 'static> {
+    // A Mutex so that values can be taken from many threads at once.
+    ready: Mutex<Receiver<T>>,
     filler: Option<JoinHandle<()>>,
+}
+
+impl<T: Send + 'static> ReadyPool<T> {
+    /// Starts thread `name`, which calls `make` to keep up to `size` values
+    /// ready. It stops after a value for which `is_last` holds (a failure,
+    /// which the next taker receives), or when the pool is dropped. None if
+    /// `size` is 0 or the thread cannot start.
+    pub fn start(
+        name: &str,
+        size: usize,
+        mut make: impl FnMut() -> T + Send + 'static,
+        is_last: fn(&T) -> bool,
+    ) -> Option<Self> {
+        if size == 0 {
+            return None;
+        }
+        // The channel holds `size - 1` and the filler blocks holding one more.
+        let (tx, rx) = sync_channel(size - 1);
+        let filler = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || loop {
+                let value = make();
+                let last = is_last(&value);
+                // A send fails once the pool is dropped: stop.
+                if tx.send(value).is_err() || last {
+                    return;
+                }
+            })
+            .ok()?;
+        Some(Self {
+            ready: Mutex::new(rx),
+            filler: Some(filler),
+        })
+    }
+
+    /// A ready value, if there is one now.
+    pub fn take(&self) -> Option<T> {
+        self.ready.lock().ok()?.try_recv().ok()
+    }
+}
+
+impl<T: Send + 'static> Drop for ReadyPool<T> {
+    fn drop(&mut self) {
+        // Dropping the receiver (and the values in it) makes the filler's
+        // send fail, including one that is blocked on a full channel, and
+        // the filler returns.
+        let (_, dead) = sync_channel::<T>(0);
+        drop(std::mem::replace(&mut self.ready, Mutex::new(dead)));
+        if let Some(filler) = self.filler.take() {
+            let _ = filler.join();
+        }
+    }
 }
 
 impl Template {
@@ -51,30 +106,12 @@ impl Template {
     /// memory mapping while it waits.
     pub fn with_pool(hv: Hypervisor, snapshot: Snapshot, shells: usize) -> Self {
         let shared = Arc::new(Shared { hv, snapshot });
-        if shells == 0 {
-            return Self { pool: None, shared };
-        }
-        // The channel holds `shells - 1` and the filler blocks holding one more.
-        let (tx, rx) = sync_channel(shells.saturating_sub(1));
         let source = shared.clone();
-        let filler = std::thread::Builder::new()
-            .name("zeroboot-shells".into())
-            .spawn(move || {
-                lower_priority();
-                loop {
-                    let shell = Shell::new(&source.hv, &source.snapshot);
-                    let failed = shell.is_err();
-                    // A send fails once the template is dropped: stop.
-                    if tx.send(shell).is_err() || failed {
-                        return;
-                    }
-                }
-            })
-            .ok();
-        let pool = filler.map(|filler| Pool {
-            shells: Mutex::new(rx),
-            filler: Some(filler),
-        });
+        let make = move || {
+            lower_priority();
+            Shell::new(&source.hv, &source.snapshot)
+        };
+        let pool = ReadyPool::start("zeroboot-shells", shells, make, Result::is_err);
         Self { pool, shared }
     }
 
@@ -85,7 +122,7 @@ impl Template {
     /// A new sandbox: a new KVM VM whose memory is a private copy-on-write
     /// mapping of the template's, ready to run from the snapshot.
     pub fn fork(&self, console: Box<dyn Write + Send>) -> Result<Machine, MachineError> {
-        let ready = self.pool.as_ref().and_then(|p| p.shells.lock().ok()?.try_recv().ok());
+        let ready = self.pool.as_ref().and_then(ReadyPool::take);
         let shell = match ready {
             Some(shell) => shell?,
             // Empty pool (or none): make one here rather than wait.
@@ -141,18 +178,6 @@ impl Template {
 pub struct Prepared {
     shell: Shell,
     live_state: Option<MachineState>,
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        // Dropping the receiver makes the filler's send fail, including one
-        // that is blocked on a full channel, and the filler returns.
-        let (_, dead) = sync_channel::<Result<Shell, MachineError>>(0);
-        drop(std::mem::replace(&mut self.shells, Mutex::new(dead)));
-        if let Some(filler) = self.filler.take() {
-            let _ = filler.join();
-        }
-    }
 }
 
 /// Runs the calling thread at a lower CPU priority, so that preparing VMs
