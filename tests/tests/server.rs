@@ -471,6 +471,8 @@ fn the_server_runs_as_an_unprivileged_user_from_a_read_only_cache() {
     let server = Server::spawn(command);
     let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
     assert!(status.contains("\nUid:\t65534\t65534\t65534\t65534\n"), "{status}");
+    // Its own seccomp filters: two (the allowlist, and clone3 answering ENOSYS).
+    assert!(status.contains("\nSeccomp:\t2\nSeccomp_filters:\t2\n"), "{status}");
 
     let r = server.call("POST", "/v1/exec", Some(r#"{"code": "print(1+1)"}"#), None);
     assert_eq!(r.status, 200, "{}", r.text);

@@ -75,6 +75,11 @@ pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<
     let auth = Auth::new(keys, args.rate, args.burst);
     let has_keys = auth.has_keys();
     let state = Arc::new(AppState::new(served, limits, auth));
+    // Templates and keys are read: from here on the server only serves and
+    // starts workers (see zeroboot_sandbox::seccomp::server_filters).
+    for filter in zeroboot_sandbox::seccomp::server_filters()? {
+        zeroboot_sandbox::seccomp::install(&filter)?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .max_blocking_threads(512)
