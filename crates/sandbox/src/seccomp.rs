@@ -255,16 +255,14 @@ pub fn server_filters() -> Result<[BpfProgram; 2], SeccompError> {
             .map(|&f| one(vec![Cond::new(0, Len::Dword, Op::Eq, f as u64)?]))
             .collect::<Result<_, _>>()?,
     );
-    let namespaces = (libc::CLONE_NEWNS
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWUSER
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWNET
-        | libc::CLONE_NEWCGROUP) as u64;
     rules.insert(
         libc::SYS_clone,
-        vec![one(vec![Cond::new(0, Len::Qword, Op::MaskedEq(namespaces), 0)?])?],
+        vec![one(vec![Cond::new(
+            0,
+            Len::Qword,
+            Op::MaskedEq(namespace_flags()),
+            0,
+        )?])?],
     );
     let allowlist = SeccompFilter::new(
         rules,
@@ -272,13 +270,149 @@ pub fn server_filters() -> Result<[BpfProgram; 2], SeccompError> {
         SeccompAction::Allow,
         TargetArch::x86_64,
     )?;
-    let no_clone3 = SeccompFilter::new(
+    Ok([allowlist.try_into()?, no_clone3()?])
+}
+
+/// `clone3` answers `ENOSYS`: the C library then starts threads and
+/// processes with `clone`, whose flags a filter can check.
+fn no_clone3() -> Result<BpfProgram, SeccompError> {
+    let filter = SeccompFilter::new(
         BTreeMap::from([(libc::SYS_clone3, vec![])]),
         SeccompAction::Allow,
         SeccompAction::Errno(libc::ENOSYS as u32),
         TargetArch::x86_64,
     )?;
-    Ok([allowlist.try_into()?, no_clone3.try_into()?])
+    Ok(filter.try_into()?)
+}
+
+/// The filter for the thread of `zeroboot template build` that boots the
+/// template's guest and writes the template (a root process): what a worker
+/// may do, plus creating, writing, renaming and removing files and
+/// directories, and threads (without namespaces). Refused calls fail with
+/// `EPERM`. No `execve`, sockets, `mount`, `ptrace` or module loading; the
+/// steps that need those (debootstrap, the kernel build) run before, on
+/// other threads, on trusted inputs. As for the server, `clone3` answers
+/// `ENOSYS`.
+pub fn builder_filters() -> Result<[BpfProgram; 2], SeccompError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    let any = [
+        libc::SYS_eventfd2,
+        libc::SYS_read,
+        libc::SYS_write,
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
+        libc::SYS_close,
+        libc::SYS_lseek,
+        libc::SYS_statx,
+        libc::SYS_fstat,
+        libc::SYS_newfstatat,
+        libc::SYS_fcntl,
+        libc::SYS_openat,
+        libc::SYS_ftruncate,
+        libc::SYS_fallocate,
+        libc::SYS_fsync,
+        libc::SYS_fdatasync,
+        libc::SYS_rename,
+        libc::SYS_renameat,
+        libc::SYS_renameat2,
+        libc::SYS_unlink,
+        libc::SYS_unlinkat,
+        libc::SYS_mkdir,
+        libc::SYS_mkdirat,
+        libc::SYS_rmdir,
+        libc::SYS_getdents64,
+        libc::SYS_copy_file_range,
+        libc::SYS_sendfile,
+        libc::SYS_fchmod,
+        libc::SYS_getcwd,
+        libc::SYS_readlink,
+        libc::SYS_access,
+        libc::SYS_faccessat2,
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+        libc::SYS_munmap,
+        libc::SYS_mremap,
+        libc::SYS_madvise,
+        libc::SYS_brk,
+        libc::SYS_timer_create,
+        libc::SYS_timer_settime,
+        libc::SYS_timer_delete,
+        libc::SYS_rt_sigaction,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_sigaltstack,
+        libc::SYS_getrandom,
+        libc::SYS_clock_gettime,
+        libc::SYS_clock_nanosleep,
+        libc::SYS_nanosleep,
+        libc::SYS_futex,
+        libc::SYS_sched_yield,
+        libc::SYS_sched_getaffinity,
+        libc::SYS_set_robust_list,
+        libc::SYS_rseq,
+        libc::SYS_prctl,
+        libc::SYS_gettid,
+        libc::SYS_getpid,
+        libc::SYS_restart_syscall,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+        libc::SYS_tgkill,
+        // Allowed here so that no_clone3's ENOSYS is the only answer: of
+        // two errno answers, the newer filter's would win.
+        libc::SYS_clone3,
+    ];
+    for call in any {
+        rules.insert(call, vec![]);
+    }
+    let one = |conditions: Vec<Cond>| SeccompRule::new(conditions);
+    rules.insert(
+        libc::SYS_ioctl,
+        vec![
+            one(vec![Cond::new(1, Len::Dword, Op::MaskedEq(0xff00), KVMIO << 8)?])?,
+            one(vec![Cond::new(1, Len::Dword, Op::MaskedEq(0xff00), 0x5400)?])?,
+        ],
+    );
+    let exec = libc::PROT_EXEC as u64;
+    rules.insert(
+        libc::SYS_mmap,
+        vec![one(vec![Cond::new(2, Len::Dword, Op::MaskedEq(exec), 0)?])?],
+    );
+    rules.insert(
+        libc::SYS_mprotect,
+        vec![one(vec![Cond::new(2, Len::Dword, Op::MaskedEq(exec), 0)?])?],
+    );
+    rules.insert(
+        libc::SYS_clone,
+        vec![one(vec![Cond::new(
+            0,
+            Len::Qword,
+            Op::MaskedEq(namespace_flags()),
+            0,
+        )?])?],
+    );
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Errno(libc::EPERM as u32),
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )?;
+    // In this order: the allowlist refuses `seccomp` itself.
+    Ok([no_clone3()?, filter.try_into()?])
+}
+
+/// Installs `filter` on the calling thread (and threads it starts), for good.
+pub fn install_on_this_thread(filter: &BpfProgram) -> Result<(), SeccompError> {
+    Ok(seccompiler::apply_filter(filter)?)
+}
+
+fn namespace_flags() -> u64 {
+    (libc::CLONE_NEWNS
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUSER
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWCGROUP) as u64
 }
 
 /// Installs `filter` on every thread of this process, for good.
@@ -390,6 +524,36 @@ mod tests {
         let status = in_child_under(&server_filters().unwrap(), server_calls);
         assert!(libc::WIFEXITED(status), "status {status:#x}");
         assert_eq!(libc::WEXITSTATUS(status), 127, "bits of server_calls that held");
+    }
+
+    /// Calls under the builder's filter; bits as in [`server_calls`].
+    fn builder_calls() -> i32 {
+        let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        let mut ok = 0;
+        let path = c"/tmp/zeroboot-seccomp-builder-test";
+        // SAFETY: plain system calls on literal paths and null-terminated
+        // argument lists.
+        unsafe {
+            let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o600);
+            if fd >= 0 && libc::write(fd, c"x".as_ptr().cast(), 1) == 1 && libc::unlink(path.as_ptr()) == 0 {
+                ok |= 1;
+            }
+            let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+            if libc::execv(c"/bin/true".as_ptr(), argv.as_ptr()) < 0 && errno() == libc::EPERM {
+                ok |= 2;
+            }
+            if libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) < 0 && errno() == libc::EPERM {
+                ok |= 4;
+            }
+        }
+        ok
+    }
+
+    #[test]
+    fn the_builder_may_write_its_files_but_not_exec_or_open_sockets() {
+        let status = in_child_under(&builder_filters().unwrap(), builder_calls);
+        assert!(libc::WIFEXITED(status), "status {status:#x}");
+        assert_eq!(libc::WEXITSTATUS(status), 7, "bits of builder_calls that held");
     }
 
     const FORBIDDEN: [&str; 5] = [

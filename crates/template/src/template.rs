@@ -93,6 +93,10 @@ pub enum TemplateError {
         expected: u32,
         actual: u32,
     },
+    #[error(transparent)]
+    Seccomp(#[from] zeroboot_sandbox::seccomp::SeccompError),
+    #[error("the template's boot thread panicked")]
+    BootPanicked,
     #[error("template {name:?} has no memory checksum (an older zeroboot made it); rebuild it with `zeroboot template build --name {name}`")]
     Unverified { name: String },
 }
@@ -260,90 +264,101 @@ pub fn build(
     }
     std::fs::create_dir_all(&staging).map_err(io_err(&staging))?;
 
-    progress.start("boot");
-    let boot_started = Instant::now();
-    let boot_spec = BootSpec {
-        kernel: kernel.vmlinux.clone(),
-        cmdline: KERNEL_CMDLINE.into(),
-        root_image: Some(root.path.clone()),
-        initrd: None,
-        system_map: Some(kernel.system_map.clone()),
-        mem_mib: spec.mem_mib,
-        root_args: ROOT_ARGS.into(),
-    };
-    let log_path = staging.join(BOOT_LOG);
-    let console = Console {
-        file: File::create(&log_path).map_err(io_err(&log_path))?,
-        line: Vec::new(),
-        progress: progress.clone(),
-    };
-    let boot_err = |source: MachineError| TemplateError::Boot {
-        source,
-        log: dir.join(BOOT_LOG),
-    };
-    let mut machine = Machine::boot(&hv, &boot_spec, Box::new(console)).map_err(boot_err)?;
-    let rung = machine.run_until_doorbell(BOOT_TIMEOUT);
-    // Keep the console log where the error message points, even on failure.
-    let rung = match rung {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = std::fs::create_dir_all(&dir);
-            let _ = std::fs::copy(&log_path, dir.join(BOOT_LOG));
-            return Err(boot_err(e));
+    // From here the template's guest runs, inside a root process: on a
+    // thread of its own, under a seccomp filter that lets it run the VM and
+    // write the template's files, and nothing like exec, sockets or mounts.
+    let boot_and_snapshot = || -> Result<(TemplateInfo, Instant), TemplateError> {
+        for filter in zeroboot_sandbox::seccomp::builder_filters()? {
+            zeroboot_sandbox::seccomp::install_on_this_thread(&filter)?;
         }
-    };
-    if rung != Doorbell::Ready {
-        return Err(boot_err(MachineError::WrongDoorbell {
-            expected: Doorbell::Ready,
-            got: rung,
-        }));
-    }
-    let boot_s = boot_started.elapsed().as_secs_f64();
-    progress.finish("boot", boot_started.elapsed(), false);
+        progress.start("boot");
+        let boot_started = Instant::now();
+        let boot_spec = BootSpec {
+            kernel: kernel.vmlinux.clone(),
+            cmdline: KERNEL_CMDLINE.into(),
+            root_image: Some(root.path.clone()),
+            initrd: None,
+            system_map: Some(kernel.system_map.clone()),
+            mem_mib: spec.mem_mib,
+            root_args: ROOT_ARGS.into(),
+        };
+        let log_path = staging.join(BOOT_LOG);
+        let console = Console {
+            file: File::create(&log_path).map_err(io_err(&log_path))?,
+            line: Vec::new(),
+            progress: progress.clone(),
+        };
+        let boot_err = |source: MachineError| TemplateError::Boot {
+            source,
+            log: dir.join(BOOT_LOG),
+        };
+        let mut machine = Machine::boot(&hv, &boot_spec, Box::new(console)).map_err(boot_err)?;
+        let rung = machine.run_until_doorbell(BOOT_TIMEOUT);
+        // Keep the console log where the error message points, even on failure.
+        let rung = match rung {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::create_dir_all(&dir);
+                let _ = std::fs::copy(&log_path, dir.join(BOOT_LOG));
+                return Err(boot_err(e));
+            }
+        };
+        if rung != Doorbell::Ready {
+            return Err(boot_err(MachineError::WrongDoorbell {
+                expected: Doorbell::Ready,
+                got: rung,
+            }));
+        }
+        let boot_s = boot_started.elapsed().as_secs_f64();
+        progress.finish("boot", boot_started.elapsed(), false);
 
-    progress.start("snapshot");
-    let snap_started = Instant::now();
-    let state = machine.save()?;
-    let exits_to_ready = machine.exits();
-    let mem_path = staging.join(MEMORY_FILE);
-    let mut mem_file = File::options()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&mem_path)
-        .map_err(io_err(&mem_path))?;
-    let memory_bytes = machine.ram().write_sparse(&mut mem_file).map_err(MachineError::from)?;
-    mem_file.sync_all().map_err(io_err(&mem_path))?;
-    let memory_crc32 = snapshot::memory_checksum(&mem_file).map_err(io_err(&mem_path))?;
-    snapshot::write_state(&staging, &state)?;
-    drop(machine);
-    record_write_set(&hv, &staging)?;
-    let info = TemplateInfo {
-        name: spec.name.clone(),
-        mem_mib: spec.mem_mib,
-        inputs,
-        kernel: kernel.hash.clone(),
-        root_image: root.hash.clone(),
-        created_unix: SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        phases: PhaseTimes {
-            artifacts_s,
-            boot_s,
-            snapshot_s: snap_started.elapsed().as_secs_f64(),
-        },
-        memory_bytes,
-        exits_to_ready,
-        memory_crc32: Some(memory_crc32),
+        progress.start("snapshot");
+        let snap_started = Instant::now();
+        let state = machine.save()?;
+        let exits_to_ready = machine.exits();
+        let mem_path = staging.join(MEMORY_FILE);
+        let mut mem_file = File::options()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&mem_path)
+            .map_err(io_err(&mem_path))?;
+        let memory_bytes = machine.ram().write_sparse(&mut mem_file).map_err(MachineError::from)?;
+        mem_file.sync_all().map_err(io_err(&mem_path))?;
+        let memory_crc32 = snapshot::memory_checksum(&mem_file).map_err(io_err(&mem_path))?;
+        snapshot::write_state(&staging, &state)?;
+        drop(machine);
+        record_write_set(&hv, &staging)?;
+        let info = TemplateInfo {
+            name: spec.name.clone(),
+            mem_mib: spec.mem_mib,
+            inputs,
+            kernel: kernel.hash.clone(),
+            root_image: root.hash.clone(),
+            created_unix: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            phases: PhaseTimes {
+                artifacts_s,
+                boot_s,
+                snapshot_s: snap_started.elapsed().as_secs_f64(),
+            },
+            memory_bytes,
+            exits_to_ready,
+            memory_crc32: Some(memory_crc32),
+        };
+        let meta = staging.join(METADATA_FILE);
+        let json = serde_json::to_string_pretty(&info).map_err(|e| TemplateError::Metadata {
+            path: meta.clone(),
+            message: e.to_string(),
+        })?;
+        std::fs::write(&meta, json).map_err(io_err(&meta))?;
+        Ok((info, snap_started))
     };
-    let meta = staging.join(METADATA_FILE);
-    let json = serde_json::to_string_pretty(&info).map_err(|e| TemplateError::Metadata {
-        path: meta.clone(),
-        message: e.to_string(),
-    })?;
-    std::fs::write(&meta, json).map_err(io_err(&meta))?;
+    let (info, snap_started) =
+        std::thread::scope(|s| s.spawn(boot_and_snapshot).join()).map_err(|_| TemplateError::BootPanicked)??;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
     }
