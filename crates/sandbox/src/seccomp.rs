@@ -47,77 +47,205 @@ pub enum SeccompError {
 
 /// The KVM ioctl type (`KVMIO`): bits 8..16 of every KVM request number.
 const KVMIO: u64 = 0xAE;
+/// The terminal ioctl type (`'T'`): `TCGETS`, `FIONBIO`, `FIOCLEX`.
+const TTYIO: u64 = 0x54;
+
+/// What any zeroboot thread needs: memory, locks, time, signals, the
+/// deadline timer, randomness, and reading and writing open descriptors.
+const RUNTIME: &[i64] = &[
+    libc::SYS_brk,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_futex,
+    libc::SYS_sched_yield,
+    libc::SYS_getrandom,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_restart_syscall,
+    libc::SYS_timer_create,
+    libc::SYS_timer_settime,
+    libc::SYS_timer_delete,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_eventfd2,
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_pread64,
+    libc::SYS_close,
+    libc::SYS_lseek,
+    libc::SYS_statx,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+];
+
+/// Starting threads: with `clone` (see [`clone_without_namespaces`]);
+/// `clone3` is allowed so that [`no_clone3`]'s `ENOSYS` is the only answer
+/// (of two errno answers, the newer filter's would win).
+const THREADS: &[i64] = &[
+    libc::SYS_clone3,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_prctl,
+    libc::SYS_sched_getaffinity,
+];
+
+/// Creating, writing, renaming and removing files and directories.
+const FILE_WRITES: &[i64] = &[
+    libc::SYS_pwrite64,
+    libc::SYS_fcntl,
+    libc::SYS_openat,
+    libc::SYS_ftruncate,
+    libc::SYS_fallocate,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_rmdir,
+    libc::SYS_getdents64,
+    libc::SYS_copy_file_range,
+    libc::SYS_sendfile,
+    libc::SYS_fchmod,
+    libc::SYS_getcwd,
+    libc::SYS_readlink,
+    libc::SYS_access,
+    libc::SYS_faccessat2,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+];
+
+/// What the server does besides [`RUNTIME`] and [`THREADS`]: descriptors,
+/// `epoll`, sockets (families checked), and starting and ending workers.
+const SERVING: &[i64] = &[
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_close_range,
+    libc::SYS_dup,
+    libc::SYS_dup2,
+    libc::SYS_dup3,
+    libc::SYS_fcntl,
+    libc::SYS_access,
+    libc::SYS_faccessat2,
+    libc::SYS_readlink,
+    libc::SYS_getcwd,
+    libc::SYS_pipe2,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_socketpair,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_accept4,
+    libc::SYS_connect,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    libc::SYS_getppid,
+    libc::SYS_getuid,
+    libc::SYS_geteuid,
+    libc::SYS_getgid,
+    libc::SYS_getegid,
+    libc::SYS_prlimit64,
+    libc::SYS_uname,
+    libc::SYS_arch_prctl,
+    libc::SYS_set_tid_address,
+    libc::SYS_seccomp,
+    libc::SYS_execve,
+    libc::SYS_wait4,
+    libc::SYS_waitid,
+    libc::SYS_kill,
+];
+
+type Rules = BTreeMap<i64, Vec<SeccompRule>>;
+
+fn allow(rules: &mut Rules, calls: &[i64]) {
+    for &call in calls {
+        rules.insert(call, vec![]);
+    }
+}
+
+/// `call` is allowed when the low 32 bits of argument `arg`, masked with
+/// `mask`, equal one of `values`. (Every flag and request number checked
+/// here fits in 32 bits.)
+fn allow_masked(rules: &mut Rules, call: i64, arg: u8, mask: u64, values: &[u64]) -> Result<(), SeccompError> {
+    let alternatives = values
+        .iter()
+        .map(|&v| SeccompRule::new(vec![Cond::new(arg, Len::Dword, Op::MaskedEq(mask), v)?]))
+        .collect::<Result<_, _>>()?;
+    rules.insert(call, alternatives);
+    Ok(())
+}
+
+/// `ioctl` with a request of one of these types (bits 8..16).
+fn allow_ioctl_types(rules: &mut Rules, types: &[u64]) -> Result<(), SeccompError> {
+    let values: Vec<u64> = types.iter().map(|t| t << 8).collect();
+    allow_masked(rules, libc::SYS_ioctl, 1, 0xff00, &values)
+}
+
+/// `mmap` and `mprotect` without `PROT_EXEC`.
+fn allow_mappings_without_exec(rules: &mut Rules) -> Result<(), SeccompError> {
+    let exec = libc::PROT_EXEC as u64;
+    allow_masked(rules, libc::SYS_mmap, 2, exec, &[0])?;
+    allow_masked(rules, libc::SYS_mprotect, 2, exec, &[0])
+}
+
+/// `clone` without namespace flags.
+fn clone_without_namespaces(rules: &mut Rules) -> Result<(), SeccompError> {
+    let namespaces = (libc::CLONE_NEWNS
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUSER
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWCGROUP) as u64;
+    allow_masked(rules, libc::SYS_clone, 0, namespaces, &[0])
+}
+
+fn compile(rules: Rules, refused: SeccompAction) -> Result<BpfProgram, SeccompError> {
+    let filter = SeccompFilter::new(rules, refused, SeccompAction::Allow, TargetArch::x86_64)?;
+    Ok(filter.try_into()?)
+}
 
 /// The worker's filter (see the module documentation), for process `pid`.
 pub fn worker_filter(pid: u32) -> Result<BpfProgram, SeccompError> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    let any = [
-        libc::SYS_eventfd2,
-        libc::SYS_read,
-        libc::SYS_write,
-        libc::SYS_close,
-        libc::SYS_lseek,
-        libc::SYS_pread64,
-        libc::SYS_statx,
-        libc::SYS_fstat,
-        libc::SYS_newfstatat,
-        libc::SYS_munmap,
-        libc::SYS_mremap,
-        libc::SYS_madvise,
-        libc::SYS_brk,
-        libc::SYS_timer_create,
-        libc::SYS_timer_settime,
-        libc::SYS_timer_delete,
-        libc::SYS_rt_sigaction,
-        libc::SYS_rt_sigprocmask,
-        libc::SYS_rt_sigreturn,
-        libc::SYS_sigaltstack,
-        libc::SYS_getrandom,
-        libc::SYS_clock_gettime,
-        libc::SYS_clock_nanosleep,
-        libc::SYS_nanosleep,
-        libc::SYS_futex,
-        libc::SYS_sched_yield,
-        libc::SYS_gettid,
-        libc::SYS_getpid,
-        libc::SYS_restart_syscall,
-        libc::SYS_exit,
-        libc::SYS_exit_group,
-    ];
-    for call in any {
-        rules.insert(call, vec![]);
-    }
-    let only = |conditions: Vec<Cond>| SeccompRule::new(conditions).map(|rule| vec![rule]);
-    // Request numbers are 32 bits; the type is bits 8..16.
-    rules.insert(
-        libc::SYS_ioctl,
-        only(vec![Cond::new(1, Len::Dword, Op::MaskedEq(0xff00), KVMIO << 8)?])?,
-    );
-    let not_writing = (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64;
-    rules.insert(
-        libc::SYS_openat,
-        only(vec![Cond::new(2, Len::Dword, Op::MaskedEq(not_writing), 0)?])?,
-    );
-    let exec = libc::PROT_EXEC as u64;
-    rules.insert(
-        libc::SYS_mmap,
-        only(vec![Cond::new(2, Len::Dword, Op::MaskedEq(exec), 0)?])?,
-    );
-    rules.insert(
-        libc::SYS_mprotect,
-        only(vec![Cond::new(2, Len::Dword, Op::MaskedEq(exec), 0)?])?,
-    );
+    let mut rules = Rules::new();
+    allow(&mut rules, RUNTIME);
+    allow_ioctl_types(&mut rules, &[KVMIO])?;
+    let writing = (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64;
+    allow_masked(&mut rules, libc::SYS_openat, 2, writing, &[0])?;
+    allow_mappings_without_exec(&mut rules)?;
+    // Signals to this process only (abort on a panic).
     rules.insert(
         libc::SYS_tgkill,
-        only(vec![Cond::new(0, Len::Dword, Op::Eq, u64::from(pid))?])?,
+        vec![SeccompRule::new(vec![Cond::new(
+            0,
+            Len::Dword,
+            Op::Eq,
+            u64::from(pid),
+        )?])?],
     );
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::KillProcess,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )?;
-    Ok(filter.try_into()?)
+    compile(rules, SeccompAction::KillProcess)
 }
 
 /// The server's filters. `zeroboot serve` installs them on every thread
@@ -139,138 +267,20 @@ pub fn worker_filter(pid: u32) -> Result<BpfProgram, SeccompError> {
 /// answers `ENOSYS`, so the C library falls back to `clone`, whose flags it
 /// can.
 pub fn server_filters() -> Result<[BpfProgram; 2], SeccompError> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    let any = [
-        // Memory, threads, time, signals.
-        libc::SYS_brk,
-        libc::SYS_mmap,
-        libc::SYS_munmap,
-        libc::SYS_mremap,
-        libc::SYS_mprotect,
-        libc::SYS_madvise,
-        libc::SYS_futex,
-        libc::SYS_set_robust_list,
-        libc::SYS_set_tid_address,
-        libc::SYS_rseq,
-        libc::SYS_sched_yield,
-        libc::SYS_sched_getaffinity,
-        libc::SYS_getrandom,
-        libc::SYS_clock_gettime,
-        libc::SYS_clock_nanosleep,
-        libc::SYS_nanosleep,
-        libc::SYS_rt_sigaction,
-        libc::SYS_rt_sigprocmask,
-        libc::SYS_rt_sigreturn,
-        libc::SYS_sigaltstack,
-        libc::SYS_restart_syscall,
-        libc::SYS_gettid,
-        libc::SYS_getpid,
-        libc::SYS_getppid,
-        libc::SYS_getuid,
-        libc::SYS_geteuid,
-        libc::SYS_getgid,
-        libc::SYS_getegid,
-        libc::SYS_prlimit64,
-        libc::SYS_uname,
-        libc::SYS_exit,
-        libc::SYS_exit_group,
-        libc::SYS_timer_create,
-        libc::SYS_timer_settime,
-        libc::SYS_timer_delete,
-        libc::SYS_arch_prctl,
-        libc::SYS_prctl,
-        libc::SYS_seccomp,
-        // Files and descriptors (opens are checked below).
-        libc::SYS_read,
-        libc::SYS_readv,
-        libc::SYS_write,
-        libc::SYS_writev,
-        libc::SYS_pread64,
-        libc::SYS_close,
-        libc::SYS_close_range,
-        libc::SYS_dup,
-        libc::SYS_dup2,
-        libc::SYS_dup3,
-        libc::SYS_fcntl,
-        libc::SYS_lseek,
-        libc::SYS_fstat,
-        libc::SYS_newfstatat,
-        libc::SYS_statx,
-        libc::SYS_access,
-        libc::SYS_faccessat2,
-        libc::SYS_readlink,
-        libc::SYS_getcwd,
-        libc::SYS_pipe2,
-        libc::SYS_eventfd2,
-        libc::SYS_poll,
-        libc::SYS_ppoll,
-        libc::SYS_epoll_create1,
-        libc::SYS_epoll_ctl,
-        libc::SYS_epoll_wait,
-        libc::SYS_epoll_pwait,
-        // Sockets (their families are checked below).
-        libc::SYS_socketpair,
-        libc::SYS_bind,
-        libc::SYS_listen,
-        libc::SYS_accept4,
-        libc::SYS_connect,
-        libc::SYS_getsockname,
-        libc::SYS_getpeername,
-        libc::SYS_setsockopt,
-        libc::SYS_getsockopt,
-        libc::SYS_recvfrom,
-        libc::SYS_recvmsg,
-        libc::SYS_sendto,
-        libc::SYS_sendmsg,
-        libc::SYS_shutdown,
-        // Workers.
-        libc::SYS_clone3,
-        libc::SYS_execve,
-        libc::SYS_wait4,
-        libc::SYS_waitid,
-        libc::SYS_kill,
-    ];
-    for call in any {
-        rules.insert(call, vec![]);
-    }
-    let one = |conditions: Vec<Cond>| SeccompRule::new(conditions);
-    let not_writing = (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC) as u64;
-    rules.insert(
-        libc::SYS_openat,
-        vec![one(vec![Cond::new(2, Len::Dword, Op::MaskedEq(not_writing), 0)?])?],
-    );
-    rules.insert(
-        libc::SYS_ioctl,
-        vec![
-            one(vec![Cond::new(1, Len::Dword, Op::MaskedEq(0xff00), KVMIO << 8)?])?,
-            // 'T': terminal and file-descriptor requests (TCGETS, FIONBIO, FIOCLEX).
-            one(vec![Cond::new(1, Len::Dword, Op::MaskedEq(0xff00), 0x5400)?])?,
-        ],
-    );
-    let families = [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6];
-    rules.insert(
-        libc::SYS_socket,
-        families
-            .iter()
-            .map(|&f| one(vec![Cond::new(0, Len::Dword, Op::Eq, f as u64)?]))
-            .collect::<Result<_, _>>()?,
-    );
-    rules.insert(
-        libc::SYS_clone,
-        vec![one(vec![Cond::new(
-            0,
-            Len::Qword,
-            Op::MaskedEq(namespace_flags()),
-            0,
-        )?])?],
-    );
-    let allowlist = SeccompFilter::new(
-        rules,
-        SeccompAction::Errno(libc::EPERM as u32),
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )?;
-    Ok([allowlist.try_into()?, no_clone3()?])
+    let mut rules = Rules::new();
+    allow(&mut rules, RUNTIME);
+    allow(&mut rules, THREADS);
+    allow(&mut rules, SERVING);
+    // Executable mappings too: a worker's dynamic loader maps the C library
+    // under these filters, before the worker's own.
+    allow(&mut rules, &[libc::SYS_mmap, libc::SYS_mprotect]);
+    let writing = (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC) as u64;
+    allow_masked(&mut rules, libc::SYS_openat, 2, writing, &[0])?;
+    allow_ioctl_types(&mut rules, &[KVMIO, TTYIO])?;
+    let families = [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6].map(|f| f as u64);
+    allow_masked(&mut rules, libc::SYS_socket, 0, u64::from(u32::MAX), &families)?;
+    clone_without_namespaces(&mut rules)?;
+    Ok([compile(rules, SeccompAction::Errno(libc::EPERM as u32))?, no_clone3()?])
 }
 
 /// `clone3` answers `ENOSYS`: the C library then starts threads and
@@ -285,7 +295,7 @@ fn no_clone3() -> Result<BpfProgram, SeccompError> {
     Ok(filter.try_into()?)
 }
 
-/// The filter for the thread of `zeroboot template build` that boots the
+/// The filters for the thread of `zeroboot template build` that boots the
 /// template's guest and writes the template (a root process): what a worker
 /// may do, plus creating, writing, renaming and removing files and
 /// directories, and threads (without namespaces). Refused calls fail with
@@ -294,125 +304,21 @@ fn no_clone3() -> Result<BpfProgram, SeccompError> {
 /// other threads, on trusted inputs. As for the server, `clone3` answers
 /// `ENOSYS`.
 pub fn builder_filters() -> Result<[BpfProgram; 2], SeccompError> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    let any = [
-        libc::SYS_eventfd2,
-        libc::SYS_read,
-        libc::SYS_write,
-        libc::SYS_pread64,
-        libc::SYS_pwrite64,
-        libc::SYS_close,
-        libc::SYS_lseek,
-        libc::SYS_statx,
-        libc::SYS_fstat,
-        libc::SYS_newfstatat,
-        libc::SYS_fcntl,
-        libc::SYS_openat,
-        libc::SYS_ftruncate,
-        libc::SYS_fallocate,
-        libc::SYS_fsync,
-        libc::SYS_fdatasync,
-        libc::SYS_rename,
-        libc::SYS_renameat,
-        libc::SYS_renameat2,
-        libc::SYS_unlink,
-        libc::SYS_unlinkat,
-        libc::SYS_mkdir,
-        libc::SYS_mkdirat,
-        libc::SYS_rmdir,
-        libc::SYS_getdents64,
-        libc::SYS_copy_file_range,
-        libc::SYS_sendfile,
-        libc::SYS_fchmod,
-        libc::SYS_getcwd,
-        libc::SYS_readlink,
-        libc::SYS_access,
-        libc::SYS_faccessat2,
-        libc::SYS_poll,
-        libc::SYS_ppoll,
-        libc::SYS_munmap,
-        libc::SYS_mremap,
-        libc::SYS_madvise,
-        libc::SYS_brk,
-        libc::SYS_timer_create,
-        libc::SYS_timer_settime,
-        libc::SYS_timer_delete,
-        libc::SYS_rt_sigaction,
-        libc::SYS_rt_sigprocmask,
-        libc::SYS_rt_sigreturn,
-        libc::SYS_sigaltstack,
-        libc::SYS_getrandom,
-        libc::SYS_clock_gettime,
-        libc::SYS_clock_nanosleep,
-        libc::SYS_nanosleep,
-        libc::SYS_futex,
-        libc::SYS_sched_yield,
-        libc::SYS_sched_getaffinity,
-        libc::SYS_set_robust_list,
-        libc::SYS_rseq,
-        libc::SYS_prctl,
-        libc::SYS_gettid,
-        libc::SYS_getpid,
-        libc::SYS_restart_syscall,
-        libc::SYS_exit,
-        libc::SYS_exit_group,
-        libc::SYS_tgkill,
-        // Allowed here so that no_clone3's ENOSYS is the only answer: of
-        // two errno answers, the newer filter's would win.
-        libc::SYS_clone3,
-    ];
-    for call in any {
-        rules.insert(call, vec![]);
-    }
-    let one = |conditions: Vec<Cond>| SeccompRule::new(conditions);
-    rules.insert(
-        libc::SYS_ioctl,
-        vec![
-            one(vec![Cond::new(1, Len::Dword, Op::MaskedEq(0xff00), KVMIO << 8)?])?,
-            one(vec![Cond::new(1, Len::Dword, Op::MaskedEq(0xff00), 0x5400)?])?,
-        ],
-    );
-    let exec = libc::PROT_EXEC as u64;
-    rules.insert(
-        libc::SYS_mmap,
-        vec![one(vec![Cond::new(2, Len::Dword, Op::MaskedEq(exec), 0)?])?],
-    );
-    rules.insert(
-        libc::SYS_mprotect,
-        vec![one(vec![Cond::new(2, Len::Dword, Op::MaskedEq(exec), 0)?])?],
-    );
-    rules.insert(
-        libc::SYS_clone,
-        vec![one(vec![Cond::new(
-            0,
-            Len::Qword,
-            Op::MaskedEq(namespace_flags()),
-            0,
-        )?])?],
-    );
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Errno(libc::EPERM as u32),
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )?;
+    let mut rules = Rules::new();
+    allow(&mut rules, RUNTIME);
+    allow(&mut rules, THREADS);
+    allow(&mut rules, FILE_WRITES);
+    allow(&mut rules, &[libc::SYS_tgkill]);
+    allow_ioctl_types(&mut rules, &[KVMIO, TTYIO])?;
+    allow_mappings_without_exec(&mut rules)?;
+    clone_without_namespaces(&mut rules)?;
     // In this order: the allowlist refuses `seccomp` itself.
-    Ok([no_clone3()?, filter.try_into()?])
+    Ok([no_clone3()?, compile(rules, SeccompAction::Errno(libc::EPERM as u32))?])
 }
 
 /// Installs `filter` on the calling thread (and threads it starts), for good.
 pub fn install_on_this_thread(filter: &BpfProgram) -> Result<(), SeccompError> {
     Ok(seccompiler::apply_filter(filter)?)
-}
-
-fn namespace_flags() -> u64 {
-    (libc::CLONE_NEWNS
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWUSER
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWNET
-        | libc::CLONE_NEWCGROUP) as u64
 }
 
 /// Installs `filter` on every thread of this process, for good.
