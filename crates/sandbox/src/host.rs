@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use zeroboot_protocol::{Chunk, Request, Response};
 use zeroboot_vmm::fork::ReadyPool;
-use zeroboot_vmm::snapshot::codec;
 use zeroboot_vmm::{LiveSnapshot, MachineError, Snapshot};
 
 use crate::wire::{self, Command, Failure, LiveParts, Reply, Stats, WireError};
@@ -118,10 +117,7 @@ impl IsolatedTemplate {
     /// A new sandbox that starts where `live` (captured from a fork of this
     /// template) was.
     pub fn fork_live(&self, live: &LiveSnapshot) -> Result<Sandbox, SandboxError> {
-        let parts = LiveParts {
-            state: codec::encode(live.state()).map_err(|e| SandboxError::Worker(e.to_string()))?,
-            pages: live.pages().to_vec(),
-        };
+        let parts = LiveParts::from_live(live).map_err(|e| SandboxError::Worker(e.to_string()))?;
         let mut sandbox = Sandbox::prepare(&self.spec, Some(parts))?;
         sandbox.start()?;
         Ok(sandbox)
@@ -215,10 +211,7 @@ impl Sandbox {
     /// Captures the sandbox where it is, for [`IsolatedTemplate::fork_live`].
     pub fn snapshot_live(&mut self) -> Result<LiveSnapshot, SandboxError> {
         match self.call(&Command::SnapshotLive, SETUP_DEADLINE, "SnapshotLive")? {
-            Reply::Live(parts) => {
-                let state = codec::decode(&parts.state).map_err(|e| SandboxError::Worker(e.to_string()))?;
-                Ok(LiveSnapshot::from_parts(state, parts.pages))
-            }
+            Reply::Live(parts) => parts.into_live().map_err(|e| SandboxError::Worker(e.to_string())),
             other => Err(unexpected("Live", &other)),
         }
     }
@@ -331,6 +324,9 @@ fn unexpected(expected: &'static str, got: &Reply) -> SandboxError {
     SandboxError::Unexpected { expected, got }
 }
 
+/// Bytes asked of the pipe per read (a Linux pipe holds 64 KiB).
+const READ_CHUNK: usize = 64 * 1024;
+
 /// Reads frames from a worker's stdout, giving up at a deadline.
 struct FrameReader {
     pipe: ChildStdout,
@@ -341,19 +337,15 @@ impl FrameReader {
     fn new(pipe: ChildStdout) -> Self {
         Self {
             pipe,
-            buf: Vec::with_capacity(64 * 1024),
+            buf: Vec::with_capacity(READ_CHUNK),
         }
     }
 
     /// The next frame, or `None` at the deadline.
     fn read(&mut self, deadline: Instant) -> Result<Option<Reply>, WireError> {
         loop {
-            if self.buf.len() >= 4 {
-                let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
-                if len > wire::MAX_FRAME {
-                    return Err(WireError::TooLarge(len.into()));
-                }
-                let end = 4 + len as usize;
+            if let Some(header) = self.buf.first_chunk::<4>() {
+                let end = 4 + wire::frame_len(*header)?;
                 if self.buf.len() >= end {
                     let reply = wire::decode(&self.buf[4..end]);
                     self.buf.drain(..end);
@@ -364,20 +356,18 @@ impl FrameReader {
             if left.is_zero() || !readable(&self.pipe, left)? {
                 return Ok(None);
             }
+            // Room for one pipe's worth more: zero-filling the whole spare
+            // capacity on every read would cost quadratic time on the
+            // megabytes of a live snapshot.
             let start = self.buf.len();
-            let room = self.buf.capacity().max(start + 64 * 1024);
-            self.buf.resize(room, 0);
-            let n = match self.pipe.read(&mut self.buf[start..]) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
-                Err(e) => {
-                    self.buf.truncate(start);
-                    return Err(e.into());
-                }
-            };
-            self.buf.truncate(start + n);
-            if n == 0 {
-                return Err(WireError::Closed);
+            self.buf.resize(start + READ_CHUNK, 0);
+            let read = self.pipe.read(&mut self.buf[start..]);
+            self.buf.truncate(start + *read.as_ref().unwrap_or(&0));
+            match read {
+                Ok(0) => return Err(WireError::Closed),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
             }
         }
     }

@@ -6,6 +6,8 @@ use std::io::{Read, Write};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use zeroboot_protocol::Response;
+use zeroboot_vmm::snapshot::{codec, CodecError};
+use zeroboot_vmm::LiveSnapshot;
 
 /// Largest frame either side accepts. The largest frames are live snapshots,
 /// which hold at most a sandbox's guest RAM.
@@ -78,6 +80,21 @@ pub struct LiveParts {
     pub pages: Vec<(u64, Vec<u8>)>,
 }
 
+impl LiveParts {
+    pub fn from_live(live: &LiveSnapshot) -> Result<Self, CodecError> {
+        Ok(Self {
+            state: codec::encode(live.state())?,
+            pages: live.pages().to_vec(),
+        })
+    }
+
+    /// The live snapshot again; its state is decoded with the snapshot
+    /// codec's checks, and forking from it checks the pages.
+    pub fn into_live(self) -> Result<LiveSnapshot, CodecError> {
+        Ok(LiveSnapshot::from_parts(codec::decode(&self.state)?, self.pages))
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Stats {
     /// Guest memory the sandbox holds its own copy of.
@@ -105,17 +122,23 @@ pub fn read_frame<T: DeserializeOwned>(input: &mut impl Read) -> Result<T, WireE
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
         other => other?,
     }
-    let len = u32::from_le_bytes(len);
-    if len > MAX_FRAME {
-        return Err(WireError::TooLarge(len.into()));
-    }
+    let len = frame_len(len)?;
     // Grown as bytes arrive, not allocated from the claimed length.
     let mut body = Vec::new();
-    input.take(len.into()).read_to_end(&mut body)?;
-    if body.len() != len as usize {
+    input.take(len as u64).read_to_end(&mut body)?;
+    if body.len() != len {
         return Err(WireError::Io(std::io::ErrorKind::UnexpectedEof.into()));
     }
     decode(&body)
+}
+
+/// The body length a frame's 4-byte header announces, within [`MAX_FRAME`].
+pub fn frame_len(header: [u8; 4]) -> Result<usize, WireError> {
+    let len = u32::from_le_bytes(header);
+    if len > MAX_FRAME {
+        return Err(WireError::TooLarge(len.into()));
+    }
+    Ok(len as usize)
 }
 
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {

@@ -18,8 +18,7 @@ use std::time::Duration;
 
 use zeroboot_protocol::{Chunk, Request};
 use zeroboot_vmm::machine::cpu_vendor;
-use zeroboot_vmm::snapshot::codec;
-use zeroboot_vmm::{Hypervisor, LiveSnapshot, Machine, MachineError, Snapshot, Template};
+use zeroboot_vmm::{Hypervisor, Machine, MachineError, Snapshot, Template};
 
 use crate::seccomp;
 use crate::wire::{read_frame, write_frame, Command, Failure, LiveParts, Reply, Stats, WireError};
@@ -95,11 +94,8 @@ pub fn serve(dir: &Path) -> Result<(), WorkerError> {
                 &mut output,
             )?,
             Command::SnapshotLive => match machine.snapshot_live() {
-                Ok(live) => match codec::encode(live.state()) {
-                    Ok(state) => Reply::Live(LiveParts {
-                        state,
-                        pages: live.pages().to_vec(),
-                    }),
+                Ok(live) => match LiveParts::from_live(&live) {
+                    Ok(parts) => Reply::Live(parts),
                     Err(e) => Reply::Failed(Failure::Other(e.to_string())),
                 },
                 Err(e) => Reply::Failed(failure(e)),
@@ -126,10 +122,7 @@ fn prepare(dir: &Path, live: Option<LiveParts>) -> Result<(Template, zeroboot_vm
     let template = Template::new(hv, snapshot);
     let prepared = match live {
         None => template.prepare(),
-        Some(parts) => {
-            let state = codec::decode(&parts.state).map_err(|e| other(&e))?;
-            template.prepare_live(LiveSnapshot::from_parts(state, parts.pages))
-        }
+        Some(parts) => template.prepare_live(parts.into_live().map_err(|e| other(&e))?),
     }
     .map_err(failure)?;
     Ok((template, prepared))
