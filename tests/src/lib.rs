@@ -89,15 +89,27 @@ pub fn children_of(pid: u32) -> Vec<u32> {
             continue;
         };
         // The parent pid is the 2nd field after the parenthesised command.
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+        let Some(fields) = stat_fields(child) else {
             continue;
         };
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        if after.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+        if fields.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
             out.push(child);
         }
     }
     out
+}
+
+/// The fields of /proc/PID/stat after the parenthesised command (which may
+/// itself hold spaces): state, parent pid, ...
+fn stat_fields(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')').map(|(_, rest)| rest.to_string())
+}
+
+/// Whether process `pid` exists and is not a zombie (a reaped process has no
+/// /proc entry; a zombie says so in its state).
+pub fn process_alive(pid: u32) -> bool {
+    stat_fields(pid).is_some_and(|fields| !fields.trim_start().starts_with('Z'))
 }
 
 /// Waits up to `within` for `done`, polling.

@@ -2,22 +2,12 @@
 
 use std::time::Duration;
 
-use zeroboot_e2e::{children_of, eventually, isolated_template};
+use zeroboot_e2e::{children_of, eventually, isolated_template, process_alive};
 use zeroboot_protocol::Request;
 use zeroboot_sandbox::SandboxError;
 use zeroboot_vmm::MachineError;
 
 const TIMEOUT: Duration = Duration::from_secs(300);
-
-fn alive(pid: u32) -> bool {
-    // A reaped process has no /proc entry; a zombie says so in its state.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            !s.rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
 
 #[test]
 fn each_fork_is_a_worker_process_that_ends_with_its_sandbox() {
@@ -55,10 +45,10 @@ fn each_fork_is_a_worker_process_that_ends_with_its_sandbox() {
 
     drop(a);
     assert!(
-        eventually(Duration::from_secs(10), || !alive(pa)),
+        eventually(Duration::from_secs(10), || !process_alive(pa)),
         "worker {pa} ended and was reaped"
     );
-    assert!(alive(pb), "the other sandbox is untouched");
+    assert!(process_alive(pb), "the other sandbox is untouched");
     let r = b.exec(Request::new(b"print('still here')", b""), TIMEOUT).unwrap();
     assert_eq!(r.stdout, b"still here\n");
 }
@@ -126,7 +116,7 @@ fn a_pool_keeps_workers_ready_and_ends_them_when_dropped() {
     let new_workers = || {
         children_of(me)
             .into_iter()
-            .filter(|p| !before.contains(p) && alive(*p))
+            .filter(|p| !before.contains(p) && process_alive(*p))
             .count()
     };
     let template = isolated_template(2);

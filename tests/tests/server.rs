@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use zeroboot_e2e::{children_of, eventually, Server};
+use zeroboot_e2e::{children_of, eventually, process_alive, Server};
 
 fn body(reply: &zeroboot_e2e::Reply) -> Value {
     serde_json::from_str(&reply.text).unwrap_or_else(|_| panic!("not JSON: {}", reply.text))
@@ -407,10 +407,7 @@ fn a_server_killed_under_load_leaves_no_sandbox_and_restarts_clean() {
     let workers = children_of(pid);
     server.kill_hard();
     assert!(
-        eventually(Duration::from_secs(10), || workers.iter().all(|w| {
-            !std::path::Path::new(&format!("/proc/{w}")).exists()
-                || std::fs::read_to_string(format!("/proc/{w}/stat")).is_ok_and(|s| s.contains(") Z"))
-        })),
+        eventually(Duration::from_secs(10), || !workers.iter().any(|&w| process_alive(w))),
         "every worker died with the server: {workers:?}"
     );
     for t in load {

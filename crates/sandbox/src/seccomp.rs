@@ -386,10 +386,13 @@ mod tests {
         }
     }
 
+    fn errno() -> i32 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    }
+
     /// Calls under the server's filters: each bit of the result says one
     /// behaved as it should.
     fn server_calls() -> i32 {
-        let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         let mut ok = 0;
         // SAFETY: plain system calls with literal arguments; descriptors
         // they open are left to the child's exit.
@@ -434,7 +437,6 @@ mod tests {
 
     /// Calls under the builder's filter; bits as in [`server_calls`].
     fn builder_calls() -> i32 {
-        let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         let mut ok = 0;
         let path = c"/tmp/zeroboot-seccomp-builder-test";
         // SAFETY: plain system calls on literal paths and null-terminated

@@ -160,11 +160,6 @@ impl Template {
         Machine::from_shell(prepared.shell, state, console)
     }
 
-    /// A fork that makes its VM itself, whether or not there is a pool.
-    pub fn fork_cold(&self, console: Box<dyn Write + Send>) -> Result<Machine, MachineError> {
-        Machine::restore(&self.shared.hv, &self.shared.snapshot, console)
-    }
-
     /// A new sandbox that starts where `live` (a sandbox forked from this
     /// template) was when it was captured. Like any fork it is a new VM with
     /// fresh CRNG keys and the clock re-based to now.
