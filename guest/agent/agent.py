@@ -104,13 +104,27 @@ PRELOADED_MODULES = (
 ).split()
 
 
-def warm_up():
+def read_config():
+    """The template spec's part for the agent (/zeroboot/config.json, written
+    by zeroboot from the spec): preload, warmup and env."""
+    import json
+
+    try:
+        with open("/zeroboot/config.json") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        log(f"no template config ({e!r}): defaults")
+        return {}
+
+
+def warm_up(config):
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.environ.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
     os.environ.setdefault("HOME", "/root")
+    os.environ.update(config.get("env") or {})
     import importlib
 
-    for name in PRELOADED_MODULES:
+    for name in PRELOADED_MODULES + list(config.get("preload") or []):
         importlib.import_module(name)
     import collections
     import datetime
@@ -144,6 +158,11 @@ def warm_up():
     str(uuid.uuid4())
     secrets.token_hex(8)
     compile("print(1 + 1)", "<code>", "exec")
+    warmup = config.get("warmup") or ""
+    if warmup:
+        # The spec's own warm-up, in a namespace of its own; a failure here
+        # fails the template build, which shows this console.
+        exec(compile(warmup, "<template warmup>", "exec"), fresh_namespace())
 
 
 def prefault_heap(libc):
@@ -491,8 +510,9 @@ def main():
         raise SystemExit(f"zeroboot-agent: mailbox magic/version {magic:#x}/{version}, expected {MAGIC:#x}/{VERSION}")
     seed_entropy(mailbox)
     log("entropy seeded")
-    warm_up()
-    log("numpy and stdlib warmed up")
+    config = read_config()
+    warm_up(config)
+    log("numpy, stdlib and preloads warmed up")
     prefault_heap(libc)
     rehearse_exec_path()
     gc.collect()

@@ -1,24 +1,42 @@
 #!/bin/bash
 # Build the guest's base root filesystem from Debian's packages.
 #   guest/rootfs/build-base.sh OUT_DIR
-# Produces OUT_DIR/base.tar: Debian 12 minbase + python3 + numpy, pruned of
-# docs, locales, test suites and package-manager state. The agent is added
-# later (zeroboot builds the final erofs image), so editing the agent does not
-# rerun debootstrap.
+# Reads OUT_DIR/packages (Debian packages, one a line) and OUT_DIR/wheels
+# (pip requirements, one a line), both written by zeroboot from the template
+# spec, which has checked every entry (crates/template/src/spec.rs).
+# Produces OUT_DIR/base.tar: Debian 12 minbase + those packages + those
+# wheels, pruned of docs, locales, test suites and package-manager state. The
+# agent is added later (zeroboot builds the final erofs image), so editing the
+# agent does not rerun debootstrap.
 set -euo pipefail
 out="${1:?usage: build-base.sh OUT_DIR}"
 mirror="${ZEROBOOT_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-packages="python3,python3-numpy"
+packages="$(paste -sd, "$out/packages")"
+mapfile -t wheels < <(grep -v '^$' "$out/wheels" || true)
 mkdir -p "$out"
 root="$out/root"
 rm -rf "$root"
 echo "debootstrap bookworm ($packages) from $mirror"
 debootstrap --variant=minbase --include="$packages" bookworm "$root" "$mirror"
+if ((${#wheels[@]})); then
+	# Binary wheels only: the guest has no compiler, and a wheel is what the
+	# spec asked for. pip runs inside the guest's root, with the host's DNS.
+	echo "pip install ${wheels[*]}"
+	cp /etc/resolv.conf "$root/etc/resolv.conf"
+	chroot "$root" python3 -m pip install --no-cache-dir --only-binary=:all: \
+		--break-system-packages --root-user-action=ignore --disable-pip-version-check \
+		-- "${wheels[@]}"
+	rm -f "$root/etc/resolv.conf"
+fi
 echo "pruning"
 rm -rf "$root"/usr/share/{doc,man,info,locale,i18n,lintian,linda,bug,common-licenses,bash-completion,zsh,menu}
 rm -rf "$root"/var/cache/apt/* "$root"/var/lib/apt/lists/* "$root"/var/log/*
 rm -rf "$root"/usr/lib/python3.11/{test,idlelib,tkinter,turtledemo,ensurepip,lib2to3,pydoc_data}
-find "$root"/usr/lib/python3/dist-packages/numpy -type d -name tests -prune -exec rm -rf {} +
+for site in "$root"/usr/lib/python3/dist-packages "$root"/usr/local/lib/python3*/dist-packages; do
+	if [ -d "$site" ]; then
+		find "$site" -mindepth 2 -type d -name tests -prune -exec rm -rf {} +
+	fi
+done
 rm -rf "$root"/usr/lib/x86_64-linux-gnu/gconv
 rm -rf "$root"/usr/share/perl "$root"/usr/lib/x86_64-linux-gnu/perl-base
 # The guest has no network and no users: keep /etc small and predictable.

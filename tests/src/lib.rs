@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use zeroboot_template::template::{self, TemplateSpec};
-use zeroboot_template::{Cache, Progress};
+use zeroboot_template::template;
+use zeroboot_template::{Cache, Progress, TemplateSpec};
 use zeroboot_vmm::{Hypervisor, Snapshot};
 
 /// Opens /dev/kvm or fails the test with the reason. Never skips.
@@ -37,15 +37,18 @@ impl Progress for PhaseLog {
 /// cache across runs).
 pub fn template_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        hypervisor();
-        let cache = Cache::from_env().expect("cache directory");
-        match template::build(&cache, &TemplateSpec::default(), Arc::new(PhaseLog), false) {
-            Ok((dir, _, _)) => dir,
-            Err(e) => panic!("building the template failed: {e}"),
-        }
-    })
-    .clone()
+    DIR.get_or_init(|| build_template(&TemplateSpec::default())).clone()
+}
+
+/// Builds the template `spec` describes (or finds it in the cache) and
+/// returns its directory.
+pub fn build_template(spec: &TemplateSpec) -> PathBuf {
+    hypervisor();
+    let cache = Cache::from_env().expect("cache directory");
+    match template::build(&cache, spec, Arc::new(PhaseLog), false) {
+        Ok((dir, _, _)) => dir,
+        Err(e) => panic!("building template {:?} failed: {e}", spec.name),
+    }
 }
 
 pub fn snapshot(hv: &Hypervisor) -> Snapshot {

@@ -8,10 +8,9 @@ use anyhow::{bail, Result};
 use serde_json::json;
 use zeroboot_protocol::Request;
 use zeroboot_sandbox::{IsolatedTemplate, Sandbox, WorkerCommand};
-use zeroboot_template::template;
+use zeroboot_template::{template, Runtime};
 use zeroboot_vmm::Snapshot;
 
-const PRINT: &str = "print(1+1)";
 const NUMPY: &str = "import numpy; print(numpy.random.rand(3))";
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -29,9 +28,22 @@ pub struct BenchArgs {
     /// its own process and VM).
     #[arg(long, default_value_t = 2)]
     pub pool: usize,
+    /// Code for the second exec figure (default: numpy.random.rand(3) for
+    /// python, crypto.randomBytes for node, `ls /` for bash).
+    #[arg(long)]
+    pub code: Option<String>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The runtime's `print(1+1)`, and its default second figure.
+fn probes(runtime: Runtime) -> (&'static str, &'static str) {
+    match runtime {
+        Runtime::Python => ("print(1+1)", NUMPY),
+        Runtime::Node => ("console.log(1+1)", "console.log(crypto.randomBytes(8).toString('hex'))"),
+        Runtime::Shell => ("echo $((1+1))", "ls /"),
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -70,6 +82,18 @@ fn exec(machine: &mut Sandbox, code: &str) -> Result<()> {
     Ok(())
 }
 
+/// Code as a figure's label: the numpy probe by its call, anything long cut.
+fn short(code: &str) -> String {
+    if code == NUMPY {
+        return "numpy.random.rand(3)".into();
+    }
+    let one_line = code.replace('\n', "; ");
+    match one_line.char_indices().nth(20) {
+        Some((i, _)) => format!("{}…", &one_line[..i]),
+        None => one_line,
+    }
+}
+
 fn machine_description() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -100,10 +124,12 @@ fn fork(template: &IsolatedTemplate) -> Result<Sandbox> {
 /// Time for the pool to refill between timed forks, as between requests.
 const REFILL: Duration = Duration::from_millis(30);
 
-pub fn run(snap: Snapshot, args: &BenchArgs) -> Result<()> {
+pub fn run(snap: Snapshot, runtime: Runtime, args: &BenchArgs) -> Result<()> {
     if args.iterations == 0 {
         bail!("--iterations must be at least 1");
     }
+    let (print_code, default_code) = probes(runtime);
+    let second_code = args.code.as_deref().unwrap_or(default_code);
     let n = args.iterations;
     let worker = WorkerCommand::current_exe(&["worker"])?;
     let cold = IsolatedTemplate::new(worker.clone(), Snapshot::open(&snap.dir, &snap.state.cpu_vendor)?, 0);
@@ -111,7 +137,7 @@ pub fn run(snap: Snapshot, args: &BenchArgs) -> Result<()> {
     let mut spawn_cold = Vec::with_capacity(n);
     let mut spawn = Vec::with_capacity(n);
     let mut print = Vec::with_capacity(n);
-    let mut numpy = Vec::with_capacity(n);
+    let mut second = Vec::with_capacity(n);
     let mut exits = Vec::with_capacity(n);
     let mut private = Vec::with_capacity(n);
     for _ in 0..n {
@@ -129,7 +155,7 @@ pub fn run(snap: Snapshot, args: &BenchArgs) -> Result<()> {
         std::thread::sleep(REFILL);
         let t = Instant::now();
         let mut m = fork(&template)?;
-        exec(&mut m, PRINT)?;
+        exec(&mut m, print_code)?;
         print.push(t.elapsed().as_secs_f64() * 1e6);
         let stats = m.stats()?;
         exits.push(stats.exits as f64);
@@ -139,8 +165,8 @@ pub fn run(snap: Snapshot, args: &BenchArgs) -> Result<()> {
         std::thread::sleep(REFILL);
         let t = Instant::now();
         let mut m = fork(&template)?;
-        exec(&mut m, NUMPY)?;
-        numpy.push(t.elapsed().as_secs_f64() * 1e6);
+        exec(&mut m, second_code)?;
+        second.push(t.elapsed().as_secs_f64() * 1e6);
     }
     let template = &template;
 
@@ -156,7 +182,7 @@ pub fn run(snap: Snapshot, args: &BenchArgs) -> Result<()> {
                         .is_ok()
                     {
                         let mut m = fork(template)?;
-                        exec(&mut m, PRINT)?;
+                        exec(&mut m, print_code)?;
                     }
                     Ok(())
                 })
@@ -172,30 +198,39 @@ pub fn run(snap: Snapshot, args: &BenchArgs) -> Result<()> {
     let spawn = percentiles(spawn);
     let spawn_cold = percentiles(spawn_cold);
     let print = percentiles(print);
-    let numpy = percentiles(numpy);
+    let second = percentiles(second);
     let exits = percentiles(exits);
     let private = percentiles(private);
     let machine = machine_description();
     if args.json {
-        let out = json!({
+        let mut out = json!({
             "machine": machine,
+            "runtime": runtime.name(),
+            "print_code": print_code,
+            "code": second_code,
             "iterations": n,
             "pool": args.pool,
             "spawn_us": spawn.json(),
             "spawn_cold_us": spawn_cold.json(),
             "exec_print_us": print.json(),
-            "exec_numpy_us": numpy.json(),
+            "exec_code_us": second.json(),
             "throughput_count": args.throughput_count,
             "throughput_threads": threads,
             "throughput_1000_s": throughput_s * 1000.0 / args.throughput_count.max(1) as f64,
             "private_kib_per_sandbox": private.p50,
             "exits_per_exec_print": exits.p50,
         });
+        if second_code == NUMPY {
+            out["exec_numpy_us"] = second.json();
+        }
         println!("{out}");
         return Ok(());
     }
     println!("machine: {machine}");
-    println!("{n} iterations each; microseconds");
+    println!(
+        "template runtime: {}; {n} iterations each; microseconds",
+        runtime.name()
+    );
     println!(
         "each sandbox is a worker process holding one new VM; forks take one prepared\n\
          ahead of time from a pool of {} ({} ms idle before each timed fork);\n\
@@ -208,10 +243,10 @@ pub fn run(snap: Snapshot, args: &BenchArgs) -> Result<()> {
         "figure (timed region)", "p50", "p90", "p99", "max"
     );
     for (name, p) in [
-        ("spawn, no pool: fork → runnable", spawn_cold),
-        ("spawn: fork call → VM runnable", spawn),
-        ("print(1+1): fork call → result", print),
-        ("numpy.random.rand(3): fork → result", numpy),
+        ("spawn, no pool: fork → runnable".to_string(), spawn_cold),
+        ("spawn: fork call → VM runnable".to_string(), spawn),
+        (format!("{}: fork call → result", short(print_code)), print),
+        (format!("{}: fork → result", short(second_code)), second),
     ] {
         println!(
             "{name:<36} {:>10.0} {:>10.0} {:>10.0} {:>10.0}",
@@ -219,7 +254,7 @@ pub fn run(snap: Snapshot, args: &BenchArgs) -> Result<()> {
         );
     }
     println!(
-        "\nthroughput: {} fork+exec of print(1+1) on {threads} threads in {throughput_s:.2} s",
+        "\nthroughput: {} fork+exec of {print_code} on {threads} threads in {throughput_s:.2} s",
         args.throughput_count
     );
     println!(

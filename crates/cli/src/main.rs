@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use zeroboot_template::template::{self, TemplateSpec};
+use zeroboot_template::template;
 use zeroboot_template::Cache;
+use zeroboot_template::TemplateSpec;
 use zeroboot_vmm::snapshot::MEMORY_FILE;
 use zeroboot_vmm::{Hypervisor, Machine};
 
@@ -35,7 +36,8 @@ enum Command {
     /// Build, list and inspect templates.
     #[command(subcommand)]
     Template(TemplateCommand),
-    /// Run Python code in a fresh sandbox restored from a template.
+    /// Run code in a fresh sandbox restored from a template (Python by
+    /// default; `--template node` or `--template bash` for the others).
     Run(RunArgs),
     /// Measure fork and exec latency, throughput and memory per sandbox.
     Bench(bench::BenchArgs),
@@ -54,13 +56,19 @@ enum Command {
 
 #[derive(Subcommand)]
 enum TemplateCommand {
-    /// Build a template (kernel, root image, boot, snapshot), reusing cached artifacts.
+    /// Build a template (kernel, root image, boot, snapshot), reusing cached
+    /// artifacts: a built-in one by name (python, node, bash) or one from a
+    /// spec file (see templates/*.toml).
     Build {
-        #[arg(long, default_value = template::DEFAULT_NAME)]
-        name: String,
-        /// Guest RAM in MiB.
-        #[arg(long, default_value_t = template::DEFAULT_MEM_MIB)]
-        mem_mib: u64,
+        /// Built-in template to build, or the name to give a spec's template.
+        #[arg(long)]
+        name: Option<String>,
+        /// Template spec (TOML).
+        #[arg(short = 'f', long = "file", value_name = "SPEC")]
+        file: Option<PathBuf>,
+        /// Guest RAM in MiB (overrides the spec's memory_mib).
+        #[arg(long)]
+        mem_mib: Option<u64>,
         /// Rebuild even if the template is up to date.
         #[arg(long)]
         force: bool,
@@ -133,8 +141,29 @@ fn main() -> ExitCode {
 fn template_command(cmd: TemplateCommand) -> Result<()> {
     let cache = Cache::from_env()?;
     match cmd {
-        TemplateCommand::Build { name, mem_mib, force } => {
-            let spec = TemplateSpec { name, mem_mib };
+        TemplateCommand::Build {
+            name,
+            file,
+            mem_mib,
+            force,
+        } => {
+            let mut spec = match (&file, &name) {
+                (Some(path), _) => {
+                    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                    TemplateSpec::from_toml(&text).with_context(|| format!("{}", path.display()))?
+                }
+                (None, name) => {
+                    let name = name.as_deref().unwrap_or(template::DEFAULT_NAME);
+                    known_spec(&cache, name)?
+                }
+            };
+            if let (Some(_), Some(name)) = (&file, name) {
+                spec.name = name;
+            }
+            if let Some(mem_mib) = mem_mib {
+                spec.mem_mib = mem_mib;
+            }
+            spec.validate()?;
             build(&cache, &spec, force)?;
         }
         TemplateCommand::Ls => {
@@ -143,18 +172,19 @@ fn template_command(cmd: TemplateCommand) -> Result<()> {
                 println!("no templates in {}", cache.templates_dir().display());
             }
             println!(
-                "{:<16} {:>8} {:>10} {:>10} {:>9}",
-                "NAME", "MEM", "ON DISK", "BOOT", "CREATED"
+                "{:<16} {:<7} {:>8} {:>10} {:>9} {:<20}",
+                "NAME", "RUNTIME", "MEM", "ON DISK", "BUILD", "CREATED"
             );
             for t in all {
                 match t.info {
                     Some(info) => println!(
-                        "{:<16} {:>5}MiB {:>7}MiB {:>9.1}s {:>9}",
+                        "{:<16} {:<7} {:>5}MiB {:>7}MiB {:>8.1}s {:<20}",
                         t.name,
+                        info.runtime().name(),
                         info.mem_mib,
                         t.disk_bytes >> 20,
-                        info.phases.boot_s,
-                        info.created_unix
+                        info.phases.artifacts_s + info.phases.boot_s + info.phases.snapshot_s,
+                        utc_time(info.created_unix)
                     ),
                     None => println!("{:<16} (incomplete or unreadable)", t.name),
                 }
@@ -264,7 +294,8 @@ fn bench_command(args: &bench::BenchArgs) -> Result<()> {
     let cache = Cache::from_env()?;
     let hv = Hypervisor::open()?;
     let snap = template::open(&cache, &hv, &args.template)?;
-    bench::run(snap, args)
+    let runtime = template::read_info(&snap.dir)?.runtime();
+    bench::run(snap, runtime, args)
 }
 
 /// The code from `-c CODE`, a FILE, or `-` (standard input).
@@ -285,21 +316,52 @@ pub(crate) fn read_code(code: &Option<String>, file: &Option<PathBuf>) -> Result
     }
 }
 
+/// The spec template `name` was built from (recorded in its template.json),
+/// else the built-in spec of that name.
+fn known_spec(cache: &Cache, name: &str) -> Result<TemplateSpec> {
+    let recorded = template::template_dir(cache, name)
+        .ok()
+        .and_then(|dir| template::read_info(&dir).ok())
+        .and_then(|info| info.spec);
+    match recorded.or_else(|| TemplateSpec::builtin(name)) {
+        Some(spec) => Ok(spec),
+        None => bail!(
+            "no template named {name:?} and no built-in spec of that name (built-in: {}); \
+             build one from a spec with `zeroboot template build -f SPEC.toml`",
+            TemplateSpec::builtin_names().collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// `YYYY-MM-DD HH:MM` (UTC) of a Unix time.
+fn utc_time(unix: u64) -> String {
+    let (days, secs) = (unix / 86_400, unix % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}",
+        secs / 3600,
+        secs % 3600 / 60
+    )
+}
+
 /// Opens template `name`, building it first if it is missing or an older
-/// zeroboot made it.
+/// zeroboot made it (from its recorded spec, or the built-in one).
 fn open_or_build(cache: &Cache, hv: &Hypervisor, name: &str) -> Result<zeroboot_vmm::Snapshot> {
     match template::open(cache, hv, name) {
         Ok(s) => Ok(s),
         Err(e) if e.needs_build() => {
+            let spec = known_spec(cache, name).with_context(|| e.to_string())?;
             eprintln!("zeroboot: {e}\nzeroboot: building template {name:?} now");
-            build(
-                cache,
-                &TemplateSpec {
-                    name: name.to_string(),
-                    ..Default::default()
-                },
-                false,
-            )?;
+            build(cache, &spec, false)?;
             Ok(template::open(cache, hv, name)?)
         }
         Err(e) => Err(e.into()),

@@ -19,7 +19,8 @@ pub struct ServeArgs {
     /// Address to listen on (port 0 picks a free one; the address is printed).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Templates to serve; the first for each language serves that language.
+    /// Templates to serve (python, node, bash, or any built from a spec);
+    /// the first for each language serves that language.
     #[arg(long = "template", default_value = template::DEFAULT_NAME)]
     templates: Vec<String>,
     /// File of API keys, one per line. Without keys only loopback clients are served.
@@ -55,9 +56,10 @@ pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<
     for name in &args.templates {
         let hv = Hypervisor::open()?;
         let snapshot = open(&cache, &hv, name)?;
+        let runtime = template::read_info(&snapshot.dir)?.runtime();
         served.push(Served {
             name: name.clone(),
-            language: "python".into(),
+            languages: runtime.languages().iter().map(|l| l.to_string()).collect(),
             template: IsolatedTemplate::new(worker.clone(), snapshot, args.pool),
         });
     }

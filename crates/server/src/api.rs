@@ -25,7 +25,8 @@ pub struct ExecRequest {
     /// Standard input for the code.
     #[serde(default)]
     pub stdin: String,
-    /// A template by name, instead of the one serving `language`.
+    /// A template by name, instead of the one serving `language` (which is
+    /// then not consulted).
     #[serde(default)]
     pub template: Option<String>,
     /// Answer with Server-Sent Events while the code runs (as does
@@ -90,7 +91,10 @@ pub struct BatchResponse {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct TemplateHealth {
     pub name: String,
+    /// The runtime's canonical language (python, node, bash).
     pub language: String,
+    /// Every `language` value this template serves (`javascript` too for node).
+    pub languages: Vec<String>,
     pub ready: bool,
     pub memory_mib: u64,
 }

@@ -91,8 +91,9 @@ impl Default for Limits {
 /// A template the server forks from.
 pub struct Served {
     pub name: String,
-    /// The language its agent runs (`python`).
-    pub language: String,
+    /// The `language` values it serves, canonical name first
+    /// (zeroboot_template::Runtime::languages).
+    pub languages: Vec<String>,
     pub template: IsolatedTemplate,
 }
 
@@ -120,9 +121,9 @@ impl AppState {
         let mut languages = BTreeMap::new();
         let mut by_name = BTreeMap::new();
         for served in templates {
-            languages
-                .entry(served.language.clone())
-                .or_insert_with(|| served.name.clone());
+            for language in &served.languages {
+                languages.entry(language.clone()).or_insert_with(|| served.name.clone());
+            }
             by_name.insert(served.name.clone(), Arc::new(served));
         }
         Self {
@@ -167,7 +168,7 @@ impl AppState {
                 ),
             )
         })?;
-        if served.language != language && template.is_none() {
+        if template.is_none() && !served.languages.iter().any(|l| l == language) {
             return Err(ApiError::internal("language map out of sync"));
         }
         Ok(served.clone())
@@ -761,7 +762,8 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
         .values()
         .map(|s| TemplateHealth {
             name: s.name.clone(),
-            language: s.language.clone(),
+            language: s.languages.first().cloned().unwrap_or_default(),
+            languages: s.languages.clone(),
             ready: true,
             memory_mib: s.memory_mib(),
         })

@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use crate::cache::{io_err, Cache, CacheError, InputHash};
 use crate::progress::Progress;
-use crate::sources;
+use crate::sources::{self, SourceFile};
+use crate::spec::{Runtime, TemplateSpec};
 
 /// Written last into an artifact directory: its presence means "complete".
 const DONE: &str = "done";
@@ -58,19 +59,54 @@ pub fn kernel_hash() -> String {
     h.finish()
 }
 
-pub fn rootfs_base_hash() -> String {
+/// The lines build-base.sh reads from its output directory.
+fn base_inputs(spec: &TemplateSpec) -> (String, String) {
+    let lines = |items: &[String]| items.iter().map(|i| format!("{i}\n")).collect::<String>();
+    (lines(&spec.all_packages()), lines(&spec.wheels))
+}
+
+pub fn rootfs_base_hash(spec: &TemplateSpec) -> String {
+    let (packages, wheels) = base_inputs(spec);
     let mut h = InputHash::new("rootfs-base");
-    h.add_files(sources::ROOTFS_BASE);
+    h.add_files(sources::ROOTFS_BASE)
+        .add(b"packages", packages.as_bytes())
+        .add(b"wheels", wheels.as_bytes());
     h.finish()
 }
 
-pub fn root_image_hash(base_hash: &str) -> String {
+fn agent_sources(runtime: Runtime) -> &'static [SourceFile] {
+    match runtime {
+        Runtime::Python => sources::AGENT_PYTHON,
+        Runtime::Node => sources::AGENT_NODE,
+        Runtime::Shell => sources::AGENT_SHELL,
+    }
+}
+
+/// Files the root-image step writes under /zeroboot besides the agent.
+fn image_config(spec: &TemplateSpec) -> Vec<(&'static str, String)> {
+    vec![
+        ("config.json", spec.agent_config().to_string()),
+        ("env.sh", spec.env_script()),
+    ]
+}
+
+pub fn root_image_hash(spec: &TemplateSpec, base_hash: &str) -> String {
     let mut h = InputHash::new("root-image");
     h.add(b"base", base_hash.as_bytes())
-        .add_files(std::slice::from_ref(&sources::AGENT))
-        .add(b"mkfs", MKFS_ARGS.join(" ").as_bytes());
+        .add(b"runtime", spec.runtime.name().as_bytes())
+        .add_files(agent_sources(spec.runtime))
+        .add(b"mkfs", MKFS_ARGS.join(" ").as_bytes())
+        .add(b"cc", CC_ARGS.join(" ").as_bytes());
+    for (name, contents) in image_config(spec) {
+        h.add(name.as_bytes(), contents.as_bytes());
+    }
     h.finish()
 }
+
+/// How the native halves of the node and shell agents are compiled: a
+/// shared object. C11 keeps newer compilers from binding C23 symbol
+/// versions (`__isoc23_strtoull`) that the guest's glibc lacks.
+const CC_ARGS: &[&str] = &["-std=gnu11", "-O2", "-Wall", "-shared", "-fPIC"];
 
 /// Uncompressed, no tail packing (DAX maps every file block directly),
 /// root-owned, fixed timestamps so the image is reproducible.
@@ -182,12 +218,21 @@ pub fn ensure_kernel(cache: &Cache, progress: &dyn Progress) -> Result<Kernel, A
     })
 }
 
-pub fn ensure_root_image(cache: &Cache, progress: &dyn Progress) -> Result<RootImage, ArtifactError> {
-    let base_hash = rootfs_base_hash();
+pub fn ensure_root_image(
+    cache: &Cache,
+    spec: &TemplateSpec,
+    progress: &dyn Progress,
+) -> Result<RootImage, ArtifactError> {
+    let base_hash = rootfs_base_hash(spec);
     let base_dir = ensure(cache, "rootfs-base", &base_hash, progress, |dir| {
+        let (packages, wheels) = base_inputs(spec);
+        for (name, text) in [("packages", packages), ("wheels", wheels)] {
+            let path = dir.join(name);
+            std::fs::write(&path, text).map_err(io_err(&path))?;
+        }
         run_guest_script(sources::ROOTFS_BASE, "rootfs/build-base.sh", dir, progress)
     })?;
-    let hash = root_image_hash(&base_hash);
+    let hash = root_image_hash(spec, &base_hash);
     let dir = ensure(cache, "root-image", &hash, progress, |dir| {
         let stage = dir.join("stage");
         if stage.exists() {
@@ -202,12 +247,7 @@ pub fn ensure_root_image(cache: &Cache, progress: &dyn Progress) -> Result<RootI
             &log,
             progress,
         )?;
-        let agent_dir = stage.join("zeroboot");
-        sources::materialize(std::slice::from_ref(&sources::AGENT), &stage).map_err(io_err(&agent_dir))?;
-        // The agent lives at /zeroboot/agent.py: materialize wrote /agent/agent.py.
-        std::fs::create_dir_all(&agent_dir).map_err(io_err(&agent_dir))?;
-        std::fs::rename(stage.join("agent/agent.py"), agent_dir.join("agent.py")).map_err(io_err(&agent_dir))?;
-        std::fs::remove_dir(stage.join("agent")).map_err(io_err(&stage))?;
+        install_agent(spec, dir, &stage.join("zeroboot"), progress)?;
         let image = dir.join("root.erofs");
         let mut args: Vec<&Path> = MKFS_ARGS.iter().map(Path::new).collect();
         args.push(&image);
@@ -225,4 +265,42 @@ pub fn ensure_root_image(cache: &Cache, progress: &dyn Progress) -> Result<RootI
         hash,
         path: dir.join("root.erofs"),
     })
+}
+
+/// Writes the runtime's agent into `zeroboot_dir` (the image's /zeroboot):
+/// its scripts, its native half compiled from C, and the spec's config.
+fn install_agent(
+    spec: &TemplateSpec,
+    dir: &Path,
+    zeroboot_dir: &Path,
+    progress: &dyn Progress,
+) -> Result<(), ArtifactError> {
+    let src = dir.join("agent-sources");
+    sources::materialize(agent_sources(spec.runtime), &src).map_err(io_err(&src))?;
+    std::fs::create_dir_all(zeroboot_dir).map_err(io_err(zeroboot_dir))?;
+    let agent = src.join("agent");
+    let (scripts, native): (&[&str], Option<(&str, &str)>) = match spec.runtime {
+        Runtime::Python => (&["agent.py"], None),
+        Runtime::Node => (
+            &["agent.js", "init-node"],
+            Some(("zeroboot_node.c", "zeroboot_node.node")),
+        ),
+        Runtime::Shell => (&["agent.sh"], Some(("zeroboot_bash.c", "zeroboot_bash.so"))),
+    };
+    for name in scripts {
+        let to = zeroboot_dir.join(name);
+        std::fs::copy(agent.join(name), &to).map_err(io_err(&to))?;
+    }
+    if let Some((source, object)) = native {
+        let source = agent.join("native").join(source);
+        let object = zeroboot_dir.join(object);
+        let mut args: Vec<&Path> = CC_ARGS.iter().map(Path::new).collect();
+        args.extend([Path::new("-o"), &object, &source]);
+        run_logged("cc", Path::new("cc"), &args, &dir.join("cc.log"), progress)?;
+    }
+    for (name, contents) in image_config(spec) {
+        let path = zeroboot_dir.join(name);
+        std::fs::write(&path, contents).map_err(io_err(&path))?;
+    }
+    Ok(std::fs::remove_dir_all(&src).map_err(io_err(&src))?)
 }

@@ -5,8 +5,10 @@ pub mod artifacts;
 pub mod cache;
 pub mod progress;
 pub mod sources;
+pub mod spec;
 pub mod template;
 
 pub use cache::Cache;
 pub use progress::{Progress, Silent};
-pub use template::{TemplateError, TemplateInfo, TemplateSpec};
+pub use spec::{Runtime, TemplateSpec};
+pub use template::{TemplateError, TemplateInfo};

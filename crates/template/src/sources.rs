@@ -30,8 +30,23 @@ pub const KERNEL: &[SourceFile] = &[
 /// Everything that decides the Debian base of the root filesystem.
 pub const ROOTFS_BASE: &[SourceFile] = &[guest_file!("rootfs/build-base.sh")];
 
-/// The guest agent, added to the base to make the root image.
-pub const AGENT: SourceFile = guest_file!("agent/agent.py");
+/// The Python agent, added to the base to make a python root image.
+pub const AGENT_PYTHON: &[SourceFile] = &[guest_file!("agent/agent.py")];
+
+/// The Node.js agent, its init script and its native addon's sources.
+pub const AGENT_NODE: &[SourceFile] = &[
+    guest_file!("agent/agent.js"),
+    guest_file!("agent/init-node"),
+    guest_file!("agent/native/guest.h"),
+    guest_file!("agent/native/zeroboot_node.c"),
+];
+
+/// The shell agent and its bash builtin's sources.
+pub const AGENT_SHELL: &[SourceFile] = &[
+    guest_file!("agent/agent.sh"),
+    guest_file!("agent/native/guest.h"),
+    guest_file!("agent/native/zeroboot_bash.c"),
+];
 
 /// Writes `files` under `dir`, keeping their relative paths and making
 /// scripts executable.
@@ -43,7 +58,7 @@ pub fn materialize(files: &[SourceFile], dir: &std::path::Path) -> std::io::Resu
             std::fs::create_dir_all(parent)?;
         }
         std::fs::write(&path, file.contents)?;
-        if file.path.ends_with(".sh") || file.path.ends_with(".py") {
+        if file.path.ends_with(".sh") || file.path.ends_with(".py") || file.path.starts_with("agent/init-") {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
         }
     }

@@ -17,6 +17,7 @@ use zeroboot_vmm::{BootSpec, Hypervisor, Machine, MachineError};
 use crate::artifacts::{self, ArtifactError};
 use crate::cache::{io_err, Cache, CacheError, InputHash};
 use crate::progress::Progress;
+use crate::spec::{Runtime, TemplateSpec};
 
 pub const METADATA_FILE: &str = "template.json";
 pub const BOOT_LOG: &str = "boot.log";
@@ -36,22 +37,35 @@ pub const DEFAULT_MEM_MIB: u64 = 512;
 /// - `no-kvmapf`: no asynchronous page faults. A fork's first touch of a
 ///   template page would otherwise interrupt the guest twice ("page not
 ///   present", "page ready") and run its scheduler, all in the guest kernel.
+///
+/// `init=` follows, naming the runtime's agent (`Runtime::init`).
 pub const KERNEL_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=1 nokaslr noxsave clearcpuid=smap,popcnt tsc=reliable no-kvmapf init=/zeroboot/agent.py";
+    "console=ttyS0 reboot=k panic=1 nokaslr noxsave clearcpuid=smap,popcnt tsc=reliable no-kvmapf";
 pub const ROOT_ARGS: &str = "rootfstype=erofs rootflags=dax ro rootwait";
-/// Requests whose writes make up a template's write set: a fork that runs
-/// one of them finds those pages already copied (see vmm's `Shell::new`).
-pub const WRITE_SET_PROBES: &[&str] = &["print(1+1)", "import numpy; print(numpy.random.rand(3))"];
+fn kernel_cmdline(runtime: Runtime) -> String {
+    format!("{KERNEL_CMDLINE} init={}", runtime.init())
+}
 
-/// Forks the freshly written template once per probe and records the union
-/// of the pages each fork wrote.
-fn record_write_set(hv: &Hypervisor, dir: &Path) -> Result<(), TemplateError> {
+/// Forks the freshly written template once per write-set probe (requests
+/// whose writes a prepared VM copies ahead of time; see vmm's
+/// `Shell::new`) and records the union of the pages each fork wrote. A
+/// probe that fails means the agent cannot serve: the build fails.
+fn record_write_set(hv: &Hypervisor, dir: &Path, runtime: Runtime) -> Result<(), TemplateError> {
     let vendor = zeroboot_vmm::machine::cpu_vendor(hv);
     let snap = Snapshot::open(dir, &vendor)?;
     let mut pages = std::collections::BTreeSet::new();
-    for code in WRITE_SET_PROBES {
+    let (smoke, expected) = runtime.smoke_test();
+    for code in runtime.write_set_probes().iter().chain([&smoke]) {
         let mut fork = Machine::restore(hv, &snap, Box::new(std::io::sink()))?;
-        fork.exec(Request::new(code.as_bytes(), b""), BOOT_TIMEOUT)?;
+        let response = fork.exec(Request::new(code.as_bytes(), b""), BOOT_TIMEOUT)?;
+        let stdout = String::from_utf8_lossy(&response.stdout);
+        if response.exit_code != 0 || (*code == smoke && stdout != expected) {
+            return Err(TemplateError::SmokeTest {
+                code: code.to_string(),
+                exit_code: response.exit_code,
+                output: format!("{stdout}{}", String::from_utf8_lossy(&response.stderr)),
+            });
+        }
         for (gpa, len) in fork.ram().private_runs().map_err(MachineError::from)? {
             pages.extend((gpa..gpa + len).step_by(zeroboot_vmm::layout::PAGE_SIZE as usize));
         }
@@ -97,6 +111,14 @@ pub enum TemplateError {
     Seccomp(#[from] zeroboot_sandbox::seccomp::SeccompError),
     #[error("the template's boot thread panicked")]
     BootPanicked,
+    #[error("the new template does not serve: `{code}` exited with {exit_code}, printing:\n{output}")]
+    SmokeTest {
+        code: String,
+        exit_code: i32,
+        output: String,
+    },
+    #[error(transparent)]
+    Spec(#[from] crate::spec::SpecError),
     #[error("template {name:?} has no memory checksum (an older zeroboot made it); rebuild it with `zeroboot template build --name {name}`")]
     Unverified { name: String },
 }
@@ -116,21 +138,6 @@ impl TemplateError {
                     ..
                 })
         )
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct TemplateSpec {
-    pub name: String,
-    pub mem_mib: u64,
-}
-
-impl Default for TemplateSpec {
-    fn default() -> Self {
-        Self {
-            name: DEFAULT_NAME.into(),
-            mem_mib: DEFAULT_MEM_MIB,
-        }
     }
 }
 
@@ -161,6 +168,16 @@ pub struct TemplateInfo {
     /// checked on open. None in templates made before it existed.
     #[serde(default)]
     pub memory_crc32: Option<u32>,
+    /// What it was built from. None in templates made before specs existed
+    /// (which were all the python template).
+    #[serde(default)]
+    pub spec: Option<TemplateSpec>,
+}
+
+impl TemplateInfo {
+    pub fn runtime(&self) -> Runtime {
+        self.spec.as_ref().map_or(Runtime::Python, |s| s.runtime)
+    }
 }
 
 pub fn validate_name(name: &str) -> Result<(), TemplateError> {
@@ -186,10 +203,13 @@ fn inputs_hash(spec: &TemplateSpec, kernel: &str, root: &str) -> String {
     h.add(b"kernel", kernel.as_bytes())
         .add(b"root", root.as_bytes())
         .add(b"mem_mib", &spec.mem_mib.to_le_bytes())
-        .add(b"cmdline", KERNEL_CMDLINE.as_bytes())
+        .add(b"cmdline", kernel_cmdline(spec.runtime).as_bytes())
         .add(b"root_args", ROOT_ARGS.as_bytes())
         .add(b"state_format", &snapshot::codec::FORMAT_VERSION.to_le_bytes())
-        .add(b"write_set_probes", WRITE_SET_PROBES.join("\0").as_bytes())
+        .add(
+            b"write_set_probes",
+            spec.runtime.write_set_probes().join("\0").as_bytes(),
+        )
         .add(b"engine", env!("CARGO_PKG_VERSION").as_bytes());
     h.finish()
 }
@@ -238,10 +258,11 @@ pub fn build(
     progress: Arc<dyn Progress>,
     force: bool,
 ) -> Result<(PathBuf, TemplateInfo, bool), TemplateError> {
+    spec.validate()?;
     let dir = template_dir(cache, &spec.name)?;
     let started = Instant::now();
     let kernel = artifacts::ensure_kernel(cache, progress.as_ref())?;
-    let root = artifacts::ensure_root_image(cache, progress.as_ref())?;
+    let root = artifacts::ensure_root_image(cache, spec, progress.as_ref())?;
     let artifacts_s = started.elapsed().as_secs_f64();
     let inputs = inputs_hash(spec, &kernel.hash, &root.hash);
 
@@ -275,7 +296,7 @@ pub fn build(
         let boot_started = Instant::now();
         let boot_spec = BootSpec {
             kernel: kernel.vmlinux.clone(),
-            cmdline: KERNEL_CMDLINE.into(),
+            cmdline: kernel_cmdline(spec.runtime),
             root_image: Some(root.path.clone()),
             initrd: None,
             system_map: Some(kernel.system_map.clone()),
@@ -329,7 +350,7 @@ pub fn build(
         let memory_crc32 = snapshot::memory_checksum(&mem_file).map_err(io_err(&mem_path))?;
         snapshot::write_state(&staging, &state)?;
         drop(machine);
-        record_write_set(&hv, &staging)?;
+        record_write_set(&hv, &staging, spec.runtime)?;
         let info = TemplateInfo {
             name: spec.name.clone(),
             mem_mib: spec.mem_mib,
@@ -348,6 +369,7 @@ pub fn build(
             memory_bytes,
             exits_to_ready,
             memory_crc32: Some(memory_crc32),
+            spec: Some(spec.clone()),
         };
         let meta = staging.join(METADATA_FILE);
         let json = serde_json::to_string_pretty(&info).map_err(|e| TemplateError::Metadata {

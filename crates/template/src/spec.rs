@@ -1,0 +1,409 @@
+//! Template specs: what a template is built from. A spec names a runtime
+//! (whose agent runs the code), extra Debian packages, extra Python wheels,
+//! modules to preload before the snapshot, guest memory and environment.
+//! Users write them as TOML (`zeroboot template build -f spec.toml`); the
+//! built-in templates are specs too (`templates/*.toml`).
+//!
+//! ```toml
+//! name = "pandas"
+//! runtime = "python"
+//! packages = ["python3-pandas"]
+//! wheels = ["tabulate==0.9.0"]
+//! preload = ["pandas"]
+//! warmup = "pandas.DataFrame({'a': [1, 2]}).describe()"
+//! memory_mib = 1024
+//! [env]
+//! MPLBACKEND = "Agg"
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::template::{validate_name, DEFAULT_MEM_MIB};
+
+/// Guest RAM bounds: below 128 MiB a runtime barely boots; above 16 GiB the
+/// guest's memory plus root image would not fit under the doorbell.
+pub const MIN_MEM_MIB: u64 = 128;
+pub const MAX_MEM_MIB: u64 = 16 << 10;
+const MAX_LIST: usize = 64;
+const MAX_ITEM: usize = 200;
+const MAX_WARMUP: usize = 64 << 10;
+
+/// The language runtime a template's agent serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    /// CPython 3 with numpy (guest/agent/agent.py).
+    #[default]
+    Python,
+    /// Node.js (guest/agent/agent.js).
+    Node,
+    /// bash (guest/agent/agent.sh).
+    Shell,
+}
+
+impl Runtime {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Python => "python",
+            Self::Node => "node",
+            Self::Shell => "shell",
+        }
+    }
+
+    /// The `language` values of API requests this runtime serves; the first
+    /// is its canonical name.
+    pub fn languages(self) -> &'static [&'static str] {
+        match self {
+            Self::Python => &["python", "python3"],
+            Self::Node => &["node", "javascript", "js"],
+            Self::Shell => &["bash", "shell", "sh"],
+        }
+    }
+
+    /// Debian packages every template of this runtime has.
+    pub fn base_packages(self) -> &'static [&'static str] {
+        match self {
+            Self::Python => &["python3", "python3-numpy"],
+            Self::Node => &["nodejs"],
+            // minbase has bash and coreutils; these make it a usable shell.
+            Self::Shell => &["procps", "less", "file"],
+        }
+    }
+
+    /// The guest's init: the agent, PID 1.
+    pub fn init(self) -> &'static str {
+        match self {
+            Self::Python => "/zeroboot/agent.py",
+            Self::Node => "/zeroboot/init-node",
+            Self::Shell => "/zeroboot/agent.sh",
+        }
+    }
+
+    /// Requests whose writes make up a template's write set: a fork that
+    /// runs one of them finds those pages already copied.
+    pub fn write_set_probes(self) -> &'static [&'static str] {
+        match self {
+            Self::Python => &["print(1+1)", "import numpy; print(numpy.random.rand(3))"],
+            Self::Node => &["console.log(1+1)", "console.log(Math.random(), crypto.randomBytes(8))"],
+            Self::Shell => &["echo 2"],
+        }
+    }
+
+    /// A request that checks a freshly built template answers, and what it prints.
+    pub fn smoke_test(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Python => ("print(1+1)", "2\n"),
+            Self::Node => ("console.log(1+1)", "2\n"),
+            Self::Shell => ("echo $((1+1))", "2\n"),
+        }
+    }
+}
+
+/// What a template is built from. Recorded in its `template.json`, so that
+/// a template an older zeroboot made can be rebuilt from the same spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateSpec {
+    pub name: String,
+    #[serde(default)]
+    pub runtime: Runtime,
+    /// Extra Debian packages (bookworm), installed with debootstrap.
+    #[serde(default)]
+    pub packages: Vec<String>,
+    /// Extra Python wheels from PyPI (pip requirement strings), installed
+    /// into the image at build time; binary wheels only (python runtime).
+    #[serde(default)]
+    pub wheels: Vec<String>,
+    /// Modules imported (python) or required (node) before the snapshot.
+    #[serde(default)]
+    pub preload: Vec<String>,
+    /// Code the agent runs once before the snapshot, after the preloads,
+    /// so that the paths user code will take are compiled and mapped.
+    #[serde(default)]
+    pub warmup: String,
+    /// Guest RAM.
+    #[serde(default = "default_mem_mib", rename = "memory_mib")]
+    pub mem_mib: u64,
+    /// Environment of the code the agent runs.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+fn default_mem_mib() -> u64 {
+    DEFAULT_MEM_MIB
+}
+
+impl Default for TemplateSpec {
+    fn default() -> Self {
+        Self::for_runtime(crate::template::DEFAULT_NAME, Runtime::Python)
+    }
+}
+
+/// The specs `zeroboot` knows by name, from `templates/`.
+const BUILTIN: &[(&str, &str)] = &[
+    ("python", include_str!("../../../templates/python.toml")),
+    ("node", include_str!("../../../templates/node.toml")),
+    ("bash", include_str!("../../../templates/bash.toml")),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("{0}")]
+    Toml(String),
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+    SpecError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+impl TemplateSpec {
+    /// A spec with nothing but the runtime's base.
+    pub fn for_runtime(name: &str, runtime: Runtime) -> Self {
+        Self {
+            name: name.into(),
+            runtime,
+            packages: Vec::new(),
+            wheels: Vec::new(),
+            preload: Vec::new(),
+            warmup: String::new(),
+            mem_mib: DEFAULT_MEM_MIB,
+            env: BTreeMap::new(),
+        }
+    }
+
+    /// The built-in spec called `name` (python, node, bash), if there is one.
+    pub fn builtin(name: &str) -> Option<Self> {
+        let (_, text) = BUILTIN.iter().find(|(n, _)| *n == name)?;
+        Self::from_toml(text).ok()
+    }
+
+    pub fn builtin_names() -> impl Iterator<Item = &'static str> {
+        BUILTIN.iter().map(|(n, _)| *n)
+    }
+
+    /// Parses and checks a spec.
+    pub fn from_toml(text: &str) -> Result<Self, SpecError> {
+        let spec: Self = toml::from_str(text).map_err(|e| SpecError::Toml(e.to_string()))?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Checks every field, so that nothing in a spec reaches a shell, apt,
+    /// pip or the guest's environment unchecked.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        validate_name(&self.name).map_err(|e| invalid("name", e.to_string()))?;
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
+            return Err(invalid(
+                "memory_mib",
+                format!("{} is outside {MIN_MEM_MIB}..={MAX_MEM_MIB}", self.mem_mib),
+            ));
+        }
+        check_list("packages", &self.packages, is_debian_package)?;
+        check_list("wheels", &self.wheels, is_requirement)?;
+        if !self.wheels.is_empty() && self.runtime != Runtime::Python {
+            return Err(invalid("wheels", "Python wheels need runtime = \"python\""));
+        }
+        match self.runtime {
+            Runtime::Python => check_list("preload", &self.preload, is_python_module)?,
+            Runtime::Node => check_list("preload", &self.preload, is_node_module)?,
+            Runtime::Shell if !self.preload.is_empty() => {
+                return Err(invalid("preload", "the shell runtime has nothing to preload"))
+            }
+            Runtime::Shell => {}
+        }
+        if self.warmup.len() > MAX_WARMUP {
+            return Err(invalid("warmup", format!("longer than {MAX_WARMUP} bytes")));
+        }
+        if self.runtime == Runtime::Shell && !self.warmup.is_empty() {
+            return Err(invalid("warmup", "the shell runtime has nothing to warm up"));
+        }
+        if self.env.len() > MAX_LIST {
+            return Err(invalid("env", format!("more than {MAX_LIST} variables")));
+        }
+        for (key, value) in &self.env {
+            let ok_key = key.len() <= 128
+                && key.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !ok_key {
+                return Err(invalid(format!("env.{key}"), "names are letters, digits and _"));
+            }
+            if value.len() > 4096 || value.contains('\0') {
+                return Err(invalid(
+                    format!("env.{key}"),
+                    "values are at most 4096 bytes, without NUL",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every package debootstrap installs, base first, without repeats.
+    pub fn all_packages(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for p in self.runtime.base_packages().iter().map(|s| s.to_string()) {
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+        if !self.wheels.is_empty() && !out.iter().any(|p| p == "python3-pip") {
+            out.push("python3-pip".into());
+        }
+        for p in &self.packages {
+            if !out.contains(p) {
+                out.push(p.clone());
+            }
+        }
+        out
+    }
+
+    /// What the agent reads from `/zeroboot/config.json`.
+    pub fn agent_config(&self) -> serde_json::Value {
+        serde_json::json!({
+            "runtime": self.runtime.name(),
+            "preload": self.preload,
+            "warmup": self.warmup,
+            "env": self.env,
+        })
+    }
+
+    /// The environment as `export` lines for the shell agent.
+    pub fn env_script(&self) -> String {
+        self.env
+            .iter()
+            .map(|(k, v)| format!("export {k}='{}'\n", v.replace('\'', r"'\''")))
+            .collect()
+    }
+}
+
+fn check_list(field: &str, items: &[String], ok: fn(&str) -> bool) -> Result<(), SpecError> {
+    if items.len() > MAX_LIST {
+        return Err(invalid(field, format!("more than {MAX_LIST} entries")));
+    }
+    for item in items {
+        if item.len() > MAX_ITEM || !ok(item) {
+            return Err(invalid(field, format!("{item:?} is not a valid entry")));
+        }
+    }
+    Ok(())
+}
+
+/// Debian policy 5.6.1: lower case letters, digits, + - . ; starts alphanumeric.
+fn is_debian_package(s: &str) -> bool {
+    s.len() >= 2
+        && s.bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b))
+}
+
+/// A pip requirement such as `tabulate==0.9.0` or `requests[socks]>=2`:
+/// never an option (`-r file`, `--index-url`), a path or a URL.
+fn is_requirement(s: &str) -> bool {
+    s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-[],<>=!~ ".contains(&b))
+}
+
+fn is_python_module(s: &str) -> bool {
+    s.split('.').all(|part| {
+        part.bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    })
+}
+
+/// A package name as `require` takes it (`lodash`, `@scope/pkg`, `node:fs`),
+/// not a path.
+fn is_node_module(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with('.')
+        && !s.starts_with('/')
+        && !s.contains("..")
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"@/._-:".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtins_parse() {
+        for name in TemplateSpec::builtin_names() {
+            let spec = TemplateSpec::builtin(name).unwrap();
+            assert_eq!(spec.name, name);
+        }
+        assert_eq!(TemplateSpec::builtin("python").unwrap(), TemplateSpec::default());
+        assert_eq!(TemplateSpec::builtin("node").unwrap().runtime, Runtime::Node);
+        assert_eq!(TemplateSpec::builtin("bash").unwrap().runtime, Runtime::Shell);
+        assert!(TemplateSpec::builtin("nope").is_none());
+    }
+
+    #[test]
+    fn full_spec() {
+        let spec = TemplateSpec::from_toml(
+            r#"
+            name = "pandas"
+            runtime = "python"
+            packages = ["python3-pandas", "python3-numpy"]
+            wheels = ["tabulate==0.9.0"]
+            preload = ["pandas", "os.path"]
+            memory_mib = 1024
+            [env]
+            MPLBACKEND = "Agg"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(spec.mem_mib, 1024);
+        assert_eq!(
+            spec.all_packages(),
+            ["python3", "python3-numpy", "python3-pip", "python3-pandas"]
+        );
+        assert_eq!(spec.env_script(), "export MPLBACKEND='Agg'\n");
+    }
+
+    #[test]
+    fn bad_specs_are_refused_with_the_field() {
+        for (text, field) in [
+            ("name = \"../x\"", "name"),
+            ("name = \"a\"\nmemory_mib = 64", "memory_mib"),
+            ("name = \"a\"\npackages = [\"--allow-unauthenticated\"]", "packages"),
+            ("name = \"a\"\npackages = [\"Foo\"]", "packages"),
+            ("name = \"a\"\nwheels = [\"-r /etc/passwd\"]", "wheels"),
+            ("name = \"a\"\nwheels = [\"https://x/y.whl\"]", "wheels"),
+            ("name = \"a\"\nruntime = \"node\"\nwheels = [\"x\"]", "wheels"),
+            ("name = \"a\"\npreload = [\"os; import x\"]", "preload"),
+            ("name = \"a\"\nruntime = \"node\"\npreload = [\"../x\"]", "preload"),
+            ("name = \"a\"\nruntime = \"shell\"\npreload = [\"x\"]", "preload"),
+            ("name = \"a\"\n[env]\n\"A B\" = \"x\"", "env"),
+        ] {
+            let err = TemplateSpec::from_toml(text).unwrap_err().to_string();
+            assert!(err.starts_with(field), "{text:?}: {err}");
+        }
+        for text in [
+            "name = \"a\"\nruntime = \"ruby\"",
+            "name = \"a\"\ncolour = 1",
+            "runtime = \"node\"",
+        ] {
+            assert!(
+                matches!(TemplateSpec::from_toml(text), Err(SpecError::Toml(_))),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn env_script_quotes() {
+        let mut spec = TemplateSpec::for_runtime("a", Runtime::Shell);
+        spec.env.insert("X".into(), "it's $(rm -rf /)".into());
+        assert_eq!(spec.env_script(), "export X='it'\\''s $(rm -rf /)'\n");
+    }
+}

@@ -1,0 +1,53 @@
+#!/bin/bash
+# zeroboot guest agent for bash: PID 1 of a bash template's guest.
+#
+# Boot: the `zeroboot` builtin (native/zeroboot_bash.c) mounts the kernel
+# filesystems, maps the mailbox and credits the host's boot entropy; the
+# agent applies the template's environment, runs the exec path once, then
+# rings READY. The host snapshots the VM at that store.
+#
+# Each request runs as `bash -c` would run it, in a subshell: `exit` ends only
+# the request, and each request starts from the agent's state (files
+# persist). Its output goes to files on tmpfs, which the builtin sends back
+# through the mailbox with a RESULT doorbell from the subshell's EXIT trap,
+# before the subshell is torn down.
+#
+# The first subshell is forked before the snapshot and rings READY itself,
+# so a fork's first request pays for no process creation: forking bash costs
+# hundreds of milliseconds where guest kernel mode is emulated. If a
+# subshell dies without answering (a signal, `exec`, its own EXIT trap), the
+# agent answers for it (`zeroboot reap`).
+enable -f /zeroboot/zeroboot_bash.so zeroboot || exit 1
+zeroboot boot || exit 1
+echo "zeroboot-agent: filesystems mounted, entropy seeded"
+export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/root LANG=C.UTF-8
+# The template spec's environment, written into the image by zeroboot.
+if [ -r /zeroboot/env.sh ]; then
+	. /zeroboot/env.sh
+fi
+cd / || exit 1
+io=/run/zeroboot
+mkdir -p "$io" || exit 1
+: >"$io/stdin"
+# The exec path once, so the pages it touches are mapped before the snapshot.
+for code in 'echo warm' 'echo warm >&2; exit 3' 'x=$((RANDOM + 1))'; do
+	(eval "$code") <"$io/stdin" >"$io/stdout" 2>"$io/stderr"
+done
+echo "zeroboot-agent: ready"
+first=1
+while :; do
+	(
+		if ((first)); then
+			# The READY store is the snapshot: every fork resumes here.
+			zeroboot ready
+		fi
+		zeroboot request "$io"
+		exec <"$io/stdin" >"$io/stdout" 2>"$io/stderr"
+		trap 'zeroboot respond "$?" "$io"' EXIT
+		RANDOM=$ZB_SEED
+		unset ZB_SEED first
+		eval "$ZB_CODE"
+	)
+	zeroboot reap "$?" "$io"
+	first=0
+done

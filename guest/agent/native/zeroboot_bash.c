@@ -1,0 +1,273 @@
+/*
+ * zeroboot_bash.so: a bash loadable builtin (`enable -f`), the native half of
+ * the shell agent (agent.sh). Bash cannot map memory; this builtin maps the
+ * mailbox and the doorbell (through guest.h) and moves requests and results
+ * between them and files on /run, so the shell itself never deals in bytes.
+ *
+ *   zeroboot boot           mount filesystems, map the mailbox, credit entropy
+ *   zeroboot ready          drain the console, ring READY (the snapshot);
+ *                           returns in each fork
+ *   zeroboot request DIR    the request: code in $ZB_CODE, stdin in DIR/stdin,
+ *                           31 random bits in $ZB_SEED
+ *   zeroboot respond STATUS DIR
+ *                           send DIR/stdout and DIR/stderr, capped at the
+ *                           request's limit, then ring RESULT
+ *   zeroboot reap STATUS DIR
+ *                           respond, unless the request was answered already
+ *
+ * The agent serves each request in a subshell (see agent.sh), which may
+ * answer or die without answering; which request is being served and which
+ * was answered live in a page shared by every process the agent forks.
+ *
+ * Built by the zeroboot root-image step with the host's C compiler. Bash's
+ * headers are not needed: the builtin ABI below (struct builtin, WORD_LIST)
+ * has been stable since bash 4, and bind_variable is bound from the bash
+ * binary at load time.
+ */
+#include "guest.h"
+
+typedef struct word_desc {
+    char *word;
+    int flags;
+} WORD_DESC;
+
+typedef struct word_list {
+    struct word_list *next;
+    WORD_DESC *word;
+} WORD_LIST;
+
+struct builtin {
+    char *name;
+    int (*function)(WORD_LIST *);
+    int flags;
+    char *const *long_doc;
+    const char *short_doc;
+    char *handle;
+};
+
+extern void *bind_variable(const char *, char *, int);
+
+#define EXECUTION_SUCCESS 0
+#define EXECUTION_FAILURE 1
+#define EX_USAGE 258
+#define BUILTIN_ENABLED 0x01
+
+static volatile uint8_t *mailbox;
+static volatile uint8_t *doorbell;
+
+/* Shared between the agent and its subshells (MAP_SHARED, inherited). */
+struct progress {
+    uint32_t serving;  /* sequence number of the request being served */
+    uint32_t answered; /* the last one whose final chunk was sent */
+};
+static volatile struct progress *progress;
+
+static int fail(const char *what)
+{
+    fprintf(stderr, "zeroboot: %s: %s\n", what, strerror(errno));
+    return EXECUTION_FAILURE;
+}
+
+static int boot(void)
+{
+    zb_mount_kernel_filesystems();
+    uint64_t mailbox_gpa = zb_cmdline_number("zeroboot.mailbox");
+    uint64_t doorbell_gpa = zb_cmdline_number("zeroboot.doorbell");
+    progress = mmap(NULL, sizeof *progress, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (progress == MAP_FAILED) {
+        progress = NULL;
+        return fail("mapping the progress page");
+    }
+    mailbox = zb_map_physical(mailbox_gpa, ZB_MAILBOX_SIZE);
+    if (mailbox == NULL)
+        return fail("mapping the mailbox");
+    doorbell = zb_map_physical(doorbell_gpa, 4096);
+    if (doorbell == NULL)
+        return fail("mapping the doorbell");
+    uint32_t magic = zb_get32(mailbox, ZB_H_MAGIC), version = zb_get32(mailbox, ZB_H_VERSION);
+    if (magic != ZB_MAGIC || version != ZB_VERSION) {
+        fprintf(stderr, "zeroboot: mailbox magic/version %#x/%u, expected %#x/%u\n", magic, version, ZB_MAGIC,
+                ZB_VERSION);
+        return EXECUTION_FAILURE;
+    }
+    if (zb_add_entropy((const uint8_t *)mailbox + ZB_H_BOOT_SEED, ZB_BOOT_SEED_LEN) != 0)
+        return fail("crediting boot entropy");
+    memset((uint8_t *)mailbox + ZB_H_BOOT_SEED, 0, ZB_BOOT_SEED_LEN);
+    return EXECUTION_SUCCESS;
+}
+
+static int write_file(const char *dir, const char *name, const void *data, size_t len)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return -1;
+    const uint8_t *p = data;
+    while (len > 0) {
+        ssize_t n = write(fd, p, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            close(fd);
+            return -1;
+        }
+        p += n;
+        len -= (size_t)n;
+    }
+    return close(fd);
+}
+
+static int request(const char *dir)
+{
+    progress->serving = zb_get32(mailbox, ZB_H_REQUEST_SEQ);
+    uint32_t code_len = zb_get32(mailbox, ZB_H_CODE_LEN);
+    uint32_t stdin_len = zb_get32(mailbox, ZB_H_STDIN_LEN);
+    if ((uint64_t)ZB_REQUEST_OFFSET + code_len + stdin_len > ZB_RESPONSE_OFFSET)
+        code_len = stdin_len = 0;
+    /* Shell variables end at a NUL, as the arguments of `bash -c` do. */
+    char *code = malloc((size_t)code_len + 1);
+    if (code == NULL)
+        return fail("allocating the code");
+    memcpy(code, (const uint8_t *)mailbox + ZB_REQUEST_OFFSET, code_len);
+    code[code_len] = 0;
+    bind_variable("ZB_CODE", code, 0);
+    free(code);
+    uint32_t seed;
+    memcpy(&seed, (const uint8_t *)mailbox + ZB_H_REQUEST_SEED, 4);
+    char seed_text[16];
+    snprintf(seed_text, sizeof seed_text, "%u", seed & 0x7fffffffu);
+    bind_variable("ZB_SEED", seed_text, 0);
+    if (write_file(dir, "stdin", (const uint8_t *)mailbox + ZB_REQUEST_OFFSET + code_len, stdin_len) != 0)
+        return fail("writing stdin");
+    return EXECUTION_SUCCESS;
+}
+
+struct output {
+    int fd;
+    uint32_t left; /* bytes still allowed under the limit */
+    int at_end;
+    int truncated;
+};
+
+static void ring(uint32_t out_len, uint32_t err_len, int32_t status, uint32_t flags, uint32_t seq)
+{
+    zb_put32(mailbox, ZB_H_EXIT_CODE, (uint32_t)status);
+    zb_put32(mailbox, ZB_H_STDOUT_LEN, out_len);
+    zb_put32(mailbox, ZB_H_STDERR_LEN, err_len);
+    zb_put32(mailbox, ZB_H_RESPONSE_FLAGS, flags);
+    zb_put32(mailbox, ZB_H_RESPONSE_SEQ, seq);
+    /* The host reads the chunk at this store and resumes us for the next
+     * chunk or, with a new request already written, for that. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    doorbell[0] = ZB_DOORBELL_RESULT;
+}
+
+/* Reads up to `room` bytes of `o` into `to`; returns how many. */
+static uint32_t fill(struct output *o, uint8_t *to, uint32_t room)
+{
+    uint32_t got = 0;
+    if (room > o->left)
+        room = o->left;
+    while (!o->at_end && got < room) {
+        ssize_t n = read(o->fd, to + got, room - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            o->at_end = 1;
+            break;
+        }
+        got += (uint32_t)n;
+    }
+    o->left -= got;
+    if (o->left == 0 && !o->at_end) {
+        /* At the limit: anything more is dropped, and flagged. */
+        char probe;
+        o->at_end = 1;
+        o->truncated = read(o->fd, &probe, 1) == 1;
+    }
+    return got;
+}
+
+/* Sends the answer to the request being served. The request's header stays
+ * in the mailbox until the host has the final chunk, so any process of the
+ * agent can answer it. */
+static int respond(int32_t status, const char *dir)
+{
+    uint32_t seq = progress->serving;
+    uint32_t output_limit = zb_get32(mailbox, ZB_H_OUTPUT_LIMIT);
+    if (output_limit > ZB_MAX_OUTPUT_LIMIT)
+        output_limit = ZB_MAX_OUTPUT_LIMIT;
+    struct output streams[2];
+    const char *names[2] = {"stdout", "stderr"};
+    for (int i = 0; i < 2; i++) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+        streams[i].fd = open(path, O_RDONLY | O_CLOEXEC);
+        streams[i].left = output_limit;
+        streams[i].at_end = streams[i].fd < 0;
+        streams[i].truncated = 0;
+    }
+    uint8_t *area = (uint8_t *)mailbox + ZB_RESPONSE_OFFSET;
+    uint32_t flags = 0;
+    for (;;) {
+        uint32_t out_len = fill(&streams[0], area, ZB_RESPONSE_CAPACITY);
+        uint32_t err_len = fill(&streams[1], area + out_len, ZB_RESPONSE_CAPACITY - out_len);
+        flags |= (streams[0].truncated ? ZB_FLAG_STDOUT_TRUNCATED : 0) |
+                 (streams[1].truncated ? ZB_FLAG_STDERR_TRUNCATED : 0);
+        int last = streams[0].at_end && streams[1].at_end;
+        if (last)
+            progress->answered = seq;
+        ring(out_len, err_len, status, flags | (last ? 0 : ZB_FLAG_MORE), seq);
+        if (last)
+            break;
+    }
+    for (int i = 0; i < 2; i++)
+        if (streams[i].fd >= 0)
+            close(streams[i].fd);
+    return EXECUTION_SUCCESS;
+}
+
+static int zeroboot_builtin(WORD_LIST *list)
+{
+    const char *argv[4] = {0};
+    int argc = 0;
+    for (; list != NULL && argc < 4; list = list->next)
+        argv[argc++] = list->word->word;
+    if (argc == 0)
+        return EX_USAGE;
+    if (strcmp(argv[0], "boot") == 0)
+        return boot();
+    if (mailbox == NULL) {
+        fprintf(stderr, "zeroboot: run `zeroboot boot` first\n");
+        return EXECUTION_FAILURE;
+    }
+    if (strcmp(argv[0], "ready") == 0) {
+        /* Console bytes still queued at the snapshot would be sent again
+         * by every fork. */
+        tcdrain(1);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        doorbell[0] = ZB_DOORBELL_READY;
+        return EXECUTION_SUCCESS;
+    }
+    if (strcmp(argv[0], "request") == 0 && argc == 2)
+        return request(argv[1]);
+    if (strcmp(argv[0], "respond") == 0 && argc == 3)
+        return respond((int32_t)strtol(argv[1], NULL, 10), argv[2]);
+    if (strcmp(argv[0], "reap") == 0 && argc == 3) {
+        if (progress->answered == progress->serving)
+            return EXECUTION_SUCCESS;
+        return respond((int32_t)strtol(argv[1], NULL, 10), argv[2]);
+    }
+    return EX_USAGE;
+}
+
+static char *const zeroboot_doc[] = {
+    "Moves zeroboot requests and results between the mailbox and files.",
+    NULL,
+};
+
+struct builtin zeroboot_struct = {
+    "zeroboot", zeroboot_builtin, BUILTIN_ENABLED, zeroboot_doc, "zeroboot boot|ready|request DIR|respond STATUS DIR|reap STATUS DIR",
+    NULL,
+};

@@ -1,0 +1,366 @@
+//! The node and bash runtimes and user-defined templates, against real
+//! guests: the built-in `node` and `bash` templates, and one built from
+//! tests/templates/extras.toml (a Debian package, a PyPI wheel, preloads and
+//! an environment variable).
+
+use std::collections::HashSet;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use zeroboot_e2e::{build_template, hypervisor, zeroboot_bin, Server};
+use zeroboot_protocol::{Request, Response};
+use zeroboot_template::TemplateSpec;
+use zeroboot_vmm::{Machine, MachineError, Snapshot, Template};
+
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+fn open(spec: &TemplateSpec) -> Template {
+    let dir = build_template(spec);
+    let hv = hypervisor();
+    let snap = Snapshot::open(&dir, &zeroboot_vmm::machine::cpu_vendor(&hv)).expect("open template");
+    Template::with_pool(hv, snap, 1)
+}
+
+fn node() -> &'static Template {
+    static T: OnceLock<Template> = OnceLock::new();
+    T.get_or_init(|| open(&TemplateSpec::builtin("node").expect("built-in node spec")))
+}
+
+fn bash() -> &'static Template {
+    static T: OnceLock<Template> = OnceLock::new();
+    T.get_or_init(|| open(&TemplateSpec::builtin("bash").expect("built-in bash spec")))
+}
+
+fn extras_spec() -> TemplateSpec {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/extras.toml"))
+        .expect("tests/templates/extras.toml");
+    TemplateSpec::from_toml(&text).expect("extras spec")
+}
+
+fn fork(template: &Template) -> Machine {
+    template.fork(Box::new(std::io::sink())).expect("fork")
+}
+
+fn exec_in(m: &mut Machine, code: &str, stdin: &str) -> Response {
+    m.exec(Request::new(code.as_bytes(), stdin.as_bytes()), TIMEOUT)
+        .unwrap_or_else(|e| panic!("exec of {code:?} failed: {e}"))
+}
+
+fn run(template: &Template, code: &str) -> Response {
+    exec_in(&mut fork(template), code, "")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Checks `code` ends with a timeout soon after `deadline`.
+fn assert_stopped_at_deadline(template: &Template, code: &str, deadline: Duration) {
+    let mut m = fork(template);
+    let started = std::time::Instant::now();
+    let err = m
+        .exec(Request::new(code.as_bytes(), b""), deadline)
+        .expect_err("the code must time out");
+    assert!(matches!(err, MachineError::Timeout(_)), "{code}: {err}");
+    assert!(
+        started.elapsed() < deadline + Duration::from_secs(3),
+        "{code}: took {:?}",
+        started.elapsed()
+    );
+}
+
+/// Runs `code` in `forks` fresh forks and checks that each of the values it
+/// prints (whitespace-separated) never repeats across them.
+fn assert_distinct_across_forks(template: &Template, code: &str, names: &[&str], forks: usize) {
+    let mut seen: Vec<HashSet<String>> = vec![HashSet::new(); names.len()];
+    for _ in 0..forks {
+        let r = run(template, code);
+        assert_eq!(r.exit_code, 0, "{}", text(&r.stderr));
+        let out = text(&r.stdout);
+        let values: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(values.len(), names.len(), "{out}");
+        for (set, v) in seen.iter_mut().zip(values) {
+            set.insert(v.to_string());
+        }
+    }
+    for (name, set) in names.iter().zip(&seen) {
+        assert_eq!(set.len(), forks, "{name} repeated a value across forks");
+    }
+}
+
+// --- node -------------------------------------------------------------------
+
+#[test]
+fn node_runs_code_like_node_e() {
+    let t = node();
+    let r = run(t, "console.log(1 + 1); console.error('to stderr')");
+    assert_eq!(
+        (r.exit_code, text(&r.stdout), text(&r.stderr)),
+        (0, "2\n".into(), "to stderr\n".into())
+    );
+
+    let r = run(t, "console.log('a'); process.exit(3); console.log('never')");
+    assert_eq!((r.exit_code, text(&r.stdout)), (3, "a\n".into()));
+
+    let r = run(t, "function f() { throw new TypeError('bad thing') }\nf()");
+    assert_eq!(r.exit_code, 1);
+    let err = text(&r.stderr);
+    assert!(
+        err.contains("TypeError: bad thing") && err.contains("at f ([eval]:1"),
+        "{err}"
+    );
+    assert!(!err.contains("agent.js"), "the agent's own frames leak: {err}");
+
+    let r = run(t, "}{");
+    assert_eq!(r.exit_code, 1);
+    assert!(text(&r.stderr).contains("SyntaxError"), "{}", text(&r.stderr));
+
+    let r = run(t, "process.exitCode = 4");
+    assert_eq!(r.exit_code, 4);
+
+    // Builtins by name, require, timers and promises, as under `node -e`.
+    let r = run(
+        t,
+        "setTimeout(() => console.log('timer'), 20);\n\
+         (async () => { await new Promise(r => setTimeout(r, 5)); console.log('await', path.join('a', 'b')) })();\n\
+         console.log(require('os').platform(), typeof fs.readFileSync)",
+    );
+    assert_eq!(r.exit_code, 0, "{}", text(&r.stderr));
+    assert_eq!(text(&r.stdout), "linux function\nawait a/b\ntimer\n");
+
+    let r = run(t, "Promise.reject(new Error('rejected'))");
+    assert_eq!(r.exit_code, 1);
+    assert!(text(&r.stderr).contains("Error: rejected"), "{}", text(&r.stderr));
+}
+
+#[test]
+fn node_reads_stdin_and_keeps_state_between_requests() {
+    let mut m = fork(node());
+    let r = exec_in(&mut m, "console.log(fs.readFileSync(0, 'utf8').toUpperCase())", "hello");
+    assert_eq!(text(&r.stdout), "HELLO\n");
+    let r = exec_in(
+        &mut m,
+        "process.stdin.on('data', d => console.log('got', String(d)))",
+        "abc",
+    );
+    assert_eq!(text(&r.stdout), "got abc\n");
+    exec_in(&mut m, "var counter = 41; globalThis.kept = 'yes'", "");
+    let r = exec_in(&mut m, "console.log(counter + 1, kept)", "");
+    assert_eq!(text(&r.stdout), "42 yes\n");
+    // The filesystem is the sandbox's own.
+    exec_in(&mut m, "fs.writeFileSync('/tmp/note', 'written')", "");
+    let r = exec_in(&mut m, "console.log(fs.readFileSync('/tmp/note', 'utf8'))", "");
+    assert_eq!(text(&r.stdout), "written\n");
+}
+
+#[test]
+fn node_output_is_capped_and_flagged() {
+    let mut m = fork(node());
+    let r = m
+        .exec(
+            Request {
+                output_limit: 1000,
+                ..Request::new(b"for (let i = 0; i < 500; i++) console.log('x'.repeat(50))", b"")
+            },
+            TIMEOUT,
+        )
+        .expect("exec");
+    assert_eq!(r.stdout.len(), 1000);
+    assert!(r.stdout_truncated && !r.stderr_truncated);
+}
+
+#[test]
+fn node_forks_get_distinct_randomness() {
+    assert_distinct_across_forks(
+        node(),
+        "console.log(Math.random(), crypto.randomBytes(8).toString('hex'), crypto.randomUUID(), \
+         require('crypto').webcrypto.getRandomValues(new Uint32Array(2)).join('-'))",
+        &[
+            "Math.random",
+            "crypto.randomBytes",
+            "crypto.randomUUID",
+            "getRandomValues",
+        ],
+        200,
+    );
+}
+
+#[test]
+fn node_deadline_stops_busy_and_waiting_code() {
+    assert_stopped_at_deadline(node(), "while (true) {}", Duration::from_millis(500));
+    assert_stopped_at_deadline(node(), "setTimeout(() => {}, 1e9)", Duration::from_millis(1000));
+}
+
+// --- bash -------------------------------------------------------------------
+
+#[test]
+fn bash_runs_code_like_bash_c() {
+    let t = bash();
+    let r = run(t, "echo $((6 * 7)); echo oops >&2");
+    assert_eq!(
+        (r.exit_code, text(&r.stdout), text(&r.stderr)),
+        (0, "42\n".into(), "oops\n".into())
+    );
+
+    let r = run(t, "echo before; exit 3; echo after");
+    assert_eq!((r.exit_code, text(&r.stdout)), (3, "before\n".into()));
+
+    // External programs, pipes and the filesystem.
+    let r = run(
+        t,
+        "printf 'b\\na\\n' | sort | tr a-z A-Z; ls / | grep -c '^usr$'; uname -s",
+    );
+    assert_eq!(r.exit_code, 0, "{}", text(&r.stderr));
+    assert_eq!(text(&r.stdout), "A\nB\n1\nLinux\n");
+
+    let r = run(t, "if then fi");
+    assert_eq!(r.exit_code, 2);
+    assert!(text(&r.stderr).contains("syntax error"), "{}", text(&r.stderr));
+
+    let r = run(t, "false");
+    assert_eq!(r.exit_code, 1);
+}
+
+#[test]
+fn bash_reads_stdin_and_keeps_files_between_requests() {
+    let mut m = fork(bash());
+    let r = exec_in(&mut m, "tr a-z A-Z", "hello\n");
+    assert_eq!(text(&r.stdout), "HELLO\n");
+    exec_in(&mut m, "echo kept > /tmp/note; x=1", "");
+    // Each request is a fresh `bash -c`: files persist, variables do not.
+    let r = exec_in(&mut m, "cat /tmp/note; echo \"x=${x:-unset}\"", "");
+    assert_eq!(text(&r.stdout), "kept\nx=unset\n");
+    // A request that exits does not end the sandbox.
+    exec_in(&mut m, "exit 9", "");
+    let r = exec_in(&mut m, "echo alive", "");
+    assert_eq!(text(&r.stdout), "alive\n");
+}
+
+#[test]
+fn bash_output_is_capped_and_flagged() {
+    let mut m = fork(bash());
+    let r = m
+        .exec(
+            Request {
+                output_limit: 1000,
+                ..Request::new(b"yes | head -c 100000; echo done >&2", b"")
+            },
+            TIMEOUT,
+        )
+        .expect("exec");
+    assert_eq!(r.stdout.len(), 1000);
+    assert!(r.stdout_truncated && !r.stderr_truncated);
+    assert_eq!(text(&r.stderr), "done\n");
+}
+
+#[test]
+fn bash_forks_get_distinct_randomness() {
+    assert_distinct_across_forks(
+        bash(),
+        "echo $RANDOM$RANDOM $SRANDOM $(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n')",
+        &["$RANDOM", "$SRANDOM", "/dev/urandom"],
+        100,
+    );
+}
+
+#[test]
+fn bash_deadline_stops_busy_and_sleeping_code() {
+    assert_stopped_at_deadline(bash(), "while :; do :; done", Duration::from_millis(500));
+    assert_stopped_at_deadline(bash(), "sleep 1000000", Duration::from_millis(1000));
+}
+
+// --- templates from specs -----------------------------------------------------
+
+#[test]
+fn template_from_a_spec_has_its_package_wheel_and_environment() {
+    let t = open(&extras_spec());
+    let r = run(
+        &t,
+        "import os, sys, yaml, tabulate\n\
+         print(yaml.safe_dump({'a': [1, 2]}).strip())\n\
+         print(tabulate.tabulate([[1, 'x']], tablefmt='plain'))\n\
+         print(os.environ['ZEROBOOT_TEST_GREETING'])\n\
+         print('preloaded' if {'yaml', 'tabulate'} <= set(sys.modules) else 'missing')",
+    );
+    assert_eq!(r.exit_code, 0, "{}", text(&r.stderr));
+    assert_eq!(text(&r.stdout), "a:\n- 1\n- 2\n1  x\nhello from the spec\npreloaded\n");
+}
+
+#[test]
+fn cli_lists_runtimes_and_runs_each() {
+    build_template(&TemplateSpec::builtin("node").expect("node"));
+    build_template(&TemplateSpec::builtin("bash").expect("bash"));
+    let out = std::process::Command::new(zeroboot_bin())
+        .args(["template", "ls"])
+        .output()
+        .expect("zeroboot template ls");
+    let listing = text(&out.stdout);
+    for (name, runtime) in [("python", "python"), ("node", "node"), ("bash", "shell")] {
+        assert!(
+            listing
+                .lines()
+                .any(|l| l.split_whitespace().take(2).eq([name, runtime])),
+            "{name} ({runtime}) missing from:\n{listing}"
+        );
+    }
+    for (template, code, expected) in [
+        ("node", "console.log([1, 2, 3].map(x => x * 2).join(','))", "2,4,6\n"),
+        ("bash", "echo $BASH_VERSION | cut -d. -f1", "5\n"),
+    ] {
+        let out = std::process::Command::new(zeroboot_bin())
+            .args(["run", "--template", template, "-c", code])
+            .output()
+            .expect("zeroboot run");
+        assert!(out.status.success(), "{template}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), expected, "{template}");
+    }
+}
+
+#[test]
+fn bad_spec_is_refused_with_the_field_named() {
+    let dir = std::env::temp_dir().join(format!("zeroboot-bad-spec-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, "name = \"bad\"\nwheels = [\"--index-url=http://evil\"]\n").unwrap();
+    let out = std::process::Command::new(zeroboot_bin())
+        .args(["template", "build", "-f"])
+        .arg(&path)
+        .output()
+        .expect("zeroboot template build");
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("bad.toml") && err.contains("wheels"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn server_serves_every_template_by_language() {
+    build_template(&TemplateSpec::builtin("node").expect("node"));
+    build_template(&TemplateSpec::builtin("bash").expect("bash"));
+    let server = Server::start(&["--template", "python", "--template", "node", "--template", "bash"]);
+    let health: serde_json::Value =
+        serde_json::from_str(&server.call("GET", "/v1/health", None, None).text).expect("health json");
+    let names: Vec<&str> = health["templates"]
+        .as_array()
+        .expect("templates")
+        .iter()
+        .map(|t| t["name"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(names, ["bash", "node", "python"], "{health}");
+    for (language, code, expected) in [
+        ("python", "print(6*7)", "42\n"),
+        ("node", "console.log(6*7)", "42\n"),
+        ("javascript", "console.log(typeof require)", "function\n"),
+        ("bash", "echo $((6*7))", "42\n"),
+    ] {
+        let body = serde_json::json!({"code": code, "language": language}).to_string();
+        let r = server.call("POST", "/v1/exec", Some(&body), None);
+        assert_eq!(r.status, 200, "{language}: {}", r.text);
+        let v: serde_json::Value = serde_json::from_str(&r.text).expect("json");
+        assert_eq!(v["stdout"], expected, "{language}: {v}");
+    }
+    let body = serde_json::json!({"code": "1", "language": "ruby"}).to_string();
+    let r = server.call("POST", "/v1/exec", Some(&body), None);
+    assert_eq!(r.status, 400);
+    assert!(r.text.contains("bash") && r.text.contains("javascript"), "{}", r.text);
+}
