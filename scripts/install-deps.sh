@@ -7,7 +7,7 @@ set -euo pipefail
 packages=(
   linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev
   debootstrap erofs-utils xz-utils tar
-  wrk python3-venv
+  wrk python3-venv python3-pip
 )
 missing=()
 for p in "${packages[@]}"; do

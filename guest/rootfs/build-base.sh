@@ -20,13 +20,24 @@ echo "debootstrap bookworm ($packages) from $mirror"
 debootstrap --variant=minbase --include="$packages" bookworm "$root" "$mirror"
 if ((${#wheels[@]})); then
 	# Binary wheels only: the guest has no compiler, and a wheel is what the
-	# spec asked for. pip runs inside the guest's root, with the host's DNS.
-	echo "pip install ${wheels[*]}"
-	cp /etc/resolv.conf "$root/etc/resolv.conf"
-	chroot "$root" python3 -m pip install --no-cache-dir --only-binary=:all: \
+	# spec asked for. The host's pip downloads them (with the host's network
+	# settings: proxies, certificates, indexes) for the guest's Python 3.11
+	# and glibc 2.36; the guest's pip installs them offline.
+	echo "pip download ${wheels[*]}"
+	wheelhouse="$root/tmp/zeroboot-wheels"
+	mkdir -p "$wheelhouse"
+	# pip does not widen a --platform to older glibcs: name them all.
+	platforms=(--platform manylinux1_x86_64 --platform manylinux2010_x86_64 --platform manylinux2014_x86_64)
+	for minor in $(seq 17 36); do platforms+=(--platform "manylinux_2_${minor}_x86_64"); done
+	python3 -m pip download --disable-pip-version-check --no-cache-dir --only-binary=:all: \
+		"${platforms[@]}" --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none \
+		--dest "$wheelhouse" -- "${wheels[@]}"
+	echo "pip install (in the guest's root) ${wheels[*]}"
+	chroot "$root" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root python3 -m pip install \
+		--no-index --find-links /tmp/zeroboot-wheels --no-cache-dir --only-binary=:all: \
 		--break-system-packages --root-user-action=ignore --disable-pip-version-check \
 		-- "${wheels[@]}"
-	rm -f "$root/etc/resolv.conf"
+	rm -rf "$wheelhouse"
 fi
 echo "pruning"
 rm -rf "$root"/usr/share/{doc,man,info,locale,i18n,lintian,linda,bug,common-licenses,bash-completion,zsh,menu}

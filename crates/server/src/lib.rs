@@ -98,6 +98,11 @@ pub struct Served {
 }
 
 impl Served {
+    /// Its runtime's canonical language (python, node, bash).
+    pub fn language(&self) -> &str {
+        self.languages.first().map_or("", String::as_str)
+    }
+
     /// Guest RAM of each sandbox forked from it.
     pub fn memory_mib(&self) -> u64 {
         self.template.snapshot().state.layout.ram_bytes >> 20
@@ -670,9 +675,52 @@ fn guest_path(path: &str) -> Result<String, ApiError> {
     Ok(path)
 }
 
-/// A Python string literal for `text` (JSON string syntax is valid Python).
-fn py_str(text: &str) -> String {
-    serde_json::Value::String(text.to_string()).to_string()
+/// The exit code of file code when the file does not exist (or is a
+/// directory), in every runtime.
+const FILE_NOT_FOUND: i32 = 44;
+
+/// Code, in the sandbox's own language, that writes its stdin (base64) to
+/// `path`, creating directories (`write`), or prints the file at `path` as
+/// base64; it exits FILE_NOT_FOUND when there is no such file.
+fn file_code(language: &str, path: &str, write: bool) -> Result<String, ApiError> {
+    // JSON string syntax is a valid Python and JavaScript string literal.
+    let quoted = serde_json::Value::String(path.to_string()).to_string();
+    let code = match (language, write) {
+        ("python", true) => format!(
+            "import base64, os, sys\np = {quoted}\nos.makedirs(os.path.dirname(p), exist_ok=True)\n\
+             open(p, 'wb').write(base64.b64decode(sys.stdin.read()))"
+        ),
+        ("python", false) => format!(
+            "import base64, sys\ntry:\n    data = open({quoted}, 'rb').read()\n\
+             except (FileNotFoundError, IsADirectoryError) as e:\n    print(e, file=sys.stderr); sys.exit({FILE_NOT_FOUND})\n\
+             sys.stdout.write(base64.b64encode(data).decode())"
+        ),
+        ("node", true) => format!(
+            "const p = {quoted}; fs.mkdirSync(path.dirname(p), {{ recursive: true }});\n\
+             fs.writeFileSync(p, Buffer.from(fs.readFileSync(0, 'utf8'), 'base64'))"
+        ),
+        ("node", false) => format!(
+            "let data; try {{ data = fs.readFileSync({quoted}) }} catch (e) {{\n\
+             if (e.code !== 'ENOENT' && e.code !== 'EISDIR') throw e; console.error(e.message); process.exit({FILE_NOT_FOUND}) }}\n\
+             process.stdout.write(data.toString('base64'))"
+        ),
+        ("bash", _) => {
+            // A single-quoted shell word: ' ends it, so each becomes '\''.
+            let p = format!("'{}'", path.replace('\'', r"'\''"));
+            if write {
+                format!("mkdir -p \"$(dirname {p})\" && base64 -d > {p}")
+            } else {
+                format!("[ -f {p} ] || {{ echo \"{path}: no such file\" >&2; exit {FILE_NOT_FOUND}; }}; base64 -w0 < {p}")
+            }
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "unsupported_language",
+                format!("files are not supported in {language} sandboxes"),
+            ))
+        }
+    };
+    Ok(code)
 }
 
 /// Writes a file in the sandbox (the body is its bytes).
@@ -692,14 +740,11 @@ async fn put_file(
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
     let path = guest_path(&path)?;
-    let encoded = BASE64.encode(&body);
-    let code = format!(
-        "import base64, os\np = {}\nos.makedirs(os.path.dirname(p), exist_ok=True)\n\
-         open(p, 'wb').write(base64.b64decode({}))",
-        py_str(&path),
-        py_str(&encoded)
-    );
-    let r = state.exec_in_session(&id, caller, file_request(code)).await?;
+    let language = state.sessions.get(&id, caller)?.served.language().to_string();
+    let code = file_code(&language, &path, true)?;
+    let r = state
+        .exec_in_session(&id, caller, file_request(code, BASE64.encode(&body)))
+        .await?;
     if r.exit_code != 0 || r.timed_out {
         return Err(file_error(&path, &r));
     }
@@ -720,11 +765,11 @@ async fn get_file(
     Path((id, path)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let path = guest_path(&path)?;
-    let code = format!(
-        "import base64, sys\nsys.stdout.write(base64.b64encode(open({}, 'rb').read()).decode())",
-        py_str(&path)
-    );
-    let r = state.exec_in_session(&id, caller, file_request(code)).await?;
+    let language = state.sessions.get(&id, caller)?.served.language().to_string();
+    let code = file_code(&language, &path, false)?;
+    let r = state
+        .exec_in_session(&id, caller, file_request(code, String::new()))
+        .await?;
     if r.exit_code != 0 || r.timed_out || r.truncated {
         return Err(file_error(&path, &r));
     }
@@ -734,13 +779,13 @@ async fn get_file(
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
-fn file_request(code: String) -> ExecRequest {
-    ExecRequest::in_sandbox(code, 60.0, String::new())
+fn file_request(code: String, stdin: String) -> ExecRequest {
+    ExecRequest::in_sandbox(code, 60.0, stdin)
 }
 
 fn file_error(path: &str, r: &ExecResponse) -> ApiError {
     let last = r.stderr.lines().last().unwrap_or("").to_string();
-    if last.starts_with("FileNotFoundError") || last.starts_with("IsADirectoryError") {
+    if r.exit_code == FILE_NOT_FOUND {
         ApiError::new(StatusCode::NOT_FOUND, "file_not_found", format!("{path}: {last}"))
     } else if r.truncated {
         ApiError::new(
@@ -762,7 +807,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
         .values()
         .map(|s| TemplateHealth {
             name: s.name.clone(),
-            language: s.languages.first().cloned().unwrap_or_default(),
+            language: s.language().to_string(),
             languages: s.languages.clone(),
             ready: true,
             memory_mib: s.memory_mib(),
