@@ -38,6 +38,9 @@ first=1
 while :; do
 	(
 		if ((first)); then
+			# This subshell's pages are the agent's until it writes them:
+			# copy them all now, not one fault at a time in every fork.
+			zeroboot prefault
 			# The READY store is the snapshot: every fork resumes here.
 			zeroboot ready
 		fi

@@ -361,6 +361,35 @@ fn server_serves_every_template_by_language() {
         let v: serde_json::Value = serde_json::from_str(&r.text).expect("json");
         assert_eq!(v["stdout"], expected, "{language}: {v}");
     }
+    // Sessions and files work in every runtime: the file API runs code in
+    // the sandbox's own language.
+    for (language, check) in [
+        ("node", "console.log(fs.readFileSync('/tmp/d/it\\'s.bin').length)"),
+        ("bash", "wc -c < \"/tmp/d/it's.bin\""),
+    ] {
+        let create = serde_json::json!({"language": language}).to_string();
+        let r = server.call("POST", "/v1/sandboxes", Some(&create), None);
+        assert_eq!(r.status, 201, "{language}: {}", r.text);
+        let id = serde_json::from_str::<serde_json::Value>(&r.text).expect("json")["id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        let data: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
+        let file = format!("/v1/sandboxes/{id}/files/tmp/d/it's.bin");
+        let put = server.call_bytes("PUT", &file, Some(&data), None);
+        assert_eq!(put.status, 204, "{language}: {}", put.text);
+        let got = server.call("GET", &file, None, None);
+        assert_eq!(got.status, 200, "{language}: {}", got.text);
+        assert!(got.bytes == data, "{language}: the file came back different");
+        let missing = server.call("GET", &format!("/v1/sandboxes/{id}/files/tmp/nope"), None, None);
+        assert_eq!(missing.status, 404, "{language}: {}", missing.text);
+        let exec = serde_json::json!({"code": check}).to_string();
+        let r = server.call("POST", &format!("/v1/sandboxes/{id}/exec"), Some(&exec), None);
+        let v: serde_json::Value = serde_json::from_str(&r.text).expect("json");
+        assert_eq!(v["stdout"].as_str().map(str::trim), Some("5000"), "{language}: {v}");
+        server.call("DELETE", &format!("/v1/sandboxes/{id}"), None, None);
+    }
+
     let body = serde_json::json!({"code": "1", "language": "ruby"}).to_string();
     let r = server.call("POST", "/v1/exec", Some(&body), None);
     assert_eq!(r.status, 400);

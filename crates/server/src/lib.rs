@@ -695,14 +695,16 @@ fn file_code(language: &str, path: &str, write: bool) -> Result<String, ApiError
              except (FileNotFoundError, IsADirectoryError) as e:\n    print(e, file=sys.stderr); sys.exit({FILE_NOT_FOUND})\n\
              sys.stdout.write(base64.b64encode(data).decode())"
         ),
+        // In a block: a session's top-level `let` and `const` stay declared
+        // for its later requests.
         ("node", true) => format!(
-            "const p = {quoted}; fs.mkdirSync(path.dirname(p), {{ recursive: true }});\n\
-             fs.writeFileSync(p, Buffer.from(fs.readFileSync(0, 'utf8'), 'base64'))"
+            "{{ const p = {quoted}; fs.mkdirSync(path.dirname(p), {{ recursive: true }});\n\
+             fs.writeFileSync(p, Buffer.from(fs.readFileSync(0, 'utf8'), 'base64')) }}"
         ),
         ("node", false) => format!(
-            "let data; try {{ data = fs.readFileSync({quoted}) }} catch (e) {{\n\
+            "{{ let data; try {{ data = fs.readFileSync({quoted}) }} catch (e) {{\n\
              if (e.code !== 'ENOENT' && e.code !== 'EISDIR') throw e; console.error(e.message); process.exit({FILE_NOT_FOUND}) }}\n\
-             process.stdout.write(data.toString('base64'))"
+             process.stdout.write(data.toString('base64')) }}"
         ),
         ("bash", _) => {
             // A single-quoted shell word: ' ends it, so each becomes '\''.

@@ -14,6 +14,8 @@
  *                           request's limit, then ring RESULT
  *   zeroboot reap STATUS DIR
  *                           respond, unless the request was answered already
+ *   zeroboot prefault       write to every private writable page of this
+ *                           process, so it owns a copy of each
  *
  * The agent serves each request in a subshell (see agent.sh), which may
  * answer or die without answering; which request is being served and which
@@ -228,6 +230,33 @@ static int respond(int32_t status, const char *dir)
     return EXECUTION_SUCCESS;
 }
 
+/* Copies every private writable page of this process now. A subshell forked
+ * before the snapshot shares its pages with the agent; each first write to
+ * one in a fork would be a copy-on-write fault in the guest kernel, which is
+ * milliseconds where guest kernel mode is emulated. Done before READY, the
+ * copies are in the snapshot. */
+static int prefault(void)
+{
+    FILE *maps = fopen("/proc/self/maps", "re");
+    if (maps == NULL)
+        return fail("reading /proc/self/maps");
+    char line[512];
+    while (fgets(line, sizeof line, maps) != NULL) {
+        unsigned long start, end;
+        char perms[5];
+        if (sscanf(line, "%lx-%lx %4s", &start, &end, perms) != 3)
+            continue;
+        if (perms[0] != 'r' || perms[1] != 'w' || perms[3] != 'p')
+            continue;
+        for (unsigned long page = start; page < end; page += 4096) {
+            volatile uint8_t *p = (volatile uint8_t *)page;
+            *p = *p;
+        }
+    }
+    fclose(maps);
+    return EXECUTION_SUCCESS;
+}
+
 static int zeroboot_builtin(WORD_LIST *list)
 {
     const char *argv[4] = {0};
@@ -238,6 +267,8 @@ static int zeroboot_builtin(WORD_LIST *list)
         return EX_USAGE;
     if (strcmp(argv[0], "boot") == 0)
         return boot();
+    if (strcmp(argv[0], "prefault") == 0)
+        return prefault();
     if (mailbox == NULL) {
         fprintf(stderr, "zeroboot: run `zeroboot boot` first\n");
         return EXECUTION_FAILURE;
@@ -268,6 +299,6 @@ static char *const zeroboot_doc[] = {
 };
 
 struct builtin zeroboot_struct = {
-    "zeroboot", zeroboot_builtin, BUILTIN_ENABLED, zeroboot_doc, "zeroboot boot|ready|request DIR|respond STATUS DIR|reap STATUS DIR",
+    "zeroboot", zeroboot_builtin, BUILTIN_ENABLED, zeroboot_doc, "zeroboot boot|ready|prefault|request DIR|respond STATUS DIR|reap STATUS DIR",
     NULL,
 };
