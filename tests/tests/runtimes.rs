@@ -361,6 +361,22 @@ fn server_serves_every_template_by_language() {
         let v: serde_json::Value = serde_json::from_str(&r.text).expect("json");
         assert_eq!(v["stdout"], expected, "{language}: {v}");
     }
+    // The CLI client picks a runtime by language too.
+    let out = std::process::Command::new(zeroboot_bin())
+        .args([
+            "exec",
+            "--server",
+            &server.url,
+            "--language",
+            "bash",
+            "-c",
+            "echo from bash; exit 7",
+        ])
+        .output()
+        .expect("zeroboot exec");
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "from bash\n");
+
     // Sessions and files work in every runtime: the file API runs code in
     // the sandbox's own language.
     for (language, check) in [

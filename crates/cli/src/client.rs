@@ -27,6 +27,8 @@ pub struct ExecArgs {
     /// Run in this long-lived sandbox instead of a new one.
     #[arg(long)]
     sandbox: Option<String>,
+    #[command(flatten)]
+    pick: Pick,
     /// Seconds the code may run.
     #[arg(long, default_value_t = 30.0)]
     timeout: f64,
@@ -37,12 +39,36 @@ pub struct ExecArgs {
     file: Option<std::path::PathBuf>,
 }
 
+/// Which template a new sandbox is forked from.
+#[derive(clap::Args)]
+pub struct Pick {
+    /// Language of the code: python, node (javascript) or bash.
+    #[arg(long, default_value = "python")]
+    language: String,
+    /// A template by name, instead of the one serving --language.
+    #[arg(long)]
+    template: Option<String>,
+}
+
+impl Pick {
+    /// Adds `language` and `template` to a request body.
+    fn apply(&self, mut body: Value) -> Value {
+        body["language"] = json!(self.language);
+        if let Some(t) = &self.template {
+            body["template"] = json!(t);
+        }
+        body
+    }
+}
+
 #[derive(clap::Subcommand)]
 pub enum SandboxCommand {
     /// Start a long-lived sandbox; prints its id.
     Create {
         #[command(flatten)]
         server: Server,
+        #[command(flatten)]
+        pick: Pick,
         /// Idle seconds before it is removed.
         #[arg(long)]
         ttl: Option<f64>,
@@ -208,7 +234,10 @@ pub fn exec(args: &ExecArgs, code: String) -> Result<ExitCode> {
     let mut response = client.send(
         "POST",
         "/v1/exec",
-        Some(json!({"code": code, "timeout_seconds": args.timeout, "stream": true})),
+        Some(
+            args.pick
+                .apply(json!({"code": code, "timeout_seconds": args.timeout, "stream": true})),
+        ),
         "text/event-stream",
     )?;
     let reader = BufReader::new(response.body_mut().as_reader());
@@ -240,11 +269,11 @@ pub fn exec(args: &ExecArgs, code: String) -> Result<ExitCode> {
 
 pub fn sandbox(cmd: &SandboxCommand) -> Result<()> {
     match cmd {
-        SandboxCommand::Create { server, ttl } => {
-            let body = match ttl {
+        SandboxCommand::Create { server, pick, ttl } => {
+            let body = pick.apply(match ttl {
                 Some(t) => json!({"ttl_seconds": t}),
                 None => json!({}),
-            };
+            });
             let bar = spinner("forking a sandbox");
             let info = Client::new(server).json("POST", "/v1/sandboxes", Some(body));
             if let Some(bar) = bar {
