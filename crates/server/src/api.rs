@@ -18,6 +18,9 @@ fn thirty() -> f64 {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ExecRequest {
     pub code: String,
+    /// `python`, `node` (or `javascript`, `js`) or `bash` (or `shell`,
+    /// `sh`): the first template of that runtime the server was given runs
+    /// the code. An unknown one is a 400 listing those available.
     #[serde(default = "python")]
     pub language: String,
     #[serde(default = "thirty")]
@@ -123,6 +126,7 @@ fn one() -> usize {
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CreateSandbox {
+    /// As in `ExecRequest`: picks the template by runtime.
     #[serde(default = "default_language")]
     pub language: String,
     #[serde(default)]
