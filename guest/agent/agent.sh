@@ -8,7 +8,8 @@
 #
 # Each request runs as `bash -c` would run it, in a subshell: `exit` ends only
 # the request, and each request starts from the agent's state (files
-# persist). Its output goes to files on tmpfs, which the builtin sends back
+# persist). Its stdin, stdout and stderr are files on tmpfs, opened by the
+# subshell before its request arrives; the builtin sends the output back
 # through the mailbox with a RESULT doorbell from the subshell's EXIT trap,
 # before the subshell is torn down.
 #
@@ -37,16 +38,17 @@ echo "zeroboot-agent: ready"
 first=1
 while :; do
 	(
+		zeroboot attach "$io"
 		if ((first)); then
-			# This subshell's pages are the agent's until it writes them:
-			# copy them all now, not one fault at a time in every fork.
+			# This subshell's pages are the agent's until it writes them,
+			# and it has no page table entries for bash's code yet: map
+			# and copy them all now, not one fault at a time in every fork.
 			zeroboot prefault
 			# The READY store is the snapshot: every fork resumes here.
 			zeroboot ready
 		fi
-		zeroboot request "$io"
-		exec <"$io/stdin" >"$io/stdout" 2>"$io/stderr"
-		trap 'zeroboot respond "$?" "$io"' EXIT
+		zeroboot request
+		trap 'zeroboot respond "$?"' EXIT
 		RANDOM=$ZB_SEED
 		unset ZB_SEED first
 		eval "$ZB_CODE"

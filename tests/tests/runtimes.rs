@@ -219,6 +219,13 @@ fn bash_runs_code_like_bash_c() {
 
     let r = run(t, "false");
     assert_eq!(r.exit_code, 1);
+
+    // A request whose shell dies without answering is answered by the agent.
+    let r = run(t, "echo a; kill -9 $BASHPID");
+    assert_eq!((r.exit_code, text(&r.stdout)), (137, "a\n".into()));
+    let r = run(t, "exec ls /nonexistent");
+    assert_eq!(r.exit_code, 2);
+    assert!(text(&r.stderr).contains("cannot access"), "{}", text(&r.stderr));
 }
 
 #[test]

@@ -7,15 +7,17 @@
  *   zeroboot boot           mount filesystems, map the mailbox, credit entropy
  *   zeroboot ready          drain the console, ring READY (the snapshot);
  *                           returns in each fork
- *   zeroboot request DIR    the request: code in $ZB_CODE, stdin in DIR/stdin,
- *                           31 random bits in $ZB_SEED
- *   zeroboot respond STATUS DIR
- *                           send DIR/stdout and DIR/stderr, capped at the
- *                           request's limit, then ring RESULT
+ *   zeroboot attach DIR     open DIR/stdin, DIR/stdout and DIR/stderr as this
+ *                           shell's fds 0, 1 and 2 (and keep fds of its own)
+ *   zeroboot request        the request: code in $ZB_CODE, 31 random bits in
+ *                           $ZB_SEED, stdin in fd 0; empties fds 1 and 2
+ *   zeroboot respond STATUS send what was written to stdout and stderr,
+ *                           capped at the request's limit, then ring RESULT
  *   zeroboot reap STATUS DIR
- *                           respond, unless the request was answered already
- *   zeroboot prefault       write to every private writable page of this
- *                           process, so it owns a copy of each
+ *                           respond from DIR's files, unless the request was
+ *                           answered already
+ *   zeroboot prefault       map every page of this process's private
+ *                           mappings, and copy the writable ones
  *
  * The agent serves each request in a subshell (see agent.sh), which may
  * answer or die without answering; which request is being served and which
@@ -98,30 +100,37 @@ static int boot(void)
     return EXECUTION_SUCCESS;
 }
 
-static int write_file(const char *dir, const char *name, const void *data, size_t len)
+/* This shell's own fds on the request's stdin, stdout and stderr files,
+ * above where code is likely to look, so that code that closes or
+ * redirects 0, 1 or 2 does not stop the answer. */
+enum { FD_BASE = 1000 };
+static int io_fds[3] = {-1, -1, -1};
+
+static int attach(const char *dir)
 {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (fd < 0)
-        return -1;
-    const uint8_t *p = data;
-    while (len > 0) {
-        ssize_t n = write(fd, p, len);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            close(fd);
-            return -1;
-        }
-        p += n;
-        len -= (size_t)n;
+    static const char *const names[3] = {"stdin", "stdout", "stderr"};
+    for (int i = 0; i < 3; i++) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+        int fd = open(path, O_RDWR | O_CREAT, 0600);
+        if (fd < 0)
+            return fail(path);
+        if (dup2(fd, i) < 0)
+            return fail("dup2");
+        io_fds[i] = fcntl(fd, F_DUPFD_CLOEXEC, FD_BASE + i);
+        if (io_fds[i] < 0)
+            return fail("fcntl");
+        close(fd);
     }
-    return close(fd);
+    return EXECUTION_SUCCESS;
 }
 
-static int request(const char *dir)
+static int request(void)
 {
+    if (io_fds[0] < 0) {
+        fprintf(stderr, "zeroboot: run `zeroboot attach DIR` first\n");
+        return EXECUTION_FAILURE;
+    }
     progress->serving = zb_get32(mailbox, ZB_H_REQUEST_SEQ);
     uint32_t code_len = zb_get32(mailbox, ZB_H_CODE_LEN);
     uint32_t stdin_len = zb_get32(mailbox, ZB_H_STDIN_LEN);
@@ -140,13 +149,26 @@ static int request(const char *dir)
     char seed_text[16];
     snprintf(seed_text, sizeof seed_text, "%u", seed & 0x7fffffffu);
     bind_variable("ZB_SEED", seed_text, 0);
-    if (write_file(dir, "stdin", (const uint8_t *)mailbox + ZB_REQUEST_OFFSET + code_len, stdin_len) != 0)
-        return fail("writing stdin");
+    /* The files are empty in a subshell forked before the snapshot; a
+     * truncation of an empty file costs next to nothing. */
+    for (int i = 0; i < 3; i++)
+        if (ftruncate(io_fds[i], 0) != 0)
+            return fail("emptying the request's files");
+    const uint8_t *stdin_bytes = (const uint8_t *)mailbox + ZB_REQUEST_OFFSET + code_len;
+    for (uint32_t done = 0; done < stdin_len;) {
+        ssize_t n = pwrite(io_fds[0], stdin_bytes + done, stdin_len - done, done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return fail("writing stdin");
+        done += (uint32_t)n;
+    }
     return EXECUTION_SUCCESS;
 }
 
 struct output {
     int fd;
+    off_t at;      /* where the next read starts */
     uint32_t left; /* bytes still allowed under the limit */
     int at_end;
     int truncated;
@@ -172,7 +194,7 @@ static uint32_t fill(struct output *o, uint8_t *to, uint32_t room)
     if (room > o->left)
         room = o->left;
     while (!o->at_end && got < room) {
-        ssize_t n = read(o->fd, to + got, room - got);
+        ssize_t n = pread(o->fd, to + got, room - got, o->at);
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0) {
@@ -180,34 +202,33 @@ static uint32_t fill(struct output *o, uint8_t *to, uint32_t room)
             break;
         }
         got += (uint32_t)n;
+        o->at += n;
     }
     o->left -= got;
     if (o->left == 0 && !o->at_end) {
         /* At the limit: anything more is dropped, and flagged. */
         char probe;
         o->at_end = 1;
-        o->truncated = read(o->fd, &probe, 1) == 1;
+        o->truncated = pread(o->fd, &probe, 1, o->at) == 1;
     }
     return got;
 }
 
-/* Sends the answer to the request being served. The request's header stays
- * in the mailbox until the host has the final chunk, so any process of the
- * agent can answer it. */
-static int respond(int32_t status, const char *dir)
+/* Sends the answer to the request being served, reading stdout and stderr
+ * from `fds`. The request's header stays in the mailbox until the host has
+ * the final chunk, so any process of the agent can answer it. */
+static int respond(int32_t status, const int fds[2])
 {
     uint32_t seq = progress->serving;
     uint32_t output_limit = zb_get32(mailbox, ZB_H_OUTPUT_LIMIT);
     if (output_limit > ZB_MAX_OUTPUT_LIMIT)
         output_limit = ZB_MAX_OUTPUT_LIMIT;
     struct output streams[2];
-    const char *names[2] = {"stdout", "stderr"};
     for (int i = 0; i < 2; i++) {
-        char path[4096];
-        snprintf(path, sizeof path, "%s/%s", dir, names[i]);
-        streams[i].fd = open(path, O_RDONLY | O_CLOEXEC);
+        streams[i].fd = fds[i];
+        streams[i].at = 0;
         streams[i].left = output_limit;
-        streams[i].at_end = streams[i].fd < 0;
+        streams[i].at_end = fds[i] < 0;
         streams[i].truncated = 0;
     }
     uint8_t *area = (uint8_t *)mailbox + ZB_RESPONSE_OFFSET;
@@ -224,17 +245,36 @@ static int respond(int32_t status, const char *dir)
         if (last)
             break;
     }
-    for (int i = 0; i < 2; i++)
-        if (streams[i].fd >= 0)
-            close(streams[i].fd);
     return EXECUTION_SUCCESS;
 }
 
-/* Copies every private writable page of this process now. A subshell forked
- * before the snapshot shares its pages with the agent; each first write to
- * one in a fork would be a copy-on-write fault in the guest kernel, which is
- * milliseconds where guest kernel mode is emulated. Done before READY, the
- * copies are in the snapshot. */
+/* Answers for a subshell that ended without answering, from DIR's files. */
+static int reap(int32_t status, const char *dir)
+{
+    if (progress->answered == progress->serving)
+        return EXECUTION_SUCCESS;
+    int fds[2];
+    const char *names[2] = {"stdout", "stderr"};
+    for (int i = 0; i < 2; i++) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+        fds[i] = open(path, O_RDONLY | O_CLOEXEC);
+    }
+    int r = respond(status, fds);
+    for (int i = 0; i < 2; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+    return r;
+}
+
+/* Maps and copies this process's pages now. A subshell forked before the
+ * snapshot shares its writable pages with the agent, and fork gave it no
+ * page table entries for file mappings (bash's and libc's code); in a fork,
+ * each first write would be a copy-on-write fault and each first read of
+ * code a page fault, both in the guest kernel, which is milliseconds where
+ * guest kernel mode is emulated. Done before READY, the snapshot holds the
+ * copies and the entries. Shared mappings (the mailbox, the doorbell) and
+ * the kernel's special ones are left alone. */
 static int prefault(void)
 {
     FILE *maps = fopen("/proc/self/maps", "re");
@@ -244,13 +284,20 @@ static int prefault(void)
     while (fgets(line, sizeof line, maps) != NULL) {
         unsigned long start, end;
         char perms[5];
-        if (sscanf(line, "%lx-%lx %4s", &start, &end, perms) != 3)
+        int name_at = 0;
+        if (sscanf(line, "%lx-%lx %4s %*s %*s %*s %n", &start, &end, perms, &name_at) != 3)
             continue;
-        if (perms[0] != 'r' || perms[1] != 'w' || perms[3] != 'p')
+        const char *name = name_at > 0 ? line + name_at : "";
+        if (perms[0] != 'r' || perms[3] != 'p')
             continue;
+        if (name[0] == '[' && strncmp(name, "[heap]", 6) != 0 && strncmp(name, "[stack]", 7) != 0)
+            continue;
+        int writable = perms[1] == 'w';
         for (unsigned long page = start; page < end; page += 4096) {
             volatile uint8_t *p = (volatile uint8_t *)page;
-            *p = *p;
+            uint8_t v = *p;
+            if (writable)
+                *p = v;
         }
     }
     fclose(maps);
@@ -281,15 +328,14 @@ static int zeroboot_builtin(WORD_LIST *list)
         doorbell[0] = ZB_DOORBELL_READY;
         return EXECUTION_SUCCESS;
     }
-    if (strcmp(argv[0], "request") == 0 && argc == 2)
-        return request(argv[1]);
-    if (strcmp(argv[0], "respond") == 0 && argc == 3)
-        return respond((int32_t)strtol(argv[1], NULL, 10), argv[2]);
-    if (strcmp(argv[0], "reap") == 0 && argc == 3) {
-        if (progress->answered == progress->serving)
-            return EXECUTION_SUCCESS;
-        return respond((int32_t)strtol(argv[1], NULL, 10), argv[2]);
-    }
+    if (strcmp(argv[0], "attach") == 0 && argc == 2)
+        return attach(argv[1]);
+    if (strcmp(argv[0], "request") == 0 && argc == 1)
+        return request();
+    if (strcmp(argv[0], "respond") == 0 && argc == 2)
+        return respond((int32_t)strtol(argv[1], NULL, 10), io_fds + 1);
+    if (strcmp(argv[0], "reap") == 0 && argc == 3)
+        return reap((int32_t)strtol(argv[1], NULL, 10), argv[2]);
     return EX_USAGE;
 }
 
@@ -299,6 +345,6 @@ static char *const zeroboot_doc[] = {
 };
 
 struct builtin zeroboot_struct = {
-    "zeroboot", zeroboot_builtin, BUILTIN_ENABLED, zeroboot_doc, "zeroboot boot|ready|prefault|request DIR|respond STATUS DIR|reap STATUS DIR",
+    "zeroboot", zeroboot_builtin, BUILTIN_ENABLED, zeroboot_doc, "zeroboot boot|ready|prefault|attach DIR|request|respond STATUS|reap STATUS DIR",
     NULL,
 };
