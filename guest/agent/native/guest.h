@@ -131,6 +131,43 @@ static int zb_add_entropy(const void *seed, size_t len)
     return r;
 }
 
+/* Maps and copies this process's pages now: reads every page of its private
+ * mappings and writes back every writable one. In a fork, each page a
+ * request touches for the first time would otherwise be a page fault or a
+ * copy-on-write fault in the guest kernel, which is milliseconds where
+ * guest kernel mode is emulated; done before READY, the snapshot holds the
+ * page table entries and the copies. Shared mappings (the mailbox, the
+ * doorbell) and the kernel's special ones ([vvar], [vdso]) are left alone.
+ * Returns 0, or -1 if /proc/self/maps cannot be read. */
+static int zb_prefault(void)
+{
+    FILE *maps = fopen("/proc/self/maps", "re");
+    if (maps == NULL)
+        return -1;
+    char line[512];
+    while (fgets(line, sizeof line, maps) != NULL) {
+        unsigned long start, end;
+        char perms[5];
+        int name_at = 0;
+        if (sscanf(line, "%lx-%lx %4s %*s %*s %*s %n", &start, &end, perms, &name_at) != 3)
+            continue;
+        const char *name = name_at > 0 ? line + name_at : "";
+        if (perms[0] != 'r' || perms[3] != 'p')
+            continue;
+        if (name[0] == '[' && strncmp(name, "[heap]", 6) != 0 && strncmp(name, "[stack]", 7) != 0)
+            continue;
+        int writable = perms[1] == 'w';
+        for (unsigned long page = start; page < end; page += 4096) {
+            volatile uint8_t *p = (volatile uint8_t *)page;
+            uint8_t v = *p;
+            if (writable)
+                *p = v;
+        }
+    }
+    fclose(maps);
+    return 0;
+}
+
 static inline uint32_t zb_get32(const volatile uint8_t *m, size_t at)
 {
     uint32_t v;

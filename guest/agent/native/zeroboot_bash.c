@@ -267,41 +267,12 @@ static int reap(int32_t status, const char *dir)
     return r;
 }
 
-/* Maps and copies this process's pages now. A subshell forked before the
- * snapshot shares its writable pages with the agent, and fork gave it no
- * page table entries for file mappings (bash's and libc's code); in a fork,
- * each first write would be a copy-on-write fault and each first read of
- * code a page fault, both in the guest kernel, which is milliseconds where
- * guest kernel mode is emulated. Done before READY, the snapshot holds the
- * copies and the entries. Shared mappings (the mailbox, the doorbell) and
- * the kernel's special ones are left alone. */
+/* A subshell forked before the snapshot shares its writable pages with the
+ * agent, and fork gave it no page table entries for file mappings (bash's
+ * and libc's code): see zb_prefault. */
 static int prefault(void)
 {
-    FILE *maps = fopen("/proc/self/maps", "re");
-    if (maps == NULL)
-        return fail("reading /proc/self/maps");
-    char line[512];
-    while (fgets(line, sizeof line, maps) != NULL) {
-        unsigned long start, end;
-        char perms[5];
-        int name_at = 0;
-        if (sscanf(line, "%lx-%lx %4s %*s %*s %*s %n", &start, &end, perms, &name_at) != 3)
-            continue;
-        const char *name = name_at > 0 ? line + name_at : "";
-        if (perms[0] != 'r' || perms[3] != 'p')
-            continue;
-        if (name[0] == '[' && strncmp(name, "[heap]", 6) != 0 && strncmp(name, "[stack]", 7) != 0)
-            continue;
-        int writable = perms[1] == 'w';
-        for (unsigned long page = start; page < end; page += 4096) {
-            volatile uint8_t *p = (volatile uint8_t *)page;
-            uint8_t v = *p;
-            if (writable)
-                *p = v;
-        }
-    }
-    fclose(maps);
-    return EXECUTION_SUCCESS;
+    return zb_prefault() == 0 ? EXECUTION_SUCCESS : fail("reading /proc/self/maps");
 }
 
 static int zeroboot_builtin(WORD_LIST *list)
