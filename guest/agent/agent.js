@@ -210,40 +210,27 @@ function installGlobals() {
   // as under `node -e` with its output piped.
   process.stdout.isTTY = false;
   process.stderr.isTTY = false;
-  process.stdout.write = (chunk, encoding, cb) => {
-    if (current) current.out.write(chunk, encoding);
+  const capture = (stream) => (chunk, encoding, cb) => {
+    if (current) current[stream].write(chunk, encoding);
     if (typeof encoding === 'function') encoding();
     else if (typeof cb === 'function') cb();
     return true;
   };
-  process.stderr.write = (chunk, encoding, cb) => {
-    if (current) current.err.write(chunk, encoding);
-    if (typeof encoding === 'function') encoding();
-    else if (typeof cb === 'function') cb();
-    return true;
-  };
+  process.stdout.write = capture('out');
+  process.stderr.write = capture('err');
   // Errors that escape the code after it returned (a timer, a promise)
   // fail the request as they would fail `node -e`.
-  process.on('uncaughtException', (e) => {
+  const escaped = (e) => {
+    if (!current) return;
     if (e instanceof ExitRequest) {
-      if (current) current.exit = e.code;
-      return;
-    }
-    if (current) {
+      current.exit = e.code;
+    } else {
       current.err.write(describe(e));
       current.failed = true;
     }
-  });
-  process.on('unhandledRejection', (e) => {
-    if (e instanceof ExitRequest) {
-      if (current) current.exit = e.code;
-      return;
-    }
-    if (current) {
-      current.err.write(describe(e));
-      current.failed = true;
-    }
-  });
+  };
+  process.on('uncaughtException', escaped);
+  process.on('unhandledRejection', escaped);
 }
 
 function exitCodeOf(code) {

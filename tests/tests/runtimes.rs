@@ -153,20 +153,26 @@ fn node_reads_stdin_and_keeps_state_between_requests() {
     assert_eq!(text(&r.stdout), "written\n");
 }
 
-#[test]
-fn node_output_is_capped_and_flagged() {
-    let mut m = fork(node());
-    let r = m
+/// Runs `code`, which prints far more than 1000 bytes to stdout, with a
+/// 1000-byte output limit, and checks stdout is cut there and flagged.
+fn assert_output_capped(template: &Template, code: &str) -> Response {
+    let r = fork(template)
         .exec(
             Request {
                 output_limit: 1000,
-                ..Request::new(b"for (let i = 0; i < 500; i++) console.log('x'.repeat(50))", b"")
+                ..Request::new(code.as_bytes(), b"")
             },
             TIMEOUT,
         )
         .expect("exec");
     assert_eq!(r.stdout.len(), 1000);
     assert!(r.stdout_truncated && !r.stderr_truncated);
+    r
+}
+
+#[test]
+fn node_output_is_capped_and_flagged() {
+    assert_output_capped(node(), "for (let i = 0; i < 500; i++) console.log('x'.repeat(50))");
 }
 
 #[test]
@@ -245,18 +251,7 @@ fn bash_reads_stdin_and_keeps_files_between_requests() {
 
 #[test]
 fn bash_output_is_capped_and_flagged() {
-    let mut m = fork(bash());
-    let r = m
-        .exec(
-            Request {
-                output_limit: 1000,
-                ..Request::new(b"yes | head -c 100000; echo done >&2", b"")
-            },
-            TIMEOUT,
-        )
-        .expect("exec");
-    assert_eq!(r.stdout.len(), 1000);
-    assert!(r.stdout_truncated && !r.stderr_truncated);
+    let r = assert_output_capped(bash(), "yes | head -c 100000; echo done >&2");
     assert_eq!(text(&r.stderr), "done\n");
 }
 
