@@ -104,11 +104,12 @@ impl IsolatedTemplate {
 
     /// A new sandbox: a worker process with a new VM, started now.
     pub fn fork(&self) -> Result<Sandbox, SandboxError> {
-        let ready = self.pool.as_ref().and_then(ReadyPool::take);
-        let mut sandbox = match ready {
-            Some(prepared) => prepared?,
+        // The pool prepares the next worker once this one has started
+        // (`_refill`): preparing one meanwhile would compete for the CPU.
+        let (mut sandbox, _refill) = match self.pool.as_ref().and_then(ReadyPool::take) {
+            Some((prepared, refill)) => (prepared?, Some(refill)),
             // Empty pool (or none): prepare one here rather than wait.
-            None => Sandbox::prepare(&self.spec, None)?,
+            None => (Sandbox::prepare(&self.spec, None)?, None),
         };
         sandbox.start()?;
         Ok(sandbox)
