@@ -405,6 +405,13 @@ async function main() {
   const config = applyConfig();
   installGlobals();
   for (const name of [...PRELOADED, ...(config.preload || [])]) require(name);
+  if (config.warmup) {
+    // The spec's own warm-up, in a function of its own (its declarations
+    // stay local); a failure fails the template build, which shows this
+    // console.
+    const done = vm.runInThisContext(`(function () {\n${config.warmup}\n})()`, { filename: '[template warmup]' });
+    if (done && typeof done.then === 'function') await done;
+  }
   log('modules preloaded');
   // What is open now (the console) is the agent's; anything more is the
   // code's, and a request waits for it to finish.
