@@ -255,6 +255,13 @@ pub struct Reply {
     pub bytes: Vec<u8>,
 }
 
+impl Reply {
+    /// The body as JSON; fails the test if it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|_| panic!("not JSON: {}", self.text))
+    }
+}
+
 impl Server {
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -342,8 +342,7 @@ fn server_serves_every_template_by_language() {
     build_template(&TemplateSpec::builtin("node").expect("node"));
     build_template(&TemplateSpec::builtin("bash").expect("bash"));
     let server = Server::start(&["--template", "python", "--template", "node", "--template", "bash"]);
-    let health: serde_json::Value =
-        serde_json::from_str(&server.call("GET", "/v1/health", None, None).text).expect("health json");
+    let health = server.call("GET", "/v1/health", None, None).json();
     let names: Vec<&str> = health["templates"]
         .as_array()
         .expect("templates")
@@ -360,7 +359,7 @@ fn server_serves_every_template_by_language() {
         let body = serde_json::json!({"code": code, "language": language}).to_string();
         let r = server.call("POST", "/v1/exec", Some(&body), None);
         assert_eq!(r.status, 200, "{language}: {}", r.text);
-        let v: serde_json::Value = serde_json::from_str(&r.text).expect("json");
+        let v = r.json();
         assert_eq!(v["stdout"], expected, "{language}: {v}");
     }
     // The CLI client picks a runtime by language too.
@@ -388,10 +387,7 @@ fn server_serves_every_template_by_language() {
         let create = serde_json::json!({"language": language}).to_string();
         let r = server.call("POST", "/v1/sandboxes", Some(&create), None);
         assert_eq!(r.status, 201, "{language}: {}", r.text);
-        let id = serde_json::from_str::<serde_json::Value>(&r.text).expect("json")["id"]
-            .as_str()
-            .expect("id")
-            .to_string();
+        let id = r.json()["id"].as_str().expect("id").to_string();
         let data: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
         let file = format!("/v1/sandboxes/{id}/files/tmp/d/it's.bin");
         let put = server.call_bytes("PUT", &file, Some(&data), None);
@@ -403,7 +399,7 @@ fn server_serves_every_template_by_language() {
         assert_eq!(missing.status, 404, "{language}: {}", missing.text);
         let exec = serde_json::json!({"code": check}).to_string();
         let r = server.call("POST", &format!("/v1/sandboxes/{id}/exec"), Some(&exec), None);
-        let v: serde_json::Value = serde_json::from_str(&r.text).expect("json");
+        let v = r.json();
         assert_eq!(v["stdout"].as_str().map(str::trim), Some("5000"), "{language}: {v}");
         server.call("DELETE", &format!("/v1/sandboxes/{id}"), None, None);
     }

@@ -8,10 +8,6 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use zeroboot_e2e::{children_of, eventually, process_alive, Server};
 
-fn body(reply: &zeroboot_e2e::Reply) -> Value {
-    serde_json::from_str(&reply.text).unwrap_or_else(|_| panic!("not JSON: {}", reply.text))
-}
-
 #[test]
 fn exec_runs_code_and_reports_timings() {
     let server = Server::start(&[]);
@@ -23,7 +19,7 @@ fn exec_runs_code_and_reports_timings() {
             None,
         );
         assert_eq!(reply.status, 200, "{}", reply.text);
-        let r = body(&reply);
+        let r = reply.json();
         assert_eq!((r["stdout"].as_str(), r["stderr"].as_str()), (Some("2\n"), Some("e\n")));
         assert_eq!(r["exit_code"], 3);
         assert_eq!(
@@ -44,25 +40,31 @@ fn exec_runs_code_and_reports_timings() {
 #[test]
 fn exec_reports_timeouts_truncation_and_stdin() {
     let server = Server::start(&[]);
-    let r = body(&server.call(
-        "POST",
-        "/v1/exec",
-        Some(r#"{"code": "import time; time.sleep(60)", "timeout_seconds": 0.5}"#),
-        None,
-    ));
+    let r = server
+        .call(
+            "POST",
+            "/v1/exec",
+            Some(r#"{"code": "import time; time.sleep(60)", "timeout_seconds": 0.5}"#),
+            None,
+        )
+        .json();
     assert_eq!(
         (r["timed_out"].as_bool(), r["exit_code"].as_i64()),
         (Some(true), Some(124))
     );
-    let r = body(&server.call("POST", "/v1/exec", Some(r#"{"code": "print('x' * 2000000)"}"#), None));
+    let r = server
+        .call("POST", "/v1/exec", Some(r#"{"code": "print('x' * 2000000)"}"#), None)
+        .json();
     assert_eq!(r["truncated"], true);
     assert_eq!(r["stdout"].as_str().map(str::len), Some(1 << 20));
-    let r = body(&server.call(
-        "POST",
-        "/v1/exec",
-        Some(r#"{"code": "import sys; print(sys.stdin.read().upper())", "stdin": "abc"}"#),
-        None,
-    ));
+    let r = server
+        .call(
+            "POST",
+            "/v1/exec",
+            Some(r#"{"code": "import sys; print(sys.stdin.read().upper())", "stdin": "abc"}"#),
+            None,
+        )
+        .json();
     assert_eq!(r["stdout"], "ABC\n");
 }
 
@@ -76,11 +78,11 @@ fn batch_runs_in_parallel_and_health_and_metrics_report() {
     ]});
     let reply = server.call("POST", "/v1/exec/batch", Some(&batch.to_string()), None);
     assert_eq!(reply.status, 200, "{}", reply.text);
-    let r = body(&reply);
+    let r = reply.json();
     assert_eq!(r["results"][0]["stdout"], "1\n");
     assert_eq!(r["results"][1]["stdout"], "2\n");
     assert_eq!(r["results"][2]["error"]["code"], "unsupported_language");
-    let health = body(&server.call("GET", "/v1/health", None, None));
+    let health = server.call("GET", "/v1/health", None, None).json();
     assert_eq!(health["templates"][0]["name"], "python");
     assert_eq!(health["templates"][0]["ready"], true);
     let metrics = server.call("GET", "/v1/metrics", None, None);
@@ -108,9 +110,9 @@ fn a_full_server_answers_503_not_a_hang() {
         std::thread::sleep(std::time::Duration::from_millis(800));
         let reply = server.call("POST", "/v1/exec", Some(r#"{"code": "print(1)"}"#), None);
         assert_eq!(reply.status, 503, "{}", reply.text);
-        assert_eq!(body(&reply)["error"]["code"], "busy");
+        assert_eq!(reply.json()["error"]["code"], "busy");
         assert_eq!(reply.retry_after.as_deref(), Some("1"));
-        assert_eq!(body(&slow.join().unwrap())["stdout"], "done\n");
+        assert_eq!(slow.join().unwrap().json()["stdout"], "done\n");
     });
 }
 
@@ -122,11 +124,11 @@ fn api_keys_are_enforced_over_http() {
     let code = Some(r#"{"code": "print(1)"}"#);
     let reply = server.call("POST", "/v1/exec", code, None);
     assert_eq!(
-        (reply.status, body(&reply)["error"]["code"].as_str()),
+        (reply.status, reply.json()["error"]["code"].as_str()),
         (401, Some("unauthorized"))
     );
     let reply = server.call("POST", "/v1/exec", code, Some("e2e-key-0123456789abcdef"));
-    assert_eq!((reply.status, body(&reply)["stdout"].as_str()), (200, Some("1\n")));
+    assert_eq!((reply.status, reply.json()["stdout"].as_str()), (200, Some("1\n")));
     std::fs::remove_file(&keys).unwrap();
 }
 
@@ -135,10 +137,10 @@ fn a_crashing_sandbox_is_a_clear_error() {
     let server = Server::start(&[]);
     let reply = server.call("POST", "/v1/exec", Some(r#"{"code": "import os; os._exit(0)"}"#), None);
     assert_eq!(reply.status, 422, "{}", reply.text);
-    assert_eq!(body(&reply)["error"]["code"], "sandbox_crashed");
+    assert_eq!(reply.json()["error"]["code"], "sandbox_crashed");
     // The server carries on.
     let reply = server.call("POST", "/v1/exec", Some(r#"{"code": "print(5)"}"#), None);
-    assert_eq!(body(&reply)["stdout"], "5\n");
+    assert_eq!(reply.json()["stdout"], "5\n");
 }
 
 fn exec_in(server: &Server, id: &str, code: &str) -> Value {
@@ -149,7 +151,7 @@ fn exec_in(server: &Server, id: &str, code: &str) -> Value {
         None,
     );
     assert_eq!(reply.status, 200, "{}", reply.text);
-    body(&reply)
+    reply.json()
 }
 
 #[test]
@@ -157,7 +159,7 @@ fn sandboxes_keep_state_move_files_and_fork_from_where_they_are() {
     let server = Server::start(&[]);
     let reply = server.call("POST", "/v1/sandboxes", Some("{}"), None);
     assert_eq!(reply.status, 201, "{}", reply.text);
-    let id = body(&reply)["id"].as_str().unwrap().to_string();
+    let id = reply.json()["id"].as_str().unwrap().to_string();
     exec_in(&server, &id, "import numpy\nx = 41");
     assert_eq!(
         exec_in(&server, &id, "print(x + 1, numpy.__name__)")["stdout"],
@@ -178,7 +180,7 @@ fn sandboxes_keep_state_move_files_and_fork_from_where_they_are() {
     assert!(got.bytes == data);
     let missing = server.call("GET", &format!("/v1/sandboxes/{id}/files/tmp/nope"), None, None);
     assert_eq!(
-        (missing.status, body(&missing)["error"]["code"].as_str()),
+        (missing.status, missing.json()["error"]["code"].as_str()),
         (404, Some("file_not_found"))
     );
     assert_eq!(
@@ -194,7 +196,7 @@ fn sandboxes_keep_state_move_files_and_fork_from_where_they_are() {
         None,
     );
     assert_eq!(reply.status, 201, "{}", reply.text);
-    let forked = body(&reply);
+    let forked = reply.json();
     let children: Vec<String> = forked["sandboxes"]
         .as_array()
         .unwrap()
@@ -216,7 +218,7 @@ fn sandboxes_keep_state_move_files_and_fork_from_where_they_are() {
     assert_eq!(exec_in(&server, &children[1], "print(x)")["stdout"], "41\n");
     assert_eq!(exec_in(&server, &id, "print(x)")["stdout"], "0\n");
 
-    let list = body(&server.call("GET", "/v1/sandboxes", None, None));
+    let list = server.call("GET", "/v1/sandboxes", None, None).json();
     assert_eq!(list["sandboxes"].as_array().unwrap().len(), 3);
     let gone = server.call("DELETE", &format!("/v1/sandboxes/{}", children[0]), None, None);
     assert_eq!(gone.status, 204);
@@ -227,7 +229,7 @@ fn sandboxes_keep_state_move_files_and_fork_from_where_they_are() {
         None,
     );
     assert_eq!(
-        (reply.status, body(&reply)["error"]["code"].as_str()),
+        (reply.status, reply.json()["error"]["code"].as_str()),
         (404, Some("sandbox_not_found"))
     );
 }
@@ -235,7 +237,9 @@ fn sandboxes_keep_state_move_files_and_fork_from_where_they_are() {
 #[test]
 fn a_sandbox_that_times_out_is_ended_and_idle_ones_expire() {
     let server = Server::start(&[]);
-    let id = body(&server.call("POST", "/v1/sandboxes", Some(r#"{"ttl_seconds": 2}"#), None))["id"]
+    let id = server
+        .call("POST", "/v1/sandboxes", Some(r#"{"ttl_seconds": 2}"#), None)
+        .json()["id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -245,11 +249,13 @@ fn a_sandbox_that_times_out_is_ended_and_idle_ones_expire() {
         Some(r#"{"code": "while True: pass", "timeout_seconds": 0.5}"#),
         None,
     );
-    assert_eq!(body(&reply)["timed_out"], true);
+    assert_eq!(reply.json()["timed_out"], true);
     let reply = server.call("GET", &format!("/v1/sandboxes/{id}"), None, None);
     assert_eq!(reply.status, 404, "a timed-out sandbox cannot serve again");
     // Idle past its TTL: removed by the reaper.
-    let id = body(&server.call("POST", "/v1/sandboxes", Some(r#"{"ttl_seconds": 1}"#), None))["id"]
+    let id = server
+        .call("POST", "/v1/sandboxes", Some(r#"{"ttl_seconds": 1}"#), None)
+        .json()["id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -353,11 +359,11 @@ fn per_key_sandbox_count_and_memory_are_capped() {
     // The template has 512 MiB of guest RAM.
     let server = Server::start(&["--max-sandboxes-per-key", "3", "--max-sandbox-memory-mib", "1024"]);
     let create = || server.call("POST", "/v1/sandboxes", Some("{}"), None);
-    let first = body(&create());
+    let first = create().json();
     assert_eq!(create().status, 201);
     let reply = create();
     assert_eq!(
-        (reply.status, body(&reply)["error"]["code"].as_str()),
+        (reply.status, reply.json()["error"]["code"].as_str()),
         (429, Some("memory_limit"))
     );
     let id = first["id"].as_str().unwrap();
@@ -368,14 +374,14 @@ fn per_key_sandbox_count_and_memory_are_capped() {
         None,
     );
     assert_eq!(
-        (reply.status, body(&reply)["error"]["code"].as_str()),
+        (reply.status, reply.json()["error"]["code"].as_str()),
         (429, Some("memory_limit"))
     );
     let server = Server::start(&["--max-sandboxes-per-key", "1"]);
     assert_eq!(server.call("POST", "/v1/sandboxes", Some("{}"), None).status, 201);
     let reply = server.call("POST", "/v1/sandboxes", Some("{}"), None);
     assert_eq!(
-        (reply.status, body(&reply)["error"]["code"].as_str()),
+        (reply.status, reply.json()["error"]["code"].as_str()),
         (429, Some("sandbox_limit"))
     );
 }
@@ -417,7 +423,7 @@ fn a_server_killed_under_load_leaves_no_sandbox_and_restarts_clean() {
     let server = Server::start(&[]);
     let r = server.call("POST", "/v1/exec", Some(r#"{"code": "print(6*7)"}"#), None);
     assert_eq!(r.status, 200, "{}", r.text);
-    assert_eq!(body(&r)["stdout"], "42\n");
+    assert_eq!(r.json()["stdout"], "42\n");
 }
 
 /// The numeric id of group `name`, from /etc/group.
@@ -473,10 +479,10 @@ fn the_server_runs_as_an_unprivileged_user_from_a_read_only_cache() {
 
     let r = server.call("POST", "/v1/exec", Some(r#"{"code": "print(1+1)"}"#), None);
     assert_eq!(r.status, 200, "{}", r.text);
-    assert_eq!(body(&r)["stdout"], "2\n");
+    assert_eq!(r.json()["stdout"], "2\n");
     let r = server.call("POST", "/v1/sandboxes", Some("{}"), None);
     assert_eq!(r.status, 201, "{}", r.text);
-    let id = body(&r)["id"].as_str().unwrap().to_string();
+    let id = r.json()["id"].as_str().unwrap().to_string();
     let out = exec_in(&server, &id, "x = 5");
     assert_eq!(out["exit_code"], 0, "{out}");
     let r = server.call(

@@ -37,12 +37,12 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-/// The runtime's `print(1+1)`, and its default second figure.
-fn probes(runtime: Runtime) -> (&'static str, &'static str) {
+/// The second figure's code when --code is not given.
+fn default_code(runtime: Runtime) -> &'static str {
     match runtime {
-        Runtime::Python => ("print(1+1)", NUMPY),
-        Runtime::Node => ("console.log(1+1)", "console.log(crypto.randomBytes(8).toString('hex'))"),
-        Runtime::Shell => ("echo $((1+1))", "ls /"),
+        Runtime::Python => NUMPY,
+        Runtime::Node => "console.log(crypto.randomBytes(8).toString('hex'))",
+        Runtime::Shell => "ls /",
     }
 }
 
@@ -128,8 +128,8 @@ pub fn run(snap: Snapshot, runtime: Runtime, args: &BenchArgs) -> Result<()> {
     if args.iterations == 0 {
         bail!("--iterations must be at least 1");
     }
-    let (print_code, default_code) = probes(runtime);
-    let second_code = args.code.as_deref().unwrap_or(default_code);
+    let print_code = runtime.print_probe();
+    let second_code = args.code.as_deref().unwrap_or(default_code(runtime));
     let n = args.iterations;
     let worker = WorkerCommand::current_exe(&["worker"])?;
     let cold = IsolatedTemplate::new(worker.clone(), Snapshot::open(&snap.dir, &snap.state.cpu_vendor)?, 0);

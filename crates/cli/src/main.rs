@@ -147,23 +147,21 @@ fn template_command(cmd: TemplateCommand) -> Result<()> {
             mem_mib,
             force,
         } => {
-            let mut spec = match (&file, &name) {
-                (Some(path), _) => {
+            let mut spec = match &file {
+                Some(path) => {
                     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-                    TemplateSpec::from_toml(&text).with_context(|| format!("{}", path.display()))?
+                    let mut spec = TemplateSpec::from_toml(&text).with_context(|| format!("{}", path.display()))?;
+                    if let Some(name) = name {
+                        spec.name = name;
+                    }
+                    spec
                 }
-                (None, name) => {
-                    let name = name.as_deref().unwrap_or(template::DEFAULT_NAME);
-                    known_spec(&cache, name)?
-                }
+                None => known_spec(&cache, name.as_deref().unwrap_or(template::DEFAULT_NAME))?,
             };
-            if let (Some(_), Some(name)) = (&file, name) {
-                spec.name = name;
-            }
             if let Some(mem_mib) = mem_mib {
                 spec.mem_mib = mem_mib;
             }
-            spec.validate()?;
+            // template::build checks the spec again, with these overrides.
             build(&cache, &spec, force)?;
         }
         TemplateCommand::Ls => {

@@ -81,25 +81,34 @@ impl Runtime {
         }
     }
 
-    /// Requests whose writes make up a template's write set: a fork that
-    /// runs one of them finds those pages already copied.
-    pub fn write_set_probes(self) -> &'static [&'static str] {
+    /// The runtime's `print(1+1)`: prints [`PRINT_PROBE_OUTPUT`]. A new
+    /// template must answer it (the build's smoke test); `zeroboot bench`
+    /// times it.
+    pub fn print_probe(self) -> &'static str {
         match self {
-            Self::Python => &["print(1+1)", "import numpy; print(numpy.random.rand(3))"],
-            Self::Node => &["console.log(1+1)", "console.log(Math.random(), crypto.randomBytes(8))"],
-            Self::Shell => &["echo 2"],
+            Self::Python => "print(1+1)",
+            Self::Node => "console.log(1+1)",
+            Self::Shell => "echo $((1+1))",
         }
     }
 
-    /// A request that checks a freshly built template answers, and what it prints.
-    pub fn smoke_test(self) -> (&'static str, &'static str) {
-        match self {
-            Self::Python => ("print(1+1)", "2\n"),
-            Self::Node => ("console.log(1+1)", "2\n"),
-            Self::Shell => ("echo $((1+1))", "2\n"),
-        }
+    /// Requests whose writes make up a template's write set: a fork that
+    /// runs one of them finds those pages already copied. The print probe
+    /// first.
+    pub fn write_set_probes(self) -> Vec<&'static str> {
+        let more: &[&str] = match self {
+            Self::Python => &["import numpy; print(numpy.random.rand(3))"],
+            Self::Node => &["console.log(Math.random(), crypto.randomBytes(8))"],
+            Self::Shell => &[],
+        };
+        std::iter::once(self.print_probe())
+            .chain(more.iter().copied())
+            .collect()
     }
 }
+
+/// What every runtime's [`Runtime::print_probe`] prints.
+pub const PRINT_PROBE_OUTPUT: &str = "2\n";
 
 /// What a template is built from. Recorded in its `template.json`, so that
 /// a template an older zeroboot made can be rebuilt from the same spec.

@@ -17,7 +17,7 @@ use zeroboot_vmm::{BootSpec, Hypervisor, Machine, MachineError};
 use crate::artifacts::{self, ArtifactError};
 use crate::cache::{io_err, Cache, CacheError, InputHash};
 use crate::progress::Progress;
-use crate::spec::{Runtime, TemplateSpec};
+use crate::spec::{Runtime, TemplateSpec, PRINT_PROBE_OUTPUT};
 
 pub const METADATA_FILE: &str = "template.json";
 pub const BOOT_LOG: &str = "boot.log";
@@ -49,17 +49,17 @@ fn kernel_cmdline(runtime: Runtime) -> String {
 /// Forks the freshly written template once per write-set probe (requests
 /// whose writes a prepared VM copies ahead of time; see vmm's
 /// `Shell::new`) and records the union of the pages each fork wrote. A
-/// probe that fails means the agent cannot serve: the build fails.
+/// probe that fails, or a print probe that does not print
+/// `PRINT_PROBE_OUTPUT`, means the agent cannot serve: the build fails.
 fn record_write_set(hv: &Hypervisor, dir: &Path, runtime: Runtime) -> Result<(), TemplateError> {
     let vendor = zeroboot_vmm::machine::cpu_vendor(hv);
     let snap = Snapshot::open(dir, &vendor)?;
     let mut pages = std::collections::BTreeSet::new();
-    let (smoke, expected) = runtime.smoke_test();
-    for code in runtime.write_set_probes().iter().chain([&smoke]) {
+    for code in runtime.write_set_probes() {
         let mut fork = Machine::restore(hv, &snap, Box::new(std::io::sink()))?;
         let response = fork.exec(Request::new(code.as_bytes(), b""), BOOT_TIMEOUT)?;
         let stdout = String::from_utf8_lossy(&response.stdout);
-        if response.exit_code != 0 || (*code == smoke && stdout != expected) {
+        if response.exit_code != 0 || (code == runtime.print_probe() && stdout != PRINT_PROBE_OUTPUT) {
             return Err(TemplateError::SmokeTest {
                 code: code.to_string(),
                 exit_code: response.exit_code,
