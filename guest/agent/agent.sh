@@ -44,6 +44,9 @@ while :; do
 			# and it has no page table entries for bash's code yet: map
 			# and copy them all now, not one fault at a time in every fork.
 			zeroboot prefault
+			# Then move what is hot onto 2 MiB pages: a fork maps each
+			# with one fault instead of one per 4 KiB page.
+			zeroboot hugify
 			# The READY store is the snapshot: every fork resumes here.
 			zeroboot ready
 		fi

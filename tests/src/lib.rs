@@ -280,3 +280,17 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// How many 2 MiB ranges the agent's boot-log line says it moved onto huge
+/// pages (zb_hugify in guest/agent/native/guest.h).
+pub fn ranges_moved_onto_huge_pages(boot_log: &str) -> usize {
+    let line = boot_log
+        .lines()
+        .find(|l| l.contains("huge pages: "))
+        .unwrap_or_else(|| panic!("no huge-pages line in the boot log:\n{boot_log}"));
+    line.split("huge pages: ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unreadable huge-pages line: {line}"))
+}

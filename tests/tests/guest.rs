@@ -3,7 +3,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use zeroboot_e2e::{fork, hypervisor, snapshot, template, template_dir, zeroboot_bin};
+use zeroboot_e2e::{fork, hypervisor, ranges_moved_onto_huge_pages, snapshot, template, template_dir, zeroboot_bin};
 use zeroboot_protocol::Request;
 use zeroboot_template::template::{read_info, BOOT_LOG};
 use zeroboot_vmm::Machine;
@@ -40,6 +40,38 @@ fn template_reached_ready_and_recorded_its_boot() {
     let positions = snap.state.entropy.iter().filter(|r| r.len == 0).count();
     let random_bytes: u32 = snap.state.entropy.iter().map(|r| r.len).sum();
     assert_eq!((positions, random_bytes), (2, 2 * 2496), "{:?}", snap.state.entropy);
+}
+
+#[test]
+fn hot_memory_sits_on_huge_pages_in_guest_and_host() {
+    let log = std::fs::read_to_string(template_dir().join(BOOT_LOG)).unwrap();
+    let moved = ranges_moved_onto_huge_pages(&log);
+    assert!(moved >= 8, "the agent moved only {moved} ranges onto huge pages");
+    let mut m = fork();
+    // The interpreter's code (non-PIE python3.11 at 0x400000) is on an
+    // anonymous 2 MiB page, and the fork's kernel has THP off again.
+    let r = run(
+        &mut m,
+        "import re\n\
+         smaps = open('/proc/self/smaps').read()\n\
+         text = smaps[smaps.index('00400000-'):]\n\
+         print(re.search(r'AnonHugePages: +(\\d+)', text).group(1))\n\
+         print(open('/sys/kernel/mm/transparent_hugepage/enabled').read().strip())",
+    );
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert_eq!(
+        out,
+        "2048\nalways madvise [never]\n",
+        "stderr: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    // The host maps what the fork touched of those pages with 2 MiB pages too.
+    let huge = m.ram().huge_mapped_bytes().unwrap();
+    assert!(
+        huge >= 2 << 20,
+        "the host maps {huge} bytes of the fork's memory with 2 MiB pages; \
+         with /sys/kernel/mm/transparent_hugepage/enabled at `never` it maps none"
+    );
 }
 
 #[test]

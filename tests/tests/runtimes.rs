@@ -7,8 +7,9 @@ use std::collections::HashSet;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use zeroboot_e2e::{build_template, hypervisor, zeroboot_bin, Server};
+use zeroboot_e2e::{build_template, hypervisor, ranges_moved_onto_huge_pages, zeroboot_bin, Server};
 use zeroboot_protocol::{Request, Response};
+use zeroboot_template::template::BOOT_LOG;
 use zeroboot_template::TemplateSpec;
 use zeroboot_vmm::{Machine, MachineError, Snapshot, Template};
 
@@ -29,6 +30,33 @@ fn node() -> &'static Template {
 fn bash() -> &'static Template {
     static T: OnceLock<Template> = OnceLock::new();
     T.get_or_init(|| open(&TemplateSpec::builtin("bash").expect("built-in bash spec")))
+}
+
+#[test]
+fn node_and_bash_agents_move_hot_memory_onto_huge_pages() {
+    for name in ["node", "bash"] {
+        let template = match name {
+            "node" => node(),
+            _ => bash(),
+        };
+        let dir = build_template(&TemplateSpec::builtin(name).expect("built-in spec"));
+        let log = std::fs::read_to_string(dir.join(BOOT_LOG)).unwrap();
+        let moved = ranges_moved_onto_huge_pages(&log);
+        assert!(moved >= 1, "{name}: the agent moved no range onto a huge page");
+        // The code still runs from the moved pages.
+        let code = if name == "node" {
+            "console.log(6*7)"
+        } else {
+            "echo $((6*7))"
+        };
+        let r = run(template, code);
+        assert_eq!(
+            (text(&r.stdout), r.exit_code),
+            ("42\n".into(), 0),
+            "{name}: {}",
+            text(&r.stderr)
+        );
+    }
 }
 
 fn extras_spec() -> TemplateSpec {

@@ -140,6 +140,7 @@ pub fn run(snap: Snapshot, runtime: Runtime, args: &BenchArgs) -> Result<()> {
     let mut second = Vec::with_capacity(n);
     let mut exits = Vec::with_capacity(n);
     let mut private = Vec::with_capacity(n);
+    let mut huge = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
         let m = fork(&cold)?;
@@ -160,6 +161,7 @@ pub fn run(snap: Snapshot, runtime: Runtime, args: &BenchArgs) -> Result<()> {
         let stats = m.stats()?;
         exits.push(stats.exits as f64);
         private.push(stats.private_bytes as f64 / 1024.0);
+        huge.push(stats.huge_mapped_bytes as f64 / 1024.0);
         drop(m);
 
         std::thread::sleep(REFILL);
@@ -201,6 +203,7 @@ pub fn run(snap: Snapshot, runtime: Runtime, args: &BenchArgs) -> Result<()> {
     let second = percentiles(second);
     let exits = percentiles(exits);
     let private = percentiles(private);
+    let huge = percentiles(huge);
     let machine = machine_description();
     if args.json {
         let mut out = json!({
@@ -218,6 +221,7 @@ pub fn run(snap: Snapshot, runtime: Runtime, args: &BenchArgs) -> Result<()> {
             "throughput_threads": threads,
             "throughput_1000_s": throughput_s * 1000.0 / args.throughput_count.max(1) as f64,
             "private_kib_per_sandbox": private.p50,
+            "huge_mapped_kib_per_sandbox": huge.p50,
             "exits_per_exec_print": exits.p50,
         });
         if second_code == NUMPY {
@@ -260,6 +264,10 @@ pub fn run(snap: Snapshot, runtime: Runtime, args: &BenchArgs) -> Result<()> {
     println!(
         "private memory per finished print sandbox (copy-on-write copies, smaps Anonymous): {:.0} KiB (p50)",
         private.p50
+    );
+    println!(
+        "guest memory the host mapped with 2 MiB pages in a finished print sandbox (smaps FilePmdMapped + AnonHugePages): {:.0} KiB (p50)",
+        huge.p50
     );
     println!("VM exits per print exec: {:.0} (p50)", exits.p50);
     Ok(())

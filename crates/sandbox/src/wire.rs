@@ -99,6 +99,8 @@ impl LiveParts {
 pub struct Stats {
     /// Guest memory the sandbox holds its own copy of.
     pub private_bytes: u64,
+    /// Guest memory the host maps with 2 MiB pages.
+    pub huge_mapped_bytes: u64,
     /// VM exits so far.
     pub exits: u64,
 }

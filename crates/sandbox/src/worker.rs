@@ -100,12 +100,13 @@ pub fn serve(dir: &Path) -> Result<(), WorkerError> {
                 },
                 Err(e) => Reply::Failed(failure(e)),
             },
-            Command::Stats => match machine.ram().copied_bytes() {
-                Ok(private_bytes) => Reply::Stats(Stats {
+            Command::Stats => match (machine.ram().copied_bytes(), machine.ram().huge_mapped_bytes()) {
+                (Ok(private_bytes), Ok(huge_mapped_bytes)) => Reply::Stats(Stats {
                     private_bytes,
+                    huge_mapped_bytes,
                     exits: machine.exits(),
                 }),
-                Err(e) => Reply::Failed(Failure::Other(e.to_string())),
+                (Err(e), _) | (_, Err(e)) => Reply::Failed(Failure::Other(e.to_string())),
             },
             other @ (Command::Prepare { .. } | Command::Start) => {
                 Reply::Failed(Failure::Other(format!("{} was already done", name(&other))))

@@ -103,7 +103,7 @@ pub fn root_image_hash(spec: &TemplateSpec, base_hash: &str) -> String {
     h.finish()
 }
 
-/// How the native halves of the node and shell agents are compiled: a
+/// How the native halves of the agents are compiled: a
 /// shared object. C11 keeps newer compilers from binding C23 symbol
 /// versions (`__isoc23_strtoull`) that the guest's glibc lacks.
 const CC_ARGS: &[&str] = &["-std=gnu11", "-O2", "-Wall", "-shared", "-fPIC"];
@@ -279,25 +279,20 @@ fn install_agent(
     sources::materialize(agent_sources(spec.runtime), &src).map_err(io_err(&src))?;
     std::fs::create_dir_all(zeroboot_dir).map_err(io_err(zeroboot_dir))?;
     let agent = src.join("agent");
-    let (scripts, native): (&[&str], Option<(&str, &str)>) = match spec.runtime {
-        Runtime::Python => (&["agent.py"], None),
-        Runtime::Node => (
-            &["agent.js", "init-node"],
-            Some(("zeroboot_node.c", "zeroboot_node.node")),
-        ),
-        Runtime::Shell => (&["agent.sh"], Some(("zeroboot_bash.c", "zeroboot_bash.so"))),
+    let (scripts, (source, object)): (&[&str], (&str, &str)) = match spec.runtime {
+        Runtime::Python => (&["agent.py"], ("zeroboot_python.c", "zeroboot_python.so")),
+        Runtime::Node => (&["agent.js", "init-node"], ("zeroboot_node.c", "zeroboot_node.node")),
+        Runtime::Shell => (&["agent.sh"], ("zeroboot_bash.c", "zeroboot_bash.so")),
     };
     for name in scripts {
         let to = zeroboot_dir.join(name);
         std::fs::copy(agent.join(name), &to).map_err(io_err(&to))?;
     }
-    if let Some((source, object)) = native {
-        let source = agent.join("native").join(source);
-        let object = zeroboot_dir.join(object);
-        let mut args: Vec<&Path> = CC_ARGS.iter().map(Path::new).collect();
-        args.extend([Path::new("-o"), &object, &source]);
-        run_logged("cc", Path::new("cc"), &args, &dir.join("cc.log"), progress)?;
-    }
+    let source = agent.join("native").join(source);
+    let object = zeroboot_dir.join(object);
+    let mut args: Vec<&Path> = CC_ARGS.iter().map(Path::new).collect();
+    args.extend([Path::new("-o"), &object, &source]);
+    run_logged("cc", Path::new("cc"), &args, &dir.join("cc.log"), progress)?;
     for (name, contents) in image_config(spec) {
         let path = zeroboot_dir.join(name);
         std::fs::write(&path, contents).map_err(io_err(&path))?;

@@ -31,7 +31,11 @@ pub const KERNEL: &[SourceFile] = &[
 pub const ROOTFS_BASE: &[SourceFile] = &[guest_file!("rootfs/build-base.sh")];
 
 /// The Python agent, added to the base to make a python root image.
-pub const AGENT_PYTHON: &[SourceFile] = &[guest_file!("agent/agent.py")];
+pub const AGENT_PYTHON: &[SourceFile] = &[
+    guest_file!("agent/agent.py"),
+    guest_file!("agent/native/guest.h"),
+    guest_file!("agent/native/zeroboot_python.c"),
+];
 
 /// The Node.js agent, its init script and its native addon's sources.
 pub const AGENT_NODE: &[SourceFile] = &[

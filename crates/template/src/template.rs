@@ -347,6 +347,10 @@ pub fn build(
             .map_err(io_err(&mem_path))?;
         let memory_bytes = machine.ram().write_sparse(&mut mem_file).map_err(MachineError::from)?;
         mem_file.sync_all().map_err(io_err(&mem_path))?;
+        // Ordering: drop the written pages from the page cache before the
+        // checksum reads the file back, so that it is cached in 2 MiB folios
+        // (snapshot::memory_checksum).
+        snapshot::release_page_cache(&mem_file).map_err(io_err(&mem_path))?;
         let memory_crc32 = snapshot::memory_checksum(&mem_file).map_err(io_err(&mem_path))?;
         snapshot::write_state(&staging, &state)?;
         drop(machine);

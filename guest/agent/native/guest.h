@@ -22,6 +22,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/syscall.h>
 #include <termios.h>
 #include <unistd.h>
 
@@ -55,7 +56,7 @@
 #define ZB_MAX_OUTPUT_LIMIT (64u << 20)
 
 /* Mounts /proc, /sys, /dev, /tmp and /run; returns how many failed. */
-static int zb_mount_kernel_filesystems(void)
+static inline int zb_mount_kernel_filesystems(void)
 {
     static const char *const mounts[][4] = {
         {"proc", "/proc", "proc", NULL},
@@ -75,7 +76,7 @@ static int zb_mount_kernel_filesystems(void)
 }
 
 /* The value of `key=` on the kernel command line, as a number; 0 if absent. */
-static uint64_t zb_cmdline_number(const char *key)
+static inline uint64_t zb_cmdline_number(const char *key)
 {
     char buf[4096];
     int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
@@ -96,7 +97,7 @@ static uint64_t zb_cmdline_number(const char *key)
 
 /* Maps `length` bytes of physical memory at `physical` (shared, uncached
  * for MMIO); NULL on failure with errno set. */
-static void *zb_map_physical(uint64_t physical, size_t length)
+static inline void *zb_map_physical(uint64_t physical, size_t length)
 {
     int fd = open("/dev/mem", O_RDWR | O_SYNC | O_CLOEXEC);
     if (fd < 0)
@@ -109,7 +110,7 @@ static void *zb_map_physical(uint64_t physical, size_t length)
 }
 
 /* Credits `len` bytes of host entropy to the kernel's CRNG. */
-static int zb_add_entropy(const void *seed, size_t len)
+static inline int zb_add_entropy(const void *seed, size_t len)
 {
     struct {
         int entropy_count;
@@ -139,7 +140,7 @@ static int zb_add_entropy(const void *seed, size_t len)
  * page table entries and the copies. Shared mappings (the mailbox, the
  * doorbell) and the kernel's special ones ([vvar], [vdso]) are left alone.
  * Returns 0, or -1 if /proc/self/maps cannot be read. */
-static int zb_prefault(void)
+static inline int zb_prefault(void)
 {
     FILE *maps = fopen("/proc/self/maps", "re");
     if (maps == NULL)
@@ -166,6 +167,195 @@ static int zb_prefault(void)
     }
     fclose(maps);
     return 0;
+}
+
+/*
+ * Remapping the process's hot memory onto 2 MiB pages.
+ *
+ * Under shadow paging each 4 KiB page a fork touches first costs a VM exit
+ * (about 28 us where KVM is nested), and a fork's first request touches
+ * hundreds. A guest 2 MiB page backed by a host 2 MiB page is mapped by one
+ * such fault instead (docs/guest-kernel.md). So before READY the agent moves
+ * every 2 MiB-aligned range of its address space that the template touched
+ * enough onto a transparent huge page: a fresh anonymous 2 MiB page gets a
+ * copy of the range's contents, then mremap puts it in the range's place in
+ * one step. Code, read-only data, data and heap all keep their addresses and
+ * contents; the range becomes one private, anonymous, read-write-execute
+ * mapping (a 2 MiB page has one set of permissions).
+ *
+ * A range is only taken if every mapping in it is private and readable, and
+ * is a file (not a device) or anonymous memory: never the stack, the
+ * mailbox or doorbell (/dev/mem, shared), [vvar] or [vdso]. Gaps between
+ * mappings become part of the new mapping.
+ *
+ * Nothing may write to a range between its copy and the mremap: the caller
+ * must be single-threaded, and this code writes only to its stack and the
+ * new page in between.
+ */
+#define ZB_HUGE (2ul << 20)
+#ifndef MREMAP_MAYMOVE
+#define MREMAP_MAYMOVE 1
+#endif
+#ifndef MREMAP_FIXED
+#define MREMAP_FIXED 2
+#endif
+#define ZB_MAX_VMAS 4096
+/* A range moves when the template touched at least this many of its 512
+ * pages: each move costs the template 2 MiB of guest memory. */
+#define ZB_HUGIFY_MIN_PRESENT 8
+
+struct zb_vma {
+    unsigned long start, end;
+    int ok; /* may be moved onto a huge page */
+};
+
+/* How many of the 512 pages of the huge range at `at` are present, from
+ * /proc/self/pagemap; -1 if it cannot be read. */
+static inline int zb_present_pages(int pagemap, unsigned long at)
+{
+    uint64_t entries[512];
+    ssize_t n = pread(pagemap, entries, sizeof entries, (off_t)(at / 4096 * 8));
+    if (n != (ssize_t)sizeof entries)
+        return -1;
+    int present = 0;
+    for (int i = 0; i < 512; i++)
+        present += (int)(entries[i] >> 63);
+    return present;
+}
+
+/* True if the 512 pages at `at` are one physically contiguous, aligned run:
+ * the transparent huge page was allocated. */
+static inline int zb_is_huge(int pagemap, unsigned long at)
+{
+    uint64_t entries[512];
+    if (pread(pagemap, entries, sizeof entries, (off_t)(at / 4096 * 8)) != (ssize_t)sizeof entries)
+        return 0;
+    const uint64_t pfn_mask = (1ull << 55) - 1;
+    uint64_t first = entries[0] & pfn_mask;
+    if (!(entries[0] >> 63) || first == 0 || first % 512 != 0)
+        return 0;
+    for (int i = 1; i < 512; i++)
+        if (!(entries[i] >> 63) || (entries[i] & pfn_mask) != first + (uint64_t)i)
+            return 0;
+    return 1;
+}
+
+static inline int zb_set_thp(const char *mode)
+{
+    int fd = open("/sys/kernel/mm/transparent_hugepage/enabled", O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = write(fd, mode, strlen(mode));
+    close(fd);
+    return n == (ssize_t)strlen(mode) ? 0 : -1;
+}
+
+static inline int zb_hugify_ranges(int min_present, char *report, size_t report_len);
+
+/* Moves each eligible 2 MiB range with at least ZB_HUGIFY_MIN_PRESENT
+ * present pages onto a huge page. Returns how many ranges moved, or -1 with errno set if
+ * /proc/self/maps or pagemap cannot be read. `report` gets one line.
+ *
+ * Transparent huge pages are switched on (madvise) only for this: the
+ * kernel leaves them off below 512 MiB of RAM whatever its config, and with
+ * them off again no fork runs khugepaged or zeroes a huge page in its
+ * (emulated, where that is slow) kernel. */
+static inline int zb_hugify(char *report, size_t report_len)
+{
+    if (zb_set_thp("madvise") != 0) {
+        snprintf(report, report_len, "cannot switch transparent huge pages on: %s", strerror(errno));
+        return 0;
+    }
+    int moved = zb_hugify_ranges(ZB_HUGIFY_MIN_PRESENT, report, report_len);
+    int saved = errno;
+    zb_set_thp("never");
+    errno = saved;
+    return moved;
+}
+
+static inline int zb_hugify_ranges(int min_present, char *report, size_t report_len)
+{
+    static struct zb_vma vmas[ZB_MAX_VMAS];
+    size_t count = 0;
+    FILE *maps = fopen("/proc/self/maps", "re");
+    if (maps == NULL)
+        return -1;
+    char line[512];
+    while (count < ZB_MAX_VMAS && fgets(line, sizeof line, maps) != NULL) {
+        unsigned long start, end;
+        char perms[5];
+        int name_at = 0;
+        if (sscanf(line, "%lx-%lx %4s %*s %*s %*s %n", &start, &end, perms, &name_at) != 3)
+            continue;
+        const char *name = name_at > 0 ? line + name_at : "";
+        int named = name[0] != '\n' && name[0] != 0;
+        int ok = perms[0] == 'r' && perms[3] == 'p' &&
+                 (!named || strncmp(name, "[heap]", 6) == 0 || (name[0] == '/' && strncmp(name, "/dev/", 5) != 0));
+        vmas[count++] = (struct zb_vma){start, end, ok};
+    }
+    int overflow = !feof(maps);
+    fclose(maps);
+    if (overflow) {
+        snprintf(report, report_len, "more than %d mappings: nothing moved", ZB_MAX_VMAS);
+        return 0;
+    }
+    int pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (pagemap < 0)
+        return -1;
+    int moved = 0, candidates = 0, no_huge_page = 0, failed = 0;
+    unsigned long next = 0; /* ranges below this one were considered already */
+    for (size_t i = 0; i < count; i++) {
+        unsigned long from = vmas[i].start & ~(ZB_HUGE - 1);
+        for (unsigned long at = from > next ? from : next; at < vmas[i].end; at += ZB_HUGE) {
+            next = at + ZB_HUGE;
+            /* every mapping that overlaps [at, at + 2 MiB) must be movable */
+            size_t first = i, j;
+            while (first > 0 && vmas[first - 1].end > at)
+                first--;
+            int ok = 1;
+            for (j = first; j < count && vmas[j].start < at + ZB_HUGE; j++)
+                ok &= vmas[j].ok;
+            if (!ok)
+                continue;
+            candidates++;
+            if (zb_present_pages(pagemap, at) < min_present)
+                continue;
+            char *fresh = mmap(NULL, 2 * ZB_HUGE, PROT_READ | PROT_WRITE | PROT_EXEC,
+                               MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (fresh == MAP_FAILED) {
+                failed++;
+                continue;
+            }
+            char *huge = (char *)(((unsigned long)fresh + ZB_HUGE - 1) & ~(ZB_HUGE - 1));
+            if (huge > fresh)
+                munmap(fresh, (size_t)(huge - fresh));
+            munmap(huge + ZB_HUGE, (size_t)(fresh + 2 * ZB_HUGE - (huge + ZB_HUGE)));
+            madvise(huge, ZB_HUGE, MADV_HUGEPAGE);
+            huge[0] = 0; /* the fault allocates the whole huge page */
+            if (!zb_is_huge(pagemap, (unsigned long)huge)) {
+                munmap(huge, ZB_HUGE);
+                no_huge_page++;
+                continue;
+            }
+            /* From the first copy to the mremap, nothing may write to [at, at + 2 MiB). */
+            for (size_t k = first; k < j; k++) {
+                unsigned long lo = vmas[k].start > at ? vmas[k].start : at;
+                unsigned long hi = vmas[k].end < at + ZB_HUGE ? vmas[k].end : at + ZB_HUGE;
+                if (lo < hi)
+                    memcpy(huge + (lo - at), (const void *)lo, hi - lo);
+            }
+            if (syscall(SYS_mremap, huge, ZB_HUGE, ZB_HUGE, MREMAP_MAYMOVE | MREMAP_FIXED, at) == (long)at) {
+                moved++;
+            } else {
+                munmap(huge, ZB_HUGE);
+                failed++;
+            }
+        }
+    }
+    close(pagemap);
+    snprintf(report, report_len, "%d of %d eligible 2 MiB ranges moved onto huge pages (%d without a huge page, %d failed)",
+             moved, candidates, no_huge_page, failed);
+    return moved;
 }
 
 static inline uint32_t zb_get32(const volatile uint8_t *m, size_t at)

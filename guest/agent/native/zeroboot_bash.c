@@ -18,6 +18,8 @@
  *                           answered already
  *   zeroboot prefault       map every page of this process's private
  *                           mappings, and copy the writable ones
+ *   zeroboot hugify         move this process's hot 2 MiB ranges onto huge
+ *                           pages (zb_hugify), and say so on the console
  *
  * The agent serves each request in a subshell (see agent.sh), which may
  * answer or die without answering; which request is being served and which
@@ -275,6 +277,20 @@ static int prefault(void)
     return zb_prefault() == 0 ? EXECUTION_SUCCESS : fail("reading /proc/self/maps");
 }
 
+static int hugify(void)
+{
+    char report[256];
+    if (zb_hugify(report, sizeof report) < 0)
+        return fail("reading /proc/self/maps or pagemap");
+    /* fd 2 is the request's stderr file by now */
+    FILE *console = fopen("/dev/console", "we");
+    if (console != NULL) {
+        fprintf(console, "zeroboot-agent: huge pages: %s\n", report);
+        fclose(console);
+    }
+    return EXECUTION_SUCCESS;
+}
+
 static int zeroboot_builtin(WORD_LIST *list)
 {
     const char *argv[4] = {0};
@@ -287,6 +303,8 @@ static int zeroboot_builtin(WORD_LIST *list)
         return boot();
     if (strcmp(argv[0], "prefault") == 0)
         return prefault();
+    if (strcmp(argv[0], "hugify") == 0)
+        return hugify();
     if (mailbox == NULL) {
         fprintf(stderr, "zeroboot: run `zeroboot boot` first\n");
         return EXECUTION_FAILURE;
@@ -316,6 +334,6 @@ static char *const zeroboot_doc[] = {
 };
 
 struct builtin zeroboot_struct = {
-    "zeroboot", zeroboot_builtin, BUILTIN_ENABLED, zeroboot_doc, "zeroboot boot|ready|prefault|attach DIR|request|respond STATUS|reap STATUS DIR",
+    "zeroboot", zeroboot_builtin, BUILTIN_ENABLED, zeroboot_doc, "zeroboot boot|ready|prefault|hugify|attach DIR|request|respond STATUS|reap STATUS DIR",
     NULL,
 };

@@ -29,6 +29,7 @@ extern napi_status napi_get_value_string_utf8(napi_env, napi_value, char *, size
 extern napi_status napi_get_value_int64(napi_env, napi_value, int64_t *);
 extern napi_status napi_get_buffer_info(napi_env, napi_value, void **, size_t *);
 extern napi_status napi_create_int32(napi_env, int32_t, napi_value *);
+extern napi_status napi_create_string_utf8(napi_env, const char *, size_t, napi_value *);
 extern napi_status napi_create_double(napi_env, double, napi_value *);
 extern napi_status napi_throw_error(napi_env, const char *, const char *);
 
@@ -144,6 +145,21 @@ static napi_value js_drain_console(napi_env env, napi_callback_info info)
     return int32(env, tcdrain(1) == 0 ? 0 : errno);
 }
 
+/* hugify() -> a one-line report: moves the hot 2 MiB ranges of this
+ * process onto huge pages (zb_hugify). Node runs --single-threaded, so no
+ * other thread writes to them meanwhile. */
+static napi_value js_hugify(napi_env env, napi_callback_info info)
+{
+    (void)info;
+    char report[256];
+    if (zb_hugify(report, sizeof report) < 0)
+        snprintf(report, sizeof report, "%s", strerror(errno));
+    napi_value out;
+    if (napi_create_string_utf8(env, report, (size_t)-1, &out) != 0)
+        return NULL;
+    return out;
+}
+
 napi_value napi_register_module_v1(napi_env env, napi_value exports)
 {
     static const struct {
@@ -153,6 +169,7 @@ napi_value napi_register_module_v1(napi_env env, napi_value exports)
         {"mountKernelFilesystems", js_mount}, {"cmdlineNumber", js_cmdline_number},
         {"mapPhysical", js_map_physical},     {"addEntropy", js_add_entropy},
         {"seedOpenssl", js_seed_openssl},     {"drainConsole", js_drain_console},
+        {"hugify", js_hugify},
     };
     for (size_t i = 0; i < sizeof functions / sizeof functions[0]; i++) {
         napi_value fn;

@@ -1,0 +1,11 @@
+/*
+ * The Python agent's native half, loaded with ctypes: what agent.py cannot
+ * do from Python itself because no Python code may run in the middle of it.
+ */
+#include "guest.h"
+
+/* See zb_hugify in guest.h. */
+int zeroboot_hugify(char *report, size_t report_len)
+{
+    return zb_hugify(report, report_len);
+}
