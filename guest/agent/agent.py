@@ -68,16 +68,37 @@ def kernel_args():
         return args
 
 
+def native_library():
+    """The agent's native half (native/zeroboot_python.c)."""
+    import ctypes
+
+    global NATIVE
+    if NATIVE is None:
+        NATIVE = ctypes.CDLL("/zeroboot/zeroboot_python.so", use_errno=True)
+        NATIVE.zeroboot_map_physical.restype = ctypes.c_void_p
+        NATIVE.zeroboot_map_physical.argtypes = [ctypes.c_uint64, ctypes.c_size_t]
+    return NATIVE
+
+
+NATIVE = None
+
+
 def map_mailbox(args):
-    import mmap
+    """The mailbox and the doorbell, as writable memoryviews over /dev/mem,
+    each in 2 MiB ranges of its own (zb_map_physical)."""
+    import ctypes
+
+    native = native_library()
+
+    def physical(gpa, size):
+        address = native.zeroboot_map_physical(gpa, size)
+        if not address:
+            raise OSError(ctypes.get_errno(), f"mapping {size} bytes of /dev/mem at {gpa:#x}")
+        return memoryview((ctypes.c_ubyte * size).from_address(address)).cast("B")
 
     mailbox_gpa = int(args["zeroboot.mailbox"], 0)
     doorbell_gpa = int(args["zeroboot.doorbell"], 0)
-    fd = os.open("/dev/mem", os.O_RDWR | os.O_SYNC)
-    mailbox = mmap.mmap(fd, MAILBOX_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=mailbox_gpa)
-    doorbell = mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=doorbell_gpa)
-    os.close(fd)
-    return mailbox, doorbell
+    return physical(mailbox_gpa, MAILBOX_SIZE), physical(doorbell_gpa, 4096)
 
 
 def seed_entropy(mailbox):
@@ -183,9 +204,8 @@ def move_onto_huge_pages():
     page (zb_hugify in native/guest.h)."""
     import ctypes
 
-    native = ctypes.CDLL("/zeroboot/zeroboot_python.so", use_errno=True)
     report = ctypes.create_string_buffer(256)
-    moved = native.zeroboot_hugify(report, len(report))
+    moved = native_library().zeroboot_hugify(report, len(report))
     if moved < 0:
         log(f"huge pages: {os.strerror(ctypes.get_errno())}")
     else:

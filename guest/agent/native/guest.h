@@ -95,18 +95,38 @@ static inline uint64_t zb_cmdline_number(const char *key)
     return 0;
 }
 
+#define ZB_HUGE (2ul << 20)
+
 /* Maps `length` bytes of physical memory at `physical` (shared, uncached
- * for MMIO); NULL on failure with errno set. */
+ * for MMIO) at a 2 MiB-aligned address, alone in the 2 MiB ranges it spans:
+ * the rest of its last range stays reserved (PROT_NONE). A shared mapping
+ * keeps zb_hugify from moving any range it shares, so it gets ranges of its
+ * own. NULL on failure with errno set. */
 static inline void *zb_map_physical(uint64_t physical, size_t length)
 {
-    int fd = open("/dev/mem", O_RDWR | O_SYNC | O_CLOEXEC);
-    if (fd < 0)
+    size_t span = (length + ZB_HUGE - 1) & ~(ZB_HUGE - 1);
+    char *reservation = mmap(NULL, span + ZB_HUGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (reservation == MAP_FAILED)
         return NULL;
-    void *p = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)physical);
-    int saved = errno;
-    close(fd);
-    errno = saved;
-    return p == MAP_FAILED ? NULL : p;
+    char *at = (char *)(((unsigned long)reservation + ZB_HUGE - 1) & ~(ZB_HUGE - 1));
+    if (at > reservation)
+        munmap(reservation, (size_t)(at - reservation));
+    munmap(at + span, (size_t)(reservation + span + ZB_HUGE - (at + span)));
+    void *p = MAP_FAILED;
+    int fd = open("/dev/mem", O_RDWR | O_SYNC | O_CLOEXEC);
+    if (fd >= 0) {
+        p = mmap(at, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, (off_t)physical);
+        int saved = errno;
+        close(fd);
+        errno = saved;
+    }
+    if (p == MAP_FAILED) {
+        int saved = errno;
+        munmap(at, span);
+        errno = saved;
+        return NULL;
+    }
+    return p;
 }
 
 /* Credits `len` bytes of host entropy to the kernel's CRNG. */
@@ -192,7 +212,6 @@ static inline int zb_prefault(void)
  * must be single-threaded, and this code writes only to its stack and the
  * new page in between.
  */
-#define ZB_HUGE (2ul << 20)
 #ifndef MREMAP_MAYMOVE
 #define MREMAP_MAYMOVE 1
 #endif

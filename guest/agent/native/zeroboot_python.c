@@ -4,6 +4,12 @@
  */
 #include "guest.h"
 
+/* See zb_map_physical in guest.h. */
+void *zeroboot_map_physical(uint64_t physical, size_t length)
+{
+    return zb_map_physical(physical, length);
+}
+
 /* See zb_hugify in guest.h. */
 int zeroboot_hugify(char *report, size_t report_len)
 {
