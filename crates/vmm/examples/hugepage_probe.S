@@ -100,37 +100,25 @@ _start:
     push rax
     iretq
 
+# Reads one word of each of NPAGES pages from \base on.
+.macro touch base
+    mov rdi, \base
+    mov ecx, NPAGES
+1:  mov rax, [rdi]
+    add rdi, 4096
+    dec ecx
+    jnz 1b
+.endm
+
 user:
     mov r14, DOORBELL
-    # pass 1: 2 MiB mapping
-    mov rdi, R2M
-    mov ecx, NPAGES
-4:  mov rax, [rdi]
-    add rdi, 4096
-    dec ecx
-    jnz 4b
+    mov r13, 0x100000000         # the 4 KiB mapping of R4K
+    touch R2M
     mov byte ptr [r14], 2
-    # pass 2: 4 KiB mapping of R4K at VA 4 GiB
-    mov rdi, 0x100000000
-    mov ecx, NPAGES
-5:  mov rax, [rdi]
-    add rdi, 4096
-    dec ecx
-    jnz 5b
+    touch r13
     mov byte ptr [r14], 2
-    # pass 3: both again
-    mov rdi, R2M
-    mov ecx, NPAGES
-6:  mov rax, [rdi]
-    add rdi, 4096
-    dec ecx
-    jnz 6b
-    mov rdi, 0x100000000
-    mov ecx, NPAGES
-7:  mov rax, [rdi]
-    add rdi, 4096
-    dec ecx
-    jnz 7b
+    touch R2M
+    touch r13
     mov byte ptr [r14], 2
 8:  jmp 8b
 .data

@@ -152,6 +152,22 @@ static inline int zb_add_entropy(const void *seed, size_t len)
     return r;
 }
 
+/* One line of /proc/self/maps. */
+struct zb_mapping {
+    unsigned long start, end;
+    char perms[5];
+    const char *name; /* into the line: path, [heap] and so on; "" if none */
+};
+
+static inline int zb_parse_mapping(const char *line, struct zb_mapping *m)
+{
+    int name_at = 0;
+    if (sscanf(line, "%lx-%lx %4s %*s %*s %*s %n", &m->start, &m->end, m->perms, &name_at) != 3)
+        return 0;
+    m->name = name_at > 0 ? line + name_at : "";
+    return 1;
+}
+
 /* Maps and copies this process's pages now: reads every page of its private
  * mappings and writes back every writable one. In a fork, each page a
  * request touches for the first time would otherwise be a page fault or a
@@ -166,19 +182,16 @@ static inline int zb_prefault(void)
     if (maps == NULL)
         return -1;
     char line[512];
+    struct zb_mapping m;
     while (fgets(line, sizeof line, maps) != NULL) {
-        unsigned long start, end;
-        char perms[5];
-        int name_at = 0;
-        if (sscanf(line, "%lx-%lx %4s %*s %*s %*s %n", &start, &end, perms, &name_at) != 3)
+        if (!zb_parse_mapping(line, &m))
             continue;
-        const char *name = name_at > 0 ? line + name_at : "";
-        if (perms[0] != 'r' || perms[3] != 'p')
+        if (m.perms[0] != 'r' || m.perms[3] != 'p')
             continue;
-        if (name[0] == '[' && strncmp(name, "[heap]", 6) != 0 && strncmp(name, "[stack]", 7) != 0)
+        if (m.name[0] == '[' && strncmp(m.name, "[heap]", 6) != 0 && strncmp(m.name, "[stack]", 7) != 0)
             continue;
-        int writable = perms[1] == 'w';
-        for (unsigned long page = start; page < end; page += 4096) {
+        int writable = m.perms[1] == 'w';
+        for (unsigned long page = m.start; page < m.end; page += 4096) {
             volatile uint8_t *p = (volatile uint8_t *)page;
             uint8_t v = *p;
             if (writable)
@@ -300,17 +313,14 @@ static inline int zb_hugify_ranges(int min_present, char *report, size_t report_
     if (maps == NULL)
         return -1;
     char line[512];
+    struct zb_mapping m;
     while (count < ZB_MAX_VMAS && fgets(line, sizeof line, maps) != NULL) {
-        unsigned long start, end;
-        char perms[5];
-        int name_at = 0;
-        if (sscanf(line, "%lx-%lx %4s %*s %*s %*s %n", &start, &end, perms, &name_at) != 3)
+        if (!zb_parse_mapping(line, &m))
             continue;
-        const char *name = name_at > 0 ? line + name_at : "";
-        int named = name[0] != '\n' && name[0] != 0;
-        int ok = perms[0] == 'r' && perms[3] == 'p' &&
-                 (!named || strncmp(name, "[heap]", 6) == 0 || (name[0] == '/' && strncmp(name, "/dev/", 5) != 0));
-        vmas[count++] = (struct zb_vma){start, end, ok};
+        int named = m.name[0] != '\n' && m.name[0] != 0;
+        int ok = m.perms[0] == 'r' && m.perms[3] == 'p' &&
+                 (!named || strncmp(m.name, "[heap]", 6) == 0 || (m.name[0] == '/' && strncmp(m.name, "/dev/", 5) != 0));
+        vmas[count++] = (struct zb_vma){m.start, m.end, ok};
     }
     int overflow = !feof(maps);
     fclose(maps);
