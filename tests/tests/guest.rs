@@ -74,6 +74,55 @@ fn hot_memory_sits_on_huge_pages_in_guest_and_host() {
     );
 }
 
+/// Both ways of backing a fork's memory run the same code; the private one
+/// holds each written 2 MiB range whole, on the host's 2 MiB pages, and a
+/// live snapshot of it still carries only the pages the guest changed.
+#[test]
+fn both_fork_memory_modes_run_code_and_copy_what_they_say() {
+    use zeroboot_vmm::{ForkMemory, Template};
+    let hv = hypervisor();
+    for mode in [ForkMemory::SharedPages, ForkMemory::PrivateWrittenRanges] {
+        let mut snap = snapshot(&hv);
+        snap.fork_memory = mode;
+        let ranges = snap.written_ranges().len() as u64;
+        assert!(ranges > 0, "the template has a write set");
+        let template = Template::new(hypervisor(), snap);
+        let mut m = template.fork(Box::new(std::io::sink())).unwrap();
+        let r = run(&mut m, "import numpy; print(int(numpy.arange(5).sum()))");
+        assert_eq!(
+            String::from_utf8_lossy(&r.stdout),
+            "10\n",
+            "{mode:?}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        let copied = m.ram().copied_bytes().unwrap();
+        let live = m.snapshot_live().unwrap();
+        let changed = live.changed_bytes();
+        match mode {
+            ForkMemory::SharedPages => assert!(copied < 8 << 20, "{copied} bytes copied"),
+            ForkMemory::PrivateWrittenRanges => {
+                assert!(
+                    copied >= ranges * (2 << 20),
+                    "{copied} bytes copied for {ranges} ranges"
+                );
+                let huge = m.ram().huge_mapped_bytes().unwrap();
+                assert!(
+                    huge >= ranges * (2 << 20),
+                    "{huge} bytes on 2 MiB host pages for {ranges} ranges; \
+                     is /sys/kernel/mm/transparent_hugepage/enabled `never` on the host?"
+                );
+                assert!(changed < 8 << 20, "the live snapshot carries {changed} bytes");
+            }
+        }
+        // A fork of that live state sees the request's effects.
+        run(&mut m, "x = 41");
+        let live = m.snapshot_live().unwrap();
+        let mut child = template.fork_live(&live, Box::new(std::io::sink())).unwrap();
+        let r = run(&mut child, "print(x + 1)");
+        assert_eq!(String::from_utf8_lossy(&r.stdout), "42\n", "{mode:?}");
+    }
+}
+
 #[test]
 fn restored_guest_runs_numpy() {
     let mut m = fork();

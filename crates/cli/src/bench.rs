@@ -35,6 +35,9 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// How forks back their guest memory.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub fork_memory: crate::fork_memory::ForkMemoryArg,
 }
 
 /// The second figure's code when --code is not given.
@@ -132,7 +135,10 @@ pub fn run(snap: Snapshot, runtime: Runtime, args: &BenchArgs) -> Result<()> {
     let second_code = args.code.as_deref().unwrap_or(default_code(runtime));
     let n = args.iterations;
     let worker = WorkerCommand::current_exe(&["worker"])?;
-    let cold = IsolatedTemplate::new(worker.clone(), Snapshot::open(&snap.dir, &snap.state.cpu_vendor)?, 0);
+    let mut cold_snap = Snapshot::open(&snap.dir, &snap.state.cpu_vendor)?;
+    cold_snap.fork_memory = snap.fork_memory;
+    let fork_memory = snap.fork_memory.name();
+    let cold = IsolatedTemplate::new(worker.clone(), cold_snap, 0);
     let template = IsolatedTemplate::new(worker, snap, args.pool);
     let mut spawn_cold = Vec::with_capacity(n);
     let mut spawn = Vec::with_capacity(n);
@@ -213,6 +219,7 @@ pub fn run(snap: Snapshot, runtime: Runtime, args: &BenchArgs) -> Result<()> {
             "code": second_code,
             "iterations": n,
             "pool": args.pool,
+            "fork_memory": fork_memory,
             "spawn_us": spawn.json(),
             "spawn_cold_us": spawn_cold.json(),
             "exec_print_us": print.json(),
@@ -238,7 +245,8 @@ pub fn run(snap: Snapshot, runtime: Runtime, args: &BenchArgs) -> Result<()> {
     println!(
         "each sandbox is a worker process holding one new VM; forks take one prepared\n\
          ahead of time from a pool of {} ({} ms idle before each timed fork);\n\
-         \"no pool\" starts the process and makes the VM inside the timed region\n",
+         \"no pool\" starts the process and makes the VM inside the timed region;\n\
+         fork memory: {fork_memory}\n",
         args.pool,
         REFILL.as_millis()
     );

@@ -2,6 +2,7 @@
 
 mod bench;
 mod client;
+mod fork_memory;
 mod progress;
 mod serve;
 
@@ -291,7 +292,8 @@ fn inspect(cache: &Cache, name: &str) -> Result<()> {
 fn bench_command(args: &bench::BenchArgs) -> Result<()> {
     let cache = Cache::from_env()?;
     let hv = Hypervisor::open()?;
-    let snap = template::open(&cache, &hv, &args.template)?;
+    let mut snap = template::open(&cache, &hv, &args.template)?;
+    snap.fork_memory = args.fork_memory.resolve();
     let runtime = template::read_info(&snap.dir)?.runtime();
     bench::run(snap, runtime, args)
 }

@@ -47,6 +47,9 @@ pub struct ServeArgs {
     /// Requests a key may send at once above its rate.
     #[arg(long, default_value_t = NonZeroU32::new(2000).unwrap_or(NonZeroU32::MIN))]
     burst: NonZeroU32,
+    /// How forks back their guest memory.
+    #[arg(long, value_enum, default_value = "auto")]
+    fork_memory: crate::fork_memory::ForkMemoryArg,
 }
 
 pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<Snapshot>) -> Result<()> {
@@ -55,7 +58,8 @@ pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<
     let mut served = Vec::new();
     for name in &args.templates {
         let hv = Hypervisor::open()?;
-        let snapshot = open(&cache, &hv, name)?;
+        let mut snapshot = open(&cache, &hv, name)?;
+        snapshot.fork_memory = args.fork_memory.resolve();
         let runtime = template::read_info(&snapshot.dir)?.runtime();
         served.push(Served {
             name: name.clone(),
@@ -99,6 +103,7 @@ pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<
         } else {
             println!("zeroboot: no API keys configured: serving loopback clients only");
         }
+        println!("zeroboot: fork memory: {}", args.fork_memory.resolve().name());
         zeroboot_server::serve(listener, state, shutdown_signal())
             .await
             .context("serving")

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use zeroboot_protocol::{Chunk, Request, Response};
 use zeroboot_vmm::fork::ReadyPool;
-use zeroboot_vmm::{LiveSnapshot, MachineError, Snapshot};
+use zeroboot_vmm::{ForkMemory, LiveSnapshot, MachineError, Snapshot};
 
 use crate::wire::{self, Command, Failure, LiveParts, Reply, Stats, WireError};
 
@@ -74,6 +74,7 @@ impl WorkerCommand {
 struct Spec {
     command: WorkerCommand,
     dir: PathBuf,
+    fork_memory: ForkMemory,
 }
 
 /// A template whose forks are each a worker process holding one VM.
@@ -91,6 +92,7 @@ impl IsolatedTemplate {
         let spec = std::sync::Arc::new(Spec {
             command,
             dir: snapshot.dir.clone(),
+            fork_memory: snapshot.fork_memory,
         });
         let source = spec.clone();
         let make = move || Sandbox::prepare(&source, None);
@@ -155,7 +157,14 @@ impl Sandbox {
             to: BufWriter::new(to),
             from: FrameReader::new(from),
         };
-        match sandbox.call(&Command::Prepare { live }, SETUP_DEADLINE, "Prepare")? {
+        match sandbox.call(
+            &Command::Prepare {
+                live,
+                private_written_ranges: spec.fork_memory == ForkMemory::PrivateWrittenRanges,
+            },
+            SETUP_DEADLINE,
+            "Prepare",
+        )? {
             Reply::Prepared => Ok(sandbox),
             other => Err(unexpected("Prepared", &other)),
         }

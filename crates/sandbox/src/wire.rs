@@ -31,6 +31,8 @@ pub enum Command {
     /// of one of its forks. Must come first, once.
     Prepare {
         live: Option<LiveParts>,
+        /// `ForkMemory::PrivateWrittenRanges` rather than `SharedPages`.
+        private_written_ranges: bool,
     },
     /// Finish the fork (fresh entropy, clock, timer): the sandbox exists now.
     Start,

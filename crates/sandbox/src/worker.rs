@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use zeroboot_protocol::{Chunk, Request};
 use zeroboot_vmm::machine::cpu_vendor;
-use zeroboot_vmm::{Hypervisor, Machine, MachineError, Snapshot, Template};
+use zeroboot_vmm::{ForkMemory, Hypervisor, Machine, MachineError, Snapshot, Template};
 
 use crate::seccomp;
 use crate::wire::{read_frame, write_frame, Command, Failure, LiveParts, Reply, Stats, WireError};
@@ -38,13 +38,21 @@ pub fn serve(dir: &Path) -> Result<(), WorkerError> {
     die_with_parent();
     let mut input = BufReader::new(std::io::stdin().lock());
     let mut output = BufWriter::new(std::io::stdout().lock());
-    let live = match read_frame(&mut input) {
-        Ok(Command::Prepare { live }) => live,
+    let (live, private_written_ranges) = match read_frame(&mut input) {
+        Ok(Command::Prepare {
+            live,
+            private_written_ranges,
+        }) => (live, private_written_ranges),
         Ok(other) => return Err(WorkerError::NotPrepare(name(&other))),
         Err(WireError::Closed) => return Ok(()),
         Err(e) => return Err(e.into()),
     };
-    let (template, prepared) = match prepare(dir, live) {
+    let fork_memory = if private_written_ranges {
+        ForkMemory::PrivateWrittenRanges
+    } else {
+        ForkMemory::SharedPages
+    };
+    let (template, prepared) = match prepare(dir, live, fork_memory) {
         Ok(made) => made,
         Err(failure) => return Ok(write_frame(&mut output, &Reply::Failed(failure))?),
     };
@@ -116,10 +124,15 @@ pub fn serve(dir: &Path) -> Result<(), WorkerError> {
     }
 }
 
-fn prepare(dir: &Path, live: Option<LiveParts>) -> Result<(Template, zeroboot_vmm::fork::Prepared), Failure> {
+fn prepare(
+    dir: &Path,
+    live: Option<LiveParts>,
+    fork_memory: ForkMemory,
+) -> Result<(Template, zeroboot_vmm::fork::Prepared), Failure> {
     let other = |e: &dyn std::fmt::Display| Failure::Other(e.to_string());
     let hv = Hypervisor::open().map_err(|e| other(&e))?;
-    let snapshot = Snapshot::open(dir, &cpu_vendor(&hv)).map_err(|e| other(&e))?;
+    let mut snapshot = Snapshot::open(dir, &cpu_vendor(&hv)).map_err(|e| other(&e))?;
+    snapshot.fork_memory = fork_memory;
     let template = Template::new(hv, snapshot);
     let prepared = match live {
         None => template.prepare(),

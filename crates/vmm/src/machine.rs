@@ -15,7 +15,7 @@ use crate::kvm::{Exit, Hypervisor, KvmError, Vcpu, Vm};
 use crate::layout::{LayoutError, MemoryLayout};
 use crate::memory::{GuestRam, MemoryError};
 use crate::snapshot::state::MachineState;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{ForkMemory, Snapshot};
 
 /// i8042 command port: the kernel's `reboot=k` writes 0xfe here.
 const I8042_COMMAND: u16 = 0x64;
@@ -150,8 +150,22 @@ impl Shell {
         // tables, so the guest's first touch, read or write, maps it
         // writable at once; otherwise a read-then-write costs two
         // shadow-paging faults and the copy happens inside the second.
-        for &(gpa, len) in &snapshot.write_set {
-            shell.ram.touch_for_write(gpa, len)?;
+        match snapshot.fork_memory {
+            ForkMemory::SharedPages => {
+                for &(gpa, len) in &snapshot.write_set {
+                    shell.ram.touch_for_write(gpa, len)?;
+                }
+            }
+            // Whole 2 MiB ranges instead: the host then maps each with one
+            // 2 MiB page, writable, and so can KVM, where the guest does.
+            ForkMemory::PrivateWrittenRanges => {
+                let source = snapshot
+                    .memory_file()
+                    .map_err(|e| MachineError::UnexpectedExit(e.to_string()))?;
+                for gpa in snapshot.written_ranges() {
+                    shell.ram.make_private_huge(gpa, &source)?;
+                }
+            }
         }
         Ok(shell)
     }

@@ -129,6 +129,48 @@ pub fn read_state(path: &Path) -> Result<MachineState, SnapshotError> {
     })
 }
 
+/// How a fork's guest memory is backed, beyond the copy-on-write mapping
+/// of the template's memory file that every fork starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForkMemory {
+    /// The pages of the template's write set are copied ahead, 4 KiB each;
+    /// everything else stays shared until written (about 1.5 MiB per python
+    /// fork).
+    SharedPages,
+    /// Every 2 MiB range that holds a page of the write set becomes a
+    /// private 2 MiB page with a copy of the range, before the fork runs.
+    /// Under shadow paging, where each first touch of a page is a VM exit,
+    /// KVM then maps each such range with one exit instead of one per page
+    /// touched; it costs 2 MiB of memory per range and fork (54 MiB for
+    /// python) and the copy (docs/guest-kernel.md).
+    PrivateWrittenRanges,
+}
+
+impl ForkMemory {
+    /// [`ForkMemory::PrivateWrittenRanges`] where KVM shadow-pages guest
+    /// memory (neither EPT nor NPT is on, e.g. `kvm_pvm`), whose first
+    /// touches are expensive; [`ForkMemory::SharedPages`] otherwise.
+    pub fn for_this_host() -> Self {
+        let on = |path: &str| {
+            std::fs::read_to_string(path)
+                .map(|v| matches!(v.trim(), "Y" | "1"))
+                .unwrap_or(false)
+        };
+        if on("/sys/module/kvm_intel/parameters/ept") || on("/sys/module/kvm_amd/parameters/npt") {
+            Self::SharedPages
+        } else {
+            Self::PrivateWrittenRanges
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SharedPages => "shared-pages",
+            Self::PrivateWrittenRanges => "private-written-ranges",
+        }
+    }
+}
+
 /// A template opened for forking: the decoded state and the memory file.
 pub struct Snapshot {
     pub dir: PathBuf,
@@ -136,6 +178,9 @@ pub struct Snapshot {
     memory: File,
     /// Guest pages forks usually write ([`WRITE_SET_FILE`]); empty if none.
     pub write_set: Vec<(u64, u64)>,
+    /// How forks back their memory; [`ForkMemory::for_this_host`] unless
+    /// the caller sets it before making a [`crate::Template`].
+    pub fork_memory: ForkMemory,
 }
 
 /// Guest-physical runs (`0x<gpa> <bytes>` a line) that forks of this
@@ -198,7 +243,21 @@ impl Snapshot {
             state,
             memory,
             write_set,
+            fork_memory: ForkMemory::for_this_host(),
         })
+    }
+
+    /// The 2 MiB-aligned guest-physical ranges that hold a page of the
+    /// write set, ascending.
+    pub fn written_ranges(&self) -> Vec<u64> {
+        let huge = crate::memory::HUGE_PAGE_SIZE;
+        let mut ranges: Vec<u64> = self
+            .write_set
+            .iter()
+            .flat_map(|&(gpa, len)| (gpa / huge..(gpa + len).div_ceil(huge)).map(move |r| r * huge))
+            .collect();
+        ranges.dedup();
+        ranges
     }
 
     pub fn memory_file(&self) -> Result<File, SnapshotError> {
@@ -298,6 +357,20 @@ pub(crate) mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(sparse, dense);
         assert_ne!(sparse, flipped);
+    }
+
+    #[test]
+    fn written_ranges_cover_each_2_mib_range_of_the_write_set_once() {
+        let mut snapshot = Snapshot {
+            dir: PathBuf::new(),
+            state: sample_state(),
+            memory: File::open("/dev/null").unwrap(),
+            write_set: vec![(0x1000, 0x2000), (0x1f_f000, 0x2000), (0x60_0000, 0x1000)],
+            fork_memory: ForkMemory::SharedPages,
+        };
+        assert_eq!(snapshot.written_ranges(), vec![0, 0x20_0000, 0x60_0000]);
+        snapshot.write_set.clear();
+        assert_eq!(snapshot.written_ranges(), Vec::<u64>::new());
     }
 
     #[test]
