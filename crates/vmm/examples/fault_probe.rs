@@ -1,16 +1,40 @@
 //! Development probe: first-exec latency of a fork, and how much of its
-//! guest memory the host maps with 2 MiB pages afterwards.
-//!   cargo run --release --example fault_probe -- TEMPLATE_DIR [CODE [RUNS]]
+//! guest memory the host maps with 2 MiB pages afterwards. With K, forks
+//! use `ForkMemory::PrivateWrittenRanges` for the K 2 MiB ranges holding
+//! most of the template's write set (and nothing else of it); without,
+//! `SharedPages`.
+//!   cargo run --release --example fault_probe -- TEMPLATE_DIR [CODE [RUNS [K]]]
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+use zeroboot_vmm::ForkMemory;
+
+const HUGE: u64 = 2 << 20;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::path::PathBuf::from(std::env::args().nth(1).ok_or("TEMPLATE_DIR")?);
     let code = std::env::args().nth(2).unwrap_or_else(|| "print(1+1)".into());
-    let hv = zeroboot_vmm::Hypervisor::open()?;
-    let snap = zeroboot_vmm::Snapshot::open(&dir, &zeroboot_vmm::machine::cpu_vendor(&hv))?;
     let runs: usize = std::env::args().nth(3).and_then(|n| n.parse().ok()).unwrap_or(5);
+    let ranges: Option<usize> = std::env::args().nth(4).and_then(|n| n.parse().ok());
+    let hv = zeroboot_vmm::Hypervisor::open()?;
+    let mut snap = zeroboot_vmm::Snapshot::open(&dir, &zeroboot_vmm::machine::cpu_vendor(&hv))?;
+    snap.fork_memory = ForkMemory::SharedPages;
+    if let Some(k) = ranges {
+        let mut written: BTreeMap<u64, u64> = BTreeMap::new();
+        for &(gpa, len) in &snap.write_set {
+            for page in (gpa..gpa + len).step_by(4096) {
+                *written.entry(page / HUGE).or_default() += 1;
+            }
+        }
+        let mut ranked: Vec<(u64, u64)> = written.into_iter().collect();
+        ranked.sort_by_key(|&(_, pages)| std::cmp::Reverse(pages));
+        let chosen: Vec<u64> = ranked.iter().take(k).map(|&(range, _)| range).collect();
+        snap.write_set.retain(|&(gpa, _)| chosen.contains(&(gpa / HUGE)));
+        snap.fork_memory = ForkMemory::PrivateWrittenRanges;
+    }
     for _ in 0..runs {
+        let t = Instant::now();
         let mut m = zeroboot_vmm::Machine::restore(&hv, &snap, Box::new(std::io::stderr()))?;
+        let prepare = t.elapsed();
         let t = Instant::now();
         let r = m.exec(
             zeroboot_protocol::Request::new(code.as_bytes(), b""),
@@ -22,26 +46,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             zeroboot_protocol::Request::new(code.as_bytes(), b""),
             Duration::from_secs(60),
         )?;
-        let second = t.elapsed();
-        let smaps = std::fs::read_to_string("/proc/self/smaps")?;
-        let start = format!("{:x}-", m.ram().host_address());
-        let mut fields = Vec::new();
-        let mut inside = false;
-        for line in smaps.lines() {
-            if !line.ends_with(" kB") && line.contains('-') {
-                inside = line.starts_with(&start);
-            } else if inside
-                && ["Rss:", "FilePmdMapped:", "Anonymous:"]
-                    .iter()
-                    .any(|f| line.starts_with(f))
-            {
-                fields.push(line.split_whitespace().take(2).collect::<Vec<_>>().join(" "));
-            }
-        }
         println!(
-            "first exec {first:?}, second {second:?}, out {:?}; {}",
+            "{}: restore {prepare:?}, first exec {first:?}, second {:?}, out {:?}; copied {} KiB, on 2 MiB host pages {} KiB",
+            snap.fork_memory.name(),
+            t.elapsed(),
             String::from_utf8_lossy(&r.stdout),
-            fields.join(", ")
+            m.ram().copied_bytes()? / 1024,
+            m.ram().huge_mapped_bytes()? / 1024,
         );
     }
     Ok(())
