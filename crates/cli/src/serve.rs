@@ -55,11 +55,12 @@ pub struct ServeArgs {
 pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<Snapshot>) -> Result<()> {
     let cache = Cache::from_env()?;
     let worker = WorkerCommand::current_exe(&["worker"])?;
+    let fork_memory = args.fork_memory.resolve();
     let mut served = Vec::new();
     for name in &args.templates {
         let hv = Hypervisor::open()?;
         let mut snapshot = open(&cache, &hv, name)?;
-        snapshot.fork_memory = args.fork_memory.resolve();
+        snapshot.fork_memory = fork_memory;
         let runtime = template::read_info(&snapshot.dir)?.runtime();
         served.push(Served {
             name: name.clone(),
@@ -103,7 +104,7 @@ pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<
         } else {
             println!("zeroboot: no API keys configured: serving loopback clients only");
         }
-        println!("zeroboot: fork memory: {}", args.fork_memory.resolve().name());
+        println!("zeroboot: fork memory: {}", fork_memory.name());
         zeroboot_server::serve(listener, state, shutdown_signal())
             .await
             .context("serving")

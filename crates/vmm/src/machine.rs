@@ -159,11 +159,8 @@ impl Shell {
             // Whole 2 MiB ranges instead: the host then maps each with one
             // 2 MiB page, writable, and so can KVM, where the guest does.
             ForkMemory::PrivateWrittenRanges => {
-                let source = snapshot
-                    .memory_file()
-                    .map_err(|e| MachineError::UnexpectedExit(e.to_string()))?;
                 for gpa in snapshot.written_ranges() {
-                    shell.ram.make_private_huge(gpa, &source)?;
+                    shell.ram.make_private_huge(gpa)?;
                 }
             }
         }

@@ -72,11 +72,10 @@ unsafe impl Send for AlignedMapping {}
 unsafe impl Sync for AlignedMapping {}
 
 impl AlignedMapping {
-    /// Maps `len` bytes of `file` from offset 0 (or anonymous memory if
-    /// `None`) at a 2 MiB-aligned address, advised so that a fault reads
-    /// the page cache in 2 MiB folios, which the host then maps with 2 MiB
-    /// entries.
-    pub(crate) fn new(file: Option<&File>, len: usize, prot: libc::c_int, flags: libc::c_int) -> std::io::Result<Self> {
+    /// Maps `len` bytes of `file` from offset 0 at a 2 MiB-aligned address,
+    /// advised so that a fault reads the page cache in 2 MiB folios, which
+    /// the host then maps with 2 MiB entries.
+    pub(crate) fn new(file: &File, len: usize, prot: libc::c_int, flags: libc::c_int) -> std::io::Result<Self> {
         use std::os::fd::AsRawFd;
         let huge = HUGE_PAGE_SIZE as usize;
         let reservation_len = len
@@ -98,13 +97,18 @@ impl AlignedMapping {
             return Err(std::io::Error::last_os_error());
         }
         let aligned = (reservation as usize).next_multiple_of(huge);
-        let (fd, flags) = match file {
-            Some(f) => (f.as_raw_fd(), flags | libc::MAP_FIXED),
-            None => (-1, flags | libc::MAP_FIXED | libc::MAP_ANONYMOUS),
-        };
         // SAFETY: MAP_FIXED only replaces pages of the reservation made
         // above, which nothing else uses: `aligned + len` is within it.
-        let start = unsafe { libc::mmap(aligned as *mut libc::c_void, len, prot, flags, fd, 0) };
+        let start = unsafe {
+            libc::mmap(
+                aligned as *mut libc::c_void,
+                len,
+                prot,
+                flags | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
         if start == libc::MAP_FAILED {
             let e = std::io::Error::last_os_error();
             // SAFETY: unmapping the reservation this function made.
@@ -154,9 +158,8 @@ pub struct GuestRam {
     host_base: *mut u8,
     size: u64,
     /// The 2 MiB ranges replaced by private 2 MiB pages
-    /// ([`GuestRam::make_private_huge`]), and the file they were copied from.
+    /// ([`GuestRam::make_private_huge`]).
     private_huge: Vec<u64>,
-    source: Option<File>,
     /// Owns the mapping `memory` views, for a restored VM; declared after
     /// `memory` so that it is unmapped after that view is gone.
     _mapping: Option<AlignedMapping>,
@@ -185,7 +188,7 @@ impl GuestRam {
     pub fn private_file_mapping(file: File, size: u64) -> Result<Self, MemoryError> {
         let prot = libc::PROT_READ | libc::PROT_WRITE;
         let flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
-        let mapping = AlignedMapping::new(Some(&file), size as usize, prot, flags).map_err(MemoryError::Mmap)?;
+        let mapping = AlignedMapping::new(&file, size as usize, prot, flags).map_err(MemoryError::Mmap)?;
         // SAFETY: `mapping` is a live mapping of exactly `size` bytes, and
         // it is kept in the GuestRam, which drops it after the region.
         let region = unsafe {
@@ -213,7 +216,6 @@ impl GuestRam {
             host_base,
             size,
             private_huge: Vec::new(),
-            source: None,
             _mapping: mapping,
         })
     }
@@ -311,12 +313,17 @@ impl GuestRam {
         Ok(kib * 1024)
     }
 
+    /// The file this memory is a private mapping of, if it is one.
+    fn backing_file(&self) -> Option<&File> {
+        use vm_memory::GuestMemoryRegion;
+        self.memory.iter().next()?.file_offset().map(FileOffset::file)
+    }
+
     /// Replaces the 2 MiB guest range at `gpa` with a private anonymous
-    /// 2 MiB page holding a copy of it from `source` (the file this
-    /// mapping maps), before the guest runs ([`crate::ForkMemory`]). If the
-    /// host has no huge page to give, the copy is in 4 KiB pages: correct,
-    /// only slower.
-    pub fn make_private_huge(&mut self, gpa: u64, source: &File) -> Result<(), MemoryError> {
+    /// 2 MiB page holding a copy of it from the file this memory maps,
+    /// before the guest runs ([`crate::ForkMemory`]). If the host has no
+    /// huge page to give, the copy is in 4 KiB pages: correct, only slower.
+    pub fn make_private_huge(&mut self, gpa: u64) -> Result<(), MemoryError> {
         let len = HUGE_PAGE_SIZE as usize;
         if !gpa.is_multiple_of(HUGE_PAGE_SIZE) {
             return Err(MemoryError::OutOfRange {
@@ -326,6 +333,11 @@ impl GuestRam {
             });
         }
         self.check(gpa, HUGE_PAGE_SIZE)?;
+        let source = self
+            .backing_file()
+            .ok_or_else(|| MemoryError::Read(std::io::Error::other("guest memory maps no file")))?
+            .try_clone()
+            .map_err(MemoryError::Read)?;
         let at = self.host_base.wrapping_add(gpa as usize).cast::<libc::c_void>();
         // SAFETY: `at..at + len` is inside this GuestRam's own mapping
         // (checked above), which no other code maps or borrows while `self`
@@ -348,9 +360,6 @@ impl GuestRam {
         source
             .read_exact_at(self.slice_mut(gpa, len)?, gpa)
             .map_err(MemoryError::Read)?;
-        if self.source.is_none() {
-            self.source = Some(source.try_clone().map_err(MemoryError::Read)?);
-        }
         self.private_huge.push(gpa);
         Ok(())
     }
@@ -404,7 +413,7 @@ impl GuestRam {
         }
         // Ranges made private whole hold copies the guest never changed:
         // keep only the pages that now differ from the file.
-        if let (Some(source), false) = (&self.source, self.private_huge.is_empty()) {
+        if let (Some(source), false) = (self.backing_file(), self.private_huge.is_empty()) {
             let mut original = vec![0u8; PAGE_SIZE as usize];
             let mut changed = Vec::with_capacity(private.len());
             for gpa in private {
@@ -530,10 +539,9 @@ mod tests {
         let path = std::env::temp_dir().join(format!("zeroboot-private-huge-{}", std::process::id()));
         let contents: Vec<u8> = (0..2 * HUGE_PAGE_SIZE).map(|i| (i / PAGE_SIZE) as u8).collect();
         std::fs::write(&path, &contents).unwrap();
-        let file = File::open(&path).unwrap();
-        let mut ram = GuestRam::private_file_mapping(file.try_clone().unwrap(), 2 * HUGE_PAGE_SIZE).unwrap();
-        assert!(ram.make_private_huge(PAGE_SIZE, &file).is_err(), "unaligned");
-        ram.make_private_huge(HUGE_PAGE_SIZE, &file).unwrap();
+        let mut ram = GuestRam::private_file_mapping(File::open(&path).unwrap(), 2 * HUGE_PAGE_SIZE).unwrap();
+        assert!(ram.make_private_huge(PAGE_SIZE).is_err(), "unaligned");
+        ram.make_private_huge(HUGE_PAGE_SIZE).unwrap();
         assert_eq!(ram.slice(0, contents.len()).unwrap(), contents.as_slice());
         assert_eq!(ram.private_runs().unwrap(), vec![], "a copy is not a change");
         ram.slice_mut(HUGE_PAGE_SIZE + 5 * PAGE_SIZE + 7, 1).unwrap()[0] = 0xee;

@@ -53,7 +53,7 @@ pub fn memory_checksum(file: &File) -> std::io::Result<u32> {
     if size == 0 {
         return Ok(crc.finalize());
     }
-    let mapping = AlignedMapping::new(Some(file), size as usize, libc::PROT_READ, libc::MAP_SHARED)?;
+    let mapping = AlignedMapping::new(file, size as usize, libc::PROT_READ, libc::MAP_SHARED)?;
     let bytes = mapping.as_slice();
     let fd = file.as_raw_fd();
     let seek = |offset: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
@@ -150,17 +150,22 @@ impl ForkMemory {
     /// [`ForkMemory::PrivateWrittenRanges`] where KVM shadow-pages guest
     /// memory (neither EPT nor NPT is on, e.g. `kvm_pvm`), whose first
     /// touches are expensive; [`ForkMemory::SharedPages`] otherwise.
+    /// Read from sysfs once per process: every [`Snapshot::open`] (one in
+    /// each worker) asks.
     pub fn for_this_host() -> Self {
-        let on = |path: &str| {
-            std::fs::read_to_string(path)
-                .map(|v| matches!(v.trim(), "Y" | "1"))
-                .unwrap_or(false)
-        };
-        if on("/sys/module/kvm_intel/parameters/ept") || on("/sys/module/kvm_amd/parameters/npt") {
-            Self::SharedPages
-        } else {
-            Self::PrivateWrittenRanges
-        }
+        static HOST: std::sync::OnceLock<ForkMemory> = std::sync::OnceLock::new();
+        *HOST.get_or_init(|| {
+            let on = |path: &str| {
+                std::fs::read_to_string(path)
+                    .map(|v| matches!(v.trim(), "Y" | "1"))
+                    .unwrap_or(false)
+            };
+            if on("/sys/module/kvm_intel/parameters/ept") || on("/sys/module/kvm_amd/parameters/npt") {
+                Self::SharedPages
+            } else {
+                Self::PrivateWrittenRanges
+            }
+        })
     }
 
     pub fn name(self) -> &'static str {
