@@ -97,6 +97,20 @@ static inline uint64_t zb_cmdline_number(const char *key)
 
 #define ZB_HUGE (2ul << 20)
 
+/* `span` bytes (a multiple of 2 MiB) of private anonymous memory at a
+ * 2 MiB-aligned address; MAP_FAILED with errno set on failure. */
+static inline char *zb_mmap_aligned(size_t span, int prot)
+{
+    char *fresh = mmap(NULL, span + ZB_HUGE, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (fresh == MAP_FAILED)
+        return MAP_FAILED;
+    char *at = (char *)(((unsigned long)fresh + ZB_HUGE - 1) & ~(ZB_HUGE - 1));
+    if (at > fresh)
+        munmap(fresh, (size_t)(at - fresh));
+    munmap(at + span, (size_t)(fresh + span + ZB_HUGE - (at + span)));
+    return at;
+}
+
 /* Maps `length` bytes of physical memory at `physical` (shared, uncached
  * for MMIO) at a 2 MiB-aligned address, alone in the 2 MiB ranges it spans:
  * the rest of its last range stays reserved (PROT_NONE). A shared mapping
@@ -105,13 +119,9 @@ static inline uint64_t zb_cmdline_number(const char *key)
 static inline void *zb_map_physical(uint64_t physical, size_t length)
 {
     size_t span = (length + ZB_HUGE - 1) & ~(ZB_HUGE - 1);
-    char *reservation = mmap(NULL, span + ZB_HUGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (reservation == MAP_FAILED)
+    char *at = zb_mmap_aligned(span, PROT_NONE);
+    if (at == MAP_FAILED)
         return NULL;
-    char *at = (char *)(((unsigned long)reservation + ZB_HUGE - 1) & ~(ZB_HUGE - 1));
-    if (at > reservation)
-        munmap(reservation, (size_t)(at - reservation));
-    munmap(at + span, (size_t)(reservation + span + ZB_HUGE - (at + span)));
     void *p = MAP_FAILED;
     int fd = open("/dev/mem", O_RDWR | O_SYNC | O_CLOEXEC);
     if (fd >= 0) {
@@ -241,13 +251,18 @@ struct zb_vma {
     int ok; /* may be moved onto a huge page */
 };
 
-/* How many of the 512 pages of the huge range at `at` are present, from
- * /proc/self/pagemap; -1 if it cannot be read. */
+/* The 512 pagemap entries of the huge range at `at`; 0 if unreadable. */
+static inline int zb_read_pagemap(int pagemap, unsigned long at, uint64_t entries[512])
+{
+    return pread(pagemap, entries, 512 * sizeof entries[0], (off_t)(at / 4096 * 8)) == (ssize_t)(512 * sizeof entries[0]);
+}
+
+/* How many of the 512 pages of the huge range at `at` are present; -1 if
+ * pagemap cannot be read. */
 static inline int zb_present_pages(int pagemap, unsigned long at)
 {
     uint64_t entries[512];
-    ssize_t n = pread(pagemap, entries, sizeof entries, (off_t)(at / 4096 * 8));
-    if (n != (ssize_t)sizeof entries)
+    if (!zb_read_pagemap(pagemap, at, entries))
         return -1;
     int present = 0;
     for (int i = 0; i < 512; i++)
@@ -260,7 +275,7 @@ static inline int zb_present_pages(int pagemap, unsigned long at)
 static inline int zb_is_huge(int pagemap, unsigned long at)
 {
     uint64_t entries[512];
-    if (pread(pagemap, entries, sizeof entries, (off_t)(at / 4096 * 8)) != (ssize_t)sizeof entries)
+    if (!zb_read_pagemap(pagemap, at, entries))
         return 0;
     const uint64_t pfn_mask = (1ull << 55) - 1;
     uint64_t first = entries[0] & pfn_mask;
@@ -282,30 +297,8 @@ static inline int zb_set_thp(const char *mode)
     return n == (ssize_t)strlen(mode) ? 0 : -1;
 }
 
-static inline int zb_hugify_ranges(int min_present, char *report, size_t report_len);
-
-/* Moves each eligible 2 MiB range with at least ZB_HUGIFY_MIN_PRESENT
- * present pages onto a huge page. Returns how many ranges moved, or -1 with errno set if
- * /proc/self/maps or pagemap cannot be read. `report` gets one line.
- *
- * Transparent huge pages are switched on (madvise) only for this: the
- * kernel leaves them off below 512 MiB of RAM whatever its config, and with
- * them off again no fork runs khugepaged or zeroes a huge page in its
- * (emulated, where that is slow) kernel. */
-static inline int zb_hugify(char *report, size_t report_len)
-{
-    if (zb_set_thp("madvise") != 0) {
-        snprintf(report, report_len, "cannot switch transparent huge pages on: %s", strerror(errno));
-        return 0;
-    }
-    int moved = zb_hugify_ranges(ZB_HUGIFY_MIN_PRESENT, report, report_len);
-    int saved = errno;
-    zb_set_thp("never");
-    errno = saved;
-    return moved;
-}
-
-static inline int zb_hugify_ranges(int min_present, char *report, size_t report_len)
+/* zb_hugify's work, with THP on. */
+static inline int zb_hugify_ranges(char *report, size_t report_len)
 {
     static struct zb_vma vmas[ZB_MAX_VMAS];
     size_t count = 0;
@@ -347,18 +340,13 @@ static inline int zb_hugify_ranges(int min_present, char *report, size_t report_
             if (!ok)
                 continue;
             candidates++;
-            if (zb_present_pages(pagemap, at) < min_present)
+            if (zb_present_pages(pagemap, at) < ZB_HUGIFY_MIN_PRESENT)
                 continue;
-            char *fresh = mmap(NULL, 2 * ZB_HUGE, PROT_READ | PROT_WRITE | PROT_EXEC,
-                               MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-            if (fresh == MAP_FAILED) {
+            char *huge = zb_mmap_aligned(ZB_HUGE, PROT_READ | PROT_WRITE | PROT_EXEC);
+            if (huge == MAP_FAILED) {
                 failed++;
                 continue;
             }
-            char *huge = (char *)(((unsigned long)fresh + ZB_HUGE - 1) & ~(ZB_HUGE - 1));
-            if (huge > fresh)
-                munmap(fresh, (size_t)(huge - fresh));
-            munmap(huge + ZB_HUGE, (size_t)(fresh + 2 * ZB_HUGE - (huge + ZB_HUGE)));
             madvise(huge, ZB_HUGE, MADV_HUGEPAGE);
             huge[0] = 0; /* the fault allocates the whole huge page */
             if (!zb_is_huge(pagemap, (unsigned long)huge)) {
@@ -384,6 +372,27 @@ static inline int zb_hugify_ranges(int min_present, char *report, size_t report_
     close(pagemap);
     snprintf(report, report_len, "%d of %d eligible 2 MiB ranges moved onto huge pages (%d without a huge page, %d failed)",
              moved, candidates, no_huge_page, failed);
+    return moved;
+}
+
+/* Moves each eligible 2 MiB range with at least ZB_HUGIFY_MIN_PRESENT
+ * present pages onto a huge page. Returns how many ranges moved, or -1 with
+ * errno set if /proc/self/maps or pagemap cannot be read. `report` gets one line.
+ *
+ * Transparent huge pages are switched on (madvise) only for this: the
+ * kernel leaves them off below 512 MiB of RAM whatever its config, and with
+ * them off again no fork runs khugepaged or zeroes a huge page in its
+ * (emulated, where that is slow) kernel. */
+static inline int zb_hugify(char *report, size_t report_len)
+{
+    if (zb_set_thp("madvise") != 0) {
+        snprintf(report, report_len, "cannot switch transparent huge pages on: %s", strerror(errno));
+        return 0;
+    }
+    int moved = zb_hugify_ranges(report, report_len);
+    int saved = errno;
+    zb_set_thp("never");
+    errno = saved;
     return moved;
 }
 
