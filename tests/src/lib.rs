@@ -75,13 +75,21 @@ pub fn fork() -> zeroboot_vmm::Machine {
 }
 
 /// The default template, forking into worker processes (`zeroboot worker`)
-/// with a pool of `pool`.
+/// with a pool of `pool`, fork memory as this host's default.
 pub fn isolated_template(pool: usize) -> zeroboot_sandbox::IsolatedTemplate {
+    isolated_template_with(pool, zeroboot_vmm::ForkMemoryPolicy::for_this_host())
+}
+
+/// [`isolated_template`] with fork memory as `policy` says.
+pub fn isolated_template_with(
+    pool: usize,
+    policy: zeroboot_vmm::ForkMemoryPolicy,
+) -> zeroboot_sandbox::IsolatedTemplate {
     let worker = zeroboot_sandbox::WorkerCommand {
         program: zeroboot_bin(),
         args: vec!["worker".into()],
     };
-    zeroboot_sandbox::IsolatedTemplate::new(worker, snapshot(&hypervisor()), pool)
+    zeroboot_sandbox::IsolatedTemplate::new(worker, snapshot(&hypervisor()), pool, policy)
 }
 
 /// Processes whose parent is `pid`.

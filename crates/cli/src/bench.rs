@@ -9,7 +9,7 @@ use serde_json::json;
 use zeroboot_protocol::Request;
 use zeroboot_sandbox::{IsolatedTemplate, Sandbox, WorkerCommand};
 use zeroboot_template::{template, Runtime};
-use zeroboot_vmm::Snapshot;
+use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy, Snapshot};
 
 const NUMPY: &str = "import numpy; print(numpy.random.rand(3))";
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -127,7 +127,40 @@ fn fork(template: &IsolatedTemplate) -> Result<Sandbox> {
 /// Time for the pool to refill between timed forks, as between requests.
 const REFILL: Duration = Duration::from_millis(30);
 
-pub fn run(snap: Snapshot, runtime: Runtime, args: &BenchArgs) -> Result<()> {
+/// How many forks of a figure had each fork memory.
+#[derive(Default)]
+struct MemoryCounts {
+    shared_pages: usize,
+    private_written_ranges: usize,
+}
+
+impl MemoryCounts {
+    fn add(&mut self, sandbox: &Sandbox) {
+        match sandbox.fork_memory() {
+            ForkMemory::SharedPages => self.shared_pages += 1,
+            ForkMemory::PrivateWrittenRanges => self.private_written_ranges += 1,
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            ForkMemory::SharedPages.name(): self.shared_pages,
+            ForkMemory::PrivateWrittenRanges.name(): self.private_written_ranges,
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} {}, {} {}",
+            self.private_written_ranges,
+            ForkMemory::PrivateWrittenRanges.name(),
+            self.shared_pages,
+            ForkMemory::SharedPages.name()
+        )
+    }
+}
+
+pub fn run(snap: Snapshot, runtime: Runtime, policy: ForkMemoryPolicy, args: &BenchArgs) -> Result<()> {
     if args.iterations == 0 {
         bail!("--iterations must be at least 1");
     }
@@ -135,11 +168,10 @@ pub fn run(snap: Snapshot, runtime: Runtime, args: &BenchArgs) -> Result<()> {
     let second_code = args.code.as_deref().unwrap_or(default_code(runtime));
     let n = args.iterations;
     let worker = WorkerCommand::current_exe(&["worker"])?;
-    let mut cold_snap = Snapshot::open(&snap.dir, &snap.state.cpu_vendor)?;
-    cold_snap.fork_memory = snap.fork_memory;
-    let fork_memory = snap.fork_memory.name();
-    let cold = IsolatedTemplate::new(worker.clone(), cold_snap, 0);
-    let template = IsolatedTemplate::new(worker, snap, args.pool);
+    let cold_snap = Snapshot::open(&snap.dir, &snap.state.cpu_vendor)?;
+    let fork_memory = policy.name();
+    let cold = IsolatedTemplate::new(worker.clone(), cold_snap, 0, policy);
+    let template = IsolatedTemplate::new(worker, snap, args.pool, policy);
     let mut spawn_cold = Vec::with_capacity(n);
     let mut spawn = Vec::with_capacity(n);
     let mut print = Vec::with_capacity(n);
@@ -147,10 +179,13 @@ pub fn run(snap: Snapshot, runtime: Runtime, args: &BenchArgs) -> Result<()> {
     let mut exits = Vec::with_capacity(n);
     let mut private = Vec::with_capacity(n);
     let mut huge = Vec::with_capacity(n);
+    let mut cold_memory = MemoryCounts::default();
+    let mut print_memory = MemoryCounts::default();
     for _ in 0..n {
         let t = Instant::now();
         let m = fork(&cold)?;
         spawn_cold.push(t.elapsed().as_secs_f64() * 1e6);
+        cold_memory.add(&m);
         drop(m);
 
         std::thread::sleep(REFILL);
@@ -164,6 +199,7 @@ pub fn run(snap: Snapshot, runtime: Runtime, args: &BenchArgs) -> Result<()> {
         let mut m = fork(&template)?;
         exec(&mut m, print_code)?;
         print.push(t.elapsed().as_secs_f64() * 1e6);
+        print_memory.add(&m);
         let stats = m.stats()?;
         exits.push(stats.exits as f64);
         private.push(stats.private_bytes as f64 / 1024.0);
@@ -181,25 +217,30 @@ pub fn run(snap: Snapshot, runtime: Runtime, args: &BenchArgs) -> Result<()> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let remaining = AtomicUsize::new(args.throughput_count);
     let t = Instant::now();
-    std::thread::scope(|s| -> Result<()> {
+    let throughput_memory = std::thread::scope(|s| -> Result<MemoryCounts> {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
-                s.spawn(|| -> Result<()> {
+                s.spawn(|| -> Result<MemoryCounts> {
+                    let mut counts = MemoryCounts::default();
                     while remaining
                         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1))
                         .is_ok()
                     {
                         let mut m = fork(template)?;
                         exec(&mut m, print_code)?;
+                        counts.add(&m);
                     }
-                    Ok(())
+                    Ok(counts)
                 })
             })
             .collect();
+        let mut total = MemoryCounts::default();
         for w in workers {
-            w.join().map_err(|_| anyhow::anyhow!("bench thread panicked"))??;
+            let counts = w.join().map_err(|_| anyhow::anyhow!("bench thread panicked"))??;
+            total.shared_pages += counts.shared_pages;
+            total.private_written_ranges += counts.private_written_ranges;
         }
-        Ok(())
+        Ok(total)
     })?;
     let throughput_s = t.elapsed().as_secs_f64();
 
@@ -220,6 +261,9 @@ pub fn run(snap: Snapshot, runtime: Runtime, args: &BenchArgs) -> Result<()> {
             "iterations": n,
             "pool": args.pool,
             "fork_memory": fork_memory,
+            "fork_memory_spawn_cold": cold_memory.json(),
+            "fork_memory_exec_print": print_memory.json(),
+            "fork_memory_throughput": throughput_memory.json(),
             "spawn_us": spawn.json(),
             "spawn_cold_us": spawn_cold.json(),
             "exec_print_us": print.json(),
@@ -246,9 +290,12 @@ pub fn run(snap: Snapshot, runtime: Runtime, args: &BenchArgs) -> Result<()> {
         "each sandbox is a worker process holding one new VM; forks take one prepared\n\
          ahead of time from a pool of {} ({} ms idle before each timed fork);\n\
          \"no pool\" starts the process and makes the VM inside the timed region;\n\
-         fork memory: {fork_memory}\n",
+         fork memory: {fork_memory} (no pool: {}; print: {}; throughput: {})\n",
         args.pool,
-        REFILL.as_millis()
+        REFILL.as_millis(),
+        cold_memory.describe(),
+        print_memory.describe(),
+        throughput_memory.describe(),
     );
     println!(
         "{:<36} {:>10} {:>10} {:>10} {:>10}",

@@ -1,11 +1,12 @@
-//! `--fork-memory`: how forks back their guest memory (`vmm::ForkMemory`).
+//! `--fork-memory`: how forks back their guest memory
+//! (`vmm::ForkMemoryPolicy`).
 
-use zeroboot_vmm::ForkMemory;
+use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy};
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum ForkMemoryArg {
-    /// private-written-ranges where KVM shadow-pages guest memory (no EPT
-    /// or NPT, e.g. kvm_pvm), else shared-pages.
+    /// adaptive where KVM shadow-pages guest memory (no EPT or NPT, e.g.
+    /// kvm_pvm), else shared-pages.
     Auto,
     /// Copy-on-write in 4 KiB pages; the template's write set copied ahead
     /// (about 1.5 MiB per python fork).
@@ -15,14 +16,19 @@ pub enum ForkMemoryArg {
     /// exits under shadow paging, at 2 MiB per range and fork (54 MiB for
     /// python).
     PrivateWrittenRanges,
+    /// private-written-ranges for VMs the pool prepares while it keeps up
+    /// with requests, shared-pages for VMs made while requests wait (less
+    /// CPU per fork under sustained load).
+    Adaptive,
 }
 
 impl ForkMemoryArg {
-    pub fn resolve(self) -> ForkMemory {
+    pub fn resolve(self) -> ForkMemoryPolicy {
         match self {
-            Self::Auto => ForkMemory::for_this_host(),
-            Self::SharedPages => ForkMemory::SharedPages,
-            Self::PrivateWrittenRanges => ForkMemory::PrivateWrittenRanges,
+            Self::Auto => ForkMemoryPolicy::for_this_host(),
+            Self::SharedPages => ForkMemoryPolicy::Fixed(ForkMemory::SharedPages),
+            Self::PrivateWrittenRanges => ForkMemoryPolicy::Fixed(ForkMemory::PrivateWrittenRanges),
+            Self::Adaptive => ForkMemoryPolicy::Adaptive,
         }
     }
 }

@@ -18,8 +18,9 @@ use clap::{Args, Parser, Subcommand};
 use zeroboot_template::template;
 use zeroboot_template::Cache;
 use zeroboot_template::TemplateSpec;
+use zeroboot_vmm::fork::Demand;
 use zeroboot_vmm::snapshot::MEMORY_FILE;
-use zeroboot_vmm::{Hypervisor, Machine};
+use zeroboot_vmm::{ForkMemoryPolicy, Hypervisor, Machine};
 
 #[derive(Parser)]
 #[command(
@@ -292,10 +293,9 @@ fn inspect(cache: &Cache, name: &str) -> Result<()> {
 fn bench_command(args: &bench::BenchArgs) -> Result<()> {
     let cache = Cache::from_env()?;
     let hv = Hypervisor::open()?;
-    let mut snap = template::open(&cache, &hv, &args.template)?;
-    snap.fork_memory = args.fork_memory.resolve();
+    let snap = template::open(&cache, &hv, &args.template)?;
     let runtime = template::read_info(&snap.dir)?.runtime();
-    bench::run(snap, runtime, args)
+    bench::run(snap, runtime, args.fork_memory.resolve(), args)
 }
 
 /// The code from `-c CODE`, a FILE, or `-` (standard input).
@@ -379,7 +379,9 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     }
     let cache = Cache::from_env()?;
     let hv = Hypervisor::open()?;
-    let snap = open_or_build(&cache, &hv, &args.template)?;
+    let mut snap = open_or_build(&cache, &hv, &args.template)?;
+    // One fork, made while its request waits.
+    snap.fork_memory = ForkMemoryPolicy::for_this_host().for_fork(Demand::Behind);
     let started = Instant::now();
     let console: Box<dyn Write + Send> = if args.console {
         Box::new(std::io::stderr())

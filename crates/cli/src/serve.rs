@@ -59,13 +59,12 @@ pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<
     let mut served = Vec::new();
     for name in &args.templates {
         let hv = Hypervisor::open()?;
-        let mut snapshot = open(&cache, &hv, name)?;
-        snapshot.fork_memory = fork_memory;
+        let snapshot = open(&cache, &hv, name)?;
         let runtime = template::read_info(&snapshot.dir)?.runtime();
         served.push(Served {
             name: name.clone(),
             languages: runtime.languages().iter().map(|l| l.to_string()).collect(),
-            template: IsolatedTemplate::new(worker.clone(), snapshot, args.pool),
+            template: IsolatedTemplate::new(worker.clone(), snapshot, args.pool, fork_memory),
         });
     }
     let keys = match &args.api_keys {

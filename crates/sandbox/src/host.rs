@@ -12,8 +12,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use zeroboot_protocol::{Chunk, Request, Response};
-use zeroboot_vmm::fork::ReadyPool;
-use zeroboot_vmm::{ForkMemory, LiveSnapshot, MachineError, Snapshot};
+use zeroboot_vmm::fork::{Demand, ReadyPool};
+use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy, LiveSnapshot, MachineError, Snapshot};
 
 use crate::wire::{self, Command, Failure, LiveParts, Reply, Stats, WireError};
 
@@ -74,7 +74,7 @@ impl WorkerCommand {
 struct Spec {
     command: WorkerCommand,
     dir: PathBuf,
-    fork_memory: ForkMemory,
+    policy: ForkMemoryPolicy,
 }
 
 /// A template whose forks are each a worker process holding one VM.
@@ -87,15 +87,16 @@ pub struct IsolatedTemplate {
 
 impl IsolatedTemplate {
     /// Forks of the template `snapshot` was opened from, keeping up to `pool`
-    /// workers with their VM prepared.
-    pub fn new(command: WorkerCommand, snapshot: Snapshot, pool: usize) -> Self {
+    /// workers with their VM prepared, each VM's memory backed as `policy`
+    /// says (the snapshot's own `fork_memory` is not used).
+    pub fn new(command: WorkerCommand, snapshot: Snapshot, pool: usize, policy: ForkMemoryPolicy) -> Self {
         let spec = std::sync::Arc::new(Spec {
             command,
             dir: snapshot.dir.clone(),
-            fork_memory: snapshot.fork_memory,
+            policy,
         });
         let source = spec.clone();
-        let make = move || Sandbox::prepare(&source, None);
+        let make = move |demand| Sandbox::prepare(&source, None, source.policy.for_fork(demand));
         let pool = ReadyPool::start("zeroboot-workers", pool, make, Result::is_err);
         Self { pool, spec, snapshot }
     }
@@ -104,14 +105,22 @@ impl IsolatedTemplate {
         &self.snapshot
     }
 
+    pub fn fork_memory_policy(&self) -> ForkMemoryPolicy {
+        self.spec.policy
+    }
+
     /// A new sandbox: a worker process with a new VM, started now.
     pub fn fork(&self) -> Result<Sandbox, SandboxError> {
         // The pool prepares the next worker once this one has started
         // (`_refill`): preparing one meanwhile would compete for the CPU.
         let (mut sandbox, _refill) = match self.pool.as_ref().and_then(ReadyPool::take) {
             Some((prepared, refill)) => (prepared?, Some(refill)),
-            // Empty pool (or none): prepare one here rather than wait.
-            None => (Sandbox::prepare(&self.spec, None)?, None),
+            // Empty pool (or none): prepare one here rather than wait. The
+            // request waits for it, hence Behind.
+            None => (
+                Sandbox::prepare(&self.spec, None, self.spec.policy.for_fork(Demand::Behind))?,
+                None,
+            ),
         };
         sandbox.start()?;
         Ok(sandbox)
@@ -121,7 +130,7 @@ impl IsolatedTemplate {
     /// template) was.
     pub fn fork_live(&self, live: &LiveSnapshot) -> Result<Sandbox, SandboxError> {
         let parts = LiveParts::from_live(live).map_err(|e| SandboxError::Worker(e.to_string()))?;
-        let mut sandbox = Sandbox::prepare(&self.spec, Some(parts))?;
+        let mut sandbox = Sandbox::prepare(&self.spec, Some(parts), self.spec.policy.for_fork(Demand::Behind))?;
         sandbox.start()?;
         Ok(sandbox)
     }
@@ -133,10 +142,11 @@ pub struct Sandbox {
     child: Option<Child>,
     to: BufWriter<ChildStdin>,
     from: FrameReader,
+    fork_memory: ForkMemory,
 }
 
 impl Sandbox {
-    fn prepare(spec: &Spec, live: Option<LiveParts>) -> Result<Self, SandboxError> {
+    fn prepare(spec: &Spec, live: Option<LiveParts>, fork_memory: ForkMemory) -> Result<Self, SandboxError> {
         let program = &spec.command.program;
         let mut child = std::process::Command::new(program)
             .args(&spec.command.args)
@@ -156,11 +166,12 @@ impl Sandbox {
             child: Some(child),
             to: BufWriter::new(to),
             from: FrameReader::new(from),
+            fork_memory,
         };
         match sandbox.call(
             &Command::Prepare {
                 live,
-                private_written_ranges: spec.fork_memory == ForkMemory::PrivateWrittenRanges,
+                private_written_ranges: fork_memory == ForkMemory::PrivateWrittenRanges,
             },
             SETUP_DEADLINE,
             "Prepare",
@@ -232,6 +243,11 @@ impl Sandbox {
             Reply::Stats(s) => Ok(s),
             other => Err(unexpected("Stats", &other)),
         }
+    }
+
+    /// How this sandbox's guest memory was backed when its VM was prepared.
+    pub fn fork_memory(&self) -> ForkMemory {
+        self.fork_memory
     }
 
     /// The worker's process id.

@@ -10,7 +10,8 @@
 //! used once, so every sandbox is still a new VM that nothing else has run in.
 
 use std::io::Write;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -42,9 +43,23 @@ pub struct Template {
 pub struct ReadyPool<T: Send + 'static> {
     // A Mutex so that values can be taken from many threads at once.
     ready: Mutex<Receiver<T>>,
+    /// Set when a taker finds no value ready; the filler clears it as it
+    /// starts making the next one ([`Demand`]).
+    missed: Arc<AtomicBool>,
     /// One permit per value the filler may make; None once dropping.
     permits: Option<SyncSender<()>>,
     filler: Option<JoinHandle<()>>,
+}
+
+/// What a [`ReadyPool`]'s filler knows of demand as it starts making a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Demand {
+    /// Every taker since the last value was made found one ready: the value
+    /// will probably wait in the pool for a while.
+    KeptUp,
+    /// A taker found the pool empty since the last value was made: requests
+    /// come faster than values are made, and this one will be taken at once.
+    Behind,
 }
 
 /// Returned with a value taken from a [`ReadyPool`]: dropping it lets the
@@ -61,13 +76,13 @@ impl Drop for Refill<'_> {
 
 impl<T: Send + 'static> ReadyPool<T> {
     /// Starts thread `name`, which calls `make` to keep up to `size` values
-    /// ready. It stops after a value for which `is_last` holds (a failure,
+    /// ready, telling it whether the pool is keeping up. It stops after a value for which `is_last` holds (a failure,
     /// which the next taker receives), or when the pool is dropped. None if
     /// `size` is 0 or the thread cannot start.
     pub fn start(
         name: &str,
         size: usize,
-        mut make: impl FnMut() -> T + Send + 'static,
+        mut make: impl FnMut(Demand) -> T + Send + 'static,
         is_last: fn(&T) -> bool,
     ) -> Option<Self> {
         if size == 0 {
@@ -78,12 +93,19 @@ impl<T: Send + 'static> ReadyPool<T> {
         for _ in 0..size {
             permits.try_send(()).ok()?;
         }
+        let missed = Arc::new(AtomicBool::new(false));
+        let seen = missed.clone();
         let filler = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
                 // recv fails once the pool is dropped, and so does send.
                 while permits_rx.recv().is_ok() {
-                    let value = make();
+                    let demand = if seen.swap(false, Ordering::AcqRel) {
+                        Demand::Behind
+                    } else {
+                        Demand::KeptUp
+                    };
+                    let value = make(demand);
                     let last = is_last(&value);
                     if tx.send(value).is_err() || last {
                         return;
@@ -93,6 +115,7 @@ impl<T: Send + 'static> ReadyPool<T> {
             .ok()?;
         Some(Self {
             ready: Mutex::new(rx),
+            missed,
             permits: Some(permits),
             filler: Some(filler),
         })
@@ -101,7 +124,14 @@ impl<T: Send + 'static> ReadyPool<T> {
     /// A ready value, if there is one now, and the [`Refill`] to drop once
     /// the caller's time-critical part is done.
     pub fn take(&self) -> Option<(T, Refill<'_>)> {
-        let value = self.ready.lock().ok()?.try_recv().ok()?;
+        let value = match self.ready.lock().ok()?.try_recv() {
+            Ok(value) => value,
+            Err(TryRecvError::Empty) => {
+                self.missed.store(true, Ordering::Release);
+                return None;
+            }
+            Err(TryRecvError::Disconnected) => return None,
+        };
         Some((value, Refill(self.permits.as_ref()?)))
     }
 }
@@ -135,7 +165,8 @@ impl Template {
     pub fn with_pool(hv: Hypervisor, snapshot: Snapshot, shells: usize) -> Self {
         let shared = Arc::new(Shared { hv, snapshot });
         let source = shared.clone();
-        let make = move || {
+        // Shells follow the snapshot's fork memory whatever the demand.
+        let make = move |_: Demand| {
             lower_priority();
             Shell::new(&source.hv, &source.snapshot)
         };
@@ -237,7 +268,7 @@ mod tests {
         let pool = ReadyPool::start(
             "test-pool",
             2,
-            move || counter.fetch_add(1, Ordering::SeqCst),
+            move |_| counter.fetch_add(1, Ordering::SeqCst),
             |_| false,
         )
         .expect("pool");
@@ -259,8 +290,39 @@ mod tests {
     }
 
     #[test]
+    fn the_filler_is_told_when_a_taker_found_the_pool_empty() {
+        let made = Arc::new(AtomicUsize::new(0));
+        let demands = Arc::new(Mutex::new(Vec::new()));
+        let (counter, seen) = (made.clone(), demands.clone());
+        let pool = ReadyPool::start(
+            "test-pool",
+            1,
+            move |demand| {
+                seen.lock().expect("demands").push(demand);
+                counter.fetch_add(1, Ordering::SeqCst)
+            },
+            |_| false,
+        )
+        .expect("pool");
+        assert!(wait_for(&made, 1), "the pool fills");
+        let (_, refill) = pool.take().expect("a ready value");
+        assert!(pool.take().is_none(), "the pool is empty until the refill");
+        drop(refill);
+        assert!(wait_for(&made, 2), "the replacement follows the refill");
+        let (_, refill) = pool.take().expect("a ready value");
+        drop(refill);
+        assert!(wait_for(&made, 3), "the replacement follows the refill");
+        assert_eq!(
+            *demands.lock().expect("demands"),
+            [Demand::KeptUp, Demand::Behind, Demand::KeptUp],
+            "only the value made after a miss is made Behind"
+        );
+        drop(pool);
+    }
+
+    #[test]
     fn the_filler_stops_after_a_last_value() {
-        let pool = ReadyPool::start("test-pool", 3, || 7, |&v| v == 7).expect("pool");
+        let pool = ReadyPool::start("test-pool", 3, |_| 7, |&v| v == 7).expect("pool");
         let end = Instant::now() + Duration::from_secs(5);
         let taken = loop {
             if let Some((v, refill)) = pool.take() {

@@ -27,4 +27,4 @@ pub mod snapshot;
 pub use fork::Template;
 pub use kvm::Hypervisor;
 pub use machine::{BootSpec, LiveSnapshot, Machine, MachineError};
-pub use snapshot::{ForkMemory, Snapshot};
+pub use snapshot::{ForkMemory, ForkMemoryPolicy, Snapshot};

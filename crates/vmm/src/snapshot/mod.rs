@@ -176,6 +176,50 @@ impl ForkMemory {
     }
 }
 
+/// Which [`ForkMemory`] a fork gets, where forks are prepared ahead by a
+/// pool ([`crate::fork::ReadyPool`]) or made on demand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForkMemoryPolicy {
+    /// Every fork gets this one.
+    Fixed(ForkMemory),
+    /// [`ForkMemory::PrivateWrittenRanges`] for a VM prepared while the
+    /// pool keeps up with requests: its copy is paid before any request
+    /// arrives, and its first exec is several times faster.
+    /// [`ForkMemory::SharedPages`] for a VM made while requests wait (none
+    /// was ready, or recently one was not): its preparation is on a
+    /// request's clock or competes with running ones, and preparation plus
+    /// first exec cost less CPU in all, which is what throughput under load
+    /// is made of.
+    Adaptive,
+}
+
+impl ForkMemoryPolicy {
+    /// [`ForkMemoryPolicy::Adaptive`] where [`ForkMemory::for_this_host`]
+    /// is `PrivateWrittenRanges`, else that mode, fixed.
+    pub fn for_this_host() -> Self {
+        match ForkMemory::for_this_host() {
+            ForkMemory::PrivateWrittenRanges => Self::Adaptive,
+            fixed => Self::Fixed(fixed),
+        }
+    }
+
+    /// The mode for a VM made under `demand`.
+    pub fn for_fork(self, demand: crate::fork::Demand) -> ForkMemory {
+        match (self, demand) {
+            (Self::Fixed(mode), _) => mode,
+            (Self::Adaptive, crate::fork::Demand::KeptUp) => ForkMemory::PrivateWrittenRanges,
+            (Self::Adaptive, crate::fork::Demand::Behind) => ForkMemory::SharedPages,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fixed(mode) => mode.name(),
+            Self::Adaptive => "adaptive",
+        }
+    }
+}
+
 /// A template opened for forking: the decoded state and the memory file.
 pub struct Snapshot {
     pub dir: PathBuf,
