@@ -93,6 +93,13 @@ fn batch_runs_in_parallel_and_health_and_metrics_report() {
         metrics.text
     );
     assert!(metrics.text.contains("zeroboot_spawn_seconds_count 2"));
+    let forks: f64 = metrics
+        .text
+        .lines()
+        .filter(|l| l.starts_with("zeroboot_forks_total{fork_memory="))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(forks, 2.0, "every fork counted under its fork memory: {}", metrics.text);
 }
 
 #[test]

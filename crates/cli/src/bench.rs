@@ -181,6 +181,7 @@ pub fn run(snap: Snapshot, runtime: Runtime, policy: ForkMemoryPolicy, args: &Be
     let mut huge = Vec::with_capacity(n);
     let mut cold_memory = MemoryCounts::default();
     let mut print_memory = MemoryCounts::default();
+    let mut second_memory = MemoryCounts::default();
     for _ in 0..n {
         let t = Instant::now();
         let m = fork(&cold)?;
@@ -211,6 +212,7 @@ pub fn run(snap: Snapshot, runtime: Runtime, policy: ForkMemoryPolicy, args: &Be
         let mut m = fork(&template)?;
         exec(&mut m, second_code)?;
         second.push(t.elapsed().as_secs_f64() * 1e6);
+        second_memory.add(&m);
     }
     let template = &template;
 
@@ -263,6 +265,7 @@ pub fn run(snap: Snapshot, runtime: Runtime, policy: ForkMemoryPolicy, args: &Be
             "fork_memory": fork_memory,
             "fork_memory_spawn_cold": cold_memory.json(),
             "fork_memory_exec_print": print_memory.json(),
+            "fork_memory_exec_code": second_memory.json(),
             "fork_memory_throughput": throughput_memory.json(),
             "spawn_us": spawn.json(),
             "spawn_cold_us": spawn_cold.json(),
@@ -290,11 +293,12 @@ pub fn run(snap: Snapshot, runtime: Runtime, policy: ForkMemoryPolicy, args: &Be
         "each sandbox is a worker process holding one new VM; forks take one prepared\n\
          ahead of time from a pool of {} ({} ms idle before each timed fork);\n\
          \"no pool\" starts the process and makes the VM inside the timed region;\n\
-         fork memory: {fork_memory} (no pool: {}; print: {}; throughput: {})\n",
+         fork memory: {fork_memory} (no pool: {}; print: {}; second: {}; throughput: {})\n",
         args.pool,
         REFILL.as_millis(),
         cold_memory.describe(),
         print_memory.describe(),
+        second_memory.describe(),
         throughput_memory.describe(),
     );
     println!(

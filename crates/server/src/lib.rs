@@ -41,7 +41,7 @@ use crate::api::{
 };
 use crate::auth::{Auth, Caller};
 use crate::error::ApiError;
-use crate::metrics::{Metrics, Outcome};
+use crate::metrics::{Memory, Metrics, Outcome};
 use crate::sessions::{SessionInfo, Sessions};
 
 /// What the server allows. Every limit answers with a clear error, never a hang.
@@ -312,6 +312,12 @@ impl AppState {
         let forked = started.elapsed();
         self.metrics.live_sandboxes.inc();
         self.metrics.spawn_seconds.observe(forked.as_secs_f64());
+        self.metrics
+            .forks
+            .get_or_create(&Memory {
+                fork_memory: sandbox.fork_memory().name(),
+            })
+            .inc();
         let (result, _) = self.exec_on(&mut sandbox, &served.name, req, timeout, output_limit, on_chunk);
         let total = started.elapsed();
         // Kills the worker process, which takes the VM down with it.

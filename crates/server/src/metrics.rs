@@ -13,9 +13,16 @@ pub struct Outcome {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Memory {
+    /// `shared-pages` or `private-written-ranges` (`vmm::ForkMemory`).
+    pub fork_memory: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub executions: Family<Outcome, Counter>,
+    pub forks: Family<Memory, Counter>,
     pub spawn_seconds: Histogram,
     pub exec_seconds: Histogram,
     pub total_seconds: Histogram,
@@ -27,6 +34,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("zeroboot");
         let executions = Family::<Outcome, Counter>::default();
+        let forks = Family::<Memory, Counter>::default();
         // 100 µs to about 52 s.
         let buckets = || exponential_buckets(0.000_1, 2.0, 20);
         let spawn_seconds = Histogram::new(buckets());
@@ -35,6 +43,11 @@ impl Default for Metrics {
         let live_sandboxes = Gauge::default();
         let resident_bytes = Gauge::default();
         registry.register("executions", "Executions by outcome", executions.clone());
+        registry.register(
+            "forks",
+            "Sandboxes forked for one execution, by how their guest memory was backed",
+            forks.clone(),
+        );
         registry.register(
             "spawn_seconds",
             "Fork call until the sandbox could run",
@@ -55,6 +68,7 @@ impl Default for Metrics {
         Self {
             registry,
             executions,
+            forks,
             spawn_seconds,
             exec_seconds,
             total_seconds,
