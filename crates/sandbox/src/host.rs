@@ -96,7 +96,18 @@ impl IsolatedTemplate {
             policy,
         });
         let source = spec.clone();
-        let make = move |demand| Sandbox::prepare(&source, None, source.policy.for_fork(demand));
+        let make = move |demand| {
+            let started = Instant::now();
+            let fork_memory = source.policy.for_fork(demand);
+            let prepared = Sandbox::prepare(&source, None, fork_memory);
+            tracing::debug!(
+                ?demand,
+                fork_memory = fork_memory.name(),
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "pool prepared a worker"
+            );
+            prepared
+        };
         let pool = ReadyPool::start("zeroboot-workers", pool, make, Result::is_err);
         Self { pool, spec, snapshot }
     }
