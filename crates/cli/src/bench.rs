@@ -182,13 +182,17 @@ pub fn run(snap: Snapshot, runtime: Runtime, policy: ForkMemoryPolicy, args: &Be
     let mut cold_memory = MemoryCounts::default();
     let mut print_memory = MemoryCounts::default();
     let mut second_memory = MemoryCounts::default();
+    // A loop of its own, so that how long a fork without a pool takes does
+    // not change how much time the pool below has to refill.
     for _ in 0..n {
+        std::thread::sleep(REFILL);
         let t = Instant::now();
         let m = fork(&cold)?;
         spawn_cold.push(t.elapsed().as_secs_f64() * 1e6);
         cold_memory.add(&m);
-        drop(m);
-
+    }
+    drop(cold);
+    for _ in 0..n {
         std::thread::sleep(REFILL);
         let t = Instant::now();
         let m = fork(&template)?;
