@@ -116,10 +116,6 @@ impl IsolatedTemplate {
         &self.snapshot
     }
 
-    pub fn fork_memory_policy(&self) -> ForkMemoryPolicy {
-        self.spec.policy
-    }
-
     /// A new sandbox: a worker process with a new VM, started now.
     pub fn fork(&self) -> Result<Sandbox, SandboxError> {
         // The pool prepares the next worker once this one has started

@@ -182,14 +182,13 @@ impl HugeStaging {
         let head = start - reservation as usize;
         // SAFETY: unmapping the parts of the reservation before and after
         // the aligned 2 MiB, which this function just mapped and nothing
-        // else uses; either may be empty (munmap of 0 bytes is skipped).
+        // else uses. The part before is empty when the kernel's address was
+        // aligned already (head < huge, so the part after never is).
         unsafe {
             if head > 0 {
                 libc::munmap(reservation, head);
             }
-            if huge - head > 0 {
-                libc::munmap((start + huge) as *mut libc::c_void, huge - head);
-            }
+            libc::munmap((start + huge) as *mut libc::c_void, huge - head);
         }
         // SAFETY: advice on the page just mapped; it holds nothing yet. A
         // host without a huge page to give makes it 4 KiB pages: correct,

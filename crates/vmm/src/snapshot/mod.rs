@@ -321,6 +321,18 @@ pub(crate) mod tests {
     use crate::layout::MemoryLayout;
     use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry};
 
+    #[test]
+    fn adaptive_fork_memory_copies_ranges_only_for_vms_made_ahead() {
+        use crate::fork::Demand::{Behind, KeptUp};
+        let adaptive = ForkMemoryPolicy::Adaptive;
+        assert_eq!(adaptive.for_fork(KeptUp), ForkMemory::PrivateWrittenRanges);
+        assert_eq!(adaptive.for_fork(Behind), ForkMemory::SharedPages);
+        for mode in [ForkMemory::SharedPages, ForkMemory::PrivateWrittenRanges] {
+            let fixed = ForkMemoryPolicy::Fixed(mode);
+            assert_eq!((fixed.for_fork(KeptUp), fixed.for_fork(Behind)), (mode, mode));
+        }
+    }
+
     pub fn sample_state() -> MachineState {
         let mut vcpu = VcpuState {
             cpuid: vec![kvm_cpuid_entry2 {
