@@ -5,7 +5,7 @@
 // Helpers here are test code too; clippy only exempts #[test] functions.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use zeroboot_e2e::{template_dir, zeroboot_bin};
@@ -43,11 +43,12 @@ fn damage(memory: &Path) {
     }
 }
 
-#[test]
-fn a_damaged_template_is_refused_then_rebuilt_on_request() {
+/// A copy of the python template in a cache of its own under the temporary
+/// directory: (cache, template directory).
+fn private_copy(tag: &str) -> (PathBuf, PathBuf) {
     let real = template_dir();
     let real_cache = real.parent().and_then(Path::parent).unwrap();
-    let cache = std::env::temp_dir().join(format!("zeroboot-integrity-{}", std::process::id()));
+    let cache = std::env::temp_dir().join(format!("zeroboot-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&cache);
     std::fs::create_dir_all(cache.join("templates")).unwrap();
     for artifact in ["kernel", "root-image", "rootfs-base"] {
@@ -61,6 +62,59 @@ fn a_damaged_template_is_refused_then_rebuilt_on_request() {
         .status()
         .unwrap();
     assert!(cp.success());
+    (cache, copy)
+}
+
+#[test]
+fn an_open_reads_a_spoilt_page_cache_back_into_2_mib_folios() {
+    use std::os::unix::fs::FileExt;
+    use zeroboot_vmm::snapshot::{read_memory_file, release_page_cache, small_folio_ranges};
+    let (cache, copy) = private_copy("folios");
+    let file = std::fs::File::open(copy.join("memory.bin")).unwrap();
+    // Written pages cannot be dropped until they are on disk.
+    std::fs::File::options()
+        .write(true)
+        .open(copy.join("memory.bin"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    release_page_cache(&file).unwrap();
+    // Most of the file read as forks read it, then a few ranges with pread,
+    // as a backup or `cp` of an uncached file would: readahead caches them
+    // and their neighbours in small folios.
+    let before = read_memory_file(&file).unwrap();
+    assert!(
+        before.huge_ranges > 0,
+        "this host caches the file in 2 MiB folios: {before:?}"
+    );
+    let spoilt_ranges = [68u64, 112, 118, 128].map(|mib| mib << 20);
+    for &offset in &spoilt_ranges {
+        zeroboot_vmm::snapshot::release_page_cache_range(&file, offset, 2 << 20).unwrap();
+    }
+    let mut buf = vec![0u8; 2 << 20];
+    for &offset in &spoilt_ranges {
+        file.read_exact_at(&mut buf, offset).unwrap();
+    }
+    let spoilt = small_folio_ranges(&file).unwrap();
+    assert!(
+        spoilt.len() >= spoilt_ranges.len(),
+        "pread left its ranges in small folios: {spoilt:x?}"
+    );
+
+    let out = zeroboot(&cache, &["run", "-c", "print(1)"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        small_folio_ranges(&file).unwrap(),
+        Vec::<u64>::new(),
+        "opening the template read those ranges back into 2 MiB folios"
+    );
+    assert_eq!(read_memory_file(&file).unwrap().huge_ranges, before.huge_ranges);
+    std::fs::remove_dir_all(&cache).unwrap();
+}
+
+#[test]
+fn a_damaged_template_is_refused_then_rebuilt_on_request() {
+    let (cache, copy) = private_copy("integrity");
 
     // The undamaged copy opens and runs.
     let out = zeroboot(&cache, &["run", "-c", "print(1)"]);

@@ -48,6 +48,107 @@ pub fn page_runs(pages: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
     runs
 }
 
+/// The sum of `fields` (in kB) over this process's /proc/self/smaps entries
+/// that lie within host addresses `base..end`.
+pub(crate) fn smaps_kib(base: u64, end: u64, fields: &[&str]) -> std::io::Result<u64> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    let mut in_range = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        if !line.ends_with(" kB") && line.contains('-') {
+            // A mapping header: "start-end perms offset dev inode [path]".
+            let range = line.split_whitespace().next().and_then(|r| r.split_once('-'));
+            in_range = match range {
+                Some((from, to)) => {
+                    let from = u64::from_str_radix(from, 16).unwrap_or(0);
+                    let to = u64::from_str_radix(to, 16).unwrap_or(0);
+                    from >= base && to <= end
+                }
+                None => false,
+            };
+        } else if in_range && fields.iter().any(|f| line.starts_with(f)) {
+            kib += line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(kib)
+}
+
+/// `PAGEMAP_SCAN`'s argument and result types (linux/fs.h, Linux 6.7).
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+#[repr(C)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+const PAGE_IS_HUGE: u64 = 1 << 6;
+/// `_IOWR('f', 16, struct pm_scan_arg)`.
+const PAGEMAP_SCAN: libc::c_ulong = 0xC060_6610;
+
+/// The regions of this process's address space within `base..end` whose
+/// pages are present and mapped with 4 KiB entries rather than one 2 MiB
+/// entry, as `(start, end)` host addresses.
+pub(crate) fn present_small_regions(base: u64, end: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let pagemap = File::open("/proc/self/pagemap")?;
+    let mut out = Vec::new();
+    let mut regions = vec![PageRegion::default(); 512];
+    let mut from = base;
+    while from < end {
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            flags: 0,
+            start: from,
+            end,
+            walk_end: 0,
+            vec: regions.as_mut_ptr() as u64,
+            vec_len: regions.len() as u64,
+            max_pages: 0,
+            // Present and not huge.
+            category_inverted: PAGE_IS_HUGE,
+            category_mask: PAGE_IS_PRESENT | PAGE_IS_HUGE,
+            category_anyof_mask: 0,
+            return_mask: PAGE_IS_PRESENT | PAGE_IS_HUGE,
+        };
+        // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len`
+        // entries into `regions`, which outlives the call, and `walk_end`
+        // into `arg`; it only reads this process's page tables.
+        let found = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) };
+        if found < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        out.extend(regions[..found as usize].iter().map(|r| (r.start, r.end)));
+        // The scan stops early when `regions` is full; go on from there.
+        if arg.walk_end <= from || (found as usize) < regions.len() {
+            break;
+        }
+        from = arg.walk_end;
+    }
+    Ok(out)
+}
+
 /// Huge-page size on x86-64.
 pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
 
@@ -360,35 +461,12 @@ impl GuestRam {
         self.smaps_bytes(&["FilePmdMapped:", "AnonHugePages:"])
     }
 
-    /// The sum of `fields` (in kB) over the /proc/self/smaps entries of
-    /// guest memory (one mapping, split where
-    /// [`GuestRam::make_private_huge`] replaced ranges), in bytes.
+    /// The sum of `fields` over the /proc/self/smaps entries of guest
+    /// memory (one mapping, split where [`GuestRam::make_private_huge`]
+    /// replaced ranges), in bytes.
     fn smaps_bytes(&self, fields: &[&str]) -> Result<u64, MemoryError> {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").map_err(MemoryError::Smaps)?;
         let (base, end) = (self.host_address(), self.host_address() + self.size);
-        let mut in_mapping = false;
-        let mut kib = 0;
-        for line in smaps.lines() {
-            if !line.ends_with(" kB") && line.contains('-') {
-                // A mapping header: "start-end perms offset dev inode [path]".
-                let range = line.split_whitespace().next().and_then(|r| r.split_once('-'));
-                in_mapping = match range {
-                    Some((from, to)) => {
-                        let from = u64::from_str_radix(from, 16).unwrap_or(0);
-                        let to = u64::from_str_radix(to, 16).unwrap_or(0);
-                        from >= base && to <= end
-                    }
-                    None => false,
-                };
-            } else if in_mapping && fields.iter().any(|f| line.starts_with(f)) {
-                kib += line
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0);
-            }
-        }
-        Ok(kib * 1024)
+        Ok(smaps_kib(base, end, fields).map_err(MemoryError::Smaps)? * 1024)
     }
 
     /// The file this memory is a private mapping of, if it is one.

@@ -4,7 +4,7 @@
 pub mod codec;
 pub mod state;
 
-use crate::memory::AlignedMapping;
+use crate::memory::{AlignedMapping, HUGE_PAGE_SIZE};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -46,12 +46,37 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
 /// [`crate::memory::AlignedMapping`]). Call [`release_page_cache`] first for
 /// a file just written.
 pub fn memory_checksum(file: &File) -> std::io::Result<u32> {
+    read_memory_file(file).map(|read| read.crc32)
+}
+
+/// What [`read_memory_file`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryFileRead {
+    /// As [`memory_checksum`].
+    pub crc32: u32,
+    /// 2 MiB ranges of the file that hold data.
+    pub data_ranges: u64,
+    /// Of those, how many the page cache held in 2 MiB folios after the
+    /// read (mapped with one 2 MiB entry each). Fewer than `data_ranges`
+    /// means something read the file another way first (a `read` or
+    /// `pread`, whose readahead caches small folios), and every fork pays
+    /// for it in first-touch exits (docs/guest-kernel.md).
+    pub huge_ranges: u64,
+}
+
+/// Reads the memory file as [`memory_checksum`] does, and reports how it
+/// now sits in the page cache.
+pub fn read_memory_file(file: &File) -> std::io::Result<MemoryFileRead> {
     use std::os::fd::AsRawFd;
     const PAGE: u64 = 4096;
     let size = file.metadata()?.len();
     let mut crc = crc32fast::Hasher::new();
     if size == 0 {
-        return Ok(crc.finalize());
+        return Ok(MemoryFileRead {
+            crc32: crc.finalize(),
+            data_ranges: 0,
+            huge_ranges: 0,
+        });
     }
     let mapping = AlignedMapping::new(file, size as usize, libc::PROT_READ, libc::MAP_SHARED)?;
     let bytes = mapping.as_slice();
@@ -70,6 +95,7 @@ pub fn memory_checksum(file: &File) -> std::io::Result<u32> {
             Err(e)
         }
     };
+    let mut data_ranges = std::collections::BTreeSet::new();
     let mut at = 0;
     while at < size {
         let Some(data) = seek(at, libc::SEEK_DATA)? else { break };
@@ -77,6 +103,7 @@ pub fn memory_checksum(file: &File) -> std::io::Result<u32> {
         // Extents need not be page-aligned; whole pages are read either way.
         let first = data / PAGE * PAGE;
         let end = (hole.div_ceil(PAGE) * PAGE).min(size);
+        data_ranges.extend(first / HUGE_PAGE_SIZE..end.div_ceil(HUGE_PAGE_SIZE));
         for (i, chunk) in bytes[first as usize..end as usize].chunks(PAGE as usize).enumerate() {
             if chunk.iter().any(|&b| b != 0) {
                 crc.update(&(first / PAGE + i as u64).to_le_bytes());
@@ -85,7 +112,73 @@ pub fn memory_checksum(file: &File) -> std::io::Result<u32> {
         }
         at = end.max(hole);
     }
-    Ok(crc.finalize())
+    let base = mapping.as_ptr() as u64;
+    let pmd_kib = crate::memory::smaps_kib(base, base + size, &["FilePmdMapped:"])?;
+    Ok(MemoryFileRead {
+        crc32: crc.finalize(),
+        data_ranges: data_ranges.len() as u64,
+        huge_ranges: pmd_kib * 1024 / HUGE_PAGE_SIZE,
+    })
+}
+
+/// Offsets of the 2 MiB ranges of `file` that hold data and that the page
+/// cache holds in folios smaller than 2 MiB, so that a mapping maps them
+/// with 4 KiB entries. Found with `PAGEMAP_SCAN` (Linux 6.7) over a
+/// mapping of the file: an error on older kernels.
+pub fn small_folio_ranges(file: &File) -> std::io::Result<Vec<u64>> {
+    use std::os::fd::AsRawFd;
+    let size = file.metadata()?.len();
+    let whole_ranges = size / HUGE_PAGE_SIZE * HUGE_PAGE_SIZE;
+    if whole_ranges == 0 {
+        return Ok(Vec::new());
+    }
+    let mapping = AlignedMapping::new(file, whole_ranges as usize, libc::PROT_READ, libc::MAP_SHARED)?;
+    let fd = file.as_raw_fd();
+    // One read per range that holds data maps the range: with one 2 MiB
+    // entry if its folio is 2 MiB, else the page (and its neighbours).
+    let bytes = mapping.as_slice();
+    let mut at = 0;
+    while at < whole_ranges {
+        // SAFETY: lseek on an fd this function borrows; no pointers.
+        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 || data as u64 >= whole_ranges {
+            break;
+        }
+        let range = data as u64 / HUGE_PAGE_SIZE * HUGE_PAGE_SIZE;
+        // SAFETY: `range` is within the mapping; a volatile read so that
+        // the load (and the fault that maps the range) happens.
+        unsafe { std::ptr::read_volatile(bytes.as_ptr().add(range as usize)) };
+        at = range + HUGE_PAGE_SIZE;
+    }
+    let base = mapping.as_ptr() as u64;
+    let regions = crate::memory::present_small_regions(base, base + whole_ranges)?;
+    let mut ranges: Vec<u64> = regions
+        .into_iter()
+        .flat_map(|(start, end)| (start - base) / HUGE_PAGE_SIZE..(end - base).div_ceil(HUGE_PAGE_SIZE))
+        .map(|range| range * HUGE_PAGE_SIZE)
+        .collect();
+    ranges.dedup();
+    Ok(ranges)
+}
+
+/// Drops `file`'s clean, unmapped pages in `offset..offset + len` from the
+/// host page cache ([`release_page_cache`] for part of it).
+pub fn release_page_cache_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: advice on an fd this function borrows; no memory is passed.
+    let rc = unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(rc))
+    }
 }
 
 /// Drops `file`'s clean, unmapped pages from the host page cache. The write
@@ -93,14 +186,8 @@ pub fn memory_checksum(file: &File) -> std::io::Result<u32> {
 /// the next read ([`memory_checksum`], or a fork's fault) caches it in 2 MiB
 /// folios.
 pub fn release_page_cache(file: &File) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: advice on an fd this function borrows; no memory is passed.
-    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::from_raw_os_error(rc))
-    }
+    // A length of 0 means to the end of the file.
+    release_page_cache_range(file, 0, 0)
 }
 
 /// Writes the state file atomically (temporary file, then rename).
