@@ -68,7 +68,7 @@ fn private_copy(tag: &str) -> (PathBuf, PathBuf) {
 #[test]
 fn an_open_reads_a_spoilt_page_cache_back_into_2_mib_folios() {
     use std::os::unix::fs::FileExt;
-    use zeroboot_vmm::snapshot::{read_memory_file, release_page_cache, small_folio_ranges};
+    use zeroboot_vmm::snapshot::{read_memory_file, release_page_cache};
     let (cache, copy) = private_copy("folios");
     let file = std::fs::File::open(copy.join("memory.bin")).unwrap();
     // Written pages cannot be dropped until they are on disk.
@@ -95,7 +95,7 @@ fn an_open_reads_a_spoilt_page_cache_back_into_2_mib_folios() {
     for &offset in &spoilt_ranges {
         file.read_exact_at(&mut buf, offset).unwrap();
     }
-    let spoilt = small_folio_ranges(&file).unwrap();
+    let spoilt = read_memory_file(&file).unwrap().small_ranges.unwrap();
     assert!(
         spoilt.len() >= spoilt_ranges.len(),
         "pread left its ranges in small folios: {spoilt:x?}"
@@ -104,8 +104,8 @@ fn an_open_reads_a_spoilt_page_cache_back_into_2_mib_folios() {
     let out = zeroboot(&cache, &["run", "-c", "print(1)"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(
-        small_folio_ranges(&file).unwrap(),
-        Vec::<u64>::new(),
+        read_memory_file(&file).unwrap().small_ranges,
+        Some(Vec::new()),
         "opening the template read those ranges back into 2 MiB folios"
     );
     assert_eq!(read_memory_file(&file).unwrap().huge_ranges, before.huge_ranges);

@@ -434,8 +434,8 @@ pub fn verify(dir: &Path, info: &TemplateInfo) -> Result<(), TemplateError> {
         .memory_huge_ranges
         .unwrap_or(if read.huge_ranges > 0 { read.data_ranges } else { 0 });
     if read.huge_ranges < possible {
-        match snapshot::small_folio_ranges(&file) {
-            Ok(small) if !small.is_empty() => {
+        match read.small_ranges.take() {
+            Some(small) if !small.is_empty() => {
                 tracing::info!(
                     template = %info.name,
                     huge_ranges = read.huge_ranges,
@@ -449,8 +449,8 @@ pub fn verify(dir: &Path, info: &TemplateInfo) -> Result<(), TemplateError> {
                 }
                 read = snapshot::read_memory_file(&file).map_err(io_err(&path))?;
             }
-            Ok(_) => {}
-            Err(e) => tracing::debug!(error = %e, "cannot tell which ranges are in small folios"),
+            Some(_) => {}
+            None => tracing::debug!("cannot tell which ranges are in small folios (PAGEMAP_SCAN)"),
         }
     }
     let actual = read.crc32;

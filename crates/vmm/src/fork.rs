@@ -76,9 +76,10 @@ impl Drop for Refill<'_> {
 
 impl<T: Send + 'static> ReadyPool<T> {
     /// Starts thread `name`, which calls `make` to keep up to `size` values
-    /// ready, telling it whether the pool is keeping up. It stops after a value for which `is_last` holds (a failure,
-    /// which the next taker receives), or when the pool is dropped. None if
-    /// `size` is 0 or the thread cannot start.
+    /// ready, telling it whether the pool is keeping up. It stops after a
+    /// value for which `is_last` holds (a failure, which the next taker
+    /// receives), or when the pool is dropped. None if `size` is 0 or the
+    /// thread cannot start.
     pub fn start(
         name: &str,
         size: usize,

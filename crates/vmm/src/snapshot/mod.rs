@@ -50,7 +50,7 @@ pub fn memory_checksum(file: &File) -> std::io::Result<u32> {
 }
 
 /// What [`read_memory_file`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemoryFileRead {
     /// As [`memory_checksum`].
     pub crc32: u32,
@@ -62,6 +62,10 @@ pub struct MemoryFileRead {
     /// `pread`, whose readahead caches small folios), and every fork pays
     /// for it in first-touch exits (docs/guest-kernel.md).
     pub huge_ranges: u64,
+    /// Offsets of the whole 2 MiB ranges holding data that the page cache
+    /// held in smaller folios (mapped with 4 KiB entries), ascending. From
+    /// `PAGEMAP_SCAN` (Linux 6.7); None where the kernel cannot say.
+    pub small_ranges: Option<Vec<u64>>,
 }
 
 /// Reads the memory file as [`memory_checksum`] does, and reports how it
@@ -76,6 +80,7 @@ pub fn read_memory_file(file: &File) -> std::io::Result<MemoryFileRead> {
             crc32: crc.finalize(),
             data_ranges: 0,
             huge_ranges: 0,
+            small_ranges: Some(Vec::new()),
         });
     }
     let mapping = AlignedMapping::new(file, size as usize, libc::PROT_READ, libc::MAP_SHARED)?;
@@ -112,53 +117,28 @@ pub fn read_memory_file(file: &File) -> std::io::Result<MemoryFileRead> {
         }
         at = end.max(hole);
     }
+    // Every data page has been read through the mapping, so each data range
+    // is mapped now: with one 2 MiB entry where its folio is 2 MiB.
     let base = mapping.as_ptr() as u64;
     let pmd_kib = crate::memory::smaps_kib(base, base + size, &["FilePmdMapped:"])?;
+    let whole_ranges = size / HUGE_PAGE_SIZE * HUGE_PAGE_SIZE;
+    let small_ranges = crate::memory::present_small_regions(base, base + whole_ranges)
+        .ok()
+        .map(|regions| {
+            let mut ranges: Vec<u64> = regions
+                .into_iter()
+                .flat_map(|(start, end)| (start - base) / HUGE_PAGE_SIZE..(end - base).div_ceil(HUGE_PAGE_SIZE))
+                .map(|range| range * HUGE_PAGE_SIZE)
+                .collect();
+            ranges.dedup();
+            ranges
+        });
     Ok(MemoryFileRead {
         crc32: crc.finalize(),
         data_ranges: data_ranges.len() as u64,
         huge_ranges: pmd_kib * 1024 / HUGE_PAGE_SIZE,
+        small_ranges,
     })
-}
-
-/// Offsets of the 2 MiB ranges of `file` that hold data and that the page
-/// cache holds in folios smaller than 2 MiB, so that a mapping maps them
-/// with 4 KiB entries. Found with `PAGEMAP_SCAN` (Linux 6.7) over a
-/// mapping of the file: an error on older kernels.
-pub fn small_folio_ranges(file: &File) -> std::io::Result<Vec<u64>> {
-    use std::os::fd::AsRawFd;
-    let size = file.metadata()?.len();
-    let whole_ranges = size / HUGE_PAGE_SIZE * HUGE_PAGE_SIZE;
-    if whole_ranges == 0 {
-        return Ok(Vec::new());
-    }
-    let mapping = AlignedMapping::new(file, whole_ranges as usize, libc::PROT_READ, libc::MAP_SHARED)?;
-    let fd = file.as_raw_fd();
-    // One read per range that holds data maps the range: with one 2 MiB
-    // entry if its folio is 2 MiB, else the page (and its neighbours).
-    let bytes = mapping.as_slice();
-    let mut at = 0;
-    while at < whole_ranges {
-        // SAFETY: lseek on an fd this function borrows; no pointers.
-        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 || data as u64 >= whole_ranges {
-            break;
-        }
-        let range = data as u64 / HUGE_PAGE_SIZE * HUGE_PAGE_SIZE;
-        // SAFETY: `range` is within the mapping; a volatile read so that
-        // the load (and the fault that maps the range) happens.
-        unsafe { std::ptr::read_volatile(bytes.as_ptr().add(range as usize)) };
-        at = range + HUGE_PAGE_SIZE;
-    }
-    let base = mapping.as_ptr() as u64;
-    let regions = crate::memory::present_small_regions(base, base + whole_ranges)?;
-    let mut ranges: Vec<u64> = regions
-        .into_iter()
-        .flat_map(|(start, end)| (start - base) / HUGE_PAGE_SIZE..(end - base).div_ceil(HUGE_PAGE_SIZE))
-        .map(|range| range * HUGE_PAGE_SIZE)
-        .collect();
-    ranges.dedup();
-    Ok(ranges)
 }
 
 /// Drops `file`'s clean, unmapped pages in `offset..offset + len` from the
@@ -386,7 +366,7 @@ impl Snapshot {
     /// The 2 MiB-aligned guest-physical ranges that hold a page of the
     /// write set, ascending.
     pub fn written_ranges(&self) -> Vec<u64> {
-        let huge = crate::memory::HUGE_PAGE_SIZE;
+        let huge = HUGE_PAGE_SIZE;
         let mut ranges: Vec<u64> = self
             .write_set
             .iter()
