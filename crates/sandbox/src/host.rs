@@ -175,14 +175,7 @@ impl Sandbox {
             from: FrameReader::new(from),
             fork_memory,
         };
-        match sandbox.call(
-            &Command::Prepare {
-                live,
-                private_written_ranges: fork_memory == ForkMemory::PrivateWrittenRanges,
-            },
-            SETUP_DEADLINE,
-            "Prepare",
-        )? {
+        match sandbox.call(&Command::Prepare { live, fork_memory }, SETUP_DEADLINE, "Prepare")? {
             Reply::Prepared => Ok(sandbox),
             other => Err(unexpected("Prepared", &other)),
         }

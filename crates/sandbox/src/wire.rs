@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use zeroboot_protocol::Response;
 use zeroboot_vmm::snapshot::{codec, CodecError};
-use zeroboot_vmm::LiveSnapshot;
+use zeroboot_vmm::{ForkMemory, LiveSnapshot};
 
 /// Largest frame either side accepts. The largest frames are live snapshots,
 /// which hold at most a sandbox's guest RAM.
@@ -31,8 +31,8 @@ pub enum Command {
     /// of one of its forks. Must come first, once.
     Prepare {
         live: Option<LiveParts>,
-        /// `ForkMemory::PrivateWrittenRanges` rather than `SharedPages`.
-        private_written_ranges: bool,
+        /// How the VM's guest memory is backed.
+        fork_memory: ForkMemory,
     },
     /// Finish the fork (fresh entropy, clock, timer): the sandbox exists now.
     Start,

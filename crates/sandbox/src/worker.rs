@@ -38,19 +38,11 @@ pub fn serve(dir: &Path) -> Result<(), WorkerError> {
     die_with_parent();
     let mut input = BufReader::new(std::io::stdin().lock());
     let mut output = BufWriter::new(std::io::stdout().lock());
-    let (live, private_written_ranges) = match read_frame(&mut input) {
-        Ok(Command::Prepare {
-            live,
-            private_written_ranges,
-        }) => (live, private_written_ranges),
+    let (live, fork_memory) = match read_frame(&mut input) {
+        Ok(Command::Prepare { live, fork_memory }) => (live, fork_memory),
         Ok(other) => return Err(WorkerError::NotPrepare(name(&other))),
         Err(WireError::Closed) => return Ok(()),
         Err(e) => return Err(e.into()),
-    };
-    let fork_memory = if private_written_ranges {
-        ForkMemory::PrivateWrittenRanges
-    } else {
-        ForkMemory::SharedPages
     };
     let (template, prepared) = match prepare(dir, live, fork_memory) {
         Ok(made) => made,

@@ -198,7 +198,7 @@ pub fn read_state(path: &Path) -> Result<MachineState, SnapshotError> {
 
 /// How a fork's guest memory is backed, beyond the copy-on-write mapping
 /// of the template's memory file that every fork starts from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ForkMemory {
     /// The pages of the template's write set are copied ahead, 4 KiB each;
     /// everything else stays shared until written (about 1.5 MiB per python
