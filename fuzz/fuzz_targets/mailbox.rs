@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use zeroboot_protocol::{header, read_chunk, read_entropy_table, read_request, Response, MAILBOX_SIZE, RESPONSE_OFFSET};
+use zeroboot_protocol::{header, read_chunk, read_entropy_table, read_request, Outcome, MAILBOX_SIZE, RESPONSE_OFFSET};
 
 fuzz_target!(|data: &[u8]| {
     let mut mailbox = vec![0u8; MAILBOX_SIZE];
@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     let seq = u32::from_le_bytes(mailbox[header::RESPONSE_SEQ..header::RESPONSE_SEQ + 4].try_into().unwrap());
     if let Ok(chunk) = read_chunk(&mailbox, seq) {
         assert!(chunk.stdout.len() + chunk.stderr.len() <= MAILBOX_SIZE - RESPONSE_OFFSET);
-        let mut response = Response::default();
+        let mut response = Outcome::default();
         let _ = response.append(&chunk, 1 << 20);
     }
     let _ = read_request(&mailbox);

@@ -29,7 +29,7 @@ fn fork_and_exec(template: &Template) {
     let r = template
         .fork(Box::new(std::io::sink()))
         .expect("fork")
-        .exec(Request::new(b"print(1+1)", b""), Duration::from_secs(60))
+        .exec(&Request::new(b"print(1+1)", b""), Duration::from_secs(60))
         .expect("fork+exec");
     assert_eq!(r.stdout, b"2\n");
 }
@@ -77,7 +77,7 @@ fn worker_process_forks_leave_no_process_fd_or_thread_behind() {
     let run = || {
         let mut sandbox = template.fork().expect("fork a worker");
         let r = sandbox
-            .exec(Request::new(b"print(1+1)", b""), Duration::from_secs(60))
+            .exec(&Request::new(b"print(1+1)", b""), Duration::from_secs(60))
             .expect("exec in a worker");
         assert_eq!(r.stdout, b"2\n");
     };

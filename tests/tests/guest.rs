@@ -4,15 +4,15 @@ use std::process::Command;
 use std::time::Duration;
 
 use zeroboot_e2e::{fork, hypervisor, ranges_moved_onto_huge_pages, snapshot, template, template_dir, zeroboot_bin};
-use zeroboot_protocol::Request;
+use zeroboot_protocol::{GuestFault, ProtocolError, Request};
 use zeroboot_template::template::{read_info, BOOT_LOG};
 use zeroboot_vmm::Machine;
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 
-fn run(machine: &mut Machine, code: &str) -> zeroboot_protocol::Response {
+fn run(machine: &mut Machine, code: &str) -> zeroboot_protocol::Outcome {
     machine
-        .exec(Request::new(code.as_bytes(), b""), TIMEOUT)
+        .exec(&Request::new(code.as_bytes(), b""), TIMEOUT)
         .unwrap_or_else(|e| panic!("exec of {code:?} failed: {e}"))
 }
 
@@ -213,7 +213,7 @@ fn large_output_arrives_in_chunks_up_to_the_limit() {
     let mut m = fork();
     let r = m
         .exec(
-            Request {
+            &Request {
                 output_limit: 4 << 20,
                 ..Request::new(code.as_bytes(), b"")
             },
@@ -361,9 +361,12 @@ fn assert_stopped_at_deadline(code: &str, deadline: Duration) {
     let mut m = fork();
     let started = std::time::Instant::now();
     let err = m
-        .exec(Request::new(code.as_bytes(), b""), deadline)
+        .exec(&Request::new(code.as_bytes(), b""), deadline)
         .expect_err("the code must time out");
-    assert!(matches!(err, zeroboot_vmm::MachineError::Timeout(_)), "{code}: {err}");
+    assert!(
+        matches!(err, zeroboot_vmm::MachineError::Guest(GuestFault::Timeout(_))),
+        "{code}: {err}"
+    );
     assert!(
         started.elapsed() < deadline + Duration::from_secs(3),
         "{code}: took {:?}",
@@ -385,9 +388,12 @@ fn deadline_stops_a_sleeping_guest() {
 fn agent_exit_is_reported_as_a_guest_reset() {
     // The agent is PID 1: its exit panics the guest kernel, which resets.
     let err = fork()
-        .exec(Request::new(b"import os; os._exit(0)", b""), Duration::from_secs(120))
+        .exec(&Request::new(b"import os; os._exit(0)", b""), Duration::from_secs(120))
         .expect_err("the guest cannot answer after its agent exited");
-    assert!(matches!(err, zeroboot_vmm::MachineError::GuestReset), "{err}");
+    assert!(
+        matches!(err, zeroboot_vmm::MachineError::Guest(GuestFault::Reset)),
+        "{err}"
+    );
     assert!(err.to_string().contains("reset"), "{err}");
 }
 
@@ -406,7 +412,7 @@ fn cli_timeout_exits_124() {
 /// in its own VM) can only break its own sandbox.
 fn hostile(code: &str) -> zeroboot_vmm::MachineError {
     let mut m = fork();
-    let result = m.exec(Request::new(code.as_bytes(), b""), Duration::from_secs(30));
+    let result = m.exec(&Request::new(code.as_bytes(), b""), Duration::from_secs(30));
     result.expect_err("hostile guest code must fail its own sandbox")
 }
 
@@ -418,7 +424,13 @@ fn unknown_doorbell_code_fails_only_that_sandbox() {
          bell = mmap.mmap(fd, 4096, offset=0xd0000000)\n\
          bell[0] = 0x77\n",
     );
-    assert!(matches!(err, zeroboot_vmm::MachineError::BadDoorbell(0x77)), "{err}");
+    assert!(
+        matches!(
+            err,
+            zeroboot_vmm::MachineError::Guest(GuestFault::Protocol(ProtocolError::UnknownDoorbell(0x77)))
+        ),
+        "{err}"
+    );
     // The template and other sandboxes carry on.
     let mut m = fork();
     assert_eq!(run(&mut m, "print('fine')").stdout, b"fine\n");
@@ -439,7 +451,7 @@ fn forged_response_lengths_are_rejected() {
     assert!(
         matches!(
             err,
-            zeroboot_vmm::MachineError::Protocol(zeroboot_protocol::ProtocolError::ResponseTooLarge { .. })
+            zeroboot_vmm::MachineError::Guest(GuestFault::Protocol(ProtocolError::ResponseTooLarge { .. }))
         ),
         "{err}"
     );
@@ -613,10 +625,10 @@ fn streamed_output_arrives_while_the_code_runs() {
         )
     };
     let r = m
-        .exec_streaming(request, TIMEOUT, &mut |chunk| {
+        .exec_streaming(&request, TIMEOUT, &mut |chunk| {
             arrivals.push((
                 started.elapsed(),
-                String::from_utf8_lossy(chunk.stdout).into_owned() + &String::from_utf8_lossy(chunk.stderr),
+                String::from_utf8_lossy(&chunk.stdout).into_owned() + &String::from_utf8_lossy(&chunk.stderr),
             ));
         })
         .unwrap();

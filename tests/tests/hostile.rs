@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use zeroboot_e2e::{fork, hypervisor};
-use zeroboot_protocol::{Doorbell, Request};
+use zeroboot_protocol::{Doorbell, GuestFault, Request};
 use zeroboot_vmm::{BootSpec, Machine, MachineError};
 
 /// Assembles and links the hostile kernel with binutils (installed with
@@ -74,9 +74,9 @@ fn a_hostile_guest_kernel_writing_garbage_everywhere_fails_only_itself() {
     let mut refused = 0;
     for _ in 0..20 {
         let started = Instant::now();
-        match m.exec(Request::new(b"print(1)", b""), Duration::from_secs(60)) {
+        match m.exec(&Request::new(b"print(1)", b""), Duration::from_secs(60)) {
             Ok(_) => {}
-            Err(MachineError::Protocol(_)) => refused += 1,
+            Err(MachineError::Guest(GuestFault::Protocol(_))) => refused += 1,
             Err(e) => panic!("garbage in the mailbox must be a protocol error, got {e}"),
         }
         assert!(
@@ -91,7 +91,7 @@ fn a_hostile_guest_kernel_writing_garbage_everywhere_fails_only_itself() {
     drop(m);
     let mut sandbox = fork();
     let r = sandbox
-        .exec(Request::new(b"print('fine')", b""), Duration::from_secs(60))
+        .exec(&Request::new(b"print('fine')", b""), Duration::from_secs(60))
         .unwrap();
     assert_eq!(r.stdout, b"fine\n");
 }

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use zeroboot_e2e::{build_template, hypervisor, ranges_moved_onto_huge_pages, zeroboot_bin, Server};
-use zeroboot_protocol::{Request, Response};
+use zeroboot_protocol::{GuestFault, Outcome, Request};
 use zeroboot_template::template::BOOT_LOG;
 use zeroboot_template::TemplateSpec;
 use zeroboot_vmm::{Machine, MachineError, Snapshot, Template};
@@ -69,12 +69,12 @@ fn fork(template: &Template) -> Machine {
     template.fork(Box::new(std::io::sink())).expect("fork")
 }
 
-fn exec_in(m: &mut Machine, code: &str, stdin: &str) -> Response {
-    m.exec(Request::new(code.as_bytes(), stdin.as_bytes()), TIMEOUT)
+fn exec_in(m: &mut Machine, code: &str, stdin: &str) -> Outcome {
+    m.exec(&Request::new(code.as_bytes(), stdin.as_bytes()), TIMEOUT)
         .unwrap_or_else(|e| panic!("exec of {code:?} failed: {e}"))
 }
 
-fn run(template: &Template, code: &str) -> Response {
+fn run(template: &Template, code: &str) -> Outcome {
     exec_in(&mut fork(template), code, "")
 }
 
@@ -87,9 +87,12 @@ fn assert_stopped_at_deadline(template: &Template, code: &str, deadline: Duratio
     let mut m = fork(template);
     let started = std::time::Instant::now();
     let err = m
-        .exec(Request::new(code.as_bytes(), b""), deadline)
+        .exec(&Request::new(code.as_bytes(), b""), deadline)
         .expect_err("the code must time out");
-    assert!(matches!(err, MachineError::Timeout(_)), "{code}: {err}");
+    assert!(
+        matches!(err, MachineError::Guest(GuestFault::Timeout(_))),
+        "{code}: {err}"
+    );
     assert!(
         started.elapsed() < deadline + Duration::from_secs(3),
         "{code}: took {:?}",
@@ -183,10 +186,10 @@ fn node_reads_stdin_and_keeps_state_between_requests() {
 
 /// Runs `code`, which prints far more than 1000 bytes to stdout, with a
 /// 1000-byte output limit, and checks stdout is cut there and flagged.
-fn assert_output_capped(template: &Template, code: &str) -> Response {
+fn assert_output_capped(template: &Template, code: &str) -> Outcome {
     let r = fork(template)
         .exec(
-            Request {
+            &Request {
                 output_limit: 1000,
                 ..Request::new(code.as_bytes(), b"")
             },

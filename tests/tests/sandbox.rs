@@ -3,9 +3,10 @@
 use std::time::Duration;
 
 use zeroboot_e2e::{children_of, eventually, isolated_template, isolated_template_with, process_alive};
+use zeroboot_protocol::GuestFault;
 use zeroboot_protocol::Request;
 use zeroboot_sandbox::SandboxError;
-use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy, MachineError};
+use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy};
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -26,14 +27,14 @@ fn each_fork_is_a_worker_process_that_ends_with_its_sandbox() {
 
     let r = a
         .exec(
-            Request::new(b"import builtins; builtins.mine = 'a'; print(1+1)", b""),
+            &Request::new(b"import builtins; builtins.mine = 'a'; print(1+1)", b""),
             TIMEOUT,
         )
         .unwrap();
     assert_eq!((r.exit_code, r.stdout.as_slice()), (0, &b"2\n"[..]));
     let r = b
         .exec(
-            Request::new(b"import builtins; print(getattr(builtins, 'mine', None))", b""),
+            &Request::new(b"import builtins; print(getattr(builtins, 'mine', None))", b""),
             TIMEOUT,
         )
         .unwrap();
@@ -49,7 +50,7 @@ fn each_fork_is_a_worker_process_that_ends_with_its_sandbox() {
         "worker {pa} ended and was reaped"
     );
     assert!(process_alive(pb), "the other sandbox is untouched");
-    let r = b.exec(Request::new(b"print('still here')", b""), TIMEOUT).unwrap();
+    let r = b.exec(&Request::new(b"print('still here')", b""), TIMEOUT).unwrap();
     assert_eq!(r.stdout, b"still here\n");
 }
 
@@ -58,15 +59,15 @@ fn guest_timeouts_and_crashes_cross_the_process_boundary() {
     let template = isolated_template(1);
     let mut s = template.fork().unwrap();
     let err = s
-        .exec(Request::new(b"while True: pass", b""), Duration::from_millis(500))
+        .exec(&Request::new(b"while True: pass", b""), Duration::from_millis(500))
         .unwrap_err();
-    assert!(matches!(err, SandboxError::Guest(MachineError::Timeout(_))), "{err}");
+    assert!(matches!(err, SandboxError::Guest(GuestFault::Timeout(_))), "{err}");
 
     let mut s = template.fork().unwrap();
     let err = s
-        .exec(Request::new(b"import os; os._exit(0)", b""), TIMEOUT)
+        .exec(&Request::new(b"import os; os._exit(0)", b""), TIMEOUT)
         .unwrap_err();
-    assert!(matches!(err, SandboxError::Guest(MachineError::GuestReset)), "{err}");
+    assert!(matches!(err, SandboxError::Guest(GuestFault::Reset)), "{err}");
 }
 
 #[test]
@@ -76,12 +77,12 @@ fn a_worker_killed_under_a_sandbox_is_a_clear_error() {
     let pid = s.pid().unwrap();
     // SAFETY: kill(2) on a child process of this test.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-    let err = s.exec(Request::new(b"print(1)", b""), TIMEOUT).unwrap_err();
+    let err = s.exec(&Request::new(b"print(1)", b""), TIMEOUT).unwrap_err();
     assert!(matches!(err, SandboxError::Died { .. }), "{err}");
     assert!(err.to_string().contains("signal: 9"), "{err}");
     // The next fork is unaffected.
     let mut s = template.fork().unwrap();
-    assert_eq!(s.exec(Request::new(b"print(3)", b""), TIMEOUT).unwrap().stdout, b"3\n");
+    assert_eq!(s.exec(&Request::new(b"print(3)", b""), TIMEOUT).unwrap().stdout, b"3\n");
 }
 
 #[test]
@@ -90,7 +91,7 @@ fn a_live_sandbox_forks_into_new_processes() {
     let mut parent = template.fork().unwrap();
     parent
         .exec(
-            Request::new(b"x = 41\nopen('/tmp/note', 'w').write('kept')", b""),
+            &Request::new(b"x = 41\nopen('/tmp/note', 'w').write('kept')", b""),
             TIMEOUT,
         )
         .unwrap();
@@ -99,7 +100,7 @@ fn a_live_sandbox_forks_into_new_processes() {
     let mut child = template.fork_live(&live).unwrap();
     assert_ne!(child.pid(), parent.pid());
     let r = child
-        .exec(Request::new(b"print(x + 1, open('/tmp/note').read())", b""), TIMEOUT)
+        .exec(&Request::new(b"print(x + 1, open('/tmp/note').read())", b""), TIMEOUT)
         .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&r.stdout),
@@ -155,7 +156,7 @@ fn an_adaptive_pool_copies_ranges_ahead_and_shares_pages_on_demand() {
     assert_eq!(on_demand.fork_memory(), ForkMemory::SharedPages);
 
     for sandbox in [&mut ahead, &mut on_demand] {
-        let r = sandbox.exec(Request::new(b"print(1+1)", b""), TIMEOUT).unwrap();
+        let r = sandbox.exec(&Request::new(b"print(1+1)", b""), TIMEOUT).unwrap();
         assert_eq!((r.exit_code, r.stdout.as_slice()), (0, &b"2\n"[..]));
     }
     let (ahead, on_demand) = (ahead.stats().unwrap(), on_demand.stats().unwrap());
@@ -173,30 +174,30 @@ fn an_adaptive_pool_copies_ranges_ahead_and_shares_pages_on_demand() {
 fn memory_hogs_and_fork_bombs_end_only_their_own_sandbox() {
     let template = isolated_template(1);
     let mut bystander = template.fork().unwrap();
-    bystander.exec(Request::new(b"kept = 'here'", b""), TIMEOUT).unwrap();
+    bystander.exec(&Request::new(b"kept = 'here'", b""), TIMEOUT).unwrap();
 
     // 64 GiB in a 512 MiB guest: Python's MemoryError, and the sandbox
     // carries on.
     let mut hog = template.fork().unwrap();
     let r = hog
-        .exec(Request::new(b"x = bytearray(64 * 1024**3)", b""), TIMEOUT)
+        .exec(&Request::new(b"x = bytearray(64 * 1024**3)", b""), TIMEOUT)
         .unwrap();
     assert_eq!(r.exit_code, 1);
     assert!(String::from_utf8_lossy(&r.stderr).contains("MemoryError"), "{r:?}");
-    let r = hog.exec(Request::new(b"print('after')", b""), TIMEOUT).unwrap();
+    let r = hog.exec(&Request::new(b"print('after')", b""), TIMEOUT).unwrap();
     assert_eq!(r.stdout, b"after\n");
 
     // A fork bomb runs until its deadline, then its VM is gone.
     let mut bomb = template.fork().unwrap();
     let err = bomb
         .exec(
-            Request::new(b"import os\nwhile True:\n    os.fork()", b""),
+            &Request::new(b"import os\nwhile True:\n    os.fork()", b""),
             Duration::from_secs(3),
         )
         .unwrap_err();
-    assert!(matches!(err, SandboxError::Guest(MachineError::Timeout(_))), "{err}");
+    assert!(matches!(err, SandboxError::Guest(GuestFault::Timeout(_))), "{err}");
     drop(bomb);
 
-    let r = bystander.exec(Request::new(b"print(kept)", b""), TIMEOUT).unwrap();
+    let r = bystander.exec(&Request::new(b"print(kept)", b""), TIMEOUT).unwrap();
     assert_eq!(r.stdout, b"here\n", "the other sandbox is untouched");
 }

@@ -78,7 +78,7 @@ impl Percentiles {
 }
 
 fn exec(machine: &mut Sandbox, code: &str) -> Result<()> {
-    let r = machine.exec(Request::new(code.as_bytes(), b""), TIMEOUT)?;
+    let r = machine.exec(&Request::new(code.as_bytes(), b""), TIMEOUT)?;
     if r.exit_code != 0 {
         bail!("bench code {code:?} failed: {}", String::from_utf8_lossy(&r.stderr));
     }

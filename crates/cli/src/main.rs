@@ -392,21 +392,20 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let restored = started.elapsed();
     let timeout = Duration::from_secs_f64(args.timeout);
     // Output is streamed: it appears as the guest writes each line.
-    let mut show = |chunk: &zeroboot_protocol::Chunk<'_>| {
+    let mut show = |chunk: zeroboot_protocol::Chunk| {
         let _ = std::io::stdout()
-            .write_all(chunk.stdout)
+            .write_all(&chunk.stdout)
             .and_then(|()| std::io::stdout().flush());
-        let _ = std::io::stderr().write_all(chunk.stderr);
+        let _ = std::io::stderr().write_all(&chunk.stderr);
     };
     let request = zeroboot_protocol::Request {
-        code: code.as_bytes(),
-        stdin: &stdin,
         output_limit: args.max_output,
         stream: true,
+        ..zeroboot_protocol::Request::new(code, stdin)
     };
-    let response = match machine.exec_streaming(request, timeout, &mut show) {
+    let response = match machine.exec_streaming(&request, timeout, &mut show) {
         Ok(r) => r,
-        Err(zeroboot_vmm::MachineError::Timeout(_)) => {
+        Err(zeroboot_vmm::MachineError::Guest(zeroboot_protocol::GuestFault::Timeout(_))) => {
             eprintln!("zeroboot: timed out after {:.1}s", args.timeout);
             return Ok(ExitCode::from(124));
         }

@@ -21,6 +21,10 @@
 
 use thiserror::Error;
 
+pub mod exec;
+
+pub use exec::{Chunk, GuestFault, Outcome, Request};
+
 /// Size of the mailbox region in guest memory.
 pub const MAILBOX_SIZE: usize = 2 << 20;
 /// `"ZBMB"`, written by the host at boot.
@@ -90,7 +94,7 @@ pub const DEFAULT_OUTPUT_LIMIT: u32 = 1 << 20;
 pub const MAX_OUTPUT_LIMIT: u32 = 64 << 20;
 
 /// The byte the agent stores to the doorbell says why it rang.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[repr(u8)]
 pub enum Doorbell {
     /// Booted, warmed up and waiting for the first request: take the snapshot now.
@@ -109,7 +113,7 @@ impl Doorbell {
     }
 }
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ProtocolError {
     #[error("mailbox is {0} bytes, expected {MAILBOX_SIZE}")]
     MailboxSize(usize),
@@ -125,6 +129,10 @@ pub enum ProtocolError {
     OutputOverLimit(u32),
     #[error("the agent's entropy table is invalid: {0}")]
     EntropyTable(String),
+    #[error("the guest rang the doorbell with unknown code {0:#x}")]
+    UnknownDoorbell(u8),
+    #[error("the guest rang {got:?} while the host waited for {expected:?}")]
+    WrongDoorbell { expected: Doorbell, got: Doorbell },
 }
 
 /// Guest memory that holds the state of a user-space random generator
@@ -203,40 +211,6 @@ pub fn write_entropy_table(mailbox: &mut [u8], regions: &[EntropyRegion]) -> Res
     Ok(())
 }
 
-/// What the host asks the agent to run.
-#[derive(Debug, Clone, Copy)]
-pub struct Request<'a> {
-    pub code: &'a [u8],
-    pub stdin: &'a [u8],
-    /// Cap on each of stdout and stderr; beyond it output is dropped and the
-    /// stream is marked truncated.
-    pub output_limit: u32,
-    /// Send output while the code runs (see [`REQUEST_STREAM`]).
-    pub stream: bool,
-}
-
-impl<'a> Request<'a> {
-    /// A request with the default output limit.
-    pub fn new(code: &'a [u8], stdin: &'a [u8]) -> Self {
-        Self {
-            code,
-            stdin,
-            output_limit: DEFAULT_OUTPUT_LIMIT,
-            stream: false,
-        }
-    }
-}
-
-/// What the agent reports back.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Response {
-    pub exit_code: i32,
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
-    pub stdout_truncated: bool,
-    pub stderr_truncated: bool,
-}
-
 fn check(mailbox: &[u8]) -> Result<(), ProtocolError> {
     if mailbox.len() == MAILBOX_SIZE {
         Ok(())
@@ -268,7 +242,7 @@ pub fn init_mailbox(mailbox: &mut [u8], seed: &[u8; header::BOOT_SEED_LEN]) -> R
 /// Writes `request` and returns its sequence number, which the response must echo.
 pub fn write_request(
     mailbox: &mut [u8],
-    request: Request<'_>,
+    request: &Request,
     seed: &[u8; header::REQUEST_SEED_LEN],
 ) -> Result<u32, ProtocolError> {
     check(mailbox)?;
@@ -284,8 +258,8 @@ pub fn write_request(
     let stdin_len = request.stdin.len() as u32;
     let code_at = REQUEST_OFFSET;
     let stdin_at = code_at + request.code.len();
-    mailbox[code_at..stdin_at].copy_from_slice(request.code);
-    mailbox[stdin_at..stdin_at + request.stdin.len()].copy_from_slice(request.stdin);
+    mailbox[code_at..stdin_at].copy_from_slice(&request.code);
+    mailbox[stdin_at..stdin_at + request.stdin.len()].copy_from_slice(&request.stdin);
     mailbox[header::REQUEST_SEED..header::REQUEST_SEED + header::REQUEST_SEED_LEN].copy_from_slice(seed);
     let seq = read_u32(mailbox, header::REQUEST_SEQ).wrapping_add(1);
     write_u32(mailbox, header::CODE_LEN, code_len);
@@ -302,24 +276,32 @@ pub fn write_request(
 
 /// One doorbell's worth of a response: a view into the mailbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Chunk<'a> {
+pub struct ResponsePart<'a> {
     pub exit_code: i32,
     pub stdout: &'a [u8],
     pub stderr: &'a [u8],
     pub flags: u32,
 }
 
-impl Chunk<'_> {
-    /// More chunks of this response follow.
+impl ResponsePart<'_> {
+    /// More parts of this response follow.
     pub fn more(&self) -> bool {
         self.flags & FLAG_MORE != 0
     }
+
+    /// Its output, copied out of the mailbox.
+    pub fn chunk(&self) -> Chunk {
+        Chunk {
+            stdout: self.stdout.to_vec(),
+            stderr: self.stderr.to_vec(),
+        }
+    }
 }
 
-impl Response {
+impl Outcome {
     /// Appends `chunk`, refusing a guest that sends more than `limit` bytes on
     /// either stream (it was told the limit in the request).
-    pub fn append(&mut self, chunk: &Chunk<'_>, limit: u32) -> Result<(), ProtocolError> {
+    pub fn append(&mut self, chunk: &ResponsePart<'_>, limit: u32) -> Result<(), ProtocolError> {
         let limit_bytes = limit as usize;
         if self.stdout.len() + chunk.stdout.len() > limit_bytes || self.stderr.len() + chunk.stderr.len() > limit_bytes
         {
@@ -336,7 +318,7 @@ impl Response {
 
 /// Reads the chunk of the response to request `seq` that is in the mailbox.
 /// Never trusts the guest's lengths.
-pub fn read_chunk(mailbox: &[u8], seq: u32) -> Result<Chunk<'_>, ProtocolError> {
+pub fn read_chunk(mailbox: &[u8], seq: u32) -> Result<ResponsePart<'_>, ProtocolError> {
     check(mailbox)?;
     let got = read_u32(mailbox, header::RESPONSE_SEQ);
     if got != seq {
@@ -353,7 +335,7 @@ pub fn read_chunk(mailbox: &[u8], seq: u32) -> Result<Chunk<'_>, ProtocolError> 
     }
     let out_end = RESPONSE_OFFSET + stdout_len as usize;
     let err_end = out_end + stderr_len as usize;
-    Ok(Chunk {
+    Ok(ResponsePart {
         exit_code: read_u32(mailbox, header::EXIT_CODE) as i32,
         stdout: &mailbox[RESPONSE_OFFSET..out_end],
         stderr: &mailbox[out_end..err_end],
@@ -362,7 +344,7 @@ pub fn read_chunk(mailbox: &[u8], seq: u32) -> Result<Chunk<'_>, ProtocolError> 
 }
 
 /// The guest side of [`read_chunk`], used by tests and by Rust agents.
-pub fn write_chunk(mailbox: &mut [u8], seq: u32, chunk: &Chunk<'_>) -> Result<(), ProtocolError> {
+pub fn write_chunk(mailbox: &mut [u8], seq: u32, chunk: &ResponsePart<'_>) -> Result<(), ProtocolError> {
     check(mailbox)?;
     let total = chunk.stdout.len() + chunk.stderr.len();
     if total > RESPONSE_CAPACITY {
@@ -382,18 +364,9 @@ pub fn write_chunk(mailbox: &mut [u8], seq: u32, chunk: &Chunk<'_>) -> Result<()
     Ok(())
 }
 
-/// A request as the guest reads it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IncomingRequest {
-    pub seq: u32,
-    pub code: Vec<u8>,
-    pub stdin: Vec<u8>,
-    pub output_limit: u32,
-    pub stream: bool,
-}
-
-/// Reads the request the host wrote (the guest side of [`write_request`]).
-pub fn read_request(mailbox: &[u8]) -> Result<IncomingRequest, ProtocolError> {
+/// Reads the request the host wrote, and its sequence number (the guest
+/// side of [`write_request`]).
+pub fn read_request(mailbox: &[u8]) -> Result<(u32, Request), ProtocolError> {
     check(mailbox)?;
     let code_len = read_u32(mailbox, header::CODE_LEN) as usize;
     let stdin_len = read_u32(mailbox, header::STDIN_LEN) as usize;
@@ -405,13 +378,13 @@ pub fn read_request(mailbox: &[u8]) -> Result<IncomingRequest, ProtocolError> {
         return Err(ProtocolError::BadOutputLimit(output_limit));
     }
     let code_end = REQUEST_OFFSET + code_len;
-    Ok(IncomingRequest {
-        seq: read_u32(mailbox, header::REQUEST_SEQ),
+    let request = Request {
         code: mailbox[REQUEST_OFFSET..code_end].to_vec(),
         stdin: mailbox[code_end..code_end + stdin_len].to_vec(),
         output_limit,
         stream: read_u32(mailbox, header::REQUEST_FLAGS) & REQUEST_STREAM != 0,
-    })
+    };
+    Ok((read_u32(mailbox, header::REQUEST_SEQ), request))
 }
 
 #[cfg(test)]
@@ -429,38 +402,25 @@ mod tests {
     #[test]
     fn request_round_trip() {
         let mut m = mailbox();
-        let seq = write_request(
-            &mut m,
-            Request {
-                code: b"print(1)",
-                stdin: b"in",
-                output_limit: 77,
-                stream: true,
-            },
-            &SEED,
-        )
-        .unwrap();
+        let request = Request {
+            code: b"print(1)".to_vec(),
+            stdin: b"in".to_vec(),
+            output_limit: 77,
+            stream: true,
+        };
+        let seq = write_request(&mut m, &request, &SEED).unwrap();
         assert_eq!(seq, 1);
-        assert_eq!(
-            read_request(&m).unwrap(),
-            IncomingRequest {
-                seq: 1,
-                code: b"print(1)".to_vec(),
-                stdin: b"in".to_vec(),
-                output_limit: 77,
-                stream: true,
-            }
-        );
-        let seq2 = write_request(&mut m, Request::new(b"x", b""), &SEED).unwrap();
+        assert_eq!(read_request(&m).unwrap(), (1, request));
+        let seq2 = write_request(&mut m, &Request::new("x", ""), &SEED).unwrap();
         assert_eq!(seq2, 2);
-        assert_eq!(read_request(&m).unwrap().output_limit, DEFAULT_OUTPUT_LIMIT);
+        assert_eq!(read_request(&m).unwrap().1.output_limit, DEFAULT_OUTPUT_LIMIT);
     }
 
     #[test]
     fn chunks_assemble_into_a_response() {
         let mut m = mailbox();
-        let mut response = Response::default();
-        let first = Chunk {
+        let mut response = Outcome::default();
+        let first = ResponsePart {
             exit_code: 0,
             stdout: b"out",
             stderr: b"",
@@ -471,7 +431,7 @@ mod tests {
         assert_eq!(chunk, first);
         assert!(chunk.more());
         response.append(&chunk, 10).unwrap();
-        let last = Chunk {
+        let last = ResponsePart {
             exit_code: -3,
             stdout: b"put",
             stderr: b"err",
@@ -483,7 +443,7 @@ mod tests {
         response.append(&chunk, 10).unwrap();
         assert_eq!(
             response,
-            Response {
+            Outcome {
                 exit_code: -3,
                 stdout: b"output".to_vec(),
                 stderr: b"err".to_vec(),
@@ -520,19 +480,19 @@ mod tests {
         let mut m = mailbox();
         let big = vec![b'x'; REQUEST_CAPACITY + 1];
         assert_eq!(
-            write_request(&mut m, Request::new(&big, b""), &SEED),
+            write_request(&mut m, &Request::new(big, ""), &SEED),
             Err(ProtocolError::RequestTooLarge(REQUEST_CAPACITY + 1))
         );
         assert!(matches!(
-            write_request(&mut m[..10], Request::new(b"", b""), &SEED),
+            write_request(&mut m[..10], &Request::new("", ""), &SEED),
             Err(ProtocolError::MailboxSize(10))
         ));
         let huge_limit = Request {
             output_limit: MAX_OUTPUT_LIMIT + 1,
-            ..Request::new(b"", b"")
+            ..Request::new("", "")
         };
         assert_eq!(
-            write_request(&mut m, huge_limit, &SEED),
+            write_request(&mut m, &huge_limit, &SEED),
             Err(ProtocolError::BadOutputLimit(MAX_OUTPUT_LIMIT + 1))
         );
     }
@@ -577,9 +537,9 @@ mod tests {
             }
             if let Ok(chunk) = read_chunk(&m, read_u32(&m, header::RESPONSE_SEQ)) {
                 assert!(chunk.stdout.len() + chunk.stderr.len() <= RESPONSE_CAPACITY);
-                let _ = Response::default().append(&chunk, DEFAULT_OUTPUT_LIMIT);
+                let _ = Outcome::default().append(&chunk, DEFAULT_OUTPUT_LIMIT);
             }
-            if let Ok(request) = read_request(&m) {
+            if let Ok((_, request)) = read_request(&m) {
                 assert!(request.code.len() + request.stdin.len() <= REQUEST_CAPACITY);
                 assert!(request.output_limit <= MAX_OUTPUT_LIMIT);
             }

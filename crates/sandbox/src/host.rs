@@ -11,9 +11,9 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use zeroboot_protocol::{Chunk, Request, Response};
+use zeroboot_protocol::{Chunk, GuestFault, Outcome, Request};
 use zeroboot_vmm::fork::{Demand, ReadyPool};
-use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy, LiveSnapshot, MachineError, Snapshot};
+use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy, LiveSnapshot, Snapshot};
 
 use crate::wire::{self, Command, Failure, LiveParts, Reply, Stats, WireError};
 
@@ -25,9 +25,9 @@ const EXEC_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    /// The guest timed out, reset or triple-faulted: the code's doing.
+    /// The guest timed out, crashed or broke the protocol: the code's doing.
     #[error(transparent)]
-    Guest(MachineError),
+    Guest(GuestFault),
     #[error("in the sandbox process: {0}")]
     Worker(String),
     #[error("cannot start the sandbox process {program}: {source}")]
@@ -45,9 +45,7 @@ pub enum SandboxError {
 impl From<Failure> for SandboxError {
     fn from(f: Failure) -> Self {
         match f {
-            Failure::Timeout { ms } => Self::Guest(MachineError::Timeout(Duration::from_millis(ms))),
-            Failure::GuestReset => Self::Guest(MachineError::GuestReset),
-            Failure::TripleFault { rip } => Self::Guest(MachineError::TripleFault { rip }),
+            Failure::Guest(fault) => Self::Guest(fault),
             Failure::Other(message) => Self::Worker(message),
         }
     }
@@ -188,7 +186,7 @@ impl Sandbox {
         }
     }
 
-    pub fn exec(&mut self, request: Request<'_>, timeout: Duration) -> Result<Response, SandboxError> {
+    pub fn exec(&mut self, request: &Request, timeout: Duration) -> Result<Outcome, SandboxError> {
         self.exec_streaming(request, timeout, &mut |_| {})
     }
 
@@ -196,33 +194,20 @@ impl Sandbox {
     /// `request.stream` is set.
     pub fn exec_streaming(
         &mut self,
-        request: Request<'_>,
+        request: &Request,
         timeout: Duration,
-        on_chunk: &mut dyn FnMut(&Chunk<'_>),
-    ) -> Result<Response, SandboxError> {
+        on_chunk: &mut dyn FnMut(Chunk),
+    ) -> Result<Outcome, SandboxError> {
         let command = Command::Exec {
-            code: request.code.to_vec(),
-            stdin: request.stdin.to_vec(),
-            output_limit: request.output_limit,
-            stream: request.stream,
-            timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
+            request: request.clone(),
+            timeout,
         };
         self.send(&command, "Exec")?;
         let deadline = Instant::now() + timeout + EXEC_GRACE;
         loop {
             match self.receive(deadline, "Exec")? {
-                Reply::Chunk {
-                    exit_code,
-                    stdout,
-                    stderr,
-                    flags,
-                } => on_chunk(&Chunk {
-                    exit_code,
-                    stdout: &stdout,
-                    stderr: &stderr,
-                    flags,
-                }),
-                Reply::Done(response) => return Ok(response),
+                Reply::Chunk(chunk) => on_chunk(chunk),
+                Reply::Done(outcome) => return Ok(outcome),
                 Reply::Failed(f) => return Err(f.into()),
                 other => return Err(unexpected("Done", &other)),
             }
@@ -341,7 +326,7 @@ fn unexpected(expected: &'static str, got: &Reply) -> SandboxError {
     let got = match got {
         Reply::Prepared => "Prepared",
         Reply::Started => "Started",
-        Reply::Chunk { .. } => "Chunk",
+        Reply::Chunk(_) => "Chunk",
         Reply::Done(_) => "Done",
         Reply::Live(_) => "Live",
         Reply::Stats(_) => "Stats",

@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use zeroboot_protocol::Response;
+use zeroboot_protocol::{Chunk, GuestFault, Outcome, Request};
 use zeroboot_vmm::snapshot::{codec, CodecError};
 use zeroboot_vmm::{ForkMemory, LiveSnapshot};
 
@@ -37,11 +37,8 @@ pub enum Command {
     /// Finish the fork (fresh entropy, clock, timer): the sandbox exists now.
     Start,
     Exec {
-        code: Vec<u8>,
-        stdin: Vec<u8>,
-        output_limit: u32,
-        stream: bool,
-        timeout_ms: u64,
+        request: Request,
+        timeout: std::time::Duration,
     },
     SnapshotLive,
     Stats,
@@ -52,25 +49,18 @@ pub enum Reply {
     Prepared,
     Started,
     /// Output sent while the code runs (a streamed request only).
-    Chunk {
-        exit_code: i32,
-        stdout: Vec<u8>,
-        stderr: Vec<u8>,
-        flags: u32,
-    },
-    Done(Response),
+    Chunk(Chunk),
+    Done(Outcome),
     Live(LiveParts),
     Stats(Stats),
     Failed(Failure),
 }
 
-/// Why a command failed in the worker. The first three are the guest's
-/// doing; the host tells callers about those differently.
+/// Why a command failed in the worker: the guest's doing, which the host
+/// tells callers about differently, or anything else.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum Failure {
-    Timeout { ms: u64 },
-    GuestReset,
-    TripleFault { rip: u64 },
+    Guest(GuestFault),
     Other(String),
 }
 
@@ -163,23 +153,26 @@ mod tests {
     #[test]
     fn frames_round_trip_and_bad_ones_are_errors() {
         let mut buf = Vec::new();
-        let cmd = Command::Exec {
-            code: b"print(1)".to_vec(),
-            stdin: vec![],
+        let request = Request {
             output_limit: 7,
             stream: true,
-            timeout_ms: 5,
+            ..Request::new("print(1)", "")
+        };
+        let cmd = Command::Exec {
+            request: request.clone(),
+            timeout: std::time::Duration::from_millis(5),
         };
         write_frame(&mut buf, &cmd).unwrap();
-        write_frame(&mut buf, &Reply::Failed(Failure::Timeout { ms: 3 })).unwrap();
+        let fault = Failure::Guest(GuestFault::Timeout(std::time::Duration::from_millis(3)));
+        write_frame(&mut buf, &Reply::Failed(fault.clone())).unwrap();
         let mut input = &buf[..];
         assert!(matches!(
             read_frame::<Command>(&mut input).unwrap(),
-            Command::Exec { output_limit: 7, .. }
+            Command::Exec { request: r, .. } if r == request
         ));
         assert!(matches!(
             read_frame::<Reply>(&mut input).unwrap(),
-            Reply::Failed(Failure::Timeout { ms: 3 })
+            Reply::Failed(f) if f == fault
         ));
         assert!(matches!(read_frame::<Reply>(&mut input), Err(WireError::Closed)));
         // A length over the cap, a truncated body, and garbage.

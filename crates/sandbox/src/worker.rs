@@ -16,7 +16,7 @@ use std::io::{BufReader, BufWriter, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use zeroboot_protocol::{Chunk, Request};
+use zeroboot_protocol::Request;
 use zeroboot_vmm::machine::cpu_vendor;
 use zeroboot_vmm::{ForkMemory, Hypervisor, Machine, MachineError, Snapshot, Template};
 
@@ -78,21 +78,7 @@ pub fn serve(dir: &Path) -> Result<(), WorkerError> {
             Err(e) => return Err(e.into()),
         };
         let reply = match command {
-            Command::Exec {
-                code,
-                stdin,
-                output_limit,
-                stream,
-                timeout_ms,
-            } => exec(
-                &mut machine,
-                &code,
-                &stdin,
-                output_limit,
-                stream,
-                timeout_ms,
-                &mut output,
-            )?,
+            Command::Exec { request, timeout } => exec(&mut machine, &request, timeout, &mut output)?,
             Command::SnapshotLive => match machine.snapshot_live() {
                 Ok(live) => match LiveParts::from_live(&live) {
                     Ok(parts) => Reply::Live(parts),
@@ -136,48 +122,28 @@ fn prepare(
 
 fn exec(
     machine: &mut Machine,
-    code: &[u8],
-    stdin: &[u8],
-    output_limit: u32,
-    stream: bool,
-    timeout_ms: u64,
+    request: &Request,
+    timeout: Duration,
     output: &mut impl Write,
 ) -> Result<Reply, WireError> {
-    let request = Request {
-        code,
-        stdin,
-        output_limit,
-        stream,
+    let result = if request.stream {
+        // A chunk that cannot be sent means the host is gone; the exec still
+        // ends at its deadline and the next write reports the broken pipe.
+        machine.exec_streaming(request, timeout, &mut |chunk| {
+            let _ = write_frame(output, &Reply::Chunk(chunk));
+        })
+    } else {
+        machine.exec(request, timeout)
     };
-    // A chunk that cannot be sent means the host is gone; the exec still
-    // ends at its deadline and the next write reports the broken pipe.
-    let mut on_chunk = |chunk: &Chunk<'_>| {
-        let _ = write_frame(
-            output,
-            &Reply::Chunk {
-                exit_code: chunk.exit_code,
-                stdout: chunk.stdout.to_vec(),
-                stderr: chunk.stderr.to_vec(),
-                flags: chunk.flags,
-            },
-        );
-    };
-    let on_chunk: &mut dyn FnMut(&Chunk<'_>) = if stream { &mut on_chunk } else { &mut |_| {} };
-    Ok(
-        match machine.exec_streaming(request, Duration::from_millis(timeout_ms), on_chunk) {
-            Ok(response) => Reply::Done(response),
-            Err(e) => Reply::Failed(failure(e)),
-        },
-    )
+    Ok(match result {
+        Ok(outcome) => Reply::Done(outcome),
+        Err(e) => Reply::Failed(failure(e)),
+    })
 }
 
 fn failure(e: MachineError) -> Failure {
     match e {
-        MachineError::Timeout(d) => Failure::Timeout {
-            ms: d.as_millis() as u64,
-        },
-        MachineError::GuestReset => Failure::GuestReset,
-        MachineError::TripleFault { rip } => Failure::TripleFault { rip },
+        MachineError::Guest(fault) => Failure::Guest(fault),
         other => Failure::Other(other.to_string()),
     }
 }

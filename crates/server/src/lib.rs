@@ -31,9 +31,8 @@ use axum::{middleware, Json, Router};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use zeroboot_protocol::{Chunk, Request, DEFAULT_OUTPUT_LIMIT, REQUEST_CAPACITY};
+use zeroboot_protocol::{Chunk, GuestFault, Request, DEFAULT_OUTPUT_LIMIT, REQUEST_CAPACITY};
 use zeroboot_sandbox::{IsolatedTemplate, Sandbox, SandboxError};
-use zeroboot_vmm::MachineError;
 
 use crate::api::{
     BatchEntry, BatchRequest, BatchResponse, CreateSandbox, ErrorBody, ExecRequest, ExecResponse, ForkSandbox, Forked,
@@ -260,10 +259,10 @@ impl AppState {
                     .event(name)
                     .json_data(serde_json::json!({"data": String::from_utf8_lossy(text)}))
             };
-            let mut on_chunk = |chunk: &Chunk<'_>| {
+            let mut on_chunk = |chunk: Chunk| {
                 // A client that went away stops reading; the code still ends
                 // at its deadline and the sandbox is released.
-                for (name, text) in [("stdout", chunk.stdout), ("stderr", chunk.stderr)] {
+                for (name, text) in [("stdout", &chunk.stdout), ("stderr", &chunk.stderr)] {
                     if !text.is_empty() {
                         if let Ok(e) = event(name, text) {
                             let _ = tx.blocking_send(e);
@@ -305,7 +304,7 @@ impl AppState {
         req: &ExecRequest,
         timeout: Duration,
         output_limit: u32,
-        on_chunk: &mut dyn FnMut(&Chunk<'_>),
+        on_chunk: &mut dyn FnMut(Chunk),
     ) -> Result<ExecResponse, ApiError> {
         let started = Instant::now();
         let mut sandbox = served.template.fork().map_err(ApiError::internal)?;
@@ -352,16 +351,15 @@ impl AppState {
         req: &ExecRequest,
         timeout: Duration,
         output_limit: u32,
-        on_chunk: &mut dyn FnMut(&Chunk<'_>),
+        on_chunk: &mut dyn FnMut(Chunk),
     ) -> (Result<ExecResponse, ApiError>, bool) {
         let started = Instant::now();
         let request = Request {
-            code: req.code.as_bytes(),
-            stdin: req.stdin.as_bytes(),
             output_limit,
             stream: req.stream,
+            ..Request::new(req.code.as_bytes(), req.stdin.as_bytes())
         };
-        let result = sandbox.exec_streaming(request, timeout, on_chunk);
+        let result = sandbox.exec_streaming(&request, timeout, on_chunk);
         let ran = started.elapsed();
         self.metrics.exec_seconds.observe(ran.as_secs_f64());
         let mut response = ExecResponse {
@@ -384,17 +382,20 @@ impl AppState {
                 response.truncated = r.stdout_truncated || r.stderr_truncated;
                 (Ok(response), true)
             }
-            Err(SandboxError::Guest(MachineError::Timeout(_))) => {
+            Err(SandboxError::Guest(GuestFault::Timeout(_))) => {
                 response.timed_out = true;
                 response.exit_code = 124;
                 response.stderr = format!("zeroboot: timed out after {} s\n", req.timeout_seconds);
                 (Ok(response), false)
             }
-            Err(SandboxError::Guest(e @ (MachineError::GuestReset | MachineError::TripleFault { .. }))) => (
+            Err(SandboxError::Guest(fault)) => (
                 Err(ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "sandbox_crashed",
-                    format!("{e}: the code ended its sandbox (its agent exited or the guest kernel panicked)"),
+                    format!(
+                        "{fault}: the code ended its sandbox (its agent exited, the guest kernel panicked, \
+                         or the mailbox was overwritten)"
+                    ),
                 )),
                 false,
             ),

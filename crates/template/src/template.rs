@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use zeroboot_protocol::{Doorbell, Request};
+use zeroboot_protocol::{Doorbell, GuestFault, ProtocolError, Request};
 use zeroboot_vmm::snapshot::{self, Snapshot, SnapshotError, MEMORY_FILE};
 use zeroboot_vmm::{BootSpec, Hypervisor, Machine, MachineError};
 
@@ -57,7 +57,7 @@ fn record_write_set(hv: &Hypervisor, dir: &Path, runtime: Runtime) -> Result<(),
     let mut pages = std::collections::BTreeSet::new();
     for code in runtime.write_set_probes() {
         let mut fork = Machine::restore(hv, &snap, Box::new(std::io::sink()))?;
-        let response = fork.exec(Request::new(code.as_bytes(), b""), BOOT_TIMEOUT)?;
+        let response = fork.exec(&Request::new(code.as_bytes(), b""), BOOT_TIMEOUT)?;
         let stdout = String::from_utf8_lossy(&response.stdout);
         if response.exit_code != 0 || (code == runtime.print_probe() && stdout != PRINT_PROBE_OUTPUT) {
             return Err(TemplateError::SmokeTest {
@@ -331,10 +331,13 @@ pub fn build(
             }
         };
         if rung != Doorbell::Ready {
-            return Err(boot_err(MachineError::WrongDoorbell {
-                expected: Doorbell::Ready,
-                got: rung,
-            }));
+            return Err(boot_err(
+                GuestFault::Protocol(ProtocolError::WrongDoorbell {
+                    expected: Doorbell::Ready,
+                    got: rung,
+                })
+                .into(),
+            ));
         }
         let boot_s = boot_started.elapsed().as_secs_f64();
         progress.finish("boot", boot_started.elapsed(), false);

@@ -37,13 +37,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let prepare = t.elapsed();
         let t = Instant::now();
         let r = m.exec(
-            zeroboot_protocol::Request::new(code.as_bytes(), b""),
+            &zeroboot_protocol::Request::new(code.as_bytes(), b""),
             Duration::from_secs(60),
         )?;
         let first = t.elapsed();
         let t = Instant::now();
         m.exec(
-            zeroboot_protocol::Request::new(code.as_bytes(), b""),
+            &zeroboot_protocol::Request::new(code.as_bytes(), b""),
             Duration::from_secs(60),
         )?;
         println!(

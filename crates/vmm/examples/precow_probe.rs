@@ -9,7 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let snap = zeroboot_vmm::Snapshot::open(&dir, &zeroboot_vmm::machine::cpu_vendor(&hv))?;
     let t = zeroboot_vmm::Template::new(hv, snap);
     let mut learn = t.fork(Box::new(std::io::sink()))?;
-    learn.exec(Request::new(b"print(1+1)", b""), Duration::from_secs(60))?;
+    learn.exec(&Request::new(b"print(1+1)", b""), Duration::from_secs(60))?;
     let runs = learn.ram().private_runs()?;
     println!(
         "write set: {} runs, {} KiB",
@@ -33,7 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let prep = t0.elapsed();
         let t1 = Instant::now();
-        m.exec(Request::new(b"print(1+1)", b""), Duration::from_secs(60))?;
+        m.exec(&Request::new(b"print(1+1)", b""), Duration::from_secs(60))?;
         println!("precow={precow} prep {prep:?} first exec {:?}", t1.elapsed());
     }
     Ok(())

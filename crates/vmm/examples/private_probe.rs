@@ -22,7 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ] {
         let t = Instant::now();
         let r = m.exec(
-            zeroboot_protocol::Request::new(code.as_bytes(), b""),
+            &zeroboot_protocol::Request::new(code.as_bytes(), b""),
             Duration::from_secs(60),
         )?;
         println!(

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use zeroboot_protocol::{self as protocol, Doorbell, Request, Response};
+use zeroboot_protocol::{self as protocol, Chunk, Doorbell, GuestFault, Outcome, ProtocolError, Request};
 
 use crate::boot::{self, BootError};
 use crate::devices::serial::{SerialConsole, SerialError, COM1_IRQ, COM1_PORTS};
@@ -36,8 +36,13 @@ pub enum MachineError {
     Layout(#[from] LayoutError),
     #[error(transparent)]
     Serial(#[from] SerialError),
+    /// A request or mailbox the host made that the protocol cannot carry
+    /// (the guest's own protocol errors are [`GuestFault::Protocol`]).
     #[error(transparent)]
-    Protocol(#[from] protocol::ProtocolError),
+    Protocol(ProtocolError),
+    /// The guest did not answer: its code's doing.
+    #[error(transparent)]
+    Guest(#[from] GuestFault),
     #[error("guest kernel symbols: {0}")]
     Symbols(#[from] SymbolError),
     #[error("cannot read {path}: {source}")]
@@ -46,22 +51,12 @@ pub enum MachineError {
     RootImage { path: PathBuf, source: std::io::Error },
     #[error("cannot arm the deadline timer: {0}")]
     Watchdog(std::io::Error),
-    #[error("the guest did not finish within {0:?}")]
-    Timeout(Duration),
-    #[error("the guest reset itself (kernel panic or reboot); see the console log")]
-    GuestReset,
-    #[error("the guest triple-faulted at rip {rip:#x}")]
-    TripleFault { rip: u64 },
     #[error("KVM cannot emulate the instruction at rip {rip:#x} (suberror {suberror}, bytes {bytes})")]
     Emulation { rip: u64, suberror: u32, bytes: String },
     #[error("KVM could not enter the guest (hardware reason {0:#x})")]
     FailEntry(u64),
-    #[error("the guest rang the doorbell with unknown code {0:#x}")]
-    BadDoorbell(u8),
     #[error("unexpected VM exit: {0}")]
     UnexpectedExit(String),
-    #[error("the guest rang {got:?} while the host waited for {expected:?}")]
-    WrongDoorbell { expected: Doorbell, got: Doorbell },
     #[error("the agent registered entropy at {gpa:#x} (+{len}), outside guest RAM below the mailbox")]
     EntropyOutsideRam { gpa: u64, len: u64 },
 }
@@ -208,6 +203,21 @@ pub fn cpu_vendor(hv: &Hypervisor) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+impl MachineError {
+    /// The guest's protocol violation `e`.
+    fn guest_protocol(e: ProtocolError) -> Self {
+        Self::Guest(GuestFault::Protocol(e))
+    }
+
+    /// The guest fault behind this error, if the guest caused it.
+    pub fn guest_fault(&self) -> Option<&GuestFault> {
+        match self {
+            Self::Guest(fault) => Some(fault),
+            _ => None,
+        }
+    }
+}
+
 impl Machine {
     /// Creates a VM, loads the kernel and root image, and sets up vCPU 0 at the
     /// kernel entry. `console` receives the guest's serial output.
@@ -246,7 +256,8 @@ impl Machine {
         }
         let mut seed = [0u8; protocol::header::BOOT_SEED_LEN];
         fill_random(&mut seed);
-        protocol::init_mailbox(ram.slice_mut(layout.mailbox_gpa, protocol::MAILBOX_SIZE)?, &seed)?;
+        protocol::init_mailbox(ram.slice_mut(layout.mailbox_gpa, protocol::MAILBOX_SIZE)?, &seed)
+            .map_err(MachineError::Protocol)?;
 
         let mut cmdline = spec.cmdline.clone();
         if layout.pmem_bytes > 0 {
@@ -370,7 +381,7 @@ impl Machine {
         let doorbell_gpa = self.layout.doorbell_gpa;
         loop {
             if Instant::now() >= deadline {
-                return Err(MachineError::Timeout(timeout));
+                return Err(GuestFault::Timeout(timeout).into());
             }
             let exit = self.vcpu.run()?;
             self.exits += 1;
@@ -380,7 +391,7 @@ impl Machine {
                     if COM1_PORTS.contains(&port) {
                         self.serial.write(port, value);
                     } else if port == I8042_COMMAND && value == I8042_RESET {
-                        return Err(MachineError::GuestReset);
+                        return Err(GuestFault::Reset.into());
                     }
                     None
                 }
@@ -400,7 +411,9 @@ impl Machine {
                 }
                 Exit::MmioWrite { addr, data } if addr == doorbell_gpa => {
                     let code = data.first().copied().unwrap_or(0);
-                    Some(Doorbell::from_byte(code).ok_or(MachineError::BadDoorbell(code))?)
+                    let doorbell = Doorbell::from_byte(code)
+                        .ok_or(MachineError::guest_protocol(ProtocolError::UnknownDoorbell(code)))?;
+                    Some(doorbell)
                 }
                 Exit::MmioWrite { .. } => None,
                 Exit::MmioRead { data, .. } => {
@@ -410,7 +423,7 @@ impl Machine {
                 Exit::Interrupted | Exit::Hlt => None,
                 Exit::Shutdown => {
                     let rip = self.vcpu.regs().map(|r| r.rip).unwrap_or(0);
-                    return Err(MachineError::TripleFault { rip });
+                    return Err(GuestFault::TripleFault { rip }.into());
                 }
                 Exit::InternalError => return Err(self.emulation_error()),
                 Exit::FailEntry { reason } => return Err(MachineError::FailEntry(reason)),
@@ -474,7 +487,8 @@ impl Machine {
     /// The agent's entropy table from the mailbox, checked to name only
     /// ordinary RAM: not the boot tables' low page, the mailbox or the root image.
     fn read_entropy_table(&self) -> Result<Vec<protocol::EntropyRegion>, MachineError> {
-        let entropy = protocol::read_entropy_table(self.ram.slice(self.layout.mailbox_gpa, protocol::MAILBOX_SIZE)?)?;
+        let entropy = protocol::read_entropy_table(self.ram.slice(self.layout.mailbox_gpa, protocol::MAILBOX_SIZE)?)
+            .map_err(MachineError::guest_protocol)?;
         for r in &entropy {
             if r.gpa < crate::layout::HIMEM_START || r.gpa.saturating_add(r.write_len()) > self.layout.mailbox_gpa {
                 return Err(MachineError::EntropyOutsideRam {
@@ -517,18 +531,27 @@ impl Machine {
     /// Hands `request` to the agent and runs until it answers. Output larger
     /// than the mailbox arrives in several chunks, one doorbell each; the
     /// deadline covers them all.
-    pub fn exec(&mut self, request: Request<'_>, timeout: Duration) -> Result<Response, MachineError> {
-        self.exec_streaming(request, timeout, &mut |_| {})
+    pub fn exec(&mut self, request: &Request, timeout: Duration) -> Result<Outcome, MachineError> {
+        self.run_request(request, timeout, None)
     }
 
     /// [`Machine::exec`], calling `on_chunk` with each piece of output as it
-    /// arrives (with `request.stream`, while the code runs).
+    /// arrives while the code runs (with `request.stream`; else once, at the end).
     pub fn exec_streaming(
         &mut self,
-        request: Request<'_>,
+        request: &Request,
         timeout: Duration,
-        on_chunk: &mut dyn FnMut(&protocol::Chunk<'_>),
-    ) -> Result<Response, MachineError> {
+        on_chunk: &mut dyn FnMut(Chunk),
+    ) -> Result<Outcome, MachineError> {
+        self.run_request(request, timeout, Some(on_chunk))
+    }
+
+    fn run_request(
+        &mut self,
+        request: &Request,
+        timeout: Duration,
+        mut on_chunk: Option<&mut dyn FnMut(Chunk)>,
+    ) -> Result<Outcome, MachineError> {
         let mailbox_gpa = self.layout.mailbox_gpa;
         let deadline = Instant::now() + timeout;
         // Fresh seeds for the guest's user-space generators (Python's `random`,
@@ -537,24 +560,31 @@ impl Machine {
         fill_random(&mut seed);
         self.refresh_entropy()?;
         let mailbox = self.ram.slice_mut(mailbox_gpa, protocol::MAILBOX_SIZE)?;
-        let seq = protocol::write_request(mailbox, request, &seed)?;
-        let mut response = Response::default();
+        let seq = protocol::write_request(mailbox, request, &seed).map_err(MachineError::Protocol)?;
+        let mut outcome = Outcome::default();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.run_until_doorbell(left)? {
                 Doorbell::Result => {}
                 got => {
-                    return Err(MachineError::WrongDoorbell {
+                    return Err(MachineError::guest_protocol(ProtocolError::WrongDoorbell {
                         expected: Doorbell::Result,
                         got,
-                    })
+                    }))
                 }
             }
-            let chunk = protocol::read_chunk(self.ram.slice(mailbox_gpa, protocol::MAILBOX_SIZE)?, seq)?;
-            response.append(&chunk, request.output_limit)?;
-            on_chunk(&chunk);
-            if !chunk.more() {
-                return Ok(response);
+            let part = protocol::read_chunk(self.ram.slice(mailbox_gpa, protocol::MAILBOX_SIZE)?, seq)
+                .map_err(MachineError::guest_protocol)?;
+            outcome
+                .append(&part, request.output_limit)
+                .map_err(MachineError::guest_protocol)?;
+            // Copied out only for a caller that takes chunks: a plain exec
+            // copies its output once, into the outcome.
+            if let Some(on_chunk) = on_chunk.as_mut() {
+                on_chunk(part.chunk());
+            }
+            if !part.more() {
+                return Ok(outcome);
             }
         }
     }
