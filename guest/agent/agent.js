@@ -9,33 +9,33 @@
 // Every fork resumes right after it, with a request in the mailbox. The code
 // runs in this process like `node -e` code, its output captured in memory;
 // the result goes back through the mailbox with one RESULT doorbell. The
-// mailbox layout is defined in crates/protocol/src/lib.rs; the constants
-// below mirror it (as agent.py's do).
+// mailbox layout is defined in crates/protocol/src/lib.rs; zeroboot
+// generates its constants into zeroboot_mailbox.js, next to this file.
 
+const path = require('path');
 const native = require('/zeroboot/zeroboot_node.node');
 
 const T0 = process.hrtime.bigint();
 
-const MAILBOX_SIZE = 2 << 20;
-const MAGIC = 0x424d425a; // "ZBMB"
-const VERSION = 5;
-const H = {
-  MAGIC: 0, VERSION: 4, REQUEST_SEQ: 8, CODE_LEN: 12, STDIN_LEN: 16,
-  RESPONSE_SEQ: 20, EXIT_CODE: 24, STDOUT_LEN: 28, STDERR_LEN: 32, RESPONSE_FLAGS: 36,
-  OUTPUT_LIMIT: 40, REQUEST_FLAGS: 44, BOOT_SEED: 64, REQUEST_SEED: 128,
-};
-const BOOT_SEED_LEN = 64;
-const REQUEST_SEED_LEN = 64;
-const REQUEST_OFFSET = 4096;
-const RESPONSE_OFFSET = 1 << 20;
-const RESPONSE_CAPACITY = MAILBOX_SIZE - RESPONSE_OFFSET;
-const FLAG_STDOUT_TRUNCATED = 1;
-const FLAG_STDERR_TRUNCATED = 2;
-const FLAG_MORE = 4;
-const REQUEST_STREAM = 1;
-const DOORBELL_READY = 1;
-const DOORBELL_RESULT = 2;
-const MAX_OUTPUT_LIMIT = 64 << 20;
+// Generated from crates/protocol by zeroboot and installed next to this file.
+const {
+  MAILBOX_SIZE,
+  MAGIC,
+  VERSION,
+  H,
+  BOOT_SEED_LEN,
+  REQUEST_SEED_LEN,
+  REQUEST_OFFSET,
+  RESPONSE_OFFSET,
+  RESPONSE_CAPACITY,
+  FLAG_STDOUT_TRUNCATED,
+  FLAG_STDERR_TRUNCATED,
+  FLAG_MORE,
+  REQUEST_STREAM,
+  DOORBELL_READY,
+  DOORBELL_RESULT,
+  MAX_OUTPUT_LIMIT,
+} = require(path.join(__dirname, 'zeroboot_mailbox.js'));
 
 // The console, kept before the agent takes over process.stdout for requests.
 const consoleWrite = process.stdout.write.bind(process.stdout);

@@ -8,7 +8,8 @@ ring the READY doorbell. The host snapshots the VM at that store.
 Every fork resumes right after that store, with a request already in the
 mailbox. The agent runs it with output captured in memory, writes the response
 into the mailbox and rings RESULT. The mailbox layout is defined in
-crates/protocol/src/lib.rs; the constants below mirror it.
+crates/protocol/src/lib.rs; zeroboot generates its constants into
+zeroboot_mailbox.py, next to this file.
 """
 
 import io
@@ -19,23 +20,48 @@ import time
 
 T0 = time.monotonic()
 
-# --- mailbox layout (crates/protocol/src/lib.rs) -----------------------------
-MAILBOX_SIZE = 2 << 20
-MAGIC = int.from_bytes(b"ZBMB", "little")
-VERSION = 5
-H_MAGIC, H_VERSION, H_REQUEST_SEQ, H_CODE_LEN, H_STDIN_LEN = 0, 4, 8, 12, 16
-H_RESPONSE_SEQ, H_EXIT_CODE, H_STDOUT_LEN, H_STDERR_LEN, H_RESPONSE_FLAGS = 20, 24, 28, 32, 36
-H_OUTPUT_LIMIT, H_REQUEST_FLAGS = 40, 44
-REQUEST_STREAM = 1
-H_BOOT_SEED, BOOT_SEED_LEN = 64, 64
-H_REQUEST_SEED, REQUEST_SEED_LEN = 128, 64
-H_ENTROPY_COUNT, H_ENTROPY_TABLE, MAX_ENTROPY_REGIONS = 256, 264, 32
-REQUEST_OFFSET = 4096
-RESPONSE_OFFSET = 1 << 20
-RESPONSE_CAPACITY = MAILBOX_SIZE - RESPONSE_OFFSET
-FLAG_STDOUT_TRUNCATED, FLAG_STDERR_TRUNCATED, FLAG_MORE = 1, 2, 4
-DOORBELL_READY, DOORBELL_RESULT = 1, 2
-MAX_OUTPUT_LIMIT = 64 << 20
+# --- mailbox layout ----------------------------------------------------------
+# Generated from crates/protocol by zeroboot and installed next to this file.
+# `python3 -I` leaves this directory off sys.path; it is put there only for
+# this import, so the requests' code sees the sys.path it always saw.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+try:
+    from zeroboot_mailbox import (
+        BOOT_SEED_LEN,
+        DOORBELL_READY,
+        DOORBELL_RESULT,
+        ENTROPY_ENTRY_LEN,
+        FLAG_MORE,
+        FLAG_STDERR_TRUNCATED,
+        FLAG_STDOUT_TRUNCATED,
+        H_BOOT_SEED,
+        H_CODE_LEN,
+        H_ENTROPY_COUNT,
+        H_ENTROPY_TABLE,
+        H_EXIT_CODE,
+        H_MAGIC,
+        H_OUTPUT_LIMIT,
+        H_REQUEST_FLAGS,
+        H_REQUEST_SEED,
+        H_REQUEST_SEQ,
+        H_RESPONSE_FLAGS,
+        H_RESPONSE_SEQ,
+        H_STDERR_LEN,
+        H_STDIN_LEN,
+        H_STDOUT_LEN,
+        MAGIC,
+        MAILBOX_SIZE,
+        MAX_ENTROPY_REGIONS,
+        MAX_OUTPUT_LIMIT,
+        REQUEST_OFFSET,
+        REQUEST_SEED_LEN,
+        REQUEST_STREAM,
+        RESPONSE_CAPACITY,
+        RESPONSE_OFFSET,
+        VERSION,
+    )
+finally:
+    del sys.path[0]
 
 
 def log(msg):
@@ -478,7 +504,7 @@ def register_entropy(mailbox):
         log("generator state not registered: reseeding in the guest")
         return False
     for i, (gpa, length, value) in enumerate(table):
-        struct.pack_into("<QII", mailbox, H_ENTROPY_TABLE + 16 * i, gpa, length, value)
+        struct.pack_into("<QII", mailbox, H_ENTROPY_TABLE + ENTROPY_ENTRY_LEN * i, gpa, length, value)
     struct.pack_into("<I", mailbox, H_ENTROPY_COUNT, len(table))
     log(f"generator state registered: {len(table)} regions")
     return True

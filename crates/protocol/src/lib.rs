@@ -8,8 +8,9 @@
 //! the vCPU, so neither side polls.
 //!
 //! Every field is little-endian at a fixed offset (see the constants below).
-//! The guest agent (`guest/agent/agent.py`) mirrors this layout; a change here
-//! must bump [`VERSION`] and change the agent in the same commit.
+//! The guest agents get these constants from files that the template build
+//! generates from [`guest_layout`], so they cannot drift from this crate; a
+//! change to the layout must still bump [`VERSION`].
 //!
 //! The mailbox is written by an untrusted guest, so every read of guest-written
 //! fields is bounds-checked and never panics.
@@ -22,6 +23,7 @@
 use thiserror::Error;
 
 pub mod exec;
+pub mod guest_layout;
 
 pub use exec::{Chunk, GuestFault, Outcome, Request};
 
@@ -66,7 +68,8 @@ pub mod header {
 
 /// Most entropy regions the agent may register.
 pub const MAX_ENTROPY_REGIONS: usize = 32;
-const ENTROPY_ENTRY_LEN: usize = 16;
+/// Bytes of one entry of [`header::ENTROPY_TABLE`].
+pub const ENTROPY_ENTRY_LEN: usize = 16;
 const _: () = assert!(header::ENTROPY_TABLE + MAX_ENTROPY_REGIONS * ENTROPY_ENTRY_LEN <= REQUEST_OFFSET);
 
 /// Request payload (code, then stdin) starts here.

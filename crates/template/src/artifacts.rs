@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use zeroboot_protocol::guest_layout;
+
 use crate::cache::{io_err, Cache, CacheError, InputHash};
 use crate::progress::Progress;
 use crate::sources::{self, SourceFile};
@@ -97,6 +99,10 @@ pub fn root_image_hash(spec: &TemplateSpec, base_hash: &str) -> String {
         .add_files(agent_sources(spec.runtime))
         .add(b"mkfs", MKFS_ARGS.join(" ").as_bytes())
         .add(b"cc", CC_ARGS.join(" ").as_bytes());
+    // Not in the agent sources, yet the agents are built from them.
+    for (name, render) in guest_layout::FILES {
+        h.add(name.as_bytes(), render().as_bytes());
+    }
     for (name, contents) in image_config(spec) {
         h.add(name.as_bytes(), contents.as_bytes());
     }
@@ -267,8 +273,32 @@ pub fn ensure_root_image(
     })
 }
 
+/// Writes the mailbox layout generated from zeroboot-protocol where the
+/// runtime's agent loads it: the C header beside guest.h in `native_dir`,
+/// for the native half, and the script's module into `zeroboot_dir`.
+fn write_layout(runtime: Runtime, native_dir: &Path, zeroboot_dir: &Path) -> Result<(), CacheError> {
+    let mut files = vec![(native_dir.join(guest_layout::C_HEADER), guest_layout::c_header())];
+    match runtime {
+        Runtime::Python => files.push((
+            zeroboot_dir.join(guest_layout::PYTHON_MODULE),
+            guest_layout::python_module(),
+        )),
+        Runtime::Node => files.push((
+            zeroboot_dir.join(guest_layout::JAVASCRIPT_MODULE),
+            guest_layout::javascript_module(),
+        )),
+        // agent.sh leaves the mailbox to its builtin, which has the header.
+        Runtime::Shell => {}
+    }
+    for (path, contents) in files {
+        std::fs::write(&path, contents).map_err(io_err(&path))?;
+    }
+    Ok(())
+}
+
 /// Writes the runtime's agent into `zeroboot_dir` (the image's /zeroboot):
-/// its scripts, its native half compiled from C, and the spec's config.
+/// its scripts and their layout module, its native half compiled from C,
+/// and the spec's config.
 fn install_agent(
     spec: &TemplateSpec,
     dir: &Path,
@@ -288,6 +318,7 @@ fn install_agent(
         let to = zeroboot_dir.join(name);
         std::fs::copy(agent.join(name), &to).map_err(io_err(&to))?;
     }
+    write_layout(spec.runtime, &agent.join("native"), zeroboot_dir)?;
     let source = agent.join("native").join(source);
     let object = zeroboot_dir.join(object);
     let mut args: Vec<&Path> = CC_ARGS.iter().map(Path::new).collect();
@@ -298,4 +329,154 @@ fn install_agent(
         std::fs::write(&path, contents).map_err(io_err(&path))?;
     }
     Ok(std::fs::remove_dir_all(&src).map_err(io_err(&src))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Checks, with the real tools, that each agent finds every layout
+    /// constant it uses in the files `write_layout` writes.
+    #[test]
+    fn agents_build_against_the_generated_layout() {
+        for runtime in [Runtime::Python, Runtime::Node, Runtime::Shell] {
+            let dir = std::env::temp_dir().join(format!("zeroboot-agent-{}-{}", runtime.name(), std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let src = dir.join("sources");
+            let zeroboot = dir.join("zeroboot");
+            sources::materialize(agent_sources(runtime), &src).unwrap();
+            std::fs::create_dir_all(&zeroboot).unwrap();
+            let native = src.join("agent/native");
+            write_layout(runtime, &native, &zeroboot).unwrap();
+            for entry in std::fs::read_dir(&native).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|x| x == "c") {
+                    let mut cc = Command::new("cc");
+                    cc.args(CC_ARGS).arg("-fsyntax-only").arg(&path);
+                    run(&format!("cc {}", path.display()), cc);
+                }
+            }
+            match runtime {
+                Runtime::Python => {
+                    let agent = zeroboot.join("agent.py");
+                    std::fs::copy(src.join("agent/agent.py"), &agent).unwrap();
+                    let mut python = Command::new("python3");
+                    python.args(["-I", "-B", "-c", PYTHON_GLOBALS_RESOLVE]).arg(&agent);
+                    run("python3 (agent.py's globals)", python);
+                }
+                Runtime::Node => {
+                    let agent = zeroboot.join("agent.js");
+                    std::fs::copy(src.join("agent/agent.js"), &agent).unwrap();
+                    let mut node = Command::new("node");
+                    node.arg("--check").arg(&agent);
+                    run("node --check agent.js", node);
+                    javascript_names_resolve(&std::fs::read_to_string(&agent).unwrap());
+                }
+                Runtime::Shell => {}
+            }
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    fn run(what: &str, mut command: Command) {
+        let out = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(
+            out.status.success(),
+            "{what} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Runs the agent's module level (the layout import among it, under the
+    /// agent's own `-I`) and fails if a global it reads anywhere is undefined.
+    const PYTHON_GLOBALS_RESOLVE: &str = r#"
+import builtins, dis, runpy, sys
+path = sys.argv[1]
+defined = runpy.run_path(path)
+def loads(code):
+    for ins in dis.get_instructions(code):
+        if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+            yield ins.argval
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            yield from loads(const)
+with open(path) as f:
+    code = compile(f.read(), path, "exec")
+# Module-level code that did not run here (the `__main__` block) defines some.
+defined = set(defined) | {i.argval for i in dis.get_instructions(code) if i.opname == "STORE_NAME"}
+missing = sorted({n for n in loads(code) if n not in defined and not hasattr(builtins, n)})
+if missing:
+    sys.exit(f"{path} reads undefined globals: {missing}")
+"#;
+
+    /// agent.js takes the layout apart in one destructuring `require`: every
+    /// layout name it uses must be in it, and every `H.<field>` in `H`.
+    fn javascript_names_resolve(agent: &str) {
+        let require = format!(
+            "}} = require(path.join(__dirname, '{}'));",
+            guest_layout::JAVASCRIPT_MODULE
+        );
+        let end = agent.find(&require).expect("agent.js requires the layout module");
+        let start = agent[..end]
+            .rfind("const {")
+            .expect("agent.js destructures the layout module");
+        let imported: Vec<&str> = agent[start + "const {".len()..end]
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .collect();
+        let body = format!("{}{}", &agent[..start], &agent[end + require.len()..]);
+        let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '$';
+        let words: Vec<(char, &str)> = body
+            .split(|c: char| !is_ident(c) && c != '.')
+            .flat_map(|chunk| {
+                let mut prev = ' ';
+                chunk.split('.').map(move |w| {
+                    let item = (prev, w);
+                    prev = '.';
+                    item
+                })
+            })
+            .collect();
+        let mut h_fields = Vec::new();
+        for pair in words.windows(2) {
+            if pair[0] == (' ', "H") && pair[1].0 == '.' {
+                h_fields.push(pair[1].1);
+            }
+        }
+        for field in &h_fields {
+            assert!(
+                guest_layout::LAYOUT
+                    .iter()
+                    .any(|c| c.kind == guest_layout::Kind::Header && c.name == *field),
+                "agent.js reads H.{field}, which the layout does not have"
+            );
+        }
+        assert!(
+            h_fields.is_empty() || imported.contains(&"H"),
+            "agent.js uses H without importing it"
+        );
+        for c in guest_layout::LAYOUT
+            .iter()
+            .filter(|c| c.kind != guest_layout::Kind::Header)
+        {
+            let used = words.iter().any(|&(prev, w)| prev == ' ' && w == c.name);
+            assert!(
+                !used || imported.contains(&c.name),
+                "agent.js uses {} without importing it",
+                c.name
+            );
+        }
+        for name in &imported {
+            assert!(
+                *name == "H"
+                    || guest_layout::LAYOUT
+                        .iter()
+                        .any(|c| c.kind != guest_layout::Kind::Header && c.name == *name),
+                "agent.js imports {name}, which the layout module does not export"
+            );
+        }
+    }
 }

@@ -6,8 +6,8 @@
  * (zeroboot_node.c) and the bash builtin (zeroboot_bash.c); agent.py does
  * the same from Python.
  *
- * The mailbox layout is defined in crates/protocol/src/lib.rs; the constants
- * below mirror it.
+ * The mailbox layout is defined in crates/protocol/src/lib.rs; zeroboot
+ * generates its ZB_* constants into zeroboot_mailbox.h, next to this file.
  */
 #ifndef ZEROBOOT_GUEST_H
 #define ZEROBOOT_GUEST_H
@@ -26,34 +26,7 @@
 #include <termios.h>
 #include <unistd.h>
 
-#define ZB_MAILBOX_SIZE (2u << 20)
-#define ZB_MAGIC 0x424d425au /* "ZBMB" little-endian */
-#define ZB_VERSION 5u
-#define ZB_H_MAGIC 0
-#define ZB_H_VERSION 4
-#define ZB_H_REQUEST_SEQ 8
-#define ZB_H_CODE_LEN 12
-#define ZB_H_STDIN_LEN 16
-#define ZB_H_RESPONSE_SEQ 20
-#define ZB_H_EXIT_CODE 24
-#define ZB_H_STDOUT_LEN 28
-#define ZB_H_STDERR_LEN 32
-#define ZB_H_RESPONSE_FLAGS 36
-#define ZB_H_OUTPUT_LIMIT 40
-#define ZB_H_REQUEST_FLAGS 44
-#define ZB_H_BOOT_SEED 64
-#define ZB_BOOT_SEED_LEN 64
-#define ZB_H_REQUEST_SEED 128
-#define ZB_REQUEST_SEED_LEN 64
-#define ZB_REQUEST_OFFSET 4096u
-#define ZB_RESPONSE_OFFSET (1u << 20)
-#define ZB_RESPONSE_CAPACITY (ZB_MAILBOX_SIZE - ZB_RESPONSE_OFFSET)
-#define ZB_FLAG_STDOUT_TRUNCATED 1u
-#define ZB_FLAG_STDERR_TRUNCATED 2u
-#define ZB_FLAG_MORE 4u
-#define ZB_DOORBELL_READY 1
-#define ZB_DOORBELL_RESULT 2
-#define ZB_MAX_OUTPUT_LIMIT (64u << 20)
+#include "zeroboot_mailbox.h"
 
 /* Mounts /proc, /sys, /dev, /tmp and /run; returns how many failed. */
 static inline int zb_mount_kernel_filesystems(void)
