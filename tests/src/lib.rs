@@ -63,7 +63,9 @@ pub fn template() -> &'static zeroboot_vmm::Template {
     OPENED.get_or_init(|| {
         let hv = hypervisor();
         let snap = snapshot(&hv);
-        zeroboot_vmm::Template::with_pool(hv, snap, 2)
+        // Every shell as this host's default mode, whatever the demand.
+        let policy = zeroboot_vmm::ForkMemoryPolicy::Fixed(zeroboot_vmm::ForkMemory::for_this_host());
+        zeroboot_vmm::Template::with_pool(hv, snap, 2, policy)
     })
 }
 

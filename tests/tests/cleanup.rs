@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use zeroboot_e2e::{children_of, eventually, hypervisor, isolated_template, snapshot};
 use zeroboot_protocol::Request;
-use zeroboot_vmm::Template;
+use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy, Template};
 
 /// The two tests count this process's fds and threads: one at a time.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -47,7 +47,8 @@ fn forks_release_every_fd_mapping_and_thread() {
     // show in the RSS (each holds its copies of the template's written
     // ranges, 54 MiB for python with private-written-ranges).
     let hv = hypervisor();
-    let template = Template::new(hypervisor(), snapshot(&hv));
+    let policy = ForkMemoryPolicy::Fixed(ForkMemory::for_this_host());
+    let template = Template::new(hypervisor(), snapshot(&hv), policy);
     for _ in 0..50 {
         fork_and_exec(&template);
     }

@@ -79,14 +79,13 @@ fn hot_memory_sits_on_huge_pages_in_guest_and_host() {
 /// live snapshot of it still carries only the pages the guest changed.
 #[test]
 fn both_fork_memory_modes_run_code_and_copy_what_they_say() {
-    use zeroboot_vmm::{ForkMemory, Template};
+    use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy, Template};
     let hv = hypervisor();
     for mode in [ForkMemory::SharedPages, ForkMemory::PrivateWrittenRanges] {
-        let mut snap = snapshot(&hv);
-        snap.fork_memory = mode;
+        let snap = snapshot(&hv);
         let ranges = snap.written_ranges().len() as u64;
         assert!(ranges > 0, "the template has a write set");
-        let template = Template::new(hypervisor(), snap);
+        let template = Template::new(hypervisor(), snap, ForkMemoryPolicy::Fixed(mode));
         let mut m = template.fork(Box::new(std::io::sink())).unwrap();
         let r = run(&mut m, "import numpy; print(int(numpy.arange(5).sum()))");
         assert_eq!(

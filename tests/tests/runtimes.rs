@@ -11,7 +11,7 @@ use zeroboot_e2e::{build_template, hypervisor, ranges_moved_onto_huge_pages, zer
 use zeroboot_protocol::{GuestFault, Outcome, Request};
 use zeroboot_template::template::BOOT_LOG;
 use zeroboot_template::TemplateSpec;
-use zeroboot_vmm::{Machine, MachineError, Snapshot, Template};
+use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy, Machine, MachineError, Snapshot, Template};
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -19,7 +19,7 @@ fn open(spec: &TemplateSpec) -> Template {
     let dir = build_template(spec);
     let hv = hypervisor();
     let snap = Snapshot::open(&dir, &zeroboot_vmm::machine::cpu_vendor(&hv)).expect("open template");
-    Template::with_pool(hv, snap, 1)
+    Template::with_pool(hv, snap, 1, ForkMemoryPolicy::Fixed(ForkMemory::for_this_host()))
 }
 
 fn node() -> &'static Template {

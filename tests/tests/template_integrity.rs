@@ -68,7 +68,7 @@ fn private_copy(tag: &str) -> (PathBuf, PathBuf) {
 #[test]
 fn an_open_reads_a_spoilt_page_cache_back_into_2_mib_folios() {
     use std::os::unix::fs::FileExt;
-    use zeroboot_vmm::snapshot::{read_memory_file, release_page_cache};
+    use zeroboot_vmm::page_cache::{read_memory_file, release_page_cache};
     let (cache, copy) = private_copy("folios");
     let file = std::fs::File::open(copy.join("memory.bin")).unwrap();
     // Written pages cannot be dropped until they are on disk.
@@ -89,7 +89,7 @@ fn an_open_reads_a_spoilt_page_cache_back_into_2_mib_folios() {
     );
     let spoilt_ranges = [68u64, 112, 118, 128].map(|mib| mib << 20);
     for &offset in &spoilt_ranges {
-        zeroboot_vmm::snapshot::release_page_cache_range(&file, offset, 2 << 20).unwrap();
+        zeroboot_vmm::page_cache::release_page_cache_range(&file, offset, 2 << 20).unwrap();
     }
     let mut buf = vec![0u8; 2 << 20];
     for &offset in &spoilt_ranges {

@@ -379,16 +379,16 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     }
     let cache = Cache::from_env()?;
     let hv = Hypervisor::open()?;
-    let mut snap = open_or_build(&cache, &hv, &args.template)?;
+    let snap = open_or_build(&cache, &hv, &args.template)?;
     // One fork, made while its request waits.
-    snap.fork_memory = ForkMemoryPolicy::for_this_host().for_fork(Demand::Behind);
+    let fork_memory = ForkMemoryPolicy::for_this_host().for_fork(Demand::Behind);
     let started = Instant::now();
     let console: Box<dyn Write + Send> = if args.console {
         Box::new(std::io::stderr())
     } else {
         Box::new(std::io::sink())
     };
-    let mut machine = Machine::restore(&hv, &snap, console)?;
+    let mut machine = Machine::restore(&hv, &snap, fork_memory, console)?;
     let restored = started.elapsed();
     let timeout = Duration::from_secs_f64(args.timeout);
     // Output is streamed: it appears as the guest writes each line.

@@ -86,7 +86,7 @@ pub struct IsolatedTemplate {
 impl IsolatedTemplate {
     /// Forks of the template `snapshot` was opened from, keeping up to `pool`
     /// workers with their VM prepared, each VM's memory backed as `policy`
-    /// says (the snapshot's own `fork_memory` is not used).
+    /// says.
     pub fn new(command: WorkerCommand, snapshot: Snapshot, pool: usize, policy: ForkMemoryPolicy) -> Self {
         let spec = std::sync::Arc::new(Spec {
             command,

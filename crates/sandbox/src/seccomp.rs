@@ -106,7 +106,7 @@ const FILE_WRITES: &[i64] = &[
     libc::SYS_fallocate,
     libc::SYS_fsync,
     libc::SYS_fdatasync,
-    // Dropping a new memory file from the page cache (snapshot::release_page_cache).
+    // Dropping a new memory file from the page cache (page_cache::release_page_cache).
     libc::SYS_fadvise64,
     libc::SYS_rename,
     libc::SYS_renameat,

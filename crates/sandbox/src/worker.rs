@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use zeroboot_protocol::Request;
 use zeroboot_vmm::machine::cpu_vendor;
-use zeroboot_vmm::{ForkMemory, Hypervisor, Machine, MachineError, Snapshot, Template};
+use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy, Hypervisor, Machine, MachineError, Snapshot, Template};
 
 use crate::seccomp;
 use crate::wire::{read_frame, write_frame, Command, Failure, LiveParts, Reply, Stats, WireError};
@@ -109,11 +109,11 @@ fn prepare(
 ) -> Result<(Template, zeroboot_vmm::fork::Prepared), Failure> {
     let other = |e: &dyn std::fmt::Display| Failure::Other(e.to_string());
     let hv = Hypervisor::open().map_err(|e| other(&e))?;
-    let mut snapshot = Snapshot::open(dir, &cpu_vendor(&hv)).map_err(|e| other(&e))?;
-    snapshot.fork_memory = fork_memory;
-    let template = Template::new(hv, snapshot);
+    let snapshot = Snapshot::open(dir, &cpu_vendor(&hv)).map_err(|e| other(&e))?;
+    // This worker's one VM is made here, as the host chose.
+    let template = Template::new(hv, snapshot, ForkMemoryPolicy::Fixed(fork_memory));
     let prepared = match live {
-        None => template.prepare(),
+        None => template.prepare(fork_memory),
         Some(parts) => template.prepare_live(parts.into_live().map_err(|e| other(&e))?),
     }
     .map_err(failure)?;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use zeroboot_protocol::{Doorbell, GuestFault, ProtocolError, Request};
 use zeroboot_vmm::snapshot::{self, Snapshot, SnapshotError, MEMORY_FILE};
-use zeroboot_vmm::{BootSpec, Hypervisor, Machine, MachineError};
+use zeroboot_vmm::{page_cache, BootSpec, ForkMemory, Hypervisor, Machine, MachineError};
 
 use crate::artifacts::{self, ArtifactError};
 use crate::cache::{io_err, Cache, CacheError, InputHash};
@@ -56,7 +56,9 @@ fn record_write_set(hv: &Hypervisor, dir: &Path, runtime: Runtime) -> Result<(),
     let snap = Snapshot::open(dir, &vendor)?;
     let mut pages = std::collections::BTreeSet::new();
     for code in runtime.write_set_probes() {
-        let mut fork = Machine::restore(hv, &snap, Box::new(std::io::sink()))?;
+        // Shared pages: the copy-on-write of each written page is what
+        // shows the write set.
+        let mut fork = Machine::restore(hv, &snap, ForkMemory::SharedPages, Box::new(std::io::sink()))?;
         let response = fork.exec(&Request::new(code.as_bytes(), b""), BOOT_TIMEOUT)?;
         let stdout = String::from_utf8_lossy(&response.stdout);
         if response.exit_code != 0 || (code == runtime.print_probe() && stdout != PRINT_PROBE_OUTPUT) {
@@ -164,12 +166,12 @@ pub struct TemplateInfo {
     /// Guest memory the snapshot holds (non-zero pages), in bytes.
     pub memory_bytes: u64,
     pub exits_to_ready: u64,
-    /// `snapshot::memory_checksum` of the memory file when it was written;
+    /// `page_cache::memory_checksum` of the memory file when it was written;
     /// checked on open. None in templates made before it existed.
     #[serde(default)]
     pub memory_crc32: Option<u32>,
     /// 2 MiB ranges of the memory file that the page cache held in 2 MiB
-    /// folios when it was written (`snapshot::MemoryFileRead`): what an
+    /// folios when it was written (`page_cache::MemoryFileRead`): what an
     /// open restores if the cache has since been spoilt. None in templates
     /// made before it existed.
     #[serde(default)]
@@ -358,9 +360,9 @@ pub fn build(
         mem_file.sync_all().map_err(io_err(&mem_path))?;
         // Ordering: drop the written pages from the page cache before the
         // checksum reads the file back, so that it is cached in 2 MiB folios
-        // (snapshot::memory_checksum).
-        snapshot::release_page_cache(&mem_file).map_err(io_err(&mem_path))?;
-        let memory_read = snapshot::read_memory_file(&mem_file).map_err(io_err(&mem_path))?;
+        // (page_cache::memory_checksum).
+        page_cache::release_page_cache(&mem_file).map_err(io_err(&mem_path))?;
+        let memory_read = page_cache::read_memory_file(&mem_file).map_err(io_err(&mem_path))?;
         snapshot::write_state(&staging, &state)?;
         drop(machine);
         record_write_set(&hv, &staging, spec.runtime)?;
@@ -425,37 +427,20 @@ pub fn verify(dir: &Path, info: &TemplateInfo) -> Result<(), TemplateError> {
     })?;
     let path = dir.join(snapshot::MEMORY_FILE);
     let file = File::open(&path).map_err(io_err(&path))?;
-    let mut read = snapshot::read_memory_file(&file).map_err(io_err(&path))?;
-    // Ordering: the read above cached every page not cached yet in 2 MiB
-    // folios, but pages something else read first stay in small ones, and
-    // each fork then maps them with up to 512 exits (numpy's first exec took
-    // 6.4 ms instead of 2.0). Drop those ranges, where nothing maps them,
-    // and read them again. The build recorded how many ranges this host can
-    // hold that way; for templates from before that, only where some range
-    // already is.
-    let possible = info
-        .memory_huge_ranges
-        .unwrap_or(if read.huge_ranges > 0 { read.data_ranges } else { 0 });
-    if read.huge_ranges < possible {
-        match read.small_ranges.take() {
-            Some(small) if !small.is_empty() => {
-                tracing::info!(
-                    template = %info.name,
-                    huge_ranges = read.huge_ranges,
-                    possible,
-                    small_ranges = small.len(),
-                    "the page cache held part of the memory file in small folios; reading it again"
-                );
-                for &offset in &small {
-                    snapshot::release_page_cache_range(&file, offset, zeroboot_vmm::memory::HUGE_PAGE_SIZE)
-                        .map_err(io_err(&path))?;
-                }
-                read = snapshot::read_memory_file(&file).map_err(io_err(&path))?;
+    // Templates from before `memory_huge_ranges` was recorded get the
+    // repair only where some range is already in a 2 MiB folio.
+    let possible = match info.memory_huge_ranges {
+        Some(ranges) => ranges,
+        None => {
+            let read = page_cache::read_memory_file(&file).map_err(io_err(&path))?;
+            if read.huge_ranges > 0 {
+                read.data_ranges
+            } else {
+                0
             }
-            Some(_) => {}
-            None => tracing::debug!("cannot tell which ranges are in small folios (PAGEMAP_SCAN)"),
         }
-    }
+    };
+    let read = page_cache::read_and_repair(&file, possible).map_err(io_err(&path))?;
     let actual = read.crc32;
     if actual != expected {
         return Err(TemplateError::Corrupt {

@@ -17,7 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ranges: Option<usize> = std::env::args().nth(4).and_then(|n| n.parse().ok());
     let hv = zeroboot_vmm::Hypervisor::open()?;
     let mut snap = zeroboot_vmm::Snapshot::open(&dir, &zeroboot_vmm::machine::cpu_vendor(&hv))?;
-    snap.fork_memory = ForkMemory::SharedPages;
+    let mut fork_memory = ForkMemory::SharedPages;
     if let Some(k) = ranges {
         let mut written: BTreeMap<u64, u64> = BTreeMap::new();
         for &(gpa, len) in &snap.write_set {
@@ -29,11 +29,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ranked.sort_by_key(|&(_, pages)| std::cmp::Reverse(pages));
         let chosen: Vec<u64> = ranked.iter().take(k).map(|&(range, _)| range).collect();
         snap.write_set.retain(|&(gpa, _)| chosen.contains(&(gpa / HUGE)));
-        snap.fork_memory = ForkMemory::PrivateWrittenRanges;
+        fork_memory = ForkMemory::PrivateWrittenRanges;
     }
     for _ in 0..runs {
         let t = Instant::now();
-        let mut m = zeroboot_vmm::Machine::restore(&hv, &snap, Box::new(std::io::stderr()))?;
+        let mut m = zeroboot_vmm::Machine::restore(&hv, &snap, fork_memory, Box::new(std::io::stderr()))?;
         let prepare = t.elapsed();
         let t = Instant::now();
         let r = m.exec(
@@ -48,7 +48,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         )?;
         println!(
             "{}: restore {prepare:?}, first exec {first:?}, second {:?}, out {:?}; copied {} KiB, on 2 MiB host pages {} KiB",
-            snap.fork_memory.name(),
+            fork_memory.name(),
             t.elapsed(),
             String::from_utf8_lossy(&r.stdout),
             m.ram().copied_bytes()? / 1024,

@@ -7,7 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::path::PathBuf::from(std::env::args().nth(1).ok_or("TEMPLATE_DIR")?);
     let hv = zeroboot_vmm::Hypervisor::open()?;
     let snap = zeroboot_vmm::Snapshot::open(&dir, &zeroboot_vmm::machine::cpu_vendor(&hv))?;
-    let t = zeroboot_vmm::Template::new(hv, snap);
+    let shared = zeroboot_vmm::ForkMemoryPolicy::Fixed(zeroboot_vmm::ForkMemory::SharedPages);
+    let t = zeroboot_vmm::Template::new(hv, snap, shared);
     let mut learn = t.fork(Box::new(std::io::sink()))?;
     learn.exec(&Request::new(b"print(1+1)", b""), Duration::from_secs(60))?;
     let runs = learn.ram().private_runs()?;

@@ -11,7 +11,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::path::PathBuf::from(std::env::args().nth(1).ok_or("TEMPLATE_DIR")?);
     let hv = zeroboot_vmm::Hypervisor::open()?;
     let snap = zeroboot_vmm::Snapshot::open(&dir, &zeroboot_vmm::machine::cpu_vendor(&hv))?;
-    let mut m = zeroboot_vmm::Machine::restore(&hv, &snap, Box::new(std::io::stderr()))?;
+    let mut m = zeroboot_vmm::Machine::restore(
+        &hv,
+        &snap,
+        zeroboot_vmm::ForkMemory::SharedPages,
+        Box::new(std::io::stderr()),
+    )?;
     println!("after restore: {} KiB", kib(&m));
     for code in [
         "pass",

@@ -6,12 +6,14 @@
 //! - [`boot`]: kernel loading and the 64-bit boot protocol.
 //! - [`layout`], [`memory`]: guest-physical layout and guest memory.
 //! - [`devices`]: the serial console.
-//! - [`snapshot`]: the state file format and template files.
+//! - [`snapshot`]: the snapshot's file formats, and an opened snapshot.
+//! - [`page_cache`]: how the host caches a memory file, and its repair.
 //! - [`guest_kernel`], [`guest_clock`]: guest kernel state the host rewrites
 //!   in each fork (CRNG keys, the clock).
 //! - [`machine`]: a running VM and its exit loop.
 //! - [`fork`]: [`fork::Template`], which forks sandboxes, from a pool of
-//!   VMs prepared ahead of time if asked.
+//!   VMs prepared ahead of time if asked, with each fork's memory backed
+//!   as its [`ForkMemoryPolicy`] says.
 
 pub mod boot;
 pub mod devices;
@@ -22,9 +24,10 @@ pub mod kvm;
 pub mod layout;
 pub mod machine;
 pub mod memory;
+pub mod page_cache;
 pub mod snapshot;
 
-pub use fork::Template;
+pub use fork::{ForkMemory, ForkMemoryPolicy, Template};
 pub use kvm::Hypervisor;
 pub use machine::{BootSpec, LiveSnapshot, Machine, MachineError};
-pub use snapshot::{ForkMemory, ForkMemoryPolicy, Snapshot};
+pub use snapshot::Snapshot;

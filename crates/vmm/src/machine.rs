@@ -10,12 +10,13 @@ use zeroboot_protocol::{self as protocol, Chunk, Doorbell, GuestFault, Outcome, 
 
 use crate::boot::{self, BootError};
 use crate::devices::serial::{SerialConsole, SerialError, COM1_IRQ, COM1_PORTS};
+use crate::fork::policy::ForkMemory;
 use crate::guest_kernel::{KernelSymbols, SymbolError};
 use crate::kvm::{Exit, Hypervisor, KvmError, Vcpu, Vm};
 use crate::layout::{LayoutError, MemoryLayout};
 use crate::memory::{GuestRam, MemoryError};
 use crate::snapshot::state::MachineState;
-use crate::snapshot::{ForkMemory, Snapshot};
+use crate::snapshot::Snapshot;
 
 /// i8042 command port: the kernel's `reboot=k` writes 0xfe here.
 const I8042_COMMAND: u16 = 0x64;
@@ -138,14 +139,15 @@ pub struct Shell {
 }
 
 impl Shell {
-    pub fn new(hv: &Hypervisor, snapshot: &Snapshot) -> Result<Self, MachineError> {
+    /// A shell over `snapshot`, its guest memory backed as `fork_memory` says.
+    pub fn new(hv: &Hypervisor, snapshot: &Snapshot, fork_memory: ForkMemory) -> Result<Self, MachineError> {
         let mut shell = Self::with_state(hv, snapshot, &snapshot.state)?;
         // Copy the pages forks usually write now, off the fork's path. A
         // page the host already holds privately is writable in its page
         // tables, so the guest's first touch, read or write, maps it
         // writable at once; otherwise a read-then-write costs two
         // shadow-paging faults and the copy happens inside the second.
-        match snapshot.fork_memory {
+        match fork_memory {
             ForkMemory::SharedPages => {
                 for &(gpa, len) in &snapshot.write_set {
                     shell.ram.touch_for_write(gpa, len)?;
@@ -291,10 +293,16 @@ impl Machine {
     }
 
     /// Creates a new VM from `snapshot`: guest memory is a private
-    /// copy-on-write mapping of the snapshot's memory file. The same as
-    /// [`crate::fork::Template::fork`] without a pool of prepared VMs.
-    pub fn restore(hv: &Hypervisor, snapshot: &Snapshot, console: Box<dyn Write + Send>) -> Result<Self, MachineError> {
-        Self::from_shell(Shell::new(hv, snapshot)?, &snapshot.state, console)
+    /// copy-on-write mapping of the snapshot's memory file, backed as
+    /// `fork_memory` says. The same as [`crate::fork::Template::fork`]
+    /// without a pool of prepared VMs.
+    pub fn restore(
+        hv: &Hypervisor,
+        snapshot: &Snapshot,
+        fork_memory: ForkMemory,
+        console: Box<dyn Write + Send>,
+    ) -> Result<Self, MachineError> {
+        Self::from_shell(Shell::new(hv, snapshot, fork_memory)?, &snapshot.state, console)
     }
 
     /// Completes a fork from `shell`, which was prepared from `snapshot`.

@@ -4,7 +4,7 @@
 pub mod codec;
 pub mod state;
 
-use crate::memory::{AlignedMapping, HUGE_PAGE_SIZE};
+use crate::memory::HUGE_PAGE_SIZE;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -34,142 +34,6 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
     }
 }
 
-/// A checksum of guest memory in a memory file that does not depend on how
-/// its zero pages are stored (holes or written zeros): CRC32 over the page
-/// number and contents of every non-zero 4 KiB page. Only the file's data
-/// extents are read (`SEEK_DATA`), so a sparse template takes a fraction of
-/// a second.
-///
-/// The file is read through a 2 MiB-aligned `MADV_HUGEPAGE` mapping rather
-/// than `read`: what this reads into the page cache then sits in 2 MiB
-/// folios, which every fork's mapping can map with 2 MiB entries (see
-/// [`crate::memory::AlignedMapping`]). Call [`release_page_cache`] first for
-/// a file just written.
-pub fn memory_checksum(file: &File) -> std::io::Result<u32> {
-    read_memory_file(file).map(|read| read.crc32)
-}
-
-/// What [`read_memory_file`] found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MemoryFileRead {
-    /// As [`memory_checksum`].
-    pub crc32: u32,
-    /// 2 MiB ranges of the file that hold data.
-    pub data_ranges: u64,
-    /// Of those, how many the page cache held in 2 MiB folios after the
-    /// read (mapped with one 2 MiB entry each). Fewer than `data_ranges`
-    /// means something read the file another way first (a `read` or
-    /// `pread`, whose readahead caches small folios), and every fork pays
-    /// for it in first-touch exits (docs/guest-kernel.md).
-    pub huge_ranges: u64,
-    /// Offsets of the whole 2 MiB ranges holding data that the page cache
-    /// held in smaller folios (mapped with 4 KiB entries), ascending. From
-    /// `PAGEMAP_SCAN` (Linux 6.7); None where the kernel cannot say.
-    pub small_ranges: Option<Vec<u64>>,
-}
-
-/// Reads the memory file as [`memory_checksum`] does, and reports how it
-/// now sits in the page cache.
-pub fn read_memory_file(file: &File) -> std::io::Result<MemoryFileRead> {
-    use std::os::fd::AsRawFd;
-    const PAGE: u64 = 4096;
-    let size = file.metadata()?.len();
-    let mut crc = crc32fast::Hasher::new();
-    if size == 0 {
-        return Ok(MemoryFileRead {
-            crc32: crc.finalize(),
-            data_ranges: 0,
-            huge_ranges: 0,
-            small_ranges: Some(Vec::new()),
-        });
-    }
-    let mapping = AlignedMapping::new(file, size as usize, libc::PROT_READ, libc::MAP_SHARED)?;
-    let bytes = mapping.as_slice();
-    let fd = file.as_raw_fd();
-    let seek = |offset: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
-        // SAFETY: lseek on an fd this function borrows; no pointers.
-        let at = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
-        if at >= 0 {
-            return Ok(Some(at as u64));
-        }
-        let e = std::io::Error::last_os_error();
-        // ENXIO: no data at or after `offset`.
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            Ok(None)
-        } else {
-            Err(e)
-        }
-    };
-    let mut data_ranges = std::collections::BTreeSet::new();
-    let mut at = 0;
-    while at < size {
-        let Some(data) = seek(at, libc::SEEK_DATA)? else { break };
-        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
-        // Extents need not be page-aligned; whole pages are read either way.
-        let first = data / PAGE * PAGE;
-        let end = (hole.div_ceil(PAGE) * PAGE).min(size);
-        data_ranges.extend(first / HUGE_PAGE_SIZE..end.div_ceil(HUGE_PAGE_SIZE));
-        for (i, chunk) in bytes[first as usize..end as usize].chunks(PAGE as usize).enumerate() {
-            if chunk.iter().any(|&b| b != 0) {
-                crc.update(&(first / PAGE + i as u64).to_le_bytes());
-                crc.update(chunk);
-            }
-        }
-        at = end.max(hole);
-    }
-    // Every data page has been read through the mapping, so each data range
-    // is mapped now: with one 2 MiB entry where its folio is 2 MiB.
-    let base = mapping.as_ptr() as u64;
-    let pmd_kib = crate::memory::smaps_kib(base, base + size, &["FilePmdMapped:"])?;
-    let whole_ranges = size / HUGE_PAGE_SIZE * HUGE_PAGE_SIZE;
-    let small_ranges = crate::memory::present_small_regions(base, base + whole_ranges)
-        .ok()
-        .map(|regions| {
-            let mut ranges: Vec<u64> = regions
-                .into_iter()
-                .flat_map(|(start, end)| (start - base) / HUGE_PAGE_SIZE..(end - base).div_ceil(HUGE_PAGE_SIZE))
-                .map(|range| range * HUGE_PAGE_SIZE)
-                .collect();
-            ranges.dedup();
-            ranges
-        });
-    Ok(MemoryFileRead {
-        crc32: crc.finalize(),
-        data_ranges: data_ranges.len() as u64,
-        huge_ranges: pmd_kib * 1024 / HUGE_PAGE_SIZE,
-        small_ranges,
-    })
-}
-
-/// Drops `file`'s clean, unmapped pages in `offset..offset + len` from the
-/// host page cache ([`release_page_cache`] for part of it).
-pub fn release_page_cache_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: advice on an fd this function borrows; no memory is passed.
-    let rc = unsafe {
-        libc::posix_fadvise(
-            file.as_raw_fd(),
-            offset as libc::off_t,
-            len as libc::off_t,
-            libc::POSIX_FADV_DONTNEED,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::from_raw_os_error(rc))
-    }
-}
-
-/// Drops `file`'s clean, unmapped pages from the host page cache. The write
-/// path caches a new memory file in folios of whatever size; once dropped,
-/// the next read ([`memory_checksum`], or a fork's fault) caches it in 2 MiB
-/// folios.
-pub fn release_page_cache(file: &File) -> std::io::Result<()> {
-    // A length of 0 means to the end of the file.
-    release_page_cache_range(file, 0, 0)
-}
-
 /// Writes the state file atomically (temporary file, then rename).
 pub fn write_state(dir: &Path, state: &MachineState) -> Result<(), SnapshotError> {
     let path = dir.join(STATE_FILE);
@@ -196,97 +60,6 @@ pub fn read_state(path: &Path) -> Result<MachineState, SnapshotError> {
     })
 }
 
-/// How a fork's guest memory is backed, beyond the copy-on-write mapping
-/// of the template's memory file that every fork starts from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum ForkMemory {
-    /// The pages of the template's write set are copied ahead, 4 KiB each;
-    /// everything else stays shared until written (about 1.5 MiB per python
-    /// fork).
-    SharedPages,
-    /// Every 2 MiB range that holds a page of the write set becomes a
-    /// private 2 MiB page with a copy of the range, before the fork runs.
-    /// Under shadow paging, where each first touch of a page is a VM exit,
-    /// KVM then maps each such range with one exit instead of one per page
-    /// touched; it costs 2 MiB of memory per range and fork (54 MiB for
-    /// python) and the copy (docs/guest-kernel.md).
-    PrivateWrittenRanges,
-}
-
-impl ForkMemory {
-    /// [`ForkMemory::PrivateWrittenRanges`] where KVM shadow-pages guest
-    /// memory (neither EPT nor NPT is on, e.g. `kvm_pvm`), whose first
-    /// touches are expensive; [`ForkMemory::SharedPages`] otherwise.
-    /// Read from sysfs once per process: every [`Snapshot::open`] (one in
-    /// each worker) asks.
-    pub fn for_this_host() -> Self {
-        static HOST: std::sync::OnceLock<ForkMemory> = std::sync::OnceLock::new();
-        *HOST.get_or_init(|| {
-            let on = |path: &str| {
-                std::fs::read_to_string(path)
-                    .map(|v| matches!(v.trim(), "Y" | "1"))
-                    .unwrap_or(false)
-            };
-            if on("/sys/module/kvm_intel/parameters/ept") || on("/sys/module/kvm_amd/parameters/npt") {
-                Self::SharedPages
-            } else {
-                Self::PrivateWrittenRanges
-            }
-        })
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::SharedPages => "shared-pages",
-            Self::PrivateWrittenRanges => "private-written-ranges",
-        }
-    }
-}
-
-/// Which [`ForkMemory`] a fork gets, where forks are prepared ahead by a
-/// pool ([`crate::fork::ReadyPool`]) or made on demand.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ForkMemoryPolicy {
-    /// Every fork gets this one.
-    Fixed(ForkMemory),
-    /// [`ForkMemory::PrivateWrittenRanges`] for a VM prepared while the
-    /// pool keeps up with requests: its copy is paid before any request
-    /// arrives, and its first exec is several times faster.
-    /// [`ForkMemory::SharedPages`] for a VM made while requests wait (none
-    /// was ready, or recently one was not): its preparation is on a
-    /// request's clock or competes with running ones, and preparation plus
-    /// first exec cost less CPU in all, which is what throughput under load
-    /// is made of.
-    Adaptive,
-}
-
-impl ForkMemoryPolicy {
-    /// [`ForkMemoryPolicy::Adaptive`] where [`ForkMemory::for_this_host`]
-    /// is `PrivateWrittenRanges`, else that mode, fixed.
-    pub fn for_this_host() -> Self {
-        match ForkMemory::for_this_host() {
-            ForkMemory::PrivateWrittenRanges => Self::Adaptive,
-            fixed => Self::Fixed(fixed),
-        }
-    }
-
-    /// The mode for a VM made under `demand`.
-    pub fn for_fork(self, demand: crate::fork::Demand) -> ForkMemory {
-        match (self, demand) {
-            (Self::Fixed(mode), _) => mode,
-            (Self::Adaptive, crate::fork::Demand::KeptUp) => ForkMemory::PrivateWrittenRanges,
-            (Self::Adaptive, crate::fork::Demand::Behind) => ForkMemory::SharedPages,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Fixed(mode) => mode.name(),
-            Self::Adaptive => "adaptive",
-        }
-    }
-}
-
 /// A template opened for forking: the decoded state and the memory file.
 pub struct Snapshot {
     pub dir: PathBuf,
@@ -294,9 +67,6 @@ pub struct Snapshot {
     memory: File,
     /// Guest pages forks usually write ([`WRITE_SET_FILE`]); empty if none.
     pub write_set: Vec<(u64, u64)>,
-    /// How forks back their memory; [`ForkMemory::for_this_host`] unless
-    /// the caller sets it before making a [`crate::Template`].
-    pub fork_memory: ForkMemory,
 }
 
 /// Guest-physical runs (`0x<gpa> <bytes>` a line) that forks of this
@@ -359,7 +129,6 @@ impl Snapshot {
             state,
             memory,
             write_set,
-            fork_memory: ForkMemory::for_this_host(),
         })
     }
 
@@ -387,18 +156,6 @@ pub(crate) mod tests {
     use super::*;
     use crate::layout::MemoryLayout;
     use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry};
-
-    #[test]
-    fn adaptive_fork_memory_copies_ranges_only_for_vms_made_ahead() {
-        use crate::fork::Demand::{Behind, KeptUp};
-        let adaptive = ForkMemoryPolicy::Adaptive;
-        assert_eq!(adaptive.for_fork(KeptUp), ForkMemory::PrivateWrittenRanges);
-        assert_eq!(adaptive.for_fork(Behind), ForkMemory::SharedPages);
-        for mode in [ForkMemory::SharedPages, ForkMemory::PrivateWrittenRanges] {
-            let fixed = ForkMemoryPolicy::Fixed(mode);
-            assert_eq!((fixed.for_fork(KeptUp), fixed.for_fork(Behind)), (mode, mode));
-        }
-    }
 
     pub fn sample_state() -> MachineState {
         let mut vcpu = VcpuState {
@@ -455,46 +212,12 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn memory_checksum_ignores_how_zeros_are_stored_and_sees_one_flipped_bit() {
-        use std::io::{Seek, SeekFrom, Write};
-        let dir = std::env::temp_dir().join(format!("zeroboot-checksum-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let write = |name: &str, sparse: bool, flip: bool| {
-            let path = dir.join(name);
-            let mut f = File::create(&path).unwrap();
-            let mut page = vec![0u8; 4096];
-            page[100] = 7;
-            if sparse {
-                f.set_len(64 * 4096).unwrap();
-            } else {
-                f.write_all(&vec![0u8; 64 * 4096]).unwrap();
-            }
-            for n in [3u64, 40] {
-                f.seek(SeekFrom::Start(n * 4096)).unwrap();
-                f.write_all(&page).unwrap();
-            }
-            if flip {
-                f.seek(SeekFrom::Start(40 * 4096 + 5)).unwrap();
-                f.write_all(&[1]).unwrap();
-            }
-            File::open(&path).unwrap()
-        };
-        let sparse = memory_checksum(&write("sparse", true, false)).unwrap();
-        let dense = memory_checksum(&write("dense", false, false)).unwrap();
-        let flipped = memory_checksum(&write("flipped", true, true)).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(sparse, dense);
-        assert_ne!(sparse, flipped);
-    }
-
-    #[test]
     fn written_ranges_cover_each_2_mib_range_of_the_write_set_once() {
         let mut snapshot = Snapshot {
             dir: PathBuf::new(),
             state: sample_state(),
             memory: File::open("/dev/null").unwrap(),
             write_set: vec![(0x1000, 0x2000), (0x1f_f000, 0x2000), (0x60_0000, 0x1000)],
-            fork_memory: ForkMemory::SharedPages,
         };
         assert_eq!(snapshot.written_ranges(), vec![0, 0x20_0000, 0x60_0000]);
         snapshot.write_set.clear();

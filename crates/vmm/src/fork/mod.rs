@@ -1,0 +1,138 @@
+//! Forking sandboxes from a template, optionally from a pool of VMs made
+//! ahead of time.
+//!
+//! Most of a fork's setup does not depend on when it starts: creating the VM,
+//! mapping and registering guest memory, the irqchip and PIT, the vCPU and the
+//! snapshot's vCPU state. A [`Template`] with a pool does that on a background
+//! thread and keeps a few such [`Shell`]s ready. [`Template::fork`] then only
+//! does what must happen at the start: fresh CRNG keys, the VM's device and
+//! clock state, the console, the clock re-base and the timer. Each shell is
+//! used once, so every sandbox is still a new VM that nothing else has run in.
+
+pub(crate) mod policy;
+pub(crate) mod pool;
+
+pub use policy::{ForkMemory, ForkMemoryPolicy};
+pub use pool::{Demand, ReadyPool, Refill};
+
+use std::io::Write;
+use std::sync::Arc;
+
+use crate::kvm::Hypervisor;
+use crate::machine::{LiveSnapshot, Machine, MachineError, Shell};
+use crate::snapshot::{MachineState, Snapshot};
+
+struct Shared {
+    hv: Hypervisor,
+    snapshot: Snapshot,
+    policy: ForkMemoryPolicy,
+}
+
+/// An opened template: the decoded state and the memory file, opened once
+/// and shared by every fork, and how each fork's memory is backed.
+pub struct Template {
+    // Field order is drop order: the pool (and its thread) goes first.
+    pool: Option<ReadyPool<Result<Shell, MachineError>>>,
+    shared: Arc<Shared>,
+}
+
+impl Template {
+    /// Forks without a pool: each fork makes its shell itself, while its
+    /// request waits (so `policy` sees [`Demand::Behind`]).
+    pub fn new(hv: Hypervisor, snapshot: Snapshot, policy: ForkMemoryPolicy) -> Self {
+        Self {
+            pool: None,
+            shared: Arc::new(Shared { hv, snapshot, policy }),
+        }
+    }
+
+    /// Keeps up to `shells` VMs ready on a background thread, each backed
+    /// as `policy` says for the demand the pool sees. Each costs a KVM VM
+    /// and vCPU (a few file descriptors) and the page tables of its memory
+    /// mapping while it waits.
+    pub fn with_pool(hv: Hypervisor, snapshot: Snapshot, shells: usize, policy: ForkMemoryPolicy) -> Self {
+        let shared = Arc::new(Shared { hv, snapshot, policy });
+        let source = shared.clone();
+        let make = move |demand| {
+            lower_priority();
+            Shell::new(&source.hv, &source.snapshot, source.policy.for_fork(demand))
+        };
+        let pool = ReadyPool::start("zeroboot-shells", shells, make, Result::is_err);
+        Self { pool, shared }
+    }
+
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.shared.snapshot
+    }
+
+    /// A new sandbox: a new KVM VM whose memory is a private copy-on-write
+    /// mapping of the template's, ready to run from the snapshot.
+    pub fn fork(&self, console: Box<dyn Write + Send>) -> Result<Machine, MachineError> {
+        // The pool makes the next shell once this fork has started (`_refill`).
+        let (shell, _refill) = match self.pool.as_ref().and_then(ReadyPool::take) {
+            Some((shell, refill)) => (shell?, Some(refill)),
+            // Empty pool (or none): make one here rather than wait.
+            None => (self.shell_on_demand()?, None),
+        };
+        Machine::from_shell(shell, &self.shared.snapshot.state, console)
+    }
+
+    fn shell_on_demand(&self) -> Result<Shell, MachineError> {
+        let fork_memory = self.shared.policy.for_fork(Demand::Behind);
+        Shell::new(&self.shared.hv, &self.shared.snapshot, fork_memory)
+    }
+
+    /// The part of a fork that may happen ahead of time: a [`Shell`] over
+    /// the template, its memory backed as `fork_memory` says.
+    /// [`Template::start`] finishes it.
+    pub fn prepare(&self, fork_memory: ForkMemory) -> Result<Prepared, MachineError> {
+        Ok(Prepared {
+            shell: Shell::new(&self.shared.hv, &self.shared.snapshot, fork_memory)?,
+            live_state: None,
+        })
+    }
+
+    /// [`Template::prepare`] for a fork of `live`.
+    pub fn prepare_live(&self, live: LiveSnapshot) -> Result<Prepared, MachineError> {
+        Ok(Prepared {
+            shell: self.live_shell(&live)?,
+            live_state: Some(live.state),
+        })
+    }
+
+    fn live_shell(&self, live: &LiveSnapshot) -> Result<Shell, MachineError> {
+        let mut shell = Shell::with_state(&self.shared.hv, &self.shared.snapshot, &live.state)?;
+        shell.overlay(&live.pages)?;
+        Ok(shell)
+    }
+
+    /// Finishes a prepared fork; the sandbox starts now.
+    pub fn start(&self, prepared: Prepared, console: Box<dyn Write + Send>) -> Result<Machine, MachineError> {
+        let state = prepared.live_state.as_ref().unwrap_or(&self.shared.snapshot.state);
+        Machine::from_shell(prepared.shell, state, console)
+    }
+
+    /// A new sandbox that starts where `live` (a sandbox forked from this
+    /// template) was when it was captured. Like any fork it is a new VM with
+    /// fresh CRNG keys and the clock re-based to now.
+    pub fn fork_live(&self, live: &LiveSnapshot, console: Box<dyn Write + Send>) -> Result<Machine, MachineError> {
+        Machine::from_shell(self.live_shell(live)?, &live.state, console)
+    }
+}
+
+/// A fork prepared ahead of its start ([`Template::prepare`]): a VM that has
+/// not run, and the state it starts from if that is not the template's.
+pub struct Prepared {
+    shell: Shell,
+    live_state: Option<MachineState>,
+}
+
+/// Runs the calling thread at a lower CPU priority, so that preparing VMs
+/// gives way to sandboxes that are running code.
+fn lower_priority() {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority on this thread's own id; a failure leaves the
+    // priority as it was, which is harmless.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10) };
+}
