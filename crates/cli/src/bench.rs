@@ -8,15 +8,17 @@ use anyhow::{bail, Result};
 use serde_json::json;
 use zeroboot_protocol::Request;
 use zeroboot_sandbox::{IsolatedTemplate, Sandbox, WorkerCommand};
-use zeroboot_template::{template, Runtime};
+use zeroboot_template::Runtime;
 use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy, Snapshot};
 
-const NUMPY: &str = "import numpy; print(numpy.random.rand(3))";
+/// The python template's second figure, which the README and the JSON
+/// (`exec_numpy_us`) name by its call.
+const NUMPY: &str = Runtime::Python.descriptor().bench_code;
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    #[arg(long, default_value = template::DEFAULT_NAME)]
+    #[arg(long, default_value = zeroboot_template::DEFAULT_NAME)]
     pub template: String,
     /// Samples per latency figure.
     #[arg(long, default_value_t = 100)]
@@ -38,15 +40,6 @@ pub struct BenchArgs {
     /// How forks back their guest memory.
     #[arg(long, value_enum, default_value = "auto")]
     pub fork_memory: crate::fork_memory::ForkMemoryArg,
-}
-
-/// The second figure's code when --code is not given.
-fn default_code(runtime: Runtime) -> &'static str {
-    match runtime {
-        Runtime::Python => NUMPY,
-        Runtime::Node => "console.log(crypto.randomBytes(8).toString('hex'))",
-        Runtime::Shell => "ls /",
-    }
 }
 
 #[derive(Clone, Copy)]
@@ -164,8 +157,8 @@ pub fn run(snap: Snapshot, runtime: Runtime, policy: ForkMemoryPolicy, args: &Be
     if args.iterations == 0 {
         bail!("--iterations must be at least 1");
     }
-    let print_code = runtime.print_probe();
-    let second_code = args.code.as_deref().unwrap_or(default_code(runtime));
+    let print_code = runtime.descriptor().print_probe;
+    let second_code = args.code.as_deref().unwrap_or(runtime.descriptor().bench_code);
     let n = args.iterations;
     let worker = WorkerCommand::current_exe(&["worker"])?;
     let cold_snap = Snapshot::open(&snap.dir, &snap.state.cpu_vendor)?;

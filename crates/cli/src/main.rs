@@ -83,7 +83,7 @@ enum TemplateCommand {
 
 #[derive(Args)]
 struct RunArgs {
-    #[arg(long, default_value = template::DEFAULT_NAME)]
+    #[arg(long, default_value = zeroboot_template::DEFAULT_NAME)]
     template: String,
     /// Seconds the guest may run.
     #[arg(long, default_value_t = 30.0)]
@@ -158,7 +158,7 @@ fn template_command(cmd: TemplateCommand) -> Result<()> {
                     }
                     spec
                 }
-                None => known_spec(&cache, name.as_deref().unwrap_or(template::DEFAULT_NAME))?,
+                None => known_spec(&cache, name.as_deref().unwrap_or(zeroboot_template::DEFAULT_NAME))?,
             };
             if let Some(mem_mib) = mem_mib {
                 spec.mem_mib = mem_mib;

@@ -21,7 +21,7 @@ pub struct ServeArgs {
     listen: SocketAddr,
     /// Templates to serve (python, node, bash, or any built from a spec);
     /// the first for each language serves that language.
-    #[arg(long = "template", default_value = template::DEFAULT_NAME)]
+    #[arg(long = "template", default_value = zeroboot_template::DEFAULT_NAME)]
     templates: Vec<String>,
     /// File of API keys, one per line. Without keys only loopback clients are served.
     #[arg(long, env = "ZEROBOOT_API_KEYS_FILE", value_name = "FILE")]
@@ -63,7 +63,7 @@ pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<
         let runtime = template::read_info(&snapshot.dir)?.runtime();
         served.push(Served {
             name: name.clone(),
-            languages: runtime.languages().iter().map(|l| l.to_string()).collect(),
+            runtime: runtime.descriptor(),
             template: IsolatedTemplate::new(worker.clone(), snapshot, args.pool, fork_memory),
         });
     }

@@ -33,6 +33,8 @@ use base64::Engine;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroboot_protocol::{Chunk, GuestFault, Request, DEFAULT_OUTPUT_LIMIT, REQUEST_CAPACITY};
 use zeroboot_sandbox::{IsolatedTemplate, Sandbox, SandboxError};
+use zeroboot_template::runtime::FILE_NOT_FOUND;
+use zeroboot_template::RuntimeDescriptor;
 
 use crate::api::{
     BatchEntry, BatchRequest, BatchResponse, CreateSandbox, ErrorBody, ExecRequest, ExecResponse, ForkSandbox, Forked,
@@ -90,18 +92,13 @@ impl Default for Limits {
 /// A template the server forks from.
 pub struct Served {
     pub name: String,
-    /// The `language` values it serves, canonical name first
-    /// (zeroboot_template::Runtime::languages).
-    pub languages: Vec<String>,
+    /// Its runtime: the `language` values it serves, and the guest code of
+    /// the files API.
+    pub runtime: &'static RuntimeDescriptor,
     pub template: IsolatedTemplate,
 }
 
 impl Served {
-    /// Its runtime's canonical language (python, node, bash).
-    pub fn language(&self) -> &str {
-        self.languages.first().map_or("", String::as_str)
-    }
-
     /// Guest RAM of each sandbox forked from it.
     pub fn memory_mib(&self) -> u64 {
         self.template.snapshot().state.layout.ram_bytes >> 20
@@ -125,8 +122,10 @@ impl AppState {
         let mut languages = BTreeMap::new();
         let mut by_name = BTreeMap::new();
         for served in templates {
-            for language in &served.languages {
-                languages.entry(language.clone()).or_insert_with(|| served.name.clone());
+            for language in served.runtime.languages {
+                languages
+                    .entry(language.to_string())
+                    .or_insert_with(|| served.name.clone());
             }
             by_name.insert(served.name.clone(), Arc::new(served));
         }
@@ -172,7 +171,7 @@ impl AppState {
                 ),
             )
         })?;
-        if template.is_none() && !served.languages.iter().any(|l| l == language) {
+        if template.is_none() && !served.runtime.languages.contains(&language) {
             return Err(ApiError::internal("language map out of sync"));
         }
         Ok(served.clone())
@@ -682,56 +681,6 @@ fn guest_path(path: &str) -> Result<String, ApiError> {
     Ok(path)
 }
 
-/// The exit code of file code when the file does not exist (or is a
-/// directory), in every runtime.
-const FILE_NOT_FOUND: i32 = 44;
-
-/// Code, in the sandbox's own language, that writes its stdin (base64) to
-/// `path`, creating directories (`write`), or prints the file at `path` as
-/// base64; it exits FILE_NOT_FOUND when there is no such file.
-fn file_code(language: &str, path: &str, write: bool) -> Result<String, ApiError> {
-    // JSON string syntax is a valid Python and JavaScript string literal.
-    let quoted = serde_json::Value::String(path.to_string()).to_string();
-    let code = match (language, write) {
-        ("python", true) => format!(
-            "import base64, os, sys\np = {quoted}\nos.makedirs(os.path.dirname(p), exist_ok=True)\n\
-             open(p, 'wb').write(base64.b64decode(sys.stdin.read()))"
-        ),
-        ("python", false) => format!(
-            "import base64, sys\ntry:\n    data = open({quoted}, 'rb').read()\n\
-             except (FileNotFoundError, IsADirectoryError) as e:\n    print(e, file=sys.stderr); sys.exit({FILE_NOT_FOUND})\n\
-             sys.stdout.write(base64.b64encode(data).decode())"
-        ),
-        // In a block: a session's top-level `let` and `const` stay declared
-        // for its later requests.
-        ("node", true) => format!(
-            "{{ const p = {quoted}; fs.mkdirSync(path.dirname(p), {{ recursive: true }});\n\
-             fs.writeFileSync(p, Buffer.from(fs.readFileSync(0, 'utf8'), 'base64')) }}"
-        ),
-        ("node", false) => format!(
-            "{{ let data; try {{ data = fs.readFileSync({quoted}) }} catch (e) {{\n\
-             if (e.code !== 'ENOENT' && e.code !== 'EISDIR') throw e; console.error(e.message); process.exit({FILE_NOT_FOUND}) }}\n\
-             process.stdout.write(data.toString('base64')) }}"
-        ),
-        ("bash", _) => {
-            // A single-quoted shell word: ' ends it, so each becomes '\''.
-            let p = format!("'{}'", path.replace('\'', r"'\''"));
-            if write {
-                format!("mkdir -p \"$(dirname {p})\" && base64 -d > {p}")
-            } else {
-                format!("[ -f {p} ] || {{ echo \"{path}: no such file\" >&2; exit {FILE_NOT_FOUND}; }}; base64 -w0 < {p}")
-            }
-        }
-        _ => {
-            return Err(ApiError::bad_request(
-                "unsupported_language",
-                format!("files are not supported in {language} sandboxes"),
-            ))
-        }
-    };
-    Ok(code)
-}
-
 /// Writes a file in the sandbox (the body is its bytes).
 #[utoipa::path(put, path = "/v1/sandboxes/{id}/files/{path}", tag = "files",
     params(("id" = String, Path), ("path" = String, Path, description = "Absolute path in the guest, without the leading /")),
@@ -749,8 +698,7 @@ async fn put_file(
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
     let path = guest_path(&path)?;
-    let language = state.sessions.get(&id, caller)?.served.language().to_string();
-    let code = file_code(&language, &path, true)?;
+    let code = (state.sessions.get(&id, caller)?.served.runtime.files.write)(&path);
     let r = state
         .exec_in_session(&id, caller, file_request(code, BASE64.encode(&body)))
         .await?;
@@ -774,8 +722,7 @@ async fn get_file(
     Path((id, path)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let path = guest_path(&path)?;
-    let language = state.sessions.get(&id, caller)?.served.language().to_string();
-    let code = file_code(&language, &path, false)?;
+    let code = (state.sessions.get(&id, caller)?.served.runtime.files.read)(&path);
     let r = state
         .exec_in_session(&id, caller, file_request(code, String::new()))
         .await?;
@@ -816,8 +763,8 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
         .values()
         .map(|s| TemplateHealth {
             name: s.name.clone(),
-            language: s.language().to_string(),
-            languages: s.languages.clone(),
+            language: s.runtime.language().to_string(),
+            languages: s.runtime.languages.iter().map(|l| l.to_string()).collect(),
             ready: true,
             memory_mib: s.memory_mib(),
         })

@@ -11,8 +11,9 @@ use zeroboot_protocol::guest_layout;
 
 use crate::cache::{io_err, Cache, CacheError, InputHash};
 use crate::progress::Progress;
-use crate::sources::{self, SourceFile};
-use crate::spec::{Runtime, TemplateSpec};
+use crate::runtime::RuntimeDescriptor;
+use crate::sources;
+use crate::spec::TemplateSpec;
 
 /// Written last into an artifact directory: its presence means "complete".
 const DONE: &str = "done";
@@ -76,14 +77,6 @@ pub fn rootfs_base_hash(spec: &TemplateSpec) -> String {
     h.finish()
 }
 
-fn agent_sources(runtime: Runtime) -> &'static [SourceFile] {
-    match runtime {
-        Runtime::Python => sources::AGENT_PYTHON,
-        Runtime::Node => sources::AGENT_NODE,
-        Runtime::Shell => sources::AGENT_SHELL,
-    }
-}
-
 /// Files the root-image step writes under /zeroboot besides the agent.
 fn image_config(spec: &TemplateSpec) -> Vec<(&'static str, String)> {
     vec![
@@ -96,7 +89,7 @@ pub fn root_image_hash(spec: &TemplateSpec, base_hash: &str) -> String {
     let mut h = InputHash::new("root-image");
     h.add(b"base", base_hash.as_bytes())
         .add(b"runtime", spec.runtime.name().as_bytes())
-        .add_files(agent_sources(spec.runtime))
+        .add_files(spec.runtime.descriptor().agent_sources)
         .add(b"mkfs", MKFS_ARGS.join(" ").as_bytes())
         .add(b"cc", CC_ARGS.join(" ").as_bytes());
     // Not in the agent sources, yet the agents are built from them.
@@ -276,19 +269,13 @@ pub fn ensure_root_image(
 /// Writes the mailbox layout generated from zeroboot-protocol where the
 /// runtime's agent loads it: the C header beside guest.h in `native_dir`,
 /// for the native half, and the script's module into `zeroboot_dir`.
-fn write_layout(runtime: Runtime, native_dir: &Path, zeroboot_dir: &Path) -> Result<(), CacheError> {
+fn write_layout(runtime: &RuntimeDescriptor, native_dir: &Path, zeroboot_dir: &Path) -> Result<(), CacheError> {
     let mut files = vec![(native_dir.join(guest_layout::C_HEADER), guest_layout::c_header())];
-    match runtime {
-        Runtime::Python => files.push((
-            zeroboot_dir.join(guest_layout::PYTHON_MODULE),
-            guest_layout::python_module(),
-        )),
-        Runtime::Node => files.push((
-            zeroboot_dir.join(guest_layout::JAVASCRIPT_MODULE),
-            guest_layout::javascript_module(),
-        )),
-        // agent.sh leaves the mailbox to its builtin, which has the header.
-        Runtime::Shell => {}
+    let module = guest_layout::FILES
+        .iter()
+        .find(|(name, _)| Some(*name) == runtime.mailbox_module);
+    if let Some((name, render)) = module {
+        files.push((zeroboot_dir.join(name), render()));
     }
     for (path, contents) in files {
         std::fs::write(&path, contents).map_err(io_err(&path))?;
@@ -305,22 +292,18 @@ fn install_agent(
     zeroboot_dir: &Path,
     progress: &dyn Progress,
 ) -> Result<(), ArtifactError> {
+    let runtime = spec.runtime.descriptor();
     let src = dir.join("agent-sources");
-    sources::materialize(agent_sources(spec.runtime), &src).map_err(io_err(&src))?;
+    sources::materialize(runtime.agent_sources, &src).map_err(io_err(&src))?;
     std::fs::create_dir_all(zeroboot_dir).map_err(io_err(zeroboot_dir))?;
     let agent = src.join("agent");
-    let (scripts, (source, object)): (&[&str], (&str, &str)) = match spec.runtime {
-        Runtime::Python => (&["agent.py"], ("zeroboot_python.c", "zeroboot_python.so")),
-        Runtime::Node => (&["agent.js", "init-node"], ("zeroboot_node.c", "zeroboot_node.node")),
-        Runtime::Shell => (&["agent.sh"], ("zeroboot_bash.c", "zeroboot_bash.so")),
-    };
-    for name in scripts {
+    for name in runtime.agent_scripts {
         let to = zeroboot_dir.join(name);
         std::fs::copy(agent.join(name), &to).map_err(io_err(&to))?;
     }
-    write_layout(spec.runtime, &agent.join("native"), zeroboot_dir)?;
-    let source = agent.join("native").join(source);
-    let object = zeroboot_dir.join(object);
+    write_layout(runtime, &agent.join("native"), zeroboot_dir)?;
+    let source = agent.join("native").join(runtime.native.source);
+    let object = zeroboot_dir.join(runtime.native.object);
     let mut args: Vec<&Path> = CC_ARGS.iter().map(Path::new).collect();
     args.extend([Path::new("-o"), &object, &source]);
     run_logged("cc", Path::new("cc"), &args, &dir.join("cc.log"), progress)?;
@@ -334,6 +317,7 @@ fn install_agent(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::Runtime;
 
     /// Checks, with the real tools, that each agent finds every layout
     /// constant it uses in the files `write_layout` writes.
@@ -344,10 +328,10 @@ mod tests {
             let _ = std::fs::remove_dir_all(&dir);
             let src = dir.join("sources");
             let zeroboot = dir.join("zeroboot");
-            sources::materialize(agent_sources(runtime), &src).unwrap();
+            sources::materialize(runtime.descriptor().agent_sources, &src).unwrap();
             std::fs::create_dir_all(&zeroboot).unwrap();
             let native = src.join("agent/native");
-            write_layout(runtime, &native, &zeroboot).unwrap();
+            write_layout(runtime.descriptor(), &native, &zeroboot).unwrap();
             for entry in std::fs::read_dir(&native).unwrap() {
                 let path = entry.unwrap().path();
                 if path.extension().is_some_and(|x| x == "c") {

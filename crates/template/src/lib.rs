@@ -4,11 +4,13 @@
 pub mod artifacts;
 pub mod cache;
 pub mod progress;
+pub mod runtime;
 pub mod sources;
 pub mod spec;
 pub mod template;
 
 pub use cache::Cache;
 pub use progress::{Progress, Silent};
-pub use spec::{Runtime, TemplateSpec};
+pub use runtime::{Runtime, RuntimeDescriptor};
+pub use spec::{TemplateSpec, DEFAULT_MEM_MIB, DEFAULT_NAME};
 pub use template::{TemplateError, TemplateInfo};

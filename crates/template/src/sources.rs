@@ -6,6 +6,7 @@ pub struct SourceFile {
     pub contents: &'static [u8],
 }
 
+/// A [`SourceFile`] of `guest/`, compiled in.
 macro_rules! guest_file {
     ($path:literal) => {
         SourceFile {
@@ -14,6 +15,7 @@ macro_rules! guest_file {
         }
     };
 }
+pub(crate) use guest_file;
 
 /// Everything that decides the kernel build.
 pub const KERNEL: &[SourceFile] = &[
@@ -29,28 +31,6 @@ pub const KERNEL: &[SourceFile] = &[
 
 /// Everything that decides the Debian base of the root filesystem.
 pub const ROOTFS_BASE: &[SourceFile] = &[guest_file!("rootfs/build-base.sh")];
-
-/// The Python agent, added to the base to make a python root image.
-pub const AGENT_PYTHON: &[SourceFile] = &[
-    guest_file!("agent/agent.py"),
-    guest_file!("agent/native/guest.h"),
-    guest_file!("agent/native/zeroboot_python.c"),
-];
-
-/// The Node.js agent, its init script and its native addon's sources.
-pub const AGENT_NODE: &[SourceFile] = &[
-    guest_file!("agent/agent.js"),
-    guest_file!("agent/init-node"),
-    guest_file!("agent/native/guest.h"),
-    guest_file!("agent/native/zeroboot_node.c"),
-];
-
-/// The shell agent and its bash builtin's sources.
-pub const AGENT_SHELL: &[SourceFile] = &[
-    guest_file!("agent/agent.sh"),
-    guest_file!("agent/native/guest.h"),
-    guest_file!("agent/native/zeroboot_bash.c"),
-];
 
 /// Writes `files` under `dir`, keeping their relative paths and making
 /// scripts executable.

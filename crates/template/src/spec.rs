@@ -20,7 +20,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::template::{validate_name, DEFAULT_MEM_MIB};
+use crate::runtime::Runtime;
+
+/// The template `zeroboot` runs when none is named.
+pub const DEFAULT_NAME: &str = "python";
+pub const DEFAULT_MEM_MIB: u64 = 512;
 
 /// Guest RAM bounds: below 128 MiB a runtime barely boots; above 16 GiB the
 /// guest's memory plus root image would not fit under the doorbell.
@@ -29,86 +33,6 @@ pub const MAX_MEM_MIB: u64 = 16 << 10;
 const MAX_LIST: usize = 64;
 const MAX_ITEM: usize = 200;
 const MAX_WARMUP: usize = 64 << 10;
-
-/// The language runtime a template's agent serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Runtime {
-    /// CPython 3 with numpy (guest/agent/agent.py).
-    #[default]
-    Python,
-    /// Node.js (guest/agent/agent.js).
-    Node,
-    /// bash (guest/agent/agent.sh).
-    Shell,
-}
-
-impl Runtime {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Python => "python",
-            Self::Node => "node",
-            Self::Shell => "shell",
-        }
-    }
-
-    /// The `language` values of API requests this runtime serves; the first
-    /// is its canonical name.
-    pub fn languages(self) -> &'static [&'static str] {
-        match self {
-            Self::Python => &["python", "python3"],
-            Self::Node => &["node", "javascript", "js"],
-            Self::Shell => &["bash", "shell", "sh"],
-        }
-    }
-
-    /// Debian packages every template of this runtime has.
-    pub fn base_packages(self) -> &'static [&'static str] {
-        match self {
-            Self::Python => &["python3", "python3-numpy"],
-            Self::Node => &["nodejs"],
-            // minbase has bash and coreutils; these make it a usable shell.
-            Self::Shell => &["procps", "less", "file"],
-        }
-    }
-
-    /// The guest's init: the agent, PID 1.
-    pub fn init(self) -> &'static str {
-        match self {
-            Self::Python => "/zeroboot/agent.py",
-            Self::Node => "/zeroboot/init-node",
-            Self::Shell => "/zeroboot/agent.sh",
-        }
-    }
-
-    /// The runtime's `print(1+1)`: prints [`PRINT_PROBE_OUTPUT`]. A new
-    /// template must answer it (the build's smoke test); `zeroboot bench`
-    /// times it.
-    pub fn print_probe(self) -> &'static str {
-        match self {
-            Self::Python => "print(1+1)",
-            Self::Node => "console.log(1+1)",
-            Self::Shell => "echo $((1+1))",
-        }
-    }
-
-    /// Requests whose writes make up a template's write set: a fork that
-    /// runs one of them finds those pages already copied. The print probe
-    /// first.
-    pub fn write_set_probes(self) -> Vec<&'static str> {
-        let more: &[&str] = match self {
-            Self::Python => &["import numpy; print(numpy.random.rand(3))"],
-            Self::Node => &["console.log(Math.random(), crypto.randomBytes(8))"],
-            Self::Shell => &[],
-        };
-        std::iter::once(self.print_probe())
-            .chain(more.iter().copied())
-            .collect()
-    }
-}
-
-/// What every runtime's [`Runtime::print_probe`] prints.
-pub const PRINT_PROBE_OUTPUT: &str = "2\n";
 
 /// What a template is built from. Recorded in its `template.json`, so that
 /// a template an older zeroboot made can be rebuilt from the same spec.
@@ -146,7 +70,7 @@ fn default_mem_mib() -> u64 {
 
 impl Default for TemplateSpec {
     fn default() -> Self {
-        Self::for_runtime(crate::template::DEFAULT_NAME, Runtime::Python)
+        Self::for_runtime(DEFAULT_NAME, Runtime::Python)
     }
 }
 
@@ -207,7 +131,12 @@ impl TemplateSpec {
     /// Checks every field, so that nothing in a spec reaches a shell, apt,
     /// pip or the guest's environment unchecked.
     pub fn validate(&self) -> Result<(), SpecError> {
-        validate_name(&self.name).map_err(|e| invalid("name", e.to_string()))?;
+        if !is_valid_name(&self.name) {
+            return Err(invalid(
+                "name",
+                format!("{:?} must be 1-64 characters of a-z, 0-9, '-' or '_'", self.name),
+            ));
+        }
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
             return Err(invalid(
                 "memory_mib",
@@ -216,22 +145,31 @@ impl TemplateSpec {
         }
         check_list("packages", &self.packages, is_debian_package)?;
         check_list("wheels", &self.wheels, is_requirement)?;
-        if !self.wheels.is_empty() && self.runtime != Runtime::Python {
-            return Err(invalid("wheels", "Python wheels need runtime = \"python\""));
+        let runtime = self.runtime.descriptor();
+        if !self.wheels.is_empty() && !runtime.wheels {
+            return Err(invalid(
+                "wheels",
+                format!("Python wheels need runtime = \"python\", not {:?}", runtime.name),
+            ));
         }
-        match self.runtime {
-            Runtime::Python => check_list("preload", &self.preload, is_python_module)?,
-            Runtime::Node => check_list("preload", &self.preload, is_node_module)?,
-            Runtime::Shell if !self.preload.is_empty() => {
-                return Err(invalid("preload", "the shell runtime has nothing to preload"))
+        match runtime.preload {
+            Some(is_module) => check_list("preload", &self.preload, is_module)?,
+            None if !self.preload.is_empty() => {
+                return Err(invalid(
+                    "preload",
+                    format!("the {} runtime has nothing to preload", runtime.name),
+                ))
             }
-            Runtime::Shell => {}
+            None => {}
         }
         if self.warmup.len() > MAX_WARMUP {
             return Err(invalid("warmup", format!("longer than {MAX_WARMUP} bytes")));
         }
-        if self.runtime == Runtime::Shell && !self.warmup.is_empty() {
-            return Err(invalid("warmup", "the shell runtime has nothing to warm up"));
+        if !runtime.warmup && !self.warmup.is_empty() {
+            return Err(invalid(
+                "warmup",
+                format!("the {} runtime has nothing to warm up", runtime.name),
+            ));
         }
         if self.env.len() > MAX_LIST {
             return Err(invalid("env", format!("more than {MAX_LIST} variables")));
@@ -256,7 +194,7 @@ impl TemplateSpec {
     /// Every package debootstrap installs, base first, without repeats.
     pub fn all_packages(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
-        for p in self.runtime.base_packages().iter().map(|s| s.to_string()) {
+        for p in self.runtime.descriptor().base_packages.iter().map(|s| s.to_string()) {
             if !out.contains(&p) {
                 out.push(p);
             }
@@ -291,6 +229,16 @@ impl TemplateSpec {
     }
 }
 
+/// A template name: it names a directory, so 1-64 characters of a-z, 0-9,
+/// '-' and '_'.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
 fn check_list(field: &str, items: &[String], ok: fn(&str) -> bool) -> Result<(), SpecError> {
     if items.len() > MAX_LIST {
         return Err(invalid(field, format!("more than {MAX_LIST} entries")));
@@ -319,25 +267,6 @@ fn is_requirement(s: &str) -> bool {
     s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-[],<>=!~ ".contains(&b))
-}
-
-fn is_python_module(s: &str) -> bool {
-    s.split('.').all(|part| {
-        part.bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
-            && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-    })
-}
-
-/// A package name as `require` takes it (`lodash`, `@scope/pkg`, `node:fs`),
-/// not a path.
-fn is_node_module(s: &str) -> bool {
-    !s.is_empty()
-        && !s.starts_with('.')
-        && !s.starts_with('/')
-        && !s.contains("..")
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"@/._-:".contains(&b))
 }
 
 #[cfg(test)]

@@ -17,12 +17,11 @@ use zeroboot_vmm::{page_cache, BootSpec, ForkMemory, Hypervisor, Machine, Machin
 use crate::artifacts::{self, ArtifactError};
 use crate::cache::{io_err, Cache, CacheError, InputHash};
 use crate::progress::Progress;
-use crate::spec::{Runtime, TemplateSpec, PRINT_PROBE_OUTPUT};
+use crate::runtime::{Runtime, PRINT_PROBE_OUTPUT};
+use crate::spec::{is_valid_name, TemplateSpec};
 
 pub const METADATA_FILE: &str = "template.json";
 pub const BOOT_LOG: &str = "boot.log";
-pub const DEFAULT_NAME: &str = "python";
-pub const DEFAULT_MEM_MIB: u64 = 512;
 
 /// The kernel command line, and why each switch is there:
 /// - `noxsave`, `clearcpuid=smap,popcnt`: keep the guest kernel off XRSTOR,
@@ -38,12 +37,12 @@ pub const DEFAULT_MEM_MIB: u64 = 512;
 ///   template page would otherwise interrupt the guest twice ("page not
 ///   present", "page ready") and run its scheduler, all in the guest kernel.
 ///
-/// `init=` follows, naming the runtime's agent (`Runtime::init`).
+/// `init=` follows, naming the runtime's agent (`RuntimeDescriptor::init`).
 pub const KERNEL_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=1 nokaslr noxsave clearcpuid=smap,popcnt tsc=reliable no-kvmapf";
 pub const ROOT_ARGS: &str = "rootfstype=erofs rootflags=dax ro rootwait";
 fn kernel_cmdline(runtime: Runtime) -> String {
-    format!("{KERNEL_CMDLINE} init={}", runtime.init())
+    format!("{KERNEL_CMDLINE} init={}", runtime.descriptor().init)
 }
 
 /// Forks the freshly written template once per write-set probe (requests
@@ -55,13 +54,14 @@ fn record_write_set(hv: &Hypervisor, dir: &Path, runtime: Runtime) -> Result<(),
     let vendor = zeroboot_vmm::machine::cpu_vendor(hv);
     let snap = Snapshot::open(dir, &vendor)?;
     let mut pages = std::collections::BTreeSet::new();
-    for code in runtime.write_set_probes() {
+    let runtime = runtime.descriptor();
+    for code in runtime.all_write_set_probes() {
         // Shared pages: the copy-on-write of each written page is what
         // shows the write set.
         let mut fork = Machine::restore(hv, &snap, ForkMemory::SharedPages, Box::new(std::io::sink()))?;
         let response = fork.exec(&Request::new(code.as_bytes(), b""), BOOT_TIMEOUT)?;
         let stdout = String::from_utf8_lossy(&response.stdout);
-        if response.exit_code != 0 || (code == runtime.print_probe() && stdout != PRINT_PROBE_OUTPUT) {
+        if response.exit_code != 0 || (code == runtime.print_probe && stdout != PRINT_PROBE_OUTPUT) {
             return Err(TemplateError::SmokeTest {
                 code: code.to_string(),
                 exit_code: response.exit_code,
@@ -189,12 +189,7 @@ impl TemplateInfo {
 }
 
 pub fn validate_name(name: &str) -> Result<(), TemplateError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-    if ok {
+    if is_valid_name(name) {
         Ok(())
     } else {
         Err(TemplateError::BadName(name.into()))
@@ -216,7 +211,7 @@ fn inputs_hash(spec: &TemplateSpec, kernel: &str, root: &str) -> String {
         .add(b"state_format", &snapshot::codec::FORMAT_VERSION.to_le_bytes())
         .add(
             b"write_set_probes",
-            spec.runtime.write_set_probes().join("\0").as_bytes(),
+            spec.runtime.descriptor().all_write_set_probes().join("\0").as_bytes(),
         )
         .add(b"engine", env!("CARGO_PKG_VERSION").as_bytes());
     h.finish()

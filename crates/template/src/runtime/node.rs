@@ -1,0 +1,59 @@
+//! Node.js: guest/agent/agent.js, its init script and its Node-API addon.
+
+use super::{quoted, FileCode, NativeHalf, RuntimeDescriptor, FILE_NOT_FOUND};
+use crate::sources::{guest_file, SourceFile};
+
+pub const NODE: RuntimeDescriptor = RuntimeDescriptor {
+    name: "node",
+    languages: &["node", "javascript", "js"],
+    base_packages: &["nodejs"],
+    init: "/zeroboot/init-node",
+    agent_sources: &[
+        guest_file!("agent/agent.js"),
+        guest_file!("agent/init-node"),
+        guest_file!("agent/native/guest.h"),
+        guest_file!("agent/native/zeroboot_node.c"),
+    ],
+    agent_scripts: &["agent.js", "init-node"],
+    native: NativeHalf {
+        source: "zeroboot_node.c",
+        object: "zeroboot_node.node",
+    },
+    mailbox_module: Some(zeroboot_protocol::guest_layout::JAVASCRIPT_MODULE),
+    print_probe: "console.log(1+1)",
+    write_set_probes: &["console.log(Math.random(), crypto.randomBytes(8))"],
+    bench_code: "console.log(crypto.randomBytes(8).toString('hex'))",
+    preload: Some(is_module),
+    warmup: true,
+    wheels: false,
+    files: FileCode { write, read },
+};
+
+// In a block: a session's top-level `let` and `const` stay declared for its
+// later requests.
+fn write(path: &str) -> String {
+    let p = quoted(path);
+    format!(
+        "{{ const p = {p}; fs.mkdirSync(path.dirname(p), {{ recursive: true }});\n\
+         fs.writeFileSync(p, Buffer.from(fs.readFileSync(0, 'utf8'), 'base64')) }}"
+    )
+}
+
+fn read(path: &str) -> String {
+    let p = quoted(path);
+    format!(
+        "{{ let data; try {{ data = fs.readFileSync({p}) }} catch (e) {{\n\
+         if (e.code !== 'ENOENT' && e.code !== 'EISDIR') throw e; console.error(e.message); process.exit({FILE_NOT_FOUND}) }}\n\
+         process.stdout.write(data.toString('base64')) }}"
+    )
+}
+
+/// A package name as `require` takes it (`lodash`, `@scope/pkg`,
+/// `node:fs`), not a path.
+fn is_module(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with('.')
+        && !s.starts_with('/')
+        && !s.contains("..")
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"@/._-:".contains(&b))
+}

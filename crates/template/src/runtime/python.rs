@@ -1,0 +1,59 @@
+//! CPython 3 with numpy: guest/agent/agent.py and its native half.
+
+use super::{quoted, FileCode, NativeHalf, RuntimeDescriptor, FILE_NOT_FOUND};
+use crate::sources::{guest_file, SourceFile};
+
+pub const PYTHON: RuntimeDescriptor = RuntimeDescriptor {
+    name: "python",
+    languages: &["python", "python3"],
+    base_packages: &["python3", "python3-numpy"],
+    init: "/zeroboot/agent.py",
+    agent_sources: &[
+        guest_file!("agent/agent.py"),
+        guest_file!("agent/native/guest.h"),
+        guest_file!("agent/native/zeroboot_python.c"),
+    ],
+    agent_scripts: &["agent.py"],
+    native: NativeHalf {
+        source: "zeroboot_python.c",
+        object: "zeroboot_python.so",
+    },
+    mailbox_module: Some(zeroboot_protocol::guest_layout::PYTHON_MODULE),
+    print_probe: "print(1+1)",
+    write_set_probes: &[NUMPY],
+    bench_code: NUMPY,
+    preload: Some(is_module),
+    warmup: true,
+    wheels: true,
+    files: FileCode { write, read },
+};
+
+const NUMPY: &str = "import numpy; print(numpy.random.rand(3))";
+
+fn write(path: &str) -> String {
+    let p = quoted(path);
+    format!(
+        "import base64, os, sys\np = {p}\nos.makedirs(os.path.dirname(p), exist_ok=True)\n\
+         open(p, 'wb').write(base64.b64decode(sys.stdin.read()))"
+    )
+}
+
+fn read(path: &str) -> String {
+    let p = quoted(path);
+    format!(
+        "import base64, sys\ntry:\n    data = open({p}, 'rb').read()\n\
+         except (FileNotFoundError, IsADirectoryError) as e:\n    print(e, file=sys.stderr); sys.exit({FILE_NOT_FOUND})\n\
+         sys.stdout.write(base64.b64encode(data).decode())"
+    )
+}
+
+/// A dotted module name: identifiers only, nothing a Python statement
+/// could hide in.
+fn is_module(s: &str) -> bool {
+    s.split('.').all(|part| {
+        part.bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    })
+}

@@ -1,0 +1,46 @@
+//! bash: guest/agent/agent.sh and its loadable builtin.
+
+use super::{FileCode, NativeHalf, RuntimeDescriptor, FILE_NOT_FOUND};
+use crate::sources::{guest_file, SourceFile};
+
+pub const SHELL: RuntimeDescriptor = RuntimeDescriptor {
+    name: "shell",
+    languages: &["bash", "shell", "sh"],
+    // minbase has bash and coreutils; these make it a usable shell.
+    base_packages: &["procps", "less", "file"],
+    init: "/zeroboot/agent.sh",
+    agent_sources: &[
+        guest_file!("agent/agent.sh"),
+        guest_file!("agent/native/guest.h"),
+        guest_file!("agent/native/zeroboot_bash.c"),
+    ],
+    agent_scripts: &["agent.sh"],
+    native: NativeHalf {
+        source: "zeroboot_bash.c",
+        object: "zeroboot_bash.so",
+    },
+    // agent.sh leaves the mailbox to its builtin, which has the C header.
+    mailbox_module: None,
+    print_probe: "echo $((1+1))",
+    write_set_probes: &[],
+    bench_code: "ls /",
+    preload: None,
+    warmup: false,
+    wheels: false,
+    files: FileCode { write, read },
+};
+
+/// A single-quoted shell word: ' ends it, so each becomes '\''.
+fn word(path: &str) -> String {
+    format!("'{}'", path.replace('\'', r"'\''"))
+}
+
+fn write(path: &str) -> String {
+    let p = word(path);
+    format!("mkdir -p \"$(dirname {p})\" && base64 -d > {p}")
+}
+
+fn read(path: &str) -> String {
+    let p = word(path);
+    format!("[ -f {p} ] || {{ echo {p}': no such file' >&2; exit {FILE_NOT_FOUND}; }}; base64 -w0 < {p}")
+}
