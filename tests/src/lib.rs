@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use zeroboot_template::template;
 use zeroboot_template::{Cache, Progress, TemplateSpec};
 use zeroboot_vmm::{Hypervisor, Snapshot};
 
@@ -45,7 +44,7 @@ pub fn template_dir() -> PathBuf {
 pub fn build_template(spec: &TemplateSpec) -> PathBuf {
     hypervisor();
     let cache = Cache::from_env().expect("cache directory");
-    match template::build(&cache, spec, Arc::new(PhaseLog), false) {
+    match zeroboot_template::build(&cache, spec, Arc::new(PhaseLog), false) {
         Ok((dir, _, _)) => dir,
         Err(e) => panic!("building template {:?} failed: {e}", spec.name),
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use zeroboot_e2e::{fork, hypervisor, ranges_moved_onto_huge_pages, snapshot, template, template_dir, zeroboot_bin};
 use zeroboot_protocol::{GuestFault, ProtocolError, Request};
-use zeroboot_template::template::{read_info, BOOT_LOG};
+use zeroboot_template::{read_info, BOOT_LOG};
 use zeroboot_vmm::Machine;
 
 const TIMEOUT: Duration = Duration::from_secs(300);

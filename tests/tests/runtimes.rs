@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use zeroboot_e2e::{build_template, hypervisor, ranges_moved_onto_huge_pages, zeroboot_bin, Server};
 use zeroboot_protocol::{GuestFault, Outcome, Request};
-use zeroboot_template::template::BOOT_LOG;
 use zeroboot_template::TemplateSpec;
+use zeroboot_template::BOOT_LOG;
 use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy, Machine, MachineError, Snapshot, Template};
 
 const TIMEOUT: Duration = Duration::from_secs(300);

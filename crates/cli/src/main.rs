@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use zeroboot_template::template;
 use zeroboot_template::Cache;
 use zeroboot_template::TemplateSpec;
 use zeroboot_vmm::fork::Demand;
@@ -163,11 +162,11 @@ fn template_command(cmd: TemplateCommand) -> Result<()> {
             if let Some(mem_mib) = mem_mib {
                 spec.mem_mib = mem_mib;
             }
-            // template::build checks the spec again, with these overrides.
+            // zeroboot_template::build checks the spec again, with these overrides.
             build(&cache, &spec, force)?;
         }
         TemplateCommand::Ls => {
-            let all = template::list(&cache)?;
+            let all = zeroboot_template::list(&cache)?;
             if all.is_empty() {
                 println!("no templates in {}", cache.templates_dir().display());
             }
@@ -198,7 +197,7 @@ fn template_command(cmd: TemplateCommand) -> Result<()> {
 fn build(cache: &Cache, spec: &TemplateSpec, force: bool) -> Result<PathBuf> {
     eprintln!("building template {:?} in {}", spec.name, cache.root().display());
     let started = Instant::now();
-    let (dir, info, cached) = template::build(cache, spec, Arc::new(progress::Spinners::new()), force)?;
+    let (dir, info, cached) = zeroboot_template::build(cache, spec, Arc::new(progress::Spinners::new()), force)?;
     if cached {
         eprintln!(
             "template {:?} is up to date ({:.2}s)",
@@ -221,8 +220,8 @@ fn build(cache: &Cache, spec: &TemplateSpec, force: bool) -> Result<PathBuf> {
 
 fn inspect(cache: &Cache, name: &str) -> Result<()> {
     let hv = Hypervisor::open()?;
-    let snap = template::open(cache, &hv, name)?;
-    let info = template::read_info(&snap.dir)?;
+    let snap = zeroboot_template::open(cache, &hv, name)?;
+    let info = zeroboot_template::read_info(&snap.dir)?;
     let s = &snap.state;
     let l = &s.layout;
     let mem = std::fs::metadata(snap.dir.join(MEMORY_FILE))?;
@@ -293,8 +292,8 @@ fn inspect(cache: &Cache, name: &str) -> Result<()> {
 fn bench_command(args: &bench::BenchArgs) -> Result<()> {
     let cache = Cache::from_env()?;
     let hv = Hypervisor::open()?;
-    let snap = template::open(&cache, &hv, &args.template)?;
-    let runtime = template::read_info(&snap.dir)?.runtime();
+    let snap = zeroboot_template::open(&cache, &hv, &args.template)?;
+    let runtime = zeroboot_template::read_info(&snap.dir)?.runtime();
     bench::run(snap, runtime, args.fork_memory.resolve(), args)
 }
 
@@ -319,9 +318,9 @@ pub(crate) fn read_code(code: &Option<String>, file: &Option<PathBuf>) -> Result
 /// The spec template `name` was built from (recorded in its template.json),
 /// else the built-in spec of that name.
 fn known_spec(cache: &Cache, name: &str) -> Result<TemplateSpec> {
-    let recorded = template::template_dir(cache, name)
+    let recorded = zeroboot_template::template_dir(cache, name)
         .ok()
-        .and_then(|dir| template::read_info(&dir).ok())
+        .and_then(|dir| zeroboot_template::read_info(&dir).ok())
         .and_then(|info| info.spec);
     match recorded.or_else(|| TemplateSpec::builtin(name)) {
         Some(spec) => Ok(spec),
@@ -356,13 +355,13 @@ fn utc_time(unix: u64) -> String {
 /// Opens template `name`, building it first if it is missing or an older
 /// zeroboot made it (from its recorded spec, or the built-in one).
 fn open_or_build(cache: &Cache, hv: &Hypervisor, name: &str) -> Result<zeroboot_vmm::Snapshot> {
-    match template::open(cache, hv, name) {
+    match zeroboot_template::open(cache, hv, name) {
         Ok(s) => Ok(s),
         Err(e) if e.needs_build() => {
             let spec = known_spec(cache, name).with_context(|| e.to_string())?;
             eprintln!("zeroboot: {e}\nzeroboot: building template {name:?} now");
             build(cache, &spec, false)?;
-            Ok(template::open(cache, hv, name)?)
+            Ok(zeroboot_template::open(cache, hv, name)?)
         }
         Err(e) => Err(e.into()),
     }

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use zeroboot_sandbox::{IsolatedTemplate, WorkerCommand};
 use zeroboot_server::auth::Auth;
 use zeroboot_server::{AppState, Limits, Served};
-use zeroboot_template::{template, Cache};
+use zeroboot_template::Cache;
 use zeroboot_vmm::{Hypervisor, Snapshot};
 
 #[derive(clap::Args)]
@@ -60,7 +60,7 @@ pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<
     for name in &args.templates {
         let hv = Hypervisor::open()?;
         let snapshot = open(&cache, &hv, name)?;
-        let runtime = template::read_info(&snapshot.dir)?.runtime();
+        let runtime = zeroboot_template::read_info(&snapshot.dir)?.runtime();
         served.push(Served {
             name: name.clone(),
             runtime: runtime.descriptor(),
@@ -82,9 +82,9 @@ pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<
     let has_keys = auth.has_keys();
     let state = Arc::new(AppState::new(served, limits, auth));
     // Templates and keys are read: from here on the server only serves and
-    // starts workers (see zeroboot_sandbox::seccomp::server_filters).
-    for filter in zeroboot_sandbox::seccomp::server_filters()? {
-        zeroboot_sandbox::seccomp::install(&filter)?;
+    // starts workers (see zeroboot_seccomp::server_filters).
+    for filter in zeroboot_seccomp::server_filters()? {
+        zeroboot_seccomp::install(&filter)?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -8,7 +8,6 @@
 //! [`worker`]'s documentation.
 
 pub mod host;
-pub mod seccomp;
 pub mod wire;
 pub mod worker;
 

@@ -20,8 +20,8 @@ use zeroboot_protocol::Request;
 use zeroboot_vmm::machine::cpu_vendor;
 use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy, Hypervisor, Machine, MachineError, Snapshot, Template};
 
-use crate::seccomp;
 use crate::wire::{read_frame, write_frame, Command, Failure, LiveParts, Reply, Stats, WireError};
+use zeroboot_seccomp as seccomp;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {

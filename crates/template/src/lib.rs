@@ -2,15 +2,19 @@
 //! cached by content hash, and the boot-to-snapshot that makes a template.
 
 pub mod artifacts;
+pub mod build;
 pub mod cache;
+pub mod error;
 pub mod progress;
 pub mod runtime;
 pub mod sources;
 pub mod spec;
-pub mod template;
+pub mod store;
 
+pub use build::build;
 pub use cache::Cache;
+pub use error::TemplateError;
 pub use progress::{Progress, Silent};
 pub use runtime::{Runtime, RuntimeDescriptor};
 pub use spec::{TemplateSpec, DEFAULT_MEM_MIB, DEFAULT_NAME};
-pub use template::{TemplateError, TemplateInfo};
+pub use store::{list, open, read_info, template_dir, verify, TemplateInfo, BOOT_LOG, METADATA_FILE};

@@ -3,7 +3,7 @@
 //! ([`Machine::restore`]); either way the vCPU runs on the caller's thread.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use zeroboot_protocol::{self as protocol, Chunk, Doorbell, GuestFault, Outcome, ProtocolError, Request};
@@ -15,8 +15,9 @@ use crate::guest_kernel::{KernelSymbols, SymbolError};
 use crate::kvm::{Exit, Hypervisor, KvmError, Vcpu, Vm};
 use crate::layout::{LayoutError, MemoryLayout};
 use crate::memory::{GuestRam, MemoryError};
+use crate::page_cache::{self, MemoryFileRead};
 use crate::snapshot::state::MachineState;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{self, Snapshot, SnapshotError};
 
 /// i8042 command port: the kernel's `reboot=k` writes 0xfe here.
 const I8042_COMMAND: u16 = 0x64;
@@ -37,6 +38,8 @@ pub enum MachineError {
     Layout(#[from] LayoutError),
     #[error(transparent)]
     Serial(#[from] SerialError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// A request or mailbox the host made that the protocol cannot carry
     /// (the guest's own protocol errors are [`GuestFault::Protocol`]).
     #[error(transparent)]
@@ -92,6 +95,16 @@ pub struct Machine {
     /// guest could have rewritten that table since.
     entropy: Option<Vec<protocol::EntropyRegion>>,
     exits: u64,
+}
+
+/// What [`Machine::write_snapshot`] wrote.
+#[derive(Debug, Clone)]
+pub struct WrittenSnapshot {
+    /// Guest memory saved (non-zero pages), in bytes.
+    pub memory_bytes: u64,
+    /// How the memory file reads back: its checksum, and how the host's
+    /// page cache now holds it.
+    pub memory: MemoryFileRead,
 }
 
 /// A running sandbox captured between requests: children forked from it
@@ -490,6 +503,39 @@ impl Machine {
             vcpu: self.vcpu.save_state()?,
             serial: self.serial.state(),
         })
+    }
+
+    /// Writes this machine into `dir` as a snapshot ([`Snapshot::open`]
+    /// reads it): the memory file, sparse, then the state file. Call only
+    /// after [`Machine::run_until_doorbell`] returned.
+    pub fn write_snapshot(&self, dir: &Path) -> Result<WrittenSnapshot, MachineError> {
+        let state = self.save()?;
+        let path = dir.join(snapshot::MEMORY_FILE);
+        let io = snapshot::io_err(&path);
+        let mut file = match std::fs::File::options()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+        {
+            Ok(file) => file,
+            Err(e) => return Err(io(e).into()),
+        };
+        let memory_bytes = self.ram.write_sparse(&mut file)?;
+        // Ordering: the written pages leave the page cache before the
+        // checksum reads the file back, so that it is cached in 2 MiB
+        // folios, which every fork maps with one exit per range
+        // (page_cache::read_memory_file).
+        let memory = file
+            .sync_all()
+            .and_then(|()| page_cache::release_page_cache(&file))
+            .and_then(|()| page_cache::read_memory_file(&file))
+            .map_err(snapshot::io_err(&path))?;
+        // Ordering: the state file last, so that a directory with a state
+        // file has its memory file whole.
+        snapshot::write_state(dir, &state)?;
+        Ok(WrittenSnapshot { memory_bytes, memory })
     }
 
     /// The agent's entropy table from the mailbox, checked to name only

@@ -1,6 +1,9 @@
 //! Seccomp filters for zeroboot's processes: the worker (strict: what a
-//! guest can reach) and the server (looser: it serves HTTP and starts
-//! workers, but may not debug, mount, load modules or make namespaces).
+//! guest can reach), the server (looser: it serves HTTP and starts
+//! workers, but may not debug, mount, load modules or make namespaces), and
+//! the template builder's boot thread. A crate of its own so that the
+//! sandbox layer and the template build each use it without depending on
+//! the other.
 //!
 //! # The worker
 //!
