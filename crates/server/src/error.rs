@@ -2,7 +2,9 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::ToSchema;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -70,4 +72,16 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
         };
         Self::new(status, code, rejection.body_text())
     }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
+/// Every error: `{"error": {"code", "message"}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct ErrorResponse {
+    pub error: ErrorBody,
 }

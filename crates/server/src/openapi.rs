@@ -26,9 +26,10 @@ impl Modify for BearerKeys {
 #[openapi(
     info(title = "zeroboot", description = "Run code in a new KVM virtual machine per execution, forked from a warmed-up template."),
     paths(
-        crate::exec, crate::exec_batch, crate::health, crate::metrics,
-        crate::create_sandbox, crate::list_sandboxes, crate::get_sandbox, crate::delete_sandbox,
-        crate::sandbox_exec, crate::fork_sandbox, crate::put_file, crate::get_file,
+        crate::exec::exec, crate::exec::exec_batch, crate::service::health, crate::service::metrics,
+        crate::sandboxes::create_sandbox, crate::sandboxes::list_sandboxes, crate::sandboxes::get_sandbox,
+        crate::sandboxes::delete_sandbox, crate::sandboxes::sandbox_exec, crate::sandboxes::fork_sandbox,
+        crate::files::put_file, crate::files::get_file,
     ),
     components(schemas(
         ExecRequest, ExecResponse, BatchRequest, BatchResponse, BatchEntry, ErrorBody, ErrorResponse,

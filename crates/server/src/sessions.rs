@@ -200,7 +200,7 @@ impl Sessions {
         ttl: Duration,
         make: impl FnOnce(&Served) -> Result<Sandbox, SandboxError> + Send + 'static,
     ) -> Result<Arc<Session>, ApiError> {
-        let id = format!("sbx_{}", crate::execution_id());
+        let id = format!("sbx_{}", crate::state::execution_id());
         let (jobs, inbox) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = oneshot::channel();
         let for_thread = served.clone();

@@ -1,0 +1,237 @@
+//! One-shot executions: `/v1/exec` (JSON or Server-Sent Events) and
+//! `/v1/exec/batch`, each in a new sandbox. They accept what the public
+//! zeroboot clients send (`code`, `language`, `timeout_seconds`) and return
+//! their fields plus ours (`timed_out`, `truncated`, `template`).
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use zeroboot_protocol::Chunk;
+
+use crate::error::{ApiError, ErrorBody};
+use crate::state::AppState;
+
+fn python() -> String {
+    "python".into()
+}
+
+pub(crate) fn thirty() -> f64 {
+    30.0
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ExecRequest {
+    pub code: String,
+    /// `python`, `node` (or `javascript`, `js`) or `bash` (or `shell`,
+    /// `sh`): the first template of that runtime the server was given runs
+    /// the code. An unknown one is a 400 listing those available.
+    #[serde(default = "python")]
+    pub language: String,
+    #[serde(default = "thirty")]
+    pub timeout_seconds: f64,
+    /// Standard input for the code.
+    #[serde(default)]
+    pub stdin: String,
+    /// A template by name, instead of the one serving `language` (which is
+    /// then not consulted).
+    #[serde(default)]
+    pub template: Option<String>,
+    /// Answer with Server-Sent Events while the code runs (as does
+    /// `Accept: text/event-stream`).
+    #[serde(default)]
+    pub stream: bool,
+}
+
+impl ExecRequest {
+    /// A request for a long-lived sandbox, which already has its template.
+    pub fn in_sandbox(code: String, timeout_seconds: f64, stdin: String) -> Self {
+        Self {
+            code,
+            language: String::new(),
+            timeout_seconds,
+            stdin,
+            template: None,
+            stream: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct ExecResponse {
+    pub id: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub exit_code: i32,
+    pub fork_time_ms: f64,
+    pub exec_time_ms: f64,
+    pub total_time_ms: f64,
+    pub timed_out: bool,
+    /// stdout or stderr was cut at the output limit.
+    pub truncated: bool,
+    pub template: String,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct BatchRequest {
+    pub executions: Vec<ExecRequest>,
+}
+
+/// One batch entry: a result, or the error that request alone got.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+#[serde(untagged)]
+pub enum BatchEntry {
+    Ok(ExecResponse),
+    Err { error: ErrorBody },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct BatchResponse {
+    pub results: Vec<BatchEntry>,
+}
+
+impl AppState {
+    /// Validates, waits for a slot, then forks and runs on a blocking thread.
+    pub async fn execute(self: &Arc<Self>, req: ExecRequest) -> Result<ExecResponse, ApiError> {
+        let (timeout, served, permit) = self.admit(&req).await?;
+        let state = self.clone();
+        let output_limit = self.limits.max_output_bytes;
+        let outcome = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            state.run_blocking(&served, &req, timeout, output_limit, &mut |_| {})
+        })
+        .await
+        .map_err(ApiError::internal)?;
+        self.count(&outcome);
+        outcome
+    }
+
+    /// [`AppState::execute`] as Server-Sent Events: `stdout` and `stderr`
+    /// events (`{"data": text}`) as the guest writes, then one `result`
+    /// event (the usual response) or `error` event. Errors found before the
+    /// sandbox starts are ordinary JSON errors.
+    pub async fn execute_streaming(self: &Arc<Self>, mut req: ExecRequest) -> Result<Response, ApiError> {
+        use axum::response::sse::{Event, KeepAlive, Sse};
+        req.stream = true;
+        let (timeout, served, permit) = self.admit(&req).await?;
+        let state = self.clone();
+        let output_limit = self.limits.max_output_bytes;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Event>(256);
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let event = |name: &str, text: &[u8]| {
+                Event::default()
+                    .event(name)
+                    .json_data(serde_json::json!({"data": String::from_utf8_lossy(text)}))
+            };
+            let mut on_chunk = |chunk: Chunk| {
+                // A client that went away stops reading; the code still ends
+                // at its deadline and the sandbox is released.
+                for (name, text) in [("stdout", &chunk.stdout), ("stderr", &chunk.stderr)] {
+                    if !text.is_empty() {
+                        if let Ok(e) = event(name, text) {
+                            let _ = tx.blocking_send(e);
+                        }
+                    }
+                }
+            };
+            let outcome = state.run_blocking(&served, &req, timeout, output_limit, &mut on_chunk);
+            state.count(&outcome);
+            let last = match outcome {
+                Ok(r) => Event::default().event("result").json_data(&r),
+                Err(e) => Event::default()
+                    .event("error")
+                    .json_data(serde_json::json!({"error": {"code": e.code, "message": e.message}})),
+            };
+            if let Ok(e) = last {
+                let _ = tx.blocking_send(e);
+            }
+        });
+        let events = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            Ok::<_, std::convert::Infallible>,
+        );
+        Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
+    }
+}
+
+/// Forks a new sandbox from a template, runs `code` in it and returns the result.
+/// With `stream: true` or `Accept: text/event-stream` the answer is Server-Sent
+/// Events: `stdout`/`stderr` events (`{"data": text}`), then `result` or `error`.
+#[utoipa::path(post, path = "/v1/exec", tag = "exec", request_body = ExecRequest,
+    responses(
+        (status = 200, description = "The code ran (whatever its exit code) or timed out", body = ExecResponse),
+        (status = 400, description = "Bad language, template, timeout or JSON", body = crate::error::ErrorResponse),
+        (status = 401, description = "No valid API key", body = crate::error::ErrorResponse),
+        (status = 413, description = "Body or code too large", body = crate::error::ErrorResponse),
+        (status = 422, description = "The code crashed its sandbox", body = crate::error::ErrorResponse),
+        (status = 429, description = "Over the key's rate", body = crate::error::ErrorResponse),
+        (status = 503, description = "Every sandbox slot stayed busy", body = crate::error::ErrorResponse),
+    ),
+    security(("bearer" = [])))]
+pub(crate) async fn exec(
+    State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    body: Result<Json<ExecRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    let accepts_events = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if req.stream || accepts_events {
+        return state.execute_streaming(req).await;
+    }
+    Ok(Json(state.execute(req).await?).into_response())
+}
+
+/// Runs several executions in parallel, each in its own new sandbox.
+#[utoipa::path(post, path = "/v1/exec/batch", tag = "exec", request_body = BatchRequest,
+    responses(
+        (status = 200, description = "One entry per execution: a result or that execution's error", body = BatchResponse),
+        (status = 400, description = "Too many executions or bad JSON", body = crate::error::ErrorResponse),
+    ),
+    security(("bearer" = [])))]
+pub(crate) async fn exec_batch(
+    State(state): State<Arc<AppState>>,
+    body: Result<Json<BatchRequest>, JsonRejection>,
+) -> Result<Json<BatchResponse>, ApiError> {
+    let Json(batch) = body?;
+    if batch.executions.len() > state.limits.max_batch {
+        return Err(ApiError::bad_request(
+            "batch_too_large",
+            format!(
+                "{} executions, at most {} in one batch",
+                batch.executions.len(),
+                state.limits.max_batch
+            ),
+        ));
+    }
+    let tasks: Vec<_> = batch
+        .executions
+        .into_iter()
+        .map(|req| {
+            let state = state.clone();
+            tokio::spawn(async move { state.execute(req).await })
+        })
+        .collect();
+    let mut results = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let entry = match task.await.map_err(ApiError::internal).and_then(|r| r) {
+            Ok(r) => BatchEntry::Ok(r),
+            Err(e) => BatchEntry::Err {
+                error: ErrorBody {
+                    code: e.code.to_string(),
+                    message: e.message,
+                },
+            },
+        };
+        results.push(entry);
+    }
+    Ok(Json(BatchResponse { results }))
+}

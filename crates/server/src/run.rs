@@ -1,0 +1,165 @@
+//! Running a request in a sandbox, one-shot or long-lived: the logs, the
+//! metrics and the mapping of guest faults to responses, shared by every
+//! endpoint that runs code.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use zeroboot_protocol::{Chunk, GuestFault, Request};
+use zeroboot_sandbox::{Sandbox, SandboxError};
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::exec::{ExecRequest, ExecResponse};
+use crate::metrics::{Memory, Outcome};
+use crate::state::{execution_id, AppState, Served};
+
+impl AppState {
+    pub(crate) fn count(&self, outcome: &Result<ExecResponse, ApiError>) {
+        let label = match outcome {
+            Ok(r) if r.timed_out => "timeout",
+            Ok(_) => "ok",
+            Err(_) => "error",
+        };
+        self.metrics.executions.get_or_create(&Outcome { outcome: label }).inc();
+    }
+
+    pub(crate) fn run_blocking(
+        &self,
+        served: &Served,
+        req: &ExecRequest,
+        timeout: Duration,
+        output_limit: u32,
+        on_chunk: &mut dyn FnMut(Chunk),
+    ) -> Result<ExecResponse, ApiError> {
+        let started = Instant::now();
+        let mut sandbox = served.template.fork().map_err(ApiError::internal)?;
+        let forked = started.elapsed();
+        self.metrics.live_sandboxes.inc();
+        self.metrics.spawn_seconds.observe(forked.as_secs_f64());
+        self.metrics
+            .forks
+            .get_or_create(&Memory {
+                fork_memory: sandbox.fork_memory().name(),
+            })
+            .inc();
+        let (result, _) = self.exec_on(&mut sandbox, &served.name, req, timeout, output_limit, on_chunk);
+        let total = started.elapsed();
+        // Kills the worker process, which takes the VM down with it.
+        drop(sandbox);
+        self.metrics.live_sandboxes.dec();
+        match &result {
+            Ok(r) => tracing::info!(
+                target: crate::LOG_TARGET,
+                id = %r.id,
+                template = %served.name,
+                exit_code = r.exit_code,
+                timed_out = r.timed_out,
+                fork_ms = forked.as_secs_f64() * 1e3,
+                total_ms = total.as_secs_f64() * 1e3,
+                "execution"
+            ),
+            Err(e) => tracing::info!(
+                target: crate::LOG_TARGET,
+                template = %served.name,
+                code = e.code,
+                "execution failed"
+            ),
+        }
+        self.metrics.total_seconds.observe(total.as_secs_f64());
+        result.map(|mut r| {
+            r.fork_time_ms = forked.as_secs_f64() * 1e3;
+            r.total_time_ms = total.as_secs_f64() * 1e3;
+            r
+        })
+    }
+
+    /// Runs `req` in `sandbox`. The flag says whether the sandbox can take
+    /// another request (not after a timeout or a crash).
+    fn exec_on(
+        &self,
+        sandbox: &mut Sandbox,
+        template: &str,
+        req: &ExecRequest,
+        timeout: Duration,
+        output_limit: u32,
+        on_chunk: &mut dyn FnMut(Chunk),
+    ) -> (Result<ExecResponse, ApiError>, bool) {
+        let started = Instant::now();
+        let request = Request {
+            output_limit,
+            stream: req.stream,
+            ..Request::new(req.code.as_bytes(), req.stdin.as_bytes())
+        };
+        let result = sandbox.exec_streaming(&request, timeout, on_chunk);
+        let ran = started.elapsed();
+        self.metrics.exec_seconds.observe(ran.as_secs_f64());
+        let mut response = ExecResponse {
+            id: execution_id(),
+            stdout: String::new(),
+            stderr: String::new(),
+            exit_code: 0,
+            fork_time_ms: 0.0,
+            exec_time_ms: ran.as_secs_f64() * 1e3,
+            total_time_ms: ran.as_secs_f64() * 1e3,
+            timed_out: false,
+            truncated: false,
+            template: template.to_string(),
+        };
+        match result {
+            Ok(r) => {
+                response.stdout = String::from_utf8_lossy(&r.stdout).into_owned();
+                response.stderr = String::from_utf8_lossy(&r.stderr).into_owned();
+                response.exit_code = r.exit_code;
+                response.truncated = r.stdout_truncated || r.stderr_truncated;
+                (Ok(response), true)
+            }
+            Err(SandboxError::Guest(GuestFault::Timeout(_))) => {
+                response.timed_out = true;
+                response.exit_code = 124;
+                response.stderr = format!("zeroboot: timed out after {} s\n", req.timeout_seconds);
+                (Ok(response), false)
+            }
+            Err(SandboxError::Guest(fault)) => (
+                Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "sandbox_crashed",
+                    format!(
+                        "{fault}: the code ended its sandbox (its agent exited, the guest kernel panicked, \
+                         or the mailbox was overwritten)"
+                    ),
+                )),
+                false,
+            ),
+            Err(e) => (Err(ApiError::internal(e)), false),
+        }
+    }
+
+    /// Runs `req` in long-lived sandbox `id`; a sandbox that timed out or
+    /// crashed is removed (its guest cannot take another request).
+    pub(crate) async fn exec_in_session(
+        self: &Arc<Self>,
+        id: &str,
+        caller: Caller,
+        req: ExecRequest,
+    ) -> Result<ExecResponse, ApiError> {
+        let session = self.sessions.get(id, caller)?;
+        let timeout = self.validate(&req.code, &req.stdin, req.timeout_seconds)?;
+        let permit = self.slot().await?;
+        let state = self.clone();
+        let template = session.served.name.clone();
+        let output_limit = self.limits.max_output_bytes;
+        let (outcome, usable) = session
+            .call(move |machine| {
+                let _permit = permit;
+                state.exec_on(machine, &template, &req, timeout, output_limit, &mut |_| {})
+            })
+            .await?;
+        if !usable {
+            self.sessions.forget(id);
+        }
+        self.count(&outcome);
+        outcome
+    }
+}

@@ -1,0 +1,224 @@
+//! Long-lived sandboxes: `/v1/sandboxes`, to create, list, get and remove
+//! them, run code in one and fork it. The registry is [`crate::sessions`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Extension, Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::exec::{ExecRequest, ExecResponse};
+use crate::sessions::SessionInfo;
+use crate::state::AppState;
+
+fn default_language() -> String {
+    "python".into()
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct CreateSandbox {
+    /// As in `ExecRequest`: picks the template by runtime.
+    #[serde(default = "default_language")]
+    pub language: String,
+    #[serde(default)]
+    pub template: Option<String>,
+    /// Idle seconds after which the sandbox is removed (default 300).
+    #[serde(default)]
+    pub ttl_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct SandboxExec {
+    pub code: String,
+    #[serde(default = "crate::exec::thirty")]
+    pub timeout_seconds: f64,
+    #[serde(default)]
+    pub stdin: String,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ForkSandbox {
+    /// New sandboxes to make (1 to 16).
+    #[serde(default = "one")]
+    pub count: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct SandboxList {
+    pub sandboxes: Vec<SessionInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Forked {
+    pub sandboxes: Vec<SessionInfo>,
+    /// Capture of the parent plus every child's VM.
+    pub fork_time_ms: f64,
+    /// Guest memory the parent had changed since its own fork, copied into each child.
+    pub parent_changed_kib: u64,
+}
+
+/// Starts a long-lived sandbox forked from a template.
+#[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", request_body = CreateSandbox,
+    responses(
+        (status = 201, description = "Started", body = SessionInfo),
+        (status = 400, description = "Bad language, template or TTL", body = crate::error::ErrorResponse),
+        (status = 429, description = "Too many sandboxes for this key", body = crate::error::ErrorResponse),
+    ),
+    security(("bearer" = [])))]
+pub(crate) async fn create_sandbox(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<CreateSandbox>, JsonRejection>,
+) -> Result<(StatusCode, Json<SessionInfo>), ApiError> {
+    let Json(req) = body?;
+    let served = state.resolve(&req.language, req.template.as_ref())?;
+    let ttl = match req.ttl_seconds {
+        None => state.limits.default_sandbox_ttl,
+        Some(t) if t > 0.0 && t <= state.limits.max_sandbox_ttl.as_secs_f64() => Duration::from_secs_f64(t),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_ttl",
+                format!(
+                    "ttl_seconds must be more than 0 and at most {}",
+                    state.limits.max_sandbox_ttl.as_secs()
+                ),
+            ))
+        }
+    };
+    state.sessions.reserve(caller, 1, served.memory_mib())?;
+    let session = state
+        .sessions
+        .start(served, caller, None, ttl, |served| served.template.fork())
+        .await?;
+    Ok((StatusCode::CREATED, Json(session.info())))
+}
+
+/// The caller's sandboxes.
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",
+    responses((status = 200, description = "Sandboxes of this key", body = SandboxList)),
+    security(("bearer" = [])))]
+pub(crate) async fn list_sandboxes(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<SandboxList>, ApiError> {
+    Ok(Json(SandboxList {
+        sandboxes: state.sessions.list(caller)?,
+    }))
+}
+
+/// One sandbox.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path)),
+    responses(
+        (status = 200, description = "The sandbox", body = SessionInfo),
+        (status = 404, description = "No such sandbox", body = crate::error::ErrorResponse),
+    ),
+    security(("bearer" = [])))]
+pub(crate) async fn get_sandbox(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<SessionInfo>, ApiError> {
+    Ok(Json(state.sessions.get(&id, caller)?.info()))
+}
+
+/// Removes a sandbox and its VM.
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path)),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 404, description = "No such sandbox", body = crate::error::ErrorResponse),
+    ),
+    security(("bearer" = [])))]
+pub(crate) async fn delete_sandbox(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.sessions.remove(&id, caller)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Runs code in a sandbox; its variables, imports and files stay for the next call.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "sandboxes", params(("id" = String, Path)),
+    request_body = SandboxExec,
+    responses(
+        (status = 200, description = "The code ran or timed out (a timed-out sandbox is ended)", body = ExecResponse),
+        (status = 404, description = "No such sandbox", body = crate::error::ErrorResponse),
+        (status = 422, description = "The code crashed the sandbox, which is ended", body = crate::error::ErrorResponse),
+    ),
+    security(("bearer" = [])))]
+pub(crate) async fn sandbox_exec(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Result<Json<SandboxExec>, JsonRejection>,
+) -> Result<Json<ExecResponse>, ApiError> {
+    let Json(req) = body?;
+    let req = ExecRequest::in_sandbox(req.code, req.timeout_seconds, req.stdin);
+    Ok(Json(state.exec_in_session(&id, caller, req).await?))
+}
+
+/// Makes `count` new sandboxes that start from this sandbox's current state.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", tag = "sandboxes", params(("id" = String, Path)),
+    request_body = ForkSandbox,
+    responses(
+        (status = 201, description = "The new sandboxes", body = Forked),
+        (status = 400, description = "Bad count", body = crate::error::ErrorResponse),
+        (status = 404, description = "No such sandbox", body = crate::error::ErrorResponse),
+        (status = 429, description = "Too many sandboxes for this key", body = crate::error::ErrorResponse),
+    ),
+    security(("bearer" = [])))]
+pub(crate) async fn fork_sandbox(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Result<Json<ForkSandbox>, JsonRejection>,
+) -> Result<(StatusCode, Json<Forked>), ApiError> {
+    let Json(req) = body?;
+    if req.count == 0 || req.count > state.limits.max_fork {
+        return Err(ApiError::bad_request(
+            "invalid_count",
+            format!("count must be 1 to {}", state.limits.max_fork),
+        ));
+    }
+    let parent = state.sessions.get(&id, caller)?;
+    state.sessions.reserve(caller, req.count, parent.served.memory_mib())?;
+    let started = Instant::now();
+    let live = parent
+        .call(|machine| machine.snapshot_live())
+        .await?
+        .map_err(ApiError::internal)?;
+    let live = Arc::new(live);
+    let mut sandboxes = Vec::with_capacity(req.count);
+    for _ in 0..req.count {
+        let live = live.clone();
+        let child = state
+            .sessions
+            .start(
+                parent.served.clone(),
+                caller,
+                Some(parent.id.clone()),
+                parent.ttl,
+                move |served| served.template.fork_live(&live),
+            )
+            .await?;
+        sandboxes.push(child.info());
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(Forked {
+            sandboxes,
+            fork_time_ms: started.elapsed().as_secs_f64() * 1e3,
+            parent_changed_kib: live.changed_bytes() / 1024,
+        }),
+    ))
+}

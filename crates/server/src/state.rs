@@ -1,0 +1,209 @@
+//! What every handler shares: the limits, the templates served, sandbox
+//! slots and the admission of a one-shot execution.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use zeroboot_protocol::{DEFAULT_OUTPUT_LIMIT, REQUEST_CAPACITY};
+use zeroboot_sandbox::IsolatedTemplate;
+use zeroboot_template::RuntimeDescriptor;
+
+use crate::auth::Auth;
+use crate::error::ApiError;
+use crate::exec::ExecRequest;
+use crate::metrics::Metrics;
+use crate::sessions::Sessions;
+
+/// What the server allows. Every limit answers with a clear error, never a hang.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Request bodies larger than this get 413.
+    pub max_body_bytes: usize,
+    /// `code` plus `stdin` larger than this get 413.
+    pub max_code_bytes: usize,
+    pub max_batch: usize,
+    /// Sandboxes running at once; more requests wait up to `queue_wait`, then 503.
+    pub max_concurrent: usize,
+    pub queue_wait: Duration,
+    pub max_timeout: Duration,
+    /// Per-stream output cap.
+    pub max_output_bytes: u32,
+    /// Long-lived sandboxes per API key (or for loopback clients without keys).
+    pub max_sandboxes_per_caller: usize,
+    /// Guest RAM, in MiB, that one key's long-lived sandboxes may hold.
+    pub max_sandbox_mib_per_caller: u64,
+    pub default_sandbox_ttl: Duration,
+    pub max_sandbox_ttl: Duration,
+    /// Children one fork call may make.
+    pub max_fork: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self {
+            max_body_bytes: 2 << 20,
+            max_code_bytes: REQUEST_CAPACITY,
+            max_batch: 64,
+            max_concurrent: 4 * cores,
+            queue_wait: Duration::from_secs(10),
+            max_timeout: Duration::from_secs(300),
+            max_output_bytes: DEFAULT_OUTPUT_LIMIT,
+            max_sandboxes_per_caller: 64,
+            max_sandbox_mib_per_caller: 16 << 10,
+            default_sandbox_ttl: Duration::from_secs(300),
+            max_sandbox_ttl: Duration::from_secs(24 * 3600),
+            max_fork: 16,
+        }
+    }
+}
+
+/// A template the server forks from.
+pub struct Served {
+    pub name: String,
+    /// Its runtime: the `language` values it serves, and the guest code of
+    /// the files API.
+    pub runtime: &'static RuntimeDescriptor,
+    pub template: IsolatedTemplate,
+}
+
+impl Served {
+    /// Guest RAM of each sandbox forked from it.
+    pub fn memory_mib(&self) -> u64 {
+        self.template.snapshot().state.layout.ram_bytes >> 20
+    }
+}
+
+pub struct AppState {
+    pub(crate) templates: BTreeMap<String, Arc<Served>>,
+    /// language → template name serving it.
+    languages: BTreeMap<String, String>,
+    pub(crate) limits: Limits,
+    slots: Arc<Semaphore>,
+    auth: Auth,
+    pub(crate) metrics: Metrics,
+    pub(crate) sessions: Sessions,
+}
+
+impl AppState {
+    /// The first template given for a language serves it.
+    pub fn new(templates: Vec<Served>, limits: Limits, auth: Auth) -> Self {
+        let mut languages = BTreeMap::new();
+        let mut by_name = BTreeMap::new();
+        for served in templates {
+            for language in served.runtime.languages {
+                languages
+                    .entry(language.to_string())
+                    .or_insert_with(|| served.name.clone());
+            }
+            by_name.insert(served.name.clone(), Arc::new(served));
+        }
+        Self {
+            templates: by_name,
+            languages,
+            slots: Arc::new(Semaphore::new(limits.max_concurrent)),
+            sessions: Sessions::new(
+                limits.max_sandboxes_per_caller,
+                limits.max_sandbox_mib_per_caller,
+                limits.default_sandbox_ttl,
+                limits.max_sandbox_ttl,
+            ),
+            limits,
+            auth,
+            metrics: Metrics::default(),
+        }
+    }
+
+    pub fn auth(&self) -> &Auth {
+        &self.auth
+    }
+
+    pub(crate) fn resolve(&self, language: &str, template: Option<&String>) -> Result<Arc<Served>, ApiError> {
+        let name = match template {
+            Some(name) => name,
+            None => self.languages.get(language).ok_or_else(|| {
+                ApiError::bad_request(
+                    "unsupported_language",
+                    format!(
+                        "language {language:?} is not available; available: {}",
+                        self.languages.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                )
+            })?,
+        };
+        let served = self.templates.get(name).ok_or_else(|| {
+            ApiError::bad_request(
+                "unknown_template",
+                format!(
+                    "no template {name:?}; available: {}",
+                    self.templates.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            )
+        })?;
+        if template.is_none() && !served.runtime.languages.contains(&language) {
+            return Err(ApiError::internal("language map out of sync"));
+        }
+        Ok(served.clone())
+    }
+
+    pub(crate) fn validate(&self, code: &str, stdin: &str, timeout_seconds: f64) -> Result<Duration, ApiError> {
+        let size = code.len() + stdin.len();
+        if size > self.limits.max_code_bytes {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "code_too_large",
+                format!(
+                    "code and stdin are {size} bytes, more than the {}-byte limit",
+                    self.limits.max_code_bytes
+                ),
+            ));
+        }
+        let max = self.limits.max_timeout.as_secs_f64();
+        if !(timeout_seconds > 0.0 && timeout_seconds <= max) {
+            return Err(ApiError::bad_request(
+                "invalid_timeout",
+                format!("timeout_seconds must be more than 0 and at most {max}"),
+            ));
+        }
+        Ok(Duration::from_secs_f64(timeout_seconds))
+    }
+
+    pub(crate) async fn slot(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        let busy = || {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                format!(
+                    "all {} sandbox slots are busy; retry shortly",
+                    self.limits.max_concurrent
+                ),
+            )
+            .with_retry_after(1)
+        };
+        match tokio::time::timeout(self.limits.queue_wait, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(busy()),
+        }
+    }
+
+    /// What a one-shot execution needs before it may fork: its deadline and
+    /// template (or a 4xx), then a sandbox slot (or a 503).
+    pub(crate) async fn admit(
+        &self,
+        req: &ExecRequest,
+    ) -> Result<(Duration, Arc<Served>, OwnedSemaphorePermit), ApiError> {
+        let timeout = self.validate(&req.code, &req.stdin, req.timeout_seconds)?;
+        let served = self.resolve(&req.language, req.template.as_ref())?;
+        Ok((timeout, served, self.slot().await?))
+    }
+}
+
+/// A random id for an execution, for logs and clients.
+pub(crate) fn execution_id() -> String {
+    let mut bytes = [0u8; 12];
+    zeroboot_vmm::machine::fill_random(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
