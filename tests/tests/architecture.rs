@@ -92,9 +92,57 @@ fn path_from(base: &ModulePath, text: &str) -> ModulePath {
     path
 }
 
-/// The file of the deepest module on `path` that has one.
-fn resolve<'a>(modules: &'a BTreeMap<ModulePath, PathBuf>, path: &ModulePath) -> Option<&'a PathBuf> {
-    (0..=path.len()).rev().find_map(|n| modules.get(&path[..n]))
+/// What each module re-exports from its submodules (`pub use a::b::{X, Y}`
+/// in module `m`: `m::X` → `m::a::b::X`), so that `crate::X` leads to the
+/// file that defines `X`, not to lib.rs.
+fn re_exports(modules: &BTreeMap<ModulePath, PathBuf>) -> BTreeMap<ModulePath, ModulePath> {
+    let mut out = BTreeMap::new();
+    for (module, file) in modules {
+        let text = code(&std::fs::read_to_string(file).expect("read a source file"));
+        for statement in text.split(';') {
+            let Some(used) = statement.trim().strip_prefix("pub use ") else {
+                continue;
+            };
+            if used.starts_with("crate::") || used.starts_with("super::") {
+                continue;
+            }
+            let (prefix, names) = match used.split_once("::{") {
+                Some((prefix, group)) => (prefix, group.trim_end_matches('}').split(',').collect::<Vec<_>>()),
+                None => match used.rsplit_once("::") {
+                    Some((prefix, name)) => (prefix, vec![name]),
+                    None => continue,
+                },
+            };
+            for name in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+                let mut from = module.clone();
+                from.push(name.to_string());
+                let mut to = module.clone();
+                to.extend(prefix.split("::").map(str::to_string));
+                to.push(name.to_string());
+                out.insert(from, to);
+            }
+        }
+    }
+    out
+}
+
+/// The file of the deepest module on `path` that has one, following
+/// re-exports.
+fn resolve<'a>(
+    modules: &'a BTreeMap<ModulePath, PathBuf>,
+    re_exported: &BTreeMap<ModulePath, ModulePath>,
+    path: &ModulePath,
+) -> Option<&'a PathBuf> {
+    let mut path = path.clone();
+    // Bounded: a re-export of a re-export, never a cycle of them.
+    for _ in 0..8 {
+        let n = (0..=path.len()).rev().find(|&n| modules.contains_key(&path[..n]))?;
+        match path.get(n).and_then(|_| re_exported.get(&path[..=n])) {
+            Some(target) => path = target.clone(),
+            None => return modules.get(&path[..n]),
+        }
+    }
+    None
 }
 
 /// A loop in `edges`, as the files on it, if there is one.
@@ -131,13 +179,14 @@ fn import_graph(src: &Path) -> BTreeMap<PathBuf, BTreeSet<PathBuf>> {
     let mut files = Vec::new();
     rust_files(src, &mut files);
     let modules: BTreeMap<ModulePath, PathBuf> = files.iter().map(|f| (module_of(src, f), f.clone())).collect();
+    let re_exported = re_exports(&modules);
     let mut edges = BTreeMap::new();
     for file in &files {
         let this = module_of(src, file);
         let text = std::fs::read_to_string(file).expect("read a source file");
         let targets: BTreeSet<PathBuf> = named_paths(&code(&text), &this)
             .iter()
-            .filter_map(|p| resolve(&modules, p))
+            .filter_map(|p| resolve(&modules, &re_exported, p))
             // A module naming its own submodules, or the crate root's
             // re-exports, is not an import of another concern.
             .filter(|target| *target != file && !target.ends_with("lib.rs"))
@@ -184,6 +233,11 @@ fn the_checker_sees_a_loop() {
     assert!(find_loop(&import_graph(&src)).is_none(), "b → a/c is not a loop");
     std::fs::write(src.join("a/c.rs"), "use super::super::b::X;\n").expect("write");
     let found = find_loop(&import_graph(&src)).expect("a loop: b → a/c → b");
+    assert_eq!(found.len(), 2, "{found:?}");
+    // The same loop through the crate root's re-export of b's item.
+    std::fs::write(src.join("lib.rs"), "pub mod a;\npub mod b;\npub use b::Thing;\n").expect("write");
+    std::fs::write(src.join("a/c.rs"), "use crate::Thing;\n").expect("write");
+    let found = find_loop(&import_graph(&src)).expect("a loop: b → a/c → b, through lib.rs");
     assert_eq!(found.len(), 2, "{found:?}");
     std::fs::remove_dir_all(&dir).expect("clean up");
 }

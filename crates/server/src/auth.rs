@@ -21,7 +21,6 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
-use crate::AppState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -144,8 +143,7 @@ impl Auth {
 }
 
 /// Middleware: authenticate, then rate-limit.
-pub async fn require(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    let auth = state.auth();
+pub async fn require(State(auth): State<Arc<Auth>>, request: Request, next: Next) -> Response {
     match auth
         .identify(&request)
         .and_then(|caller| auth.admit(caller).map(|()| caller))

@@ -4,6 +4,7 @@
 //! their fields plus ours (`timed_out`, `truncated`, `template`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
@@ -11,10 +12,12 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
+use tokio::sync::OwnedSemaphorePermit;
 use utoipa::ToSchema;
 use zeroboot_protocol::Chunk;
 
 use crate::error::{ApiError, ErrorBody};
+use crate::served::Served;
 use crate::state::AppState;
 
 fn python() -> String {
@@ -234,4 +237,14 @@ pub(crate) async fn exec_batch(
         results.push(entry);
     }
     Ok(Json(BatchResponse { results }))
+}
+
+impl AppState {
+    /// What a one-shot execution needs before it may fork: its deadline and
+    /// template (or a 4xx), then a sandbox slot (or a 503).
+    async fn admit(&self, req: &ExecRequest) -> Result<(Duration, Arc<Served>, OwnedSemaphorePermit), ApiError> {
+        let timeout = self.validate(&req.code, &req.stdin, req.timeout_seconds)?;
+        let served = self.resolve(&req.language, req.template.as_ref())?;
+        Ok((timeout, served, self.slot().await?))
+    }
 }

@@ -9,7 +9,8 @@
 //! - `service`: health, metrics, unknown paths and methods.
 //!
 //! And what they share:
-//! - `state`: [`Limits`], [`Served`] templates, [`AppState`] and admission.
+//! - `state`: [`Limits`], [`AppState`], template lookup, validation, slots.
+//! - `served`: the [`Served`] templates, and random ids.
 //! - `run`: running a request in a sandbox, with its logs and metrics.
 //! - `router`: the routes, request ids, panics, and [`serve`].
 //! - [`api`]: every request and response body, re-exported in one place.
@@ -29,12 +30,14 @@ pub mod openapi;
 mod router;
 mod run;
 mod sandboxes;
+mod served;
 mod service;
 pub mod sessions;
 mod state;
 
 pub use router::{router, serve};
-pub use state::{AppState, Limits, Served};
+pub use served::Served;
+pub use state::{AppState, Limits};
 
 /// The target of the request and execution logs, which were logged from
 /// the crate root before it was split: log lines (and their JSON `target`)

@@ -15,14 +15,15 @@ use crate::error::ApiError;
 use crate::exec::{exec, exec_batch};
 use crate::files::{get_file, put_file};
 use crate::sandboxes::{create_sandbox, delete_sandbox, fork_sandbox, get_sandbox, list_sandboxes, sandbox_exec};
+use crate::served::random_id;
 use crate::service::{health, method_not_allowed, metrics, not_found};
-use crate::state::{execution_id, AppState};
+use crate::state::AppState;
 use crate::{auth, openapi};
 
 /// Gives every response an `x-request-id` (the execution id is separate,
 /// in exec results) and logs each request with it.
 async fn request_id(request: axum::extract::Request, next: middleware::Next) -> Response {
-    let id = execution_id();
+    let id = random_id();
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let started = Instant::now();
@@ -59,7 +60,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sandboxes/{id}/exec", post(sandbox_exec))
         .route("/v1/sandboxes/{id}/fork", post(fork_sandbox))
         .route("/v1/sandboxes/{id}/files/{*path}", put(put_file).get(get_file))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require));
+        .route_layer(middleware::from_fn_with_state(state.auth().clone(), auth::require));
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi::serve))

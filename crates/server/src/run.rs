@@ -13,7 +13,8 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::exec::{ExecRequest, ExecResponse};
 use crate::metrics::{Memory, Outcome};
-use crate::state::{execution_id, AppState, Served};
+use crate::served::{random_id, Served};
+use crate::state::AppState;
 
 impl AppState {
     pub(crate) fn count(&self, outcome: &Result<ExecResponse, ApiError>) {
@@ -96,7 +97,7 @@ impl AppState {
         let ran = started.elapsed();
         self.metrics.exec_seconds.observe(ran.as_secs_f64());
         let mut response = ExecResponse {
-            id: execution_id(),
+            id: random_id(),
             stdout: String::new(),
             stderr: String::new(),
             exit_code: 0,

@@ -18,7 +18,7 @@ use zeroboot_sandbox::{Sandbox, SandboxError};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::Served;
+use crate::served::Served;
 
 type Job = Box<dyn FnOnce(&mut Sandbox) + Send>;
 
@@ -200,7 +200,7 @@ impl Sessions {
         ttl: Duration,
         make: impl FnOnce(&Served) -> Result<Sandbox, SandboxError> + Send + 'static,
     ) -> Result<Arc<Session>, ApiError> {
-        let id = format!("sbx_{}", crate::state::execution_id());
+        let id = format!("sbx_{}", crate::served::random_id());
         let (jobs, inbox) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = oneshot::channel();
         let for_thread = served.clone();

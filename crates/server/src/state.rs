@@ -8,13 +8,11 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroboot_protocol::{DEFAULT_OUTPUT_LIMIT, REQUEST_CAPACITY};
-use zeroboot_sandbox::IsolatedTemplate;
-use zeroboot_template::RuntimeDescriptor;
 
 use crate::auth::Auth;
 use crate::error::ApiError;
-use crate::exec::ExecRequest;
 use crate::metrics::Metrics;
+use crate::served::Served;
 use crate::sessions::Sessions;
 
 /// What the server allows. Every limit answers with a clear error, never a hang.
@@ -61,29 +59,13 @@ impl Default for Limits {
     }
 }
 
-/// A template the server forks from.
-pub struct Served {
-    pub name: String,
-    /// Its runtime: the `language` values it serves, and the guest code of
-    /// the files API.
-    pub runtime: &'static RuntimeDescriptor,
-    pub template: IsolatedTemplate,
-}
-
-impl Served {
-    /// Guest RAM of each sandbox forked from it.
-    pub fn memory_mib(&self) -> u64 {
-        self.template.snapshot().state.layout.ram_bytes >> 20
-    }
-}
-
 pub struct AppState {
     pub(crate) templates: BTreeMap<String, Arc<Served>>,
     /// language → template name serving it.
     languages: BTreeMap<String, String>,
     pub(crate) limits: Limits,
     slots: Arc<Semaphore>,
-    auth: Auth,
+    auth: Arc<Auth>,
     pub(crate) metrics: Metrics,
     pub(crate) sessions: Sessions,
 }
@@ -112,12 +94,12 @@ impl AppState {
                 limits.max_sandbox_ttl,
             ),
             limits,
-            auth,
+            auth: Arc::new(auth),
             metrics: Metrics::default(),
         }
     }
 
-    pub fn auth(&self) -> &Auth {
+    pub fn auth(&self) -> &Arc<Auth> {
         &self.auth
     }
 
@@ -188,22 +170,4 @@ impl AppState {
             _ => Err(busy()),
         }
     }
-
-    /// What a one-shot execution needs before it may fork: its deadline and
-    /// template (or a 4xx), then a sandbox slot (or a 503).
-    pub(crate) async fn admit(
-        &self,
-        req: &ExecRequest,
-    ) -> Result<(Duration, Arc<Served>, OwnedSemaphorePermit), ApiError> {
-        let timeout = self.validate(&req.code, &req.stdin, req.timeout_seconds)?;
-        let served = self.resolve(&req.language, req.template.as_ref())?;
-        Ok((timeout, served, self.slot().await?))
-    }
-}
-
-/// A random id for an execution, for logs and clients.
-pub(crate) fn execution_id() -> String {
-    let mut bytes = [0u8; 12];
-    zeroboot_vmm::machine::fill_random(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -1,0 +1,28 @@
+//! The templates the server forks from.
+
+use zeroboot_sandbox::IsolatedTemplate;
+use zeroboot_template::RuntimeDescriptor;
+
+/// A template the server forks from.
+pub struct Served {
+    pub name: String,
+    /// Its runtime: the `language` values it serves, and the guest code of
+    /// the files API.
+    pub runtime: &'static RuntimeDescriptor,
+    pub template: IsolatedTemplate,
+}
+
+impl Served {
+    /// Guest RAM of each sandbox forked from it.
+    pub fn memory_mib(&self) -> u64 {
+        self.template.snapshot().state.layout.ram_bytes >> 20
+    }
+}
+
+/// A random id (96 bits, hex) for an execution, a request or a sandbox, for
+/// logs and clients.
+pub(crate) fn random_id() -> String {
+    let mut bytes = [0u8; 12];
+    zeroboot_vmm::machine::fill_random(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
