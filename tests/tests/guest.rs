@@ -236,6 +236,35 @@ fn cli_run_prints_numpy_result() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "6\n");
 }
 
+/// `zeroboot pages` counts what an exec writes and touches: more for numpy
+/// than for print, the mailbox among what print writes, and every written
+/// page named by a guest mapping.
+#[test]
+fn cli_pages_counts_and_names_what_an_exec_writes() {
+    template_dir();
+    let measure = |code: &str| -> serde_json::Value {
+        let out = Command::new(zeroboot_bin())
+            .args(["pages", "--json", "-c", code])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let print = measure("print(1+1)");
+    let numpy = measure("import numpy; print(numpy.random.rand(3))");
+    let written = |v: &serde_json::Value| v["written"].as_u64().unwrap();
+    let touched = |v: &serde_json::Value| v["touched"].as_u64().unwrap();
+    assert!(written(&print) > 0 && touched(&print) > 0, "{print}");
+    assert!(written(&numpy) > written(&print), "numpy {numpy}\nprint {print}");
+    let by_mapping = print["by_mapping"].as_object().unwrap();
+    assert!(
+        by_mapping["/dev/mem"]["written"].as_u64().unwrap() >= 1,
+        "the request in the mailbox: {print}"
+    );
+    let named: u64 = by_mapping.values().map(|s| s["written"].as_u64().unwrap()).sum();
+    assert_eq!(named, written(&print), "every written page is in one group");
+}
+
 #[test]
 fn cli_run_passes_exit_code_and_stderr() {
     template_dir();

@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod fork_memory;
+mod pages;
 mod progress;
 mod serve;
 
@@ -42,6 +43,8 @@ enum Command {
     Run(RunArgs),
     /// Measure fork and exec latency, throughput and memory per sandbox.
     Bench(bench::BenchArgs),
+    /// What one exec in a fresh fork writes and touches, by guest mapping.
+    Pages(pages::PagesArgs),
     /// Serve the HTTP API.
     Serve(serve::ServeArgs),
     /// Run code through a zeroboot server (streams output).
@@ -123,6 +126,7 @@ fn main() -> ExitCode {
         Command::Template(cmd) => template_command(cmd).map(|()| ExitCode::SUCCESS),
         Command::Run(args) => run(args),
         Command::Bench(args) => bench_command(&args).map(|()| ExitCode::SUCCESS),
+        Command::Pages(args) => pages::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Serve(args) => serve::run(&args, open_or_build).map(|()| ExitCode::SUCCESS),
         Command::Exec(args) => read_code(args.code(), args.file()).and_then(|code| client::exec(&args, code)),
         Command::Sandbox(cmd) => client::sandbox(&cmd).map(|()| ExitCode::SUCCESS),

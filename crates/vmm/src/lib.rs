@@ -8,6 +8,8 @@
 //! - [`devices`]: the serial console.
 //! - [`snapshot`]: the snapshot's file formats, and an opened snapshot.
 //! - [`page_cache`]: how the host caches a memory file, and its repair.
+//! - [`page_tables`]: the guest's page tables as the host reads them, for
+//!   measuring what a fork touches.
 //! - [`guest_kernel`], [`guest_clock`]: guest kernel state the host rewrites
 //!   in each fork (CRNG keys, the clock).
 //! - [`machine`]: a running VM and its exit loop.
@@ -25,6 +27,7 @@ pub mod layout;
 pub mod machine;
 pub mod memory;
 pub mod page_cache;
+pub mod page_tables;
 pub mod snapshot;
 
 pub use fork::{ForkMemory, ForkMemoryPolicy, Template};

@@ -16,6 +16,7 @@ use crate::kvm::{Exit, Hypervisor, KvmError, Vcpu, Vm};
 use crate::layout::{LayoutError, MemoryLayout};
 use crate::memory::{GuestRam, MemoryError};
 use crate::page_cache::{self, MemoryFileRead};
+use crate::page_tables;
 use crate::snapshot::state::MachineState;
 use crate::snapshot::{self, Snapshot, SnapshotError};
 
@@ -382,6 +383,21 @@ impl Machine {
 
     pub fn ram(&self) -> &GuestRam {
         &self.ram
+    }
+
+    /// The guest's page tables as the vCPU now sees them (its CR3): every
+    /// present leaf, with its accessed and dirty bits.
+    pub fn page_table_leaves(&self) -> Result<Vec<page_tables::Leaf>, MachineError> {
+        let cr3 = self.vcpu.sregs()?.cr3;
+        Ok(page_tables::leaves(&self.ram, cr3))
+    }
+
+    /// Clears the accessed and dirty bits of the guest's page tables, so
+    /// that [`Machine::page_table_leaves`] shows what runs after. For a
+    /// measurement fork only (see [`page_tables::clear_accessed_dirty`]).
+    pub fn clear_page_table_bits(&mut self) -> Result<usize, MachineError> {
+        let cr3 = self.vcpu.sregs()?.cr3;
+        Ok(page_tables::clear_accessed_dirty(&mut self.ram, cr3)?)
     }
 
     /// Runs the guest until the agent rings the doorbell, or `timeout` passes.

@@ -69,6 +69,9 @@ pub struct RuntimeDescriptor {
     pub write_set_probes: &'static [&'static str],
     /// The code of `zeroboot bench`'s second figure.
     pub bench_code: &'static str,
+    /// Code that prints the memory map of the process that runs requests
+    /// (`/proc/self/maps`), for naming what a fork touched (`zeroboot pages`).
+    pub self_maps: &'static str,
     /// Which names a spec may preload; None if the runtime preloads nothing.
     pub preload: Option<fn(&str) -> bool>,
     /// Whether a spec may give warm-up code.

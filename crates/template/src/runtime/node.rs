@@ -23,6 +23,7 @@ pub const NODE: RuntimeDescriptor = RuntimeDescriptor {
     print_probe: "console.log(1+1)",
     write_set_probes: &["console.log(Math.random(), crypto.randomBytes(8))"],
     bench_code: "console.log(crypto.randomBytes(8).toString('hex'))",
+    self_maps: "process.stdout.write(fs.readFileSync('/proc/self/maps', 'utf8'))",
     preload: Some(is_module),
     warmup: true,
     wheels: false,

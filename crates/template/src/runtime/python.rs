@@ -22,6 +22,7 @@ pub const PYTHON: RuntimeDescriptor = RuntimeDescriptor {
     print_probe: "print(1+1)",
     write_set_probes: &[NUMPY],
     bench_code: NUMPY,
+    self_maps: "print(open('/proc/self/maps').read(), end='')",
     preload: Some(is_module),
     warmup: true,
     wheels: true,

@@ -24,6 +24,8 @@ pub const SHELL: RuntimeDescriptor = RuntimeDescriptor {
     print_probe: "echo $((1+1))",
     write_set_probes: &[],
     bench_code: "ls /",
+    // Requests run in a subshell; $BASHPID is the one that ran this.
+    self_maps: "cat /proc/$BASHPID/maps",
     preload: None,
     warmup: false,
     wheels: false,
