@@ -224,6 +224,39 @@ def prefault_heap(libc):
     del junk
 
 
+def immortalize_heap():
+    """Makes every object alive now immortal, as pre-fork servers do: from
+    CPython 3.12 on, reference counting never writes to an immortal object,
+    so a fork that only reads the template's objects (modules, functions,
+    code, numpy's types and tables) leaves their pages shared, and its
+    guest touches and the host copies that much less. Nothing from the
+    template is freed in a fork, which costs nothing in a sandbox that lives
+    for a few calls. Returns how many objects, or 0 where the interpreter
+    has no immortal objects (before 3.12) or counts references another way
+    (free-threaded builds)."""
+    import ctypes
+    import gc
+    import sysconfig
+
+    if sys.version_info < (3, 12) or sysconfig.get_config_var("Py_GIL_DISABLED"):
+        return 0
+    # _Py_IMMORTAL_REFCNT on 64-bit builds of 3.12 and 3.13: Py_INCREF sees
+    # the low 32 bits overflow and leaves them, Py_DECREF tests the sign.
+    immortal = 0xFFFFFFFF
+    seen = set()
+    stack = gc.get_objects()
+    stack.append(sys.modules)
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        stack.extend(gc.get_referents(obj))
+    for address in seen:
+        ctypes.c_ssize_t.from_address(address).value = immortal
+    return len(seen)
+
+
 def move_onto_huge_pages():
     """Moves the hot 2 MiB ranges of this process onto huge pages, so that a
     fork maps each with one shadow-paging fault instead of one per 4 KiB
@@ -438,7 +471,7 @@ def generator_regions():
 
     import numpy
 
-    # CPython 3.11 Modules/_randommodule.c: {PyObject_HEAD; int index; uint32_t state[624];}
+    # CPython 3.11 to 3.13 Modules/_randommodule.c: {PyObject_HEAD; int index; uint32_t state[624];}
     inst = random._inst
     _, internal, gauss_next = inst.getstate()
     at = id(inst)
@@ -578,6 +611,9 @@ def main():
     rehearse_exec_path()
     gc.collect()
     gc.freeze()
+    # After the rehearsal and the collection: what is alive now is the
+    # template's for good.
+    log(f"immortal objects: {immortalize_heap()}")
     # After the rehearsal (which decides what is hot) and before the entropy
     # registration (which records guest-physical addresses that the move
     # changes).

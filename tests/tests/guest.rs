@@ -48,7 +48,7 @@ fn hot_memory_sits_on_huge_pages_in_guest_and_host() {
     let moved = ranges_moved_onto_huge_pages(&log);
     assert!(moved >= 8, "the agent moved only {moved} ranges onto huge pages");
     let mut m = fork();
-    // The interpreter's code (non-PIE python3.11 at 0x400000) is on an
+    // The interpreter's code (non-PIE python3 at 0x400000) is on an
     // anonymous 2 MiB page, and the fork's kernel has THP off again.
     let r = run(
         &mut m,

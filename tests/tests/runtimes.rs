@@ -348,6 +348,17 @@ fn cli_lists_runtimes_and_runs_each() {
             .expect("zeroboot run");
         assert!(out.status.success(), "{template}: {}", text(&out.stderr));
         assert_eq!(text(&out.stdout), expected, "{template}");
+        // What an exec writes and touches: measured in forks whose page
+        // tables' accessed and dirty bits were cleared, which every
+        // runtime's guest must survive.
+        let out = std::process::Command::new(zeroboot_bin())
+            .args(["pages", "--json", "--template", template])
+            .output()
+            .expect("zeroboot pages");
+        assert!(out.status.success(), "{template}: {}", text(&out.stderr));
+        let used: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        assert!(used["written"].as_u64() > Some(0), "{template}: {used}");
+        assert!(used["touched"].as_u64() > Some(0), "{template}: {used}");
     }
 }
 

@@ -122,6 +122,16 @@ fn main() -> ExitCode {
         logs.init();
     }
     let cli = Cli::parse();
+    // Commands that only print (and run no child process they talk to over
+    // a pipe) end quietly when their reader goes away, as `ls | head` does,
+    // instead of panicking in println!. The rest keep Rust's default of
+    // ignoring SIGPIPE: a worker that died must be an error, not the end of
+    // the server or the bench that wrote to it.
+    if matches!(cli.command, Command::Template(_) | Command::Run(_) | Command::Pages(_)) {
+        // SAFETY: restores the default action of one signal, before any
+        // thread exists; no handler is installed.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Template(cmd) => template_command(cmd).map(|()| ExitCode::SUCCESS),
         Command::Run(args) => run(args),

@@ -42,7 +42,7 @@ pub struct TemplateSpec {
     pub name: String,
     #[serde(default)]
     pub runtime: Runtime,
-    /// Extra Debian packages (bookworm), installed with debootstrap.
+    /// Extra Debian packages (Debian 13, trixie), installed with debootstrap.
     #[serde(default)]
     pub packages: Vec<String>,
     /// Extra Python wheels from PyPI (pip requirement strings), installed

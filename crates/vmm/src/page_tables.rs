@@ -59,16 +59,15 @@ pub fn leaves(ram: &GuestRam, cr3: u64) -> Vec<Leaf> {
     out
 }
 
-/// Clears the accessed and dirty bits of every present entry reachable from
-/// `cr3`, tables and leaves alike; returns how many entries it changed. For
-/// a measurement fork only: the guest kernel reads those bits (reclaim,
-/// writeback), and a fork that goes on serving requests should keep them.
+/// Clears the accessed and dirty bits of every present leaf reachable from
+/// `cr3`; returns how many entries it changed. Tables keep theirs: Linux
+/// takes a table entry without both bits for a corrupt one ("bad pmd") and
+/// kills the process that faults through it. For a measurement fork only:
+/// the guest kernel reads a leaf's bits too (reclaim, writeback), and a
+/// fork that goes on serving requests should keep them.
 pub fn clear_accessed_dirty(ram: &mut GuestRam, cr3: u64) -> Result<usize, MemoryError> {
     let mut entries = Vec::new();
     walk(ram, cr3 & ADDRESS, 0, 0, true, &mut |_, at| entries.push(at));
-    collect_tables(ram, cr3 & ADDRESS, 0, &mut entries);
-    entries.sort_unstable();
-    entries.dedup();
     let mut changed = 0;
     for at in entries {
         let bytes = ram.slice_mut(at, 8)?;
@@ -81,18 +80,6 @@ pub fn clear_accessed_dirty(ram: &mut GuestRam, cr3: u64) -> Result<usize, Memor
         }
     }
     Ok(changed)
-}
-
-/// The guest-physical addresses of every present non-leaf entry.
-fn collect_tables(ram: &GuestRam, table: u64, level: usize, out: &mut Vec<u64>) {
-    for index in 0..ENTRIES {
-        let Some(value) = entry(ram, table, index) else { return };
-        if value & PRESENT == 0 || (level > 0 && value & HUGE != 0) || level == 3 {
-            continue;
-        }
-        out.push(table + index * 8);
-        collect_tables(ram, value & ADDRESS, level + 1, out);
-    }
 }
 
 /// Calls `visit` with each present leaf and the guest-physical address of
@@ -167,8 +154,8 @@ mod tests {
             ]
         );
         let changed = clear_accessed_dirty(&mut ram, pml4).unwrap();
-        assert_eq!(changed, 7, "3 leaves and 4 tables had bits set");
+        assert_eq!(changed, 3, "3 leaves had bits set");
         assert!(leaves(&ram, pml4).iter().all(|l| !l.accessed && !l.dirty));
-        assert_eq!(entry(&ram, pml4, 0), Some(pdpt | PRESENT | USER | 2));
+        assert_eq!(entry(&ram, pml4, 0), Some(pdpt | table), "tables keep their bits");
     }
 }
