@@ -53,6 +53,7 @@ try:
         MAILBOX_SIZE,
         MAX_ENTROPY_REGIONS,
         MAX_OUTPUT_LIMIT,
+        REQUEST_FRESH_FORK,
         REQUEST_OFFSET,
         REQUEST_SEED_LEN,
         REQUEST_STREAM,
@@ -284,7 +285,8 @@ def rehearse_exec_path():
         payload = code.encode()
         scratch[REQUEST_OFFSET : REQUEST_OFFSET + len(payload)] = payload
         struct.pack_into("<III", scratch, H_REQUEST_SEQ, seq, len(payload), 0)
-        struct.pack_into("<II", scratch, H_OUTPUT_LIMIT, 1 << 20, REQUEST_STREAM if seq % 2 else 0)
+        flags = (REQUEST_STREAM if seq % 2 else 0) | (REQUEST_FRESH_FORK if seq == 1 else 0)
+        struct.pack_into("<II", scratch, H_OUTPUT_LIMIT, 1 << 20, flags)
         scratch[H_REQUEST_SEED : H_REQUEST_SEED + REQUEST_SEED_LEN] = os.urandom(REQUEST_SEED_LEN)
         handle_request(scratch, bell, fresh_namespace())
         if struct.unpack_from("<I", scratch, H_RESPONSE_SEQ)[0] != seq:
@@ -308,9 +310,9 @@ class Responder:
         self.left[stream] -= len(data)
         return memoryview(data)
 
-    def send(self, out_text, err_text, exit_code=0, final=False):
-        out_v = self._cap(out_text.encode("utf-8", "replace"), 0, FLAG_STDOUT_TRUNCATED)
-        err_v = self._cap(err_text.encode("utf-8", "replace"), 1, FLAG_STDERR_TRUNCATED)
+    def send(self, out_bytes, err_bytes, exit_code=0, final=False):
+        out_v = self._cap(out_bytes, 0, FLAG_STDOUT_TRUNCATED)
+        err_v = self._cap(err_bytes, 1, FLAG_STDERR_TRUNCATED)
         while True:
             o = out_v[:RESPONSE_CAPACITY]
             e = err_v[: RESPONSE_CAPACITY - len(o)]
@@ -348,14 +350,11 @@ def drain_console():
         pass
 
 
-class CappedText(io.TextIOBase):
-    """Captured stdout or stderr. Keeps the first `limit` characters (at least
-    `limit` bytes once encoded) and drops the rest, so code that prints without
-    end fills neither the guest's memory nor the mailbox. `on_line` runs when
-    a write completes a line (streaming)."""
-
-    encoding = "utf-8"
-    errors = "strict"
+class CappedBytes(io.RawIOBase):
+    """Captured stdout or stderr, as bytes: what `sys.stdout.buffer` is.
+    Keeps the first `limit` bytes and drops the rest, so code that prints
+    without end fills neither the guest's memory nor the mailbox. `on_line`
+    runs when a write completes a line (streaming)."""
 
     def __init__(self, limit, on_line=None):
         super().__init__()
@@ -367,22 +366,55 @@ class CappedText(io.TextIOBase):
     def writable(self):
         return True
 
-    def write(self, s):
-        n = len(s)
+    def write(self, b):
+        n = len(b)
         if n > self.room:
-            s = s[: self.room]
+            b = b[: self.room]
             self.truncated = True
-        self.room -= len(s)
-        self.pending.append(s)
-        if self.on_line is not None and "\n" in s:
+        self.room -= len(b)
+        self.pending.append(bytes(b))
+        if self.on_line is not None and b"\n" in b:
             self.on_line()
         return n
 
     def take(self):
-        """The text written since the last take."""
-        text = "".join(self.pending)
+        """The bytes written since the last take."""
+        data = b"".join(self.pending)
         self.pending.clear()
-        return text
+        return data
+
+
+class CappedText(io.TextIOBase):
+    """Captured stdout or stderr as text, encoded to UTF-8 as it is written
+    into its `buffer` (a CappedBytes), where code may also write bytes.
+    Text that cannot be encoded (lone surrogates) keeps its bytes through
+    `surrogateescape`, or becomes U+FFFD."""
+
+    encoding = "utf-8"
+    errors = "surrogateescape"
+
+    def __init__(self, limit, on_line=None):
+        super().__init__()
+        self.buffer = CappedBytes(limit, on_line)
+
+    def writable(self):
+        return True
+
+    def write(self, s):
+        try:
+            data = s.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            data = s.encode("utf-8", "replace")
+        self.buffer.write(data)
+        return len(s)
+
+    @property
+    def truncated(self):
+        return self.buffer.truncated
+
+    def take(self):
+        """The bytes written since the last take."""
+        return self.buffer.take()
 
 
 class Streamer:
@@ -557,7 +589,8 @@ def handle_request(mailbox, doorbell, namespace):
     code_len = U32.unpack_from(mailbox, H_CODE_LEN)[0]
     stdin_len = U32.unpack_from(mailbox, H_STDIN_LEN)[0]
     limit = min(U32.unpack_from(mailbox, H_OUTPUT_LIMIT)[0], MAX_OUTPUT_LIMIT)
-    stream = U32.unpack_from(mailbox, H_REQUEST_FLAGS)[0] & REQUEST_STREAM
+    flags = U32.unpack_from(mailbox, H_REQUEST_FLAGS)[0]
+    stream = flags & REQUEST_STREAM
     responder = Responder(mailbox, doorbell, seq, limit)
     streamer = Streamer(responder) if stream else None
     on_line = streamer.on_line if streamer else None
@@ -565,7 +598,8 @@ def handle_request(mailbox, doorbell, namespace):
     if streamer:
         streamer.out, streamer.err = out, err
     try:
-        if not HOST_RESEEDS:
+        # Only a fork's first request: a seed the code sets holds after it.
+        if not HOST_RESEEDS and flags & REQUEST_FRESH_FORK:
             reseed_user_space(bytes(mailbox[H_REQUEST_SEED : H_REQUEST_SEED + REQUEST_SEED_LEN]))
         if REQUEST_OFFSET + code_len + stdin_len > RESPONSE_OFFSET:
             raise ValueError("request larger than the mailbox")

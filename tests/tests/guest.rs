@@ -266,6 +266,17 @@ fn cli_pages_counts_and_names_what_an_exec_writes() {
 }
 
 #[test]
+fn cli_run_writes_the_guest_bytes_as_they_are() {
+    template_dir();
+    let out = Command::new(zeroboot_bin())
+        .args(["run", "-c", "import sys; sys.stdout.buffer.write(b'\\xff\\x00ok')"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, b"\xff\x00ok");
+}
+
+#[test]
 fn cli_run_passes_exit_code_and_stderr() {
     template_dir();
     let out = Command::new(zeroboot_bin())

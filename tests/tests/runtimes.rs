@@ -404,6 +404,11 @@ fn server_serves_every_template_by_language() {
         let v = r.json();
         assert_eq!(v["stdout"], expected, "{language}: {v}");
     }
+    // Bytes that are not UTF-8 come back exactly, beside the text.
+    let body = serde_json::json!({"language": "node", "code": "process.stdout.write(Buffer.from([0x41, 0xff, 0x0a]))"});
+    let v = server.call("POST", "/v1/exec", Some(&body.to_string()), None).json();
+    assert_eq!(v["stdout"], "A\u{fffd}\n", "{v}");
+    assert_eq!(v["stdout_base64"], "Qf8K", "{v}");
     // The CLI client picks a runtime by language too.
     let out = std::process::Command::new(zeroboot_bin())
         .args([

@@ -277,6 +277,140 @@ fn a_sandbox_that_times_out_is_ended_and_idle_ones_expire() {
     );
 }
 
+/// Output that is not UTF-8 comes back exactly, as base64 beside the text;
+/// UTF-8 output has no base64 field. Python's `sys.stdout.buffer` writes
+/// bytes (Node's `Buffer`s: tests/runtimes.rs).
+#[test]
+fn bytes_that_are_not_utf8_come_back_exactly() {
+    use base64::Engine;
+    let server = Server::start(&[]);
+    let run = |language: &str, code: &str| {
+        let body = json!({"language": language, "code": code}).to_string();
+        let reply = server.call("POST", "/v1/exec", Some(&body), None);
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        reply.json()
+    };
+    let decoded = |v: &Value, field: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(v[field].as_str().unwrap_or_else(|| panic!("{field} in {v}")))
+            .unwrap()
+    };
+    let py = run(
+        "python",
+        "import sys; print('text é'); sys.stdout.flush(); sys.stdout.buffer.write(b'\\x00\\xff\\xfe'); \
+         sys.stderr.buffer.write(b'err\\n')",
+    );
+    assert_eq!(decoded(&py, "stdout_base64"), b"text \xc3\xa9\n\x00\xff\xfe", "{py}");
+    assert_eq!(py["stderr"], "err\n");
+    assert!(py.get("stderr_base64").is_none(), "valid UTF-8 needs no base64: {py}");
+    let plain = run("python", "print('plain')");
+    assert_eq!(plain["stdout"], "plain\n");
+    assert!(plain.get("stdout_base64").is_none(), "{plain}");
+}
+
+/// A session's TTL counts idle time between calls: a call longer than the
+/// TTL runs to its end, and the sandbox serves the next one.
+#[test]
+fn a_call_longer_than_the_ttl_is_not_cut_and_the_sandbox_stays() {
+    let server = Server::start(&[]);
+    let id = server
+        .call("POST", "/v1/sandboxes", Some(r#"{"ttl_seconds": 1}"#), None)
+        .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The reaper runs every second: it sees this call three times or more.
+    let reply = exec_in(&server, &id, "import time; time.sleep(3.5); print('slept')");
+    assert_eq!(reply["stdout"], "slept\n", "{reply}");
+    assert_eq!(exec_in(&server, &id, "print('still here')")["stdout"], "still here\n");
+}
+
+/// Fresh generator state at each fork only: a seed set in one call holds in
+/// the next, and children forked from a session still differ.
+#[test]
+fn a_seed_set_in_one_call_holds_in_the_next_and_forks_still_differ() {
+    let server = Server::start(&[]);
+    let id = server.call("POST", "/v1/sandboxes", Some("{}"), None).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    exec_in(
+        &server,
+        &id,
+        "import random, numpy; random.seed(1); numpy.random.seed(1)",
+    );
+    let reply = exec_in(&server, &id, "print(random.random(), numpy.random.rand())");
+    assert_eq!(reply["stdout"], "0.13436424411240122 0.417022004702574\n", "{reply}");
+    let forked = server
+        .call(
+            "POST",
+            &format!("/v1/sandboxes/{id}/fork"),
+            Some(r#"{"count": 2}"#),
+            None,
+        )
+        .json();
+    let draws: Vec<String> = forked["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|child| {
+            let child = child["id"].as_str().unwrap();
+            exec_in(&server, child, "print(random.random(), numpy.random.rand())")["stdout"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_ne!(draws[0], draws[1], "children of one session draw differently");
+    assert_ne!(
+        draws[0],
+        reply["stdout"].as_str().unwrap(),
+        "a child does not repeat its parent"
+    );
+}
+
+/// `/v1/health` says whether each template can fork now: a template whose
+/// files go away under the server turns `ready: false` (and the status
+/// `degraded`) once a worker fails to come up from it.
+#[test]
+fn health_reports_a_template_that_can_no_longer_fork() {
+    let real = zeroboot_e2e::template_dir();
+    let cache = std::env::temp_dir().join(format!("zeroboot-health-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    std::fs::create_dir_all(cache.join("templates")).unwrap();
+    let cp = std::process::Command::new("cp")
+        .args(["-a", "--sparse=always"])
+        .arg(&real)
+        .arg(cache.join("templates/python"))
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    let mut command = std::process::Command::new(zeroboot_e2e::zeroboot_bin());
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--pool", "1"])
+        .env("ZEROBOOT_CACHE", &cache);
+    let server = Server::spawn(command);
+    let health = || server.call("GET", "/v1/health", None, None).json();
+    assert_eq!(health()["templates"][0]["ready"], true, "{}", health());
+    assert_eq!(health()["status"], "ok");
+    // Workers read the state file as they start; the one already prepared
+    // has, later ones cannot.
+    std::fs::remove_file(cache.join("templates/python/state.bin")).unwrap();
+    let r = server.call("POST", "/v1/exec", Some(r#"{"code": "print(1+1)"}"#), None);
+    assert_eq!(r.status, 200, "the prepared worker still serves: {}", r.text);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while health()["templates"][0]["ready"] == true && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let now = health();
+    assert_eq!(now["templates"][0]["ready"], false, "{now}");
+    assert_eq!(now["status"], "degraded", "{now}");
+    let r = server.call("POST", "/v1/exec", Some(r#"{"code": "print(1+1)"}"#), None);
+    assert_eq!(r.status, 500, "no worker can start: {}", r.text);
+    drop(server);
+    std::fs::remove_dir_all(&cache).unwrap();
+}
+
 /// Parses a Server-Sent Events body into (event, data) pairs.
 fn events(text: &str) -> Vec<(String, Value)> {
     let mut out = Vec::new();

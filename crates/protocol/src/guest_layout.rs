@@ -7,8 +7,8 @@
 
 use crate::{
     header, Doorbell, ENTROPY_ENTRY_LEN, FLAG_MORE, FLAG_STDERR_TRUNCATED, FLAG_STDOUT_TRUNCATED, MAGIC, MAILBOX_SIZE,
-    MAX_ENTROPY_REGIONS, MAX_OUTPUT_LIMIT, REQUEST_CAPACITY, REQUEST_OFFSET, REQUEST_STREAM, RESPONSE_CAPACITY,
-    RESPONSE_OFFSET, VERSION,
+    MAX_ENTROPY_REGIONS, MAX_OUTPUT_LIMIT, REQUEST_CAPACITY, REQUEST_FRESH_FORK, REQUEST_OFFSET, REQUEST_STREAM,
+    RESPONSE_CAPACITY, RESPONSE_OFFSET, VERSION,
 };
 
 /// How a constant is named and typed in the guests' languages.
@@ -137,6 +137,8 @@ pub const LAYOUT: &[Constant] = &[
         "RESPONSE_FLAGS: more chunks of this response follow."),
     unsigned("REQUEST_STREAM", REQUEST_STREAM as u64,
         "REQUEST_FLAGS: send output as it is written."),
+    unsigned("REQUEST_FRESH_FORK", REQUEST_FRESH_FORK as u64,
+        "REQUEST_FLAGS: the first request of this fork; seed generators now."),
     unsigned("MAX_OUTPUT_LIMIT", MAX_OUTPUT_LIMIT as u64,
         "The largest OUTPUT_LIMIT a request may ask for."),
     int("DOORBELL_READY", Doorbell::Ready as u8 as u64,

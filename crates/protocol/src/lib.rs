@@ -32,7 +32,7 @@ pub const MAILBOX_SIZE: usize = 2 << 20;
 /// `"ZBMB"`, written by the host at boot.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"ZBMB");
 /// Version of this layout. The agent refuses a mailbox of another version.
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 
 /// Header field offsets (bytes from the start of the mailbox).
 pub mod header {
@@ -90,6 +90,11 @@ pub const FLAG_MORE: u32 = 1 << 2;
 /// `REQUEST_FLAGS` bit: send output as it is written (a chunk, with
 /// [`FLAG_MORE`], when a line completes), not only at the end.
 pub const REQUEST_STREAM: u32 = 1 << 0;
+/// `REQUEST_FLAGS` bit: the first request of this fork. An agent that
+/// seeds user-space generators itself (from `REQUEST_SEED`) does so only
+/// then, so that a seed user code sets holds for its later requests, and
+/// forks still differ.
+pub const REQUEST_FRESH_FORK: u32 = 1 << 1;
 
 /// Default cap on each of stdout and stderr.
 pub const DEFAULT_OUTPUT_LIMIT: u32 = 1 << 20;
@@ -247,6 +252,7 @@ pub fn write_request(
     mailbox: &mut [u8],
     request: &Request,
     seed: &[u8; header::REQUEST_SEED_LEN],
+    fresh_fork: bool,
 ) -> Result<u32, ProtocolError> {
     check(mailbox)?;
     let total = request.code.len().saturating_add(request.stdin.len());
@@ -268,11 +274,8 @@ pub fn write_request(
     write_u32(mailbox, header::CODE_LEN, code_len);
     write_u32(mailbox, header::STDIN_LEN, stdin_len);
     write_u32(mailbox, header::OUTPUT_LIMIT, request.output_limit);
-    write_u32(
-        mailbox,
-        header::REQUEST_FLAGS,
-        if request.stream { REQUEST_STREAM } else { 0 },
-    );
+    let flags = if request.stream { REQUEST_STREAM } else { 0 } | if fresh_fork { REQUEST_FRESH_FORK } else { 0 };
+    write_u32(mailbox, header::REQUEST_FLAGS, flags);
     write_u32(mailbox, header::REQUEST_SEQ, seq);
     Ok(seq)
 }
@@ -411,11 +414,13 @@ mod tests {
             output_limit: 77,
             stream: true,
         };
-        let seq = write_request(&mut m, &request, &SEED).unwrap();
+        let seq = write_request(&mut m, &request, &SEED, false).unwrap();
         assert_eq!(seq, 1);
         assert_eq!(read_request(&m).unwrap(), (1, request));
-        let seq2 = write_request(&mut m, &Request::new("x", ""), &SEED).unwrap();
+        assert_eq!(read_u32(&m, header::REQUEST_FLAGS), REQUEST_STREAM);
+        let seq2 = write_request(&mut m, &Request::new("x", ""), &SEED, true).unwrap();
         assert_eq!(seq2, 2);
+        assert_eq!(read_u32(&m, header::REQUEST_FLAGS), REQUEST_FRESH_FORK);
         assert_eq!(read_request(&m).unwrap().1.output_limit, DEFAULT_OUTPUT_LIMIT);
     }
 
@@ -483,11 +488,11 @@ mod tests {
         let mut m = mailbox();
         let big = vec![b'x'; REQUEST_CAPACITY + 1];
         assert_eq!(
-            write_request(&mut m, &Request::new(big, ""), &SEED),
+            write_request(&mut m, &Request::new(big, ""), &SEED, false),
             Err(ProtocolError::RequestTooLarge(REQUEST_CAPACITY + 1))
         );
         assert!(matches!(
-            write_request(&mut m[..10], &Request::new("", ""), &SEED),
+            write_request(&mut m[..10], &Request::new("", ""), &SEED, false),
             Err(ProtocolError::MailboxSize(10))
         ));
         let huge_limit = Request {
@@ -495,7 +500,7 @@ mod tests {
             ..Request::new("", "")
         };
         assert_eq!(
-            write_request(&mut m, &huge_limit, &SEED),
+            write_request(&mut m, &huge_limit, &SEED, false),
             Err(ProtocolError::BadOutputLimit(MAX_OUTPUT_LIMIT + 1))
         );
     }

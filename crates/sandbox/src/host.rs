@@ -73,6 +73,7 @@ struct Spec {
     command: WorkerCommand,
     dir: PathBuf,
     policy: ForkMemoryPolicy,
+    health: Health,
 }
 
 /// A template whose forks are each a worker process holding one VM.
@@ -81,6 +82,22 @@ pub struct IsolatedTemplate {
     pool: Option<ReadyPool<Result<Sandbox, SandboxError>>>,
     spec: std::sync::Arc<Spec>,
     snapshot: Snapshot,
+}
+
+/// Whether the last worker prepared from a template came up.
+#[derive(Default)]
+struct Health(std::sync::atomic::AtomicBool);
+
+impl Health {
+    fn record<T>(&self, prepared: &Result<T, SandboxError>) {
+        // A failure sets it, a success clears it: `Relaxed` is enough for
+        // a flag that orders nothing else.
+        self.0.store(prepared.is_err(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn failing(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl IsolatedTemplate {
@@ -92,12 +109,14 @@ impl IsolatedTemplate {
             command,
             dir: snapshot.dir.clone(),
             policy,
+            health: Health::default(),
         });
         let source = spec.clone();
         let make = move |demand| {
             let started = Instant::now();
             let fork_memory = source.policy.for_fork(demand);
             let prepared = Sandbox::prepare(&source, None, fork_memory);
+            source.health.record(&prepared);
             tracing::debug!(
                 ?demand,
                 fork_memory = fork_memory.name(),
@@ -114,6 +133,13 @@ impl IsolatedTemplate {
         &self.snapshot
     }
 
+    /// Whether the last worker prepared from this template, for the pool or
+    /// for a request, came up: false after a failure (the template's files
+    /// changed under the server, a resource ran out) until one succeeds.
+    pub fn can_fork(&self) -> bool {
+        !self.spec.health.failing()
+    }
+
     /// A new sandbox: a worker process with a new VM, started now.
     pub fn fork(&self) -> Result<Sandbox, SandboxError> {
         // The pool prepares the next worker once this one has started
@@ -122,10 +148,11 @@ impl IsolatedTemplate {
             Some((prepared, refill)) => (prepared?, Some(refill)),
             // Empty pool (or none): prepare one here rather than wait. The
             // request waits for it, hence Behind.
-            None => (
-                Sandbox::prepare(&self.spec, None, self.spec.policy.for_fork(Demand::Behind))?,
-                None,
-            ),
+            None => {
+                let prepared = Sandbox::prepare(&self.spec, None, self.spec.policy.for_fork(Demand::Behind));
+                self.spec.health.record(&prepared);
+                (prepared?, None)
+            }
         };
         sandbox.start()?;
         Ok(sandbox)

@@ -11,6 +11,8 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use serde::{Deserialize, Serialize};
 use tokio::sync::OwnedSemaphorePermit;
 use utoipa::ToSchema;
@@ -68,8 +70,16 @@ impl ExecRequest {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct ExecResponse {
     pub id: String,
+    /// As text: bytes that are not UTF-8 become U+FFFD here, and the exact
+    /// bytes are in `stdout_base64`.
     pub stdout: String,
     pub stderr: String,
+    /// The stream's exact bytes, base64, only where they are not valid
+    /// UTF-8 (binary output, `sys.stdout.buffer`, a `Buffer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout_base64: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr_base64: Option<String>,
     pub exit_code: i32,
     pub fork_time_ms: f64,
     pub exec_time_ms: f64,
@@ -127,10 +137,12 @@ impl AppState {
         let (tx, rx) = tokio::sync::mpsc::channel::<Event>(256);
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let event = |name: &str, text: &[u8]| {
-                Event::default()
-                    .event(name)
-                    .json_data(serde_json::json!({"data": String::from_utf8_lossy(text)}))
+            let event = |name: &str, bytes: &[u8]| {
+                let mut data = serde_json::json!({"data": String::from_utf8_lossy(bytes)});
+                if std::str::from_utf8(bytes).is_err() {
+                    data["data_base64"] = BASE64.encode(bytes).into();
+                }
+                Event::default().event(name).json_data(data)
             };
             let mut on_chunk = |chunk: Chunk| {
                 // A client that went away stops reading; the code still ends

@@ -100,6 +100,8 @@ impl AppState {
             id: random_id(),
             stdout: String::new(),
             stderr: String::new(),
+            stdout_base64: None,
+            stderr_base64: None,
             exit_code: 0,
             fork_time_ms: 0.0,
             exec_time_ms: ran.as_secs_f64() * 1e3,
@@ -110,8 +112,8 @@ impl AppState {
         };
         match result {
             Ok(r) => {
-                response.stdout = String::from_utf8_lossy(&r.stdout).into_owned();
-                response.stderr = String::from_utf8_lossy(&r.stderr).into_owned();
+                (response.stdout, response.stdout_base64) = text_and_bytes(&r.stdout);
+                (response.stderr, response.stderr_base64) = text_and_bytes(&r.stderr);
                 response.exit_code = r.exit_code;
                 response.truncated = r.stdout_truncated || r.stderr_truncated;
                 (Ok(response), true)
@@ -162,5 +164,17 @@ impl AppState {
         }
         self.count(&outcome);
         outcome
+    }
+}
+
+/// A stream as text, and its exact bytes (base64) where they are not UTF-8.
+fn text_and_bytes(bytes: &[u8]) -> (String, Option<String>) {
+    use base64::Engine;
+    match std::str::from_utf8(bytes) {
+        Ok(text) => (text.to_string(), None),
+        Err(_) => (
+            String::from_utf8_lossy(bytes).into_owned(),
+            Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+        ),
     }
 }

@@ -20,12 +20,15 @@ pub struct TemplateHealth {
     pub language: String,
     /// Every `language` value this template serves (`javascript` too for node).
     pub languages: Vec<String>,
+    /// The last VM this template prepared (for its pool or a request)
+    /// came up: it can fork now. False after a failure, until one succeeds.
     pub ready: bool,
     pub memory_mib: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Health {
+    /// `ok`, or `degraded` when a template is not ready.
     pub status: String,
     pub templates: Vec<TemplateHealth>,
     pub live_sandboxes: u64,
@@ -43,12 +46,17 @@ pub(crate) async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
             name: s.name.clone(),
             language: s.runtime.language().to_string(),
             languages: s.runtime.languages.iter().map(|l| l.to_string()).collect(),
-            ready: true,
+            ready: s.template.can_fork(),
             memory_mib: s.memory_mib(),
         })
-        .collect();
+        .collect::<Vec<_>>();
+    let status = if templates.iter().all(|t| t.ready) {
+        "ok"
+    } else {
+        "degraded"
+    };
     Json(Health {
-        status: "ok".into(),
+        status: status.into(),
         templates,
         live_sandboxes: state.metrics.live_sandboxes.get().max(0) as u64 + state.sessions.count() as u64,
         max_concurrent: state.limits.max_concurrent,

@@ -7,6 +7,7 @@
 //! removed its sender is dropped, the thread's loop ends and the VM with it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,6 +30,9 @@ pub struct Session {
     pub parent: Option<String>,
     pub ttl: Duration,
     last_used: Mutex<Instant>,
+    /// Calls under way: a sandbox is never idle during one, however long
+    /// it runs, so its TTL cannot end it mid-call.
+    calls: AtomicUsize,
     jobs: mpsc::Sender<Job>,
 }
 
@@ -52,7 +56,11 @@ impl Session {
         }
     }
 
+    /// Time since the last call ended; zero while one runs.
     fn idle(&self) -> Duration {
+        if self.calls.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
         self.last_used.lock().map_or(Duration::ZERO, |t| t.elapsed())
     }
 
@@ -67,15 +75,33 @@ impl Session {
         &self,
         f: impl FnOnce(&mut Sandbox) -> T + Send + 'static,
     ) -> Result<T, ApiError> {
-        self.touch();
+        let _busy = Busy::start(self);
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |machine| {
             let _ = tx.send(f(machine));
         });
         self.jobs.send(job).map_err(|_| gone(&self.id))?;
-        let result = rx.await.map_err(|_| gone(&self.id));
-        self.touch();
-        result
+        rx.await.map_err(|_| gone(&self.id))
+    }
+}
+
+/// A call under way; the idle clock restarts when it ends, also when the
+/// caller's future is dropped mid-call.
+struct Busy<'a>(&'a Session);
+
+impl<'a> Busy<'a> {
+    fn start(session: &'a Session) -> Self {
+        session.calls.fetch_add(1, Ordering::AcqRel);
+        Self(session)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        // Ordering: the clock first, then the count, so that a reaper that
+        // sees no call under way also sees the new time.
+        self.0.touch();
+        self.0.calls.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -234,6 +260,7 @@ impl Sessions {
             parent,
             ttl,
             last_used: Mutex::new(Instant::now()),
+            calls: AtomicUsize::new(0),
             jobs,
         });
         self.lock()?.insert(id, session.clone());

@@ -95,6 +95,10 @@ pub struct Machine {
     /// booted machine is saved (`None` until then), inherited by forks, whose
     /// guest could have rewritten that table since.
     entropy: Option<Vec<protocol::EntropyRegion>>,
+    /// No request has run since this VM was forked: the next one gets
+    /// fresh user-space generator state. Only that one, so that a seed user
+    /// code sets holds for its later requests.
+    fresh_fork: bool,
     exits: u64,
 }
 
@@ -302,6 +306,7 @@ impl Machine {
             kernel,
             cpu_vendor: cpu_vendor(hv),
             entropy: None,
+            fresh_fork: true,
             exits: 0,
         })
     }
@@ -368,6 +373,7 @@ impl Machine {
             kernel: state.kernel,
             cpu_vendor: state.cpu_vendor.clone(),
             entropy: Some(state.entropy.clone()),
+            fresh_fork: true,
             exits: 0,
         })
     }
@@ -527,17 +533,13 @@ impl Machine {
     pub fn write_snapshot(&self, dir: &Path) -> Result<WrittenSnapshot, MachineError> {
         let state = self.save()?;
         let path = dir.join(snapshot::MEMORY_FILE);
-        let io = snapshot::io_err(&path);
-        let mut file = match std::fs::File::options()
+        let mut file = std::fs::File::options()
             .create(true)
             .truncate(true)
             .read(true)
             .write(true)
             .open(&path)
-        {
-            Ok(file) => file,
-            Err(e) => return Err(io(e).into()),
-        };
+            .map_err(snapshot::io_err(&path))?;
         let memory_bytes = self.ram.write_sparse(&mut file)?;
         // Ordering: the written pages leave the page cache before the
         // checksum reads the file back, so that it is cached in 2 MiB
@@ -624,13 +626,19 @@ impl Machine {
     ) -> Result<Outcome, MachineError> {
         let mailbox_gpa = self.layout.mailbox_gpa;
         let deadline = Instant::now() + timeout;
-        // Fresh seeds for the guest's user-space generators (Python's `random`,
-        // numpy's global state), which were seeded once in the template.
+        // The guest's user-space generators (Python's `random`, numpy's
+        // global state) were seeded once in the template: a fork's first
+        // request gets them fresh, later ones keep whatever state the code
+        // left (a seed it set). The per-request seed is for agents whose
+        // generators user code cannot seed or that do not outlive a request.
         let mut seed = [0u8; protocol::header::REQUEST_SEED_LEN];
         fill_random(&mut seed);
-        self.refresh_entropy()?;
+        let fresh_fork = std::mem::take(&mut self.fresh_fork);
+        if fresh_fork {
+            self.refresh_entropy()?;
+        }
         let mailbox = self.ram.slice_mut(mailbox_gpa, protocol::MAILBOX_SIZE)?;
-        let seq = protocol::write_request(mailbox, request, &seed).map_err(MachineError::Protocol)?;
+        let seq = protocol::write_request(mailbox, request, &seed, fresh_fork).map_err(MachineError::Protocol)?;
         let mut outcome = Outcome::default();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());

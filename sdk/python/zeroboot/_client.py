@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import urllib.error
 import urllib.parse
@@ -32,10 +33,27 @@ class ExecResult:
     fork_time_ms: float
     exec_time_ms: float
     total_time_ms: float
+    #: The exact bytes, base64, only where a stream is not valid UTF-8.
+    stdout_base64: Optional[str] = None
+    stderr_base64: Optional[str] = None
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "ExecResult":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    @property
+    def stdout_bytes(self) -> bytes:
+        """stdout exactly as the code wrote it."""
+        return _exact(self.stdout, self.stdout_base64)
+
+    @property
+    def stderr_bytes(self) -> bytes:
+        """stderr exactly as the code wrote it."""
+        return _exact(self.stderr, self.stderr_base64)
+
+
+def _exact(text: str, b64: Optional[str]) -> bytes:
+    return base64.b64decode(b64) if b64 is not None else text.encode("utf-8")
 
 
 @dataclass

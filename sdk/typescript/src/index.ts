@@ -22,6 +22,9 @@ export interface ExecResult {
   timed_out: boolean;
   truncated: boolean;
   template: string;
+  /** The exact bytes, base64, only where a stream is not valid UTF-8. */
+  stdout_base64?: string;
+  stderr_base64?: string;
 }
 
 export interface SandboxInfo {
