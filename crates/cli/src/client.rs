@@ -193,24 +193,40 @@ fn spinner(message: &str) -> Option<indicatif::ProgressBar> {
     Some(bar)
 }
 
-fn print_stderr(text: &str) {
+/// A stream's bytes as the code wrote them: the `exact` base64 field where
+/// the server sent one (output that is not UTF-8), else the `text` field.
+fn stream_bytes(value: &Value, text: &str, exact: &str) -> Vec<u8> {
+    use base64::Engine;
+    let decoded = value[exact]
+        .as_str()
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
+    decoded.unwrap_or_else(|| value[text].as_str().unwrap_or("").as_bytes().to_vec())
+}
+
+fn print_stdout(bytes: &[u8]) {
+    let mut out = std::io::stdout();
+    let _ = out.write_all(bytes).and_then(|()| out.flush());
+}
+
+/// stderr in red on a terminal, else the bytes as they are.
+fn print_stderr(bytes: &[u8]) {
     if std::io::stderr().is_terminal() {
-        eprint!("{}", style(text).red());
+        eprint!("{}", style(String::from_utf8_lossy(bytes)).red());
     } else {
-        eprint!("{text}");
+        let _ = std::io::stderr().write_all(bytes);
     }
 }
 
 /// Prints a result's output and returns the exit code to leave with.
 fn finish(result: &Value, streamed: bool) -> ExitCode {
+    let stderr = stream_bytes(result, "stderr", "stderr_base64");
     if !streamed {
-        print!("{}", result["stdout"].as_str().unwrap_or(""));
-        let _ = std::io::stdout().flush();
-        print_stderr(result["stderr"].as_str().unwrap_or(""));
+        print_stdout(&stream_bytes(result, "stdout", "stdout_base64"));
+        print_stderr(&stderr);
     }
     if result["timed_out"].as_bool() == Some(true) {
         if streamed {
-            print_stderr(result["stderr"].as_str().unwrap_or(""));
+            print_stderr(&stderr);
         }
         return ExitCode::from(124);
     }
@@ -249,11 +265,8 @@ pub fn exec(args: &ExecArgs, code: String) -> Result<ExitCode> {
         } else if let Some(data) = line.strip_prefix("data:") {
             let value: Value = serde_json::from_str(data.trim_start())?;
             match event.as_str() {
-                "stdout" => {
-                    print!("{}", value["data"].as_str().unwrap_or(""));
-                    let _ = std::io::stdout().flush();
-                }
-                "stderr" => print_stderr(value["data"].as_str().unwrap_or("")),
+                "stdout" => print_stdout(&stream_bytes(&value, "data", "data_base64")),
+                "stderr" => print_stderr(&stream_bytes(&value, "data", "data_base64")),
                 "result" => return Ok(finish(&value, true)),
                 "error" => bail!(
                     "{} ({})",
