@@ -369,22 +369,28 @@ fn a_seed_set_in_one_call_holds_in_the_next_and_forks_still_differ() {
     );
 }
 
+/// A cache of its own (`ZEROBOOT_CACHE`) holding a copy of the python
+/// template, for a server whose files a test changes.
+fn cache_with_a_copy_of_the_template(tag: &str) -> std::path::PathBuf {
+    let cache = std::env::temp_dir().join(format!("zeroboot-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    std::fs::create_dir_all(cache.join("templates")).unwrap();
+    let cp = std::process::Command::new("cp")
+        .args(["-a", "--sparse=always"])
+        .arg(zeroboot_e2e::template_dir())
+        .arg(cache.join("templates/python"))
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    cache
+}
+
 /// `/v1/health` says whether each template can fork now: a template whose
 /// files go away under the server turns `ready: false` (and the status
 /// `degraded`) once a worker fails to come up from it.
 #[test]
 fn health_reports_a_template_that_can_no_longer_fork() {
-    let real = zeroboot_e2e::template_dir();
-    let cache = std::env::temp_dir().join(format!("zeroboot-health-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&cache);
-    std::fs::create_dir_all(cache.join("templates")).unwrap();
-    let cp = std::process::Command::new("cp")
-        .args(["-a", "--sparse=always"])
-        .arg(&real)
-        .arg(cache.join("templates/python"))
-        .status()
-        .unwrap();
-    assert!(cp.success());
+    let cache = cache_with_a_copy_of_the_template("health");
     let mut command = std::process::Command::new(zeroboot_e2e::zeroboot_bin());
     command
         .args(["serve", "--listen", "127.0.0.1:0", "--pool", "1"])
@@ -595,17 +601,7 @@ fn the_server_runs_as_an_unprivileged_user_from_a_read_only_cache() {
         "/dev/kvm must be read-write for group kvm, as on a standard Debian host: run scripts/install-deps.sh"
     );
     // A cache that only root may write, holding a copy of the template.
-    let real = zeroboot_e2e::template_dir();
-    let cache = std::env::temp_dir().join(format!("zeroboot-nonroot-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&cache);
-    std::fs::create_dir_all(cache.join("templates")).unwrap();
-    let cp = std::process::Command::new("cp")
-        .args(["-a", "--sparse=always"])
-        .arg(&real)
-        .arg(cache.join("templates/python"))
-        .status()
-        .unwrap();
-    assert!(cp.success());
+    let cache = cache_with_a_copy_of_the_template("nonroot");
     let chmod = std::process::Command::new("chmod")
         .args(["-R", "a+rX,go-w"])
         .arg(&cache)
