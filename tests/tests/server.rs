@@ -543,6 +543,24 @@ fn per_key_sandbox_count_and_memory_are_capped() {
     );
 }
 
+/// The cap holds under concurrency: calls that check it at the same time,
+/// before any of their sandboxes exists, cannot all get one.
+#[test]
+fn concurrent_creates_cannot_exceed_the_per_key_cap() {
+    let server = Server::start(&["--max-sandboxes-per-key", "2"]);
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..6)
+            .map(|_| s.spawn(|| server.call("POST", "/v1/sandboxes", Some("{}"), None).status))
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let created = statuses.iter().filter(|&&s| s == 201).count();
+    assert_eq!(created, 2, "{statuses:?}");
+    assert!(statuses.iter().all(|&s| s == 201 || s == 429), "{statuses:?}");
+    let list = server.call("GET", "/v1/sandboxes", None, None).json();
+    assert_eq!(list["sandboxes"].as_array().unwrap().len(), 2, "{list}");
+}
+
 #[test]
 fn a_server_killed_under_load_leaves_no_sandbox_and_restarts_clean() {
     let mut server = Server::start(&[]);

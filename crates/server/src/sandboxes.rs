@@ -95,7 +95,8 @@ pub(crate) async fn create_sandbox(
             ))
         }
     };
-    state.sessions.reserve(caller, 1, served.memory_mib())?;
+    // Held until the sandbox is registered (or failed to start).
+    let _reserved = state.sessions.reserve(caller, 1, served.memory_mib())?;
     let session = state
         .sessions
         .start(served, caller, None, ttl, |served| served.template.fork())
@@ -191,7 +192,7 @@ pub(crate) async fn fork_sandbox(
         ));
     }
     let parent = state.sessions.get(&id, caller)?;
-    state.sessions.reserve(caller, req.count, parent.served.memory_mib())?;
+    let _reserved = state.sessions.reserve(caller, req.count, parent.served.memory_mib())?;
     let started = Instant::now();
     let live = parent
         .call(|machine| machine.snapshot_live())
@@ -210,8 +211,18 @@ pub(crate) async fn fork_sandbox(
                 parent.ttl,
                 move |served| served.template.fork_live(&live),
             )
-            .await?;
-        sandboxes.push(child.info());
+            .await;
+        match child {
+            Ok(child) => sandboxes.push(child.info()),
+            Err(e) => {
+                // All or nothing: the caller gets an error, so no child of
+                // this call may stay behind, holding its quota until its TTL.
+                for made in &sandboxes {
+                    state.sessions.forget(&made.id);
+                }
+                return Err(e);
+            }
+        }
     }
     Ok((
         StatusCode::CREATED,

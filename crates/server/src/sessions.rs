@@ -115,6 +115,11 @@ fn gone(id: &str) -> ApiError {
 
 pub struct Sessions {
     map: Mutex<HashMap<String, Arc<Session>>>,
+    /// Per caller, sandboxes reserved but not registered yet, and their
+    /// guest MiB: counted like registered ones, so that concurrent calls
+    /// cannot all pass the check before any of them registers. Lock order:
+    /// `map`, then `pending`.
+    pending: Mutex<HashMap<Caller, (usize, u64)>>,
     pub max_per_caller: usize,
     /// Guest memory (MiB of guest RAM) a caller's sandboxes may hold.
     pub max_mib_per_caller: u64,
@@ -126,6 +131,7 @@ impl Sessions {
     pub fn new(max_per_caller: usize, max_mib_per_caller: u64, default_ttl: Duration, max_ttl: Duration) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
             max_per_caller,
             max_mib_per_caller,
             default_ttl,
@@ -185,12 +191,18 @@ impl Sessions {
     }
 
     /// Checks that `caller` may start `more` sandboxes of `mib` MiB of
-    /// guest RAM each.
-    pub fn reserve(&self, caller: Caller, more: usize, mib: u64) -> Result<(), ApiError> {
+    /// guest RAM each, and holds them for it until the returned
+    /// reservation is dropped (once they are registered, or failed).
+    pub fn reserve(&self, caller: Caller, more: usize, mib: u64) -> Result<Reservation<'_>, ApiError> {
         let map = self.lock()?;
+        let mut pending = self
+            .pending
+            .lock()
+            .map_err(|_| ApiError::internal("sessions lock poisoned"))?;
+        let (held, held_mib) = pending.get(&caller).copied().unwrap_or((0, 0));
         let mine: Vec<&Arc<Session>> = map.values().filter(|s| s.owner == caller).collect();
-        let have = mine.len();
-        let have_mib: u64 = mine.iter().map(|s| s.served.memory_mib()).sum();
+        let have = mine.len() + held;
+        let have_mib: u64 = mine.iter().map(|s| s.served.memory_mib()).sum::<u64>() + held_mib;
         let want_mib = have_mib + more as u64 * mib;
         if want_mib > self.max_mib_per_caller {
             return Err(ApiError::new(
@@ -213,7 +225,15 @@ impl Sessions {
                 ),
             ));
         }
-        Ok(())
+        let entry = pending.entry(caller).or_insert((0, 0));
+        entry.0 += more;
+        entry.1 += more as u64 * mib;
+        Ok(Reservation {
+            sessions: self,
+            caller,
+            count: more,
+            mib: more as u64 * mib,
+        })
     }
 
     /// Starts a sandbox whose VM `make` creates on the sandbox's own thread,
@@ -275,5 +295,27 @@ impl Sessions {
         let before = map.len();
         map.retain(|_, s| s.idle() <= s.ttl);
         before - map.len()
+    }
+}
+
+/// Sandboxes [`Sessions::reserve`] holds for a caller; released on drop.
+pub struct Reservation<'a> {
+    sessions: &'a Sessions,
+    caller: Caller,
+    count: usize,
+    mib: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut pending) = self.sessions.pending.lock() {
+            if let Some(entry) = pending.get_mut(&self.caller) {
+                entry.0 = entry.0.saturating_sub(self.count);
+                entry.1 = entry.1.saturating_sub(self.mib);
+                if entry.0 == 0 {
+                    pending.remove(&self.caller);
+                }
+            }
+        }
     }
 }
