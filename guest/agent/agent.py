@@ -419,14 +419,16 @@ class CappedText(io.TextIOBase):
 
 class Streamer:
     """In stream mode, sends what was written when a line completes, at most
-    once per STREAM_INTERVAL (each send is a VM exit)."""
+    once per STREAM_INTERVAL (each send is a VM exit). The first line goes
+    at once: code that prints a line and then blocks (a sleep, a download)
+    must not keep it back."""
 
     STREAM_INTERVAL = 0.005
 
     def __init__(self, responder):
         self.responder = responder
         self.out = self.err = None
-        self.last = time.monotonic()
+        self.last = float("-inf")
 
     def on_line(self):
         now = time.monotonic()

@@ -651,6 +651,33 @@ fn a_live_sandbox_forks_children_that_start_from_its_state() {
     assert_eq!(run(&mut parent, "print(x)").stdout, b"0\n");
 }
 
+/// A line printed just before the code blocks is not held back for the
+/// rate limit until the next write: it reaches the host at once.
+#[test]
+fn a_first_streamed_line_is_not_held_while_the_code_blocks() {
+    let mut m = fork();
+    let started = std::time::Instant::now();
+    let mut first: Option<Duration> = None;
+    let request = Request {
+        stream: true,
+        ..Request::new("print('a', flush=True)\nimport time\ntime.sleep(1.5)\nprint('b')", "")
+    };
+    let r = m
+        .exec_streaming(&request, TIMEOUT, &mut |chunk| {
+            if first.is_none() && chunk.stdout.starts_with(b"a") {
+                first = Some(started.elapsed());
+            }
+        })
+        .unwrap();
+    let total = started.elapsed();
+    assert_eq!(r.stdout, b"a\nb\n");
+    let first = first.expect("a chunk with the first line");
+    assert!(
+        first + Duration::from_millis(1000) < total,
+        "the first line came at {first:?}, the run took {total:?}"
+    );
+}
+
 #[test]
 fn streamed_output_arrives_while_the_code_runs() {
     let mut m = fork();
