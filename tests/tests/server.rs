@@ -150,6 +150,13 @@ fn a_crashing_sandbox_is_a_clear_error() {
     assert_eq!(reply.json()["stdout"], "5\n");
 }
 
+/// Creates a session with `body` (JSON) and returns its id.
+fn create_sandbox(server: &Server, body: &str) -> String {
+    let reply = server.call("POST", "/v1/sandboxes", Some(body), None);
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    reply.json()["id"].as_str().unwrap().to_string()
+}
+
 fn exec_in(server: &Server, id: &str, code: &str) -> Value {
     let reply = server.call(
         "POST",
@@ -244,12 +251,7 @@ fn sandboxes_keep_state_move_files_and_fork_from_where_they_are() {
 #[test]
 fn a_sandbox_that_times_out_is_ended_and_idle_ones_expire() {
     let server = Server::start(&[]);
-    let id = server
-        .call("POST", "/v1/sandboxes", Some(r#"{"ttl_seconds": 2}"#), None)
-        .json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = create_sandbox(&server, r#"{"ttl_seconds": 2}"#);
     let reply = server.call(
         "POST",
         &format!("/v1/sandboxes/{id}/exec"),
@@ -260,12 +262,7 @@ fn a_sandbox_that_times_out_is_ended_and_idle_ones_expire() {
     let reply = server.call("GET", &format!("/v1/sandboxes/{id}"), None, None);
     assert_eq!(reply.status, 404, "a timed-out sandbox cannot serve again");
     // Idle past its TTL: removed by the reaper.
-    let id = server
-        .call("POST", "/v1/sandboxes", Some(r#"{"ttl_seconds": 1}"#), None)
-        .json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = create_sandbox(&server, r#"{"ttl_seconds": 1}"#);
     assert_eq!(
         server.call("GET", &format!("/v1/sandboxes/{id}"), None, None).status,
         200
@@ -313,12 +310,7 @@ fn bytes_that_are_not_utf8_come_back_exactly() {
 #[test]
 fn a_call_longer_than_the_ttl_is_not_cut_and_the_sandbox_stays() {
     let server = Server::start(&[]);
-    let id = server
-        .call("POST", "/v1/sandboxes", Some(r#"{"ttl_seconds": 1}"#), None)
-        .json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = create_sandbox(&server, r#"{"ttl_seconds": 1}"#);
     // The reaper runs every second: it sees this call three times or more.
     let reply = exec_in(&server, &id, "import time; time.sleep(3.5); print('slept')");
     assert_eq!(reply["stdout"], "slept\n", "{reply}");
@@ -330,10 +322,7 @@ fn a_call_longer_than_the_ttl_is_not_cut_and_the_sandbox_stays() {
 #[test]
 fn a_seed_set_in_one_call_holds_in_the_next_and_forks_still_differ() {
     let server = Server::start(&[]);
-    let id = server.call("POST", "/v1/sandboxes", Some("{}"), None).json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = create_sandbox(&server, "{}");
     exec_in(
         &server,
         &id,
