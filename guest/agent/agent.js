@@ -76,6 +76,9 @@ function reseed(seed) {
 }
 
 // --- output capture -----------------------------------------------------------
+const STREAM_INTERVAL_MS = 5;
+const STREAM_PROMPT_MS = 20;
+
 class Capture {
   constructor(limit, onLine) {
     this.pending = [];
@@ -84,22 +87,93 @@ class Capture {
     this.onLine = onLine;
   }
   write(chunk, encoding) {
-    let b = Buffer.isBuffer(chunk) || chunk instanceof Uint8Array
+    // What child processes wrote before this comes before it.
+    if (children.active) children.collect();
+    const b = Buffer.isBuffer(chunk) || chunk instanceof Uint8Array
       ? Buffer.from(chunk)
       : Buffer.from(String(chunk), typeof encoding === 'string' ? encoding : 'utf8');
+    this.keep(b);
+    if (this.onLine && b.includes(10)) this.onLine();
+  }
+  keep(b) {
     if (b.length > this.room) {
       b = b.subarray(0, this.room);
       this.truncated = true;
     }
     this.room -= b.length;
     if (b.length) this.pending.push(b);
-    if (this.onLine && b.includes(10)) this.onLine();
   }
   take() {
     const b = Buffer.concat(this.pending);
     this.pending = [];
     return b;
   }
+}
+
+// --- child processes ------------------------------------------------------------
+// The console is fds 1 and 2, and it drops what a child writes to it; so
+// when code first starts a child (any child_process function), fds 1 and 2
+// become files (zb_capture_child_output in native/guest.h), and from then on
+// this sandbox reads them into the request's captures: before each write of
+// the code's own, while the agent waits for the code's work, and at the end
+// of each request. A request that starts no child, in a sandbox that never
+// started one, pays for none of it.
+const fs = require('fs');
+const children = {
+  active: false,
+  fds: null,
+  at: [0, 0],
+  buffer: null,
+  spawning() {
+    if (!this.active) {
+      try {
+        this.fds = native.captureChildOutput();
+      } catch {
+        return; // children write to the console, as before
+      }
+      this.buffer = Buffer.alloc(1 << 16);
+      this.active = true;
+    }
+    if (current && current.pump) current.pump();
+  },
+  // Moves what children wrote since the last call into the captures.
+  collect() {
+    for (let i = 0; i < 2; i++) {
+      const capture = current && current[i ? 'err' : 'out'];
+      let lines = false;
+      for (;;) {
+        const n = fs.readSync(this.fds[i], this.buffer, 0, this.buffer.length, this.at[i]);
+        if (!n) break;
+        this.at[i] += n;
+        if (!capture) continue;
+        const b = Buffer.from(this.buffer.subarray(0, n));
+        capture.keep(b);
+        lines ||= b.includes(10);
+      }
+      if (lines && capture.onLine) capture.onLine();
+    }
+  },
+  // Collects the rest and empties the files; a child still running goes on
+  // writing at their new end.
+  endRequest() {
+    this.collect();
+    for (let i = 0; i < 2; i++) {
+      fs.ftruncateSync(this.fds[i], 0);
+      this.at[i] = 0;
+    }
+  },
+};
+
+function captureChildProcesses() {
+  const childProcess = require('child_process');
+  const wrap = (fn) => function (...args) {
+    children.spawning();
+    return fn.apply(this, args);
+  };
+  // Every asynchronous way (spawn, exec, execFile, fork) spawns through the
+  // prototype; the synchronous ones do not.
+  childProcess.ChildProcess.prototype.spawn = wrap(childProcess.ChildProcess.prototype.spawn);
+  for (const name of ['spawnSync', 'execSync', 'execFileSync']) childProcess[name] = wrap(childProcess[name]);
 }
 
 class Responder {
@@ -262,6 +336,7 @@ async function runCode(code) {
   for (let turn = 0; current.readsStdin && turn < 3; turn++) await new Promise((resolve) => setImmediate(resolve));
   while (current.exit === undefined && userWorkPending()) {
     await new Promise((resolve) => setTimeout(resolve, 2));
+    if (children.active) children.collect();
   }
   if (current.exit !== undefined) return exitCodeOf(current.exit);
   if (current.failed) return 1;
@@ -275,37 +350,116 @@ async function handleRequest(mailbox, doorbell) {
   const stdinLen = view.getUint32(H.STDIN_LEN, true);
   const limit = Math.min(view.getUint32(H.OUTPUT_LIMIT, true), MAX_OUTPUT_LIMIT);
   const stream = view.getUint32(H.REQUEST_FLAGS, true) & REQUEST_STREAM;
+  const contextLen = view.getUint32(H.CONTEXT_LEN, true);
   const responder = new Responder(mailbox, doorbell, seq, limit);
   let exitCode;
-  let lastSend = 0;
+  // In stream mode, what was written goes out when a line completes, at
+  // most once per STREAM_INTERVAL_MS (each send is a VM exit). What that
+  // holds back, and what children write, an unreferenced timer (which keeps
+  // no request waiting) sends within STREAM_PROMPT_MS while the code waits
+  // on the event loop. The first line goes at once.
+  let lastSend = -Infinity;
+  let pumping = null;
+  const sendNow = () => {
+    lastSend = performance.now();
+    responder.send(request.out.take(), request.err.take());
+  };
+  const pump = () => {
+    if (pumping || request !== current) return;
+    pumping = setInterval(() => {
+      if (request !== current) return;
+      if (children.active) children.collect();
+      if (request.out.pending.length || request.err.pending.length) sendNow();
+    }, STREAM_PROMPT_MS);
+    pumping.unref();
+  };
   const onLine = stream
     ? () => {
-        const now = performance.now();
-        if (now - lastSend >= 5) {
-          lastSend = now;
-          responder.send(current.out.take(), current.err.take());
-        }
+        if (performance.now() - lastSend >= STREAM_INTERVAL_MS) sendNow();
+        else pump();
       }
     : null;
-  current = { out: new Capture(limit, onLine), err: new Capture(limit, onLine), exit: undefined, failed: false };
+  const request = {
+    out: new Capture(limit, onLine),
+    err: new Capture(limit, onLine),
+    exit: undefined,
+    failed: false,
+    pump: stream ? pump : null,
+  };
+  current = request;
   process.exitCode = undefined;
+  let context = null;
   try {
     reseed(Buffer.from(mailbox.subarray(H.REQUEST_SEED, H.REQUEST_SEED + REQUEST_SEED_LEN)));
-    if (REQUEST_OFFSET + codeLen + stdinLen > RESPONSE_OFFSET) throw new Error('request larger than the mailbox');
+    if (REQUEST_OFFSET + codeLen + stdinLen + contextLen > RESPONSE_OFFSET) {
+      throw new Error('request larger than the mailbox');
+    }
     const code = Buffer.from(mailbox.subarray(REQUEST_OFFSET, REQUEST_OFFSET + codeLen)).toString('utf8');
     stdinText = Buffer.from(mailbox.subarray(REQUEST_OFFSET + codeLen, REQUEST_OFFSET + codeLen + stdinLen));
-    exitCode = await runCode(code);
+    if (contextLen) {
+      const at = REQUEST_OFFSET + codeLen + stdinLen;
+      context = new RequestContext(Buffer.from(mailbox.subarray(at, at + contextLen)));
+    }
+    exitCode = context && !context.enter(current.err) ? 1 : await runCode(code);
   } catch (e) {
     // The agent must survive anything.
     current.err.write(`zeroboot agent error: ${describe(e)}`);
     exitCode = 1;
   }
+  if (context) context.leave();
+  if (pumping) clearInterval(pumping);
+  if (children.active) children.endRequest();
   if (current.out.truncated) responder.flags |= FLAG_STDOUT_TRUNCATED;
   if (current.err.truncated) responder.flags |= FLAG_STDERR_TRUNCATED;
   const out = current.out.take();
   const err = current.err.take();
   current = null;
   responder.send(out, err, exitCode, true);
+}
+
+// A request's working directory and environment (see H.CONTEXT_LEN), over
+// the sandbox's own for the length of the request.
+class RequestContext {
+  constructor(raw) {
+    const records = raw.toString('utf8').split('\0');
+    this.cwd = records[0];
+    this.env = records.slice(1, -1).map((record) => {
+      const at = record.indexOf('=');
+      return [record.slice(0, at), record.slice(at + 1)];
+    });
+    this.savedEnv = new Map();
+    this.savedCwd = null;
+  }
+  // Returns false, with the reason on `err`, if the code cannot run.
+  enter(err) {
+    for (const [name, value] of this.env) {
+      if (!this.savedEnv.has(name)) this.savedEnv.set(name, process.env[name]);
+      process.env[name] = value;
+    }
+    if (this.cwd) {
+      try {
+        this.savedCwd = process.cwd();
+        process.chdir(this.cwd);
+      } catch (e) {
+        err.write(`zeroboot: cwd ${this.cwd}: ${e.code === 'ENOENT' ? 'No such file or directory' : e.message}\n`);
+        return false;
+      }
+    }
+    return true;
+  }
+  leave() {
+    for (const [name, value] of this.savedEnv) {
+      if (value === undefined) delete process.env[name];
+      else process.env[name] = value;
+    }
+    if (this.savedCwd !== null) {
+      try {
+        process.chdir(this.savedCwd);
+      } catch {
+        // gone meanwhile: stay where the code left us
+      }
+    }
+  }
 }
 
 // The request's stdin. fd 0 is the console, so the agent serves it to the
@@ -404,6 +558,7 @@ async function main() {
   log('entropy seeded');
   const config = applyConfig();
   installGlobals();
+  captureChildProcesses();
   for (const name of [...PRELOADED, ...(config.preload || [])]) require(name);
   if (config.warmup) {
     // The spec's own warm-up, in a function of its own (its declarations

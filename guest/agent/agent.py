@@ -36,6 +36,7 @@ try:
         FLAG_STDOUT_TRUNCATED,
         H_BOOT_SEED,
         H_CODE_LEN,
+        H_CONTEXT_LEN,
         H_ENTROPY_COUNT,
         H_ENTROPY_TABLE,
         H_EXIT_CODE,
@@ -104,6 +105,7 @@ def native_library():
         NATIVE = ctypes.CDLL("/zeroboot/zeroboot_python.so", use_errno=True)
         NATIVE.zeroboot_map_physical.restype = ctypes.c_void_p
         NATIVE.zeroboot_map_physical.argtypes = [ctypes.c_uint64, ctypes.c_size_t]
+        NATIVE.zeroboot_capture_child_output.argtypes = [ctypes.POINTER(ctypes.c_int)]
     return NATIVE
 
 
@@ -354,28 +356,52 @@ class CappedBytes(io.RawIOBase):
     """Captured stdout or stderr, as bytes: what `sys.stdout.buffer` is.
     Keeps the first `limit` bytes and drops the rest, so code that prints
     without end fills neither the guest's memory nor the mailbox. `on_line`
-    runs when a write completes a line (streaming)."""
+    runs when a write completes a line or code flushes (streaming)."""
 
-    def __init__(self, limit, on_line=None):
+    def __init__(self, limit, on_line=None, lock=None):
         super().__init__()
         self.pending = []
         self.room = limit
         self.truncated = False
         self.on_line = on_line
+        # The streamer's, shared with its flusher thread; None otherwise.
+        self.lock = lock
 
     def writable(self):
         return True
 
     def write(self, b):
+        if self.lock is None:
+            return self.write_locked(b)
+        with self.lock:
+            return self.write_locked(b)
+
+    def write_locked(self, b):
+        # What child processes wrote before this comes before it.
+        if CHILDREN.active:
+            CHILDREN.collect()
         n = len(b)
-        if n > self.room:
+        self.keep(b)
+        if self.on_line is not None and b"\n" in b:
+            self.on_line()
+        return n
+
+    def keep(self, b):
+        if len(b) > self.room:
             b = b[: self.room]
             self.truncated = True
         self.room -= len(b)
         self.pending.append(bytes(b))
-        if self.on_line is not None and b"\n" in b:
+
+    def flush(self):
+        if self.on_line is not None and self.pending:
             self.on_line()
-        return n
+
+    def close(self):
+        # io's finalizer closes, and close flushes: a capture collected
+        # after its request must not stream.
+        self.on_line = None
+        super().close()
 
     def take(self):
         """The bytes written since the last take."""
@@ -393,9 +419,9 @@ class CappedText(io.TextIOBase):
     encoding = "utf-8"
     errors = "surrogateescape"
 
-    def __init__(self, limit, on_line=None):
+    def __init__(self, limit, on_line=None, lock=None):
         super().__init__()
-        self.buffer = CappedBytes(limit, on_line)
+        self.buffer = CappedBytes(limit, on_line, lock)
 
     def writable(self):
         return True
@@ -408,6 +434,9 @@ class CappedText(io.TextIOBase):
         self.buffer.write(data)
         return len(s)
 
+    def flush(self):
+        self.buffer.flush()
+
     @property
     def truncated(self):
         return self.buffer.truncated
@@ -418,23 +447,211 @@ class CappedText(io.TextIOBase):
 
 
 class Streamer:
-    """In stream mode, sends what was written when a line completes, at most
-    once per STREAM_INTERVAL (each send is a VM exit). The first line goes
-    at once: code that prints a line and then blocks (a sleep, a download)
-    must not keep it back."""
+    """In stream mode, sends what was written when a line completes or code
+    flushes, at most once per INTERVAL (each send is a VM exit). What that
+    holds back, and what child processes write, a flusher thread sends
+    within PROMPT, even while the code blocks (a sleep, a child, I/O). The
+    first line goes at once, and the thread starts only when something is
+    held back or a child starts, so a request that prints one line pays for
+    neither."""
 
-    STREAM_INTERVAL = 0.005
+    INTERVAL = 0.005
+    PROMPT = 0.02
 
     def __init__(self, responder):
+        import threading
+
         self.responder = responder
         self.out = self.err = None
         self.last = float("-inf")
+        # The main thread and the flusher both take the captures and ring
+        # the doorbell; one at a time.
+        self.lock = threading.RLock()
+        self.flusher = None
+        self.stop = None
+        self.finished = False
 
     def on_line(self):
-        now = time.monotonic()
-        if now - self.last >= self.STREAM_INTERVAL:
-            self.last = now
-            self.responder.send(self.out.take(), self.err.take())
+        with self.lock:
+            if self.finished:
+                return
+            now = time.monotonic()
+            if now - self.last >= self.INTERVAL:
+                self.send(now)
+            else:
+                self.start_flusher()
+
+    def send(self, now):
+        self.last = now
+        self.responder.send(self.out.take(), self.err.take())
+
+    def start_flusher(self):
+        if self.finished or self.flusher is not None:
+            return
+        import threading
+
+        self.stop = threading.Event()
+        self.flusher = threading.Thread(target=self.flush_until_stopped, name="zeroboot-flusher", daemon=True)
+        self.flusher.start()
+
+    def flush_until_stopped(self):
+        while not self.stop.wait(self.PROMPT):
+            with self.lock:
+                if CHILDREN.active:
+                    CHILDREN.collect()
+                if self.out.buffer.pending or self.err.buffer.pending:
+                    self.send(time.monotonic())
+
+    def stop_flusher(self):
+        if self.flusher is not None:
+            self.stop.set()
+            self.flusher.join()
+            self.flusher = None
+
+    def finish(self):
+        """Stops the flusher; the final chunk follows from the main thread."""
+        with self.lock:
+            self.finished = True
+        self.stop_flusher()
+
+
+class ChildOutput:
+    """The output of child processes. The console is the agent's stdout and
+    stderr, and it drops what a child writes to it; so when code first
+    starts a child (`subprocess`, `os.system`, `os.posix_spawn`, `os.fork`),
+    fds 1 and 2 become files (zb_capture_child_output in native/guest.h),
+    and from then on this sandbox reads them into the request's captures:
+    before each write of the code's own, from the flusher while streaming,
+    and at the end of each request. A request that starts no child in a
+    sandbox that never started one pays for none of it."""
+
+    def __init__(self):
+        self.active = False
+        self.fds = None
+        self.at = [0, 0]
+        self.out = self.err = None
+        self.streamer = None
+
+    def capture(self):
+        if not self.active:
+            import ctypes
+
+            fds = (ctypes.c_int * 2)(-1, -1)
+            if NATIVE.zeroboot_capture_child_output(fds) != 0:
+                # Children write to the console, as before.
+                return
+            self.fds = tuple(fds)
+            self.active = True
+
+    def spawning(self):
+        self.capture()
+        if self.active and self.streamer is not None:
+            self.streamer.start_flusher()
+
+    def before_fork(self):
+        self.capture()
+        # os.fork copies only the calling thread, and Python warns when
+        # there are others, also after the fork in the parent: the flusher
+        # starts again with the next held line or child.
+        if self.streamer is not None:
+            self.streamer.stop_flusher()
+
+    def collect(self):
+        """Moves what children wrote since the last call into the captures."""
+        for i, capture in enumerate((self.out, self.err)):
+            while True:
+                data = os.pread(self.fds[i], 1 << 20, self.at[i])
+                if not data:
+                    break
+                self.at[i] += len(data)
+                if capture is not None:
+                    capture.buffer.keep(data)
+
+    def end_request(self):
+        """Collects the rest and empties the files; a child still running
+        goes on writing at their new end."""
+        self.collect()
+        self.out = self.err = self.streamer = None
+        for i in (0, 1):
+            os.ftruncate(self.fds[i], 0)
+            self.at[i] = 0
+
+
+CHILDREN = ChildOutput()
+
+
+def capture_child_processes():
+    """Makes every way Python starts a process capture its output first
+    (see ChildOutput), and makes a forked copy of the agent write to the
+    files, not to the captures it would lose, and exit at the end of the
+    request's code instead of serving requests of its own."""
+    import subprocess
+
+    def wrap(function):
+        def spawning(*args, **kwargs):
+            CHILDREN.spawning()
+            return function(*args, **kwargs)
+
+        spawning.__name__ = function.__name__
+        spawning.__qualname__ = function.__qualname__
+        spawning.__doc__ = function.__doc__
+        return spawning
+
+    subprocess.Popen._execute_child = wrap(subprocess.Popen._execute_child)
+    for name in ("system", "posix_spawn", "posix_spawnp"):
+        setattr(os, name, wrap(getattr(os, name)))
+    os.register_at_fork(before=CHILDREN.before_fork, after_in_child=became_forked_child)
+
+
+FORKED_CHILD = False
+
+
+def became_forked_child():
+    global FORKED_CHILD
+    FORKED_CHILD = True
+    for name in ("stdout", "stderr"):
+        if isinstance(getattr(sys, name), CappedText):
+            fd = 1 if name == "stdout" else 2
+            setattr(sys, name, open(fd, "w", buffering=1, encoding="utf-8", errors="surrogateescape", closefd=False))
+
+
+class RequestContext:
+    """A request's working directory and environment (see H_CONTEXT_LEN),
+    over the sandbox's own for the length of the request."""
+
+    def __init__(self, raw):
+        records = raw.split(b"\0")
+        self.cwd = records[0]
+        self.env = [record.partition(b"=") for record in records[1:-1]]
+        self.saved_env = {}
+        self.saved_cwd = None
+
+    def enter(self, err):
+        """Returns False, with the reason on `err`, if the code cannot run."""
+        for name, _, value in self.env:
+            name = os.fsdecode(name)
+            self.saved_env.setdefault(name, os.environ.get(name))
+            os.environ[name] = os.fsdecode(value)
+        if self.cwd:
+            try:
+                self.saved_cwd = os.getcwd()
+                os.chdir(self.cwd)
+            except OSError as e:
+                err.write(f"zeroboot: cwd {os.fsdecode(self.cwd)}: {e.strerror}\n")
+                return False
+        return True
+
+    def leave(self):
+        for name, value in self.saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if self.saved_cwd is not None:
+            try:
+                os.chdir(self.saved_cwd)
+            except OSError:
+                pass
 
 
 def fresh_namespace():
@@ -466,11 +683,18 @@ def run_code(code, stdin, out, err, namespace):
         traceback.print_exc()
         exit_code = 1
     finally:
-        try:
-            sys.stdout.flush()
-        except Exception:
-            pass
+        # Code may have put a stream of its own in place; ours needs no
+        # flush here, the final chunk carries what it holds.
+        if sys.stdout is not out:
+            try:
+                sys.stdout.flush()
+            except Exception:
+                pass
         sys.stdin, sys.stdout, sys.stderr = saved
+    if FORKED_CHILD:
+        # A copy of the agent forked by the code ends where `python3 -c`
+        # would end, and never touches the mailbox.
+        os._exit(exit_code & 0xFF)
     return exit_code
 
 
@@ -592,27 +816,45 @@ def handle_request(mailbox, doorbell, namespace):
     stdin_len = U32.unpack_from(mailbox, H_STDIN_LEN)[0]
     limit = min(U32.unpack_from(mailbox, H_OUTPUT_LIMIT)[0], MAX_OUTPUT_LIMIT)
     flags = U32.unpack_from(mailbox, H_REQUEST_FLAGS)[0]
+    context_len = U32.unpack_from(mailbox, H_CONTEXT_LEN)[0]
+    context = None
     stream = flags & REQUEST_STREAM
     responder = Responder(mailbox, doorbell, seq, limit)
     streamer = Streamer(responder) if stream else None
     on_line = streamer.on_line if streamer else None
-    out, err = CappedText(limit, on_line), CappedText(limit, on_line)
+    lock = streamer.lock if streamer else None
+    out, err = CappedText(limit, on_line, lock), CappedText(limit, on_line, lock)
     if streamer:
         streamer.out, streamer.err = out, err
+    CHILDREN.out, CHILDREN.err, CHILDREN.streamer = out, err, streamer
     try:
         # Only a fork's first request: a seed the code sets holds after it.
         if not HOST_RESEEDS and flags & REQUEST_FRESH_FORK:
             reseed_user_space(bytes(mailbox[H_REQUEST_SEED : H_REQUEST_SEED + REQUEST_SEED_LEN]))
-        if REQUEST_OFFSET + code_len + stdin_len > RESPONSE_OFFSET:
+        if REQUEST_OFFSET + code_len + stdin_len + context_len > RESPONSE_OFFSET:
             raise ValueError("request larger than the mailbox")
         code = bytes(mailbox[REQUEST_OFFSET : REQUEST_OFFSET + code_len]).decode("utf-8", "replace")
         stdin_at = REQUEST_OFFSET + code_len
         stdin = bytes(mailbox[stdin_at : stdin_at + stdin_len]).decode("utf-8", "replace")
-        exit_code = run_code(code, stdin, out, err, namespace)
+        if context_len:
+            context_at = stdin_at + stdin_len
+            context = RequestContext(bytes(mailbox[context_at : context_at + context_len]))
+        if context is not None and not context.enter(err):
+            exit_code = 1
+        else:
+            exit_code = run_code(code, stdin, out, err, namespace)
     except BaseException as e:  # the agent must survive anything
         exit_code = 1
         err.write(f"zeroboot agent error: {e!r}\n")
+    if context is not None:
+        context.leave()
     exit_code = max(-(2**31), min(2**31 - 1, exit_code))
+    # After the flusher stops, nothing but this thread sends; what children
+    # wrote comes before the final chunk.
+    if streamer:
+        streamer.finish()
+    if CHILDREN.active:
+        CHILDREN.end_request()
     if out.truncated:
         responder.flags |= FLAG_STDOUT_TRUNCATED
     if err.truncated:
@@ -644,7 +886,9 @@ def main():
     warm_up(config)
     log("numpy, stdlib and preloads warmed up")
     prefault_heap(libc)
+    capture_child_processes()
     rehearse_exec_path()
+    log("exec path rehearsed")
     gc.collect()
     gc.freeze()
     # After the rehearsal and the collection: what is alive now is the
@@ -667,7 +911,8 @@ if __name__ == "__main__":
     except BaseException:
         import traceback
 
-        traceback.print_exc()
-        sys.stdout.flush()
+        # fds 1 and 2 may be the child output files by now.
+        with open("/dev/console", "w") as console:
+            traceback.print_exc(file=console)
         # PID 1 exiting panics the kernel, which resets the VM: the host sees it.
         raise

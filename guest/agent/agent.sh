@@ -54,6 +54,15 @@ while :; do
 		trap 'zeroboot respond "$?"' EXIT
 		RANDOM=$ZB_SEED
 		unset ZB_SEED first
+		# The request's context: its variables, then its directory.
+		if [[ -n $ZB_ENV_NAMES ]]; then
+			export $ZB_ENV_NAMES
+		fi
+		if [[ -n $ZB_CWD ]] && ! cd -- "$ZB_CWD" 2>/dev/null; then
+			echo "zeroboot: cwd $ZB_CWD: No such file or directory" >&2
+			exit 1
+		fi
+		unset ZB_CWD ZB_ENV_NAMES
 		eval "$ZB_CODE"
 	)
 	zeroboot reap "$?" "$io"

@@ -257,6 +257,47 @@ impl Server {
     }
 }
 
+/// One Server-Sent Event, with the time it arrived after the request went.
+#[derive(Debug)]
+pub struct Event {
+    pub at: std::time::Duration,
+    pub name: String,
+    pub data: serde_json::Value,
+}
+
+impl Server {
+    /// POSTs the JSON `body` to `path` and reads the Server-Sent Events of
+    /// the answer as they arrive, noting when each did.
+    pub fn stream(&self, path: &str, body: &str) -> Vec<Event> {
+        use std::io::BufRead;
+        let started = std::time::Instant::now();
+        let response = self
+            .agent
+            .post(format!("{}{path}", self.url))
+            .header("Content-Type", "application/json")
+            .send(body)
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        assert_eq!(response.status().as_u16(), 200, "POST {path}");
+        let reader = std::io::BufReader::new(response.into_body().into_reader());
+        let (mut events, mut name, mut data) = (Vec::new(), String::from("message"), String::new());
+        for line in reader.lines() {
+            let line = line.expect("event stream");
+            if let Some(v) = line.strip_prefix("event:") {
+                name = v.trim().to_string();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data.push_str(v.trim_start());
+            } else if line.is_empty() && !data.is_empty() {
+                events.push(Event {
+                    at: started.elapsed(),
+                    name: std::mem::replace(&mut name, String::from("message")),
+                    data: serde_json::from_str(&std::mem::take(&mut data)).expect("event data is JSON"),
+                });
+            }
+        }
+        events
+    }
+}
+
 pub struct Reply {
     pub status: u16,
     pub retry_after: Option<String>,

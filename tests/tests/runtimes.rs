@@ -381,9 +381,7 @@ fn bad_spec_is_refused_with_the_field_named() {
 
 #[test]
 fn server_serves_every_template_by_language() {
-    build_template(&TemplateSpec::builtin("node").expect("node"));
-    build_template(&TemplateSpec::builtin("bash").expect("bash"));
-    let server = Server::start(&["--template", "python", "--template", "node", "--template", "bash"]);
+    let server = server_with_every_runtime();
     let health = server.call("GET", "/v1/health", None, None).json();
     let names: Vec<&str> = health["templates"]
         .as_array()
@@ -455,4 +453,196 @@ fn server_serves_every_template_by_language() {
     let r = server.call("POST", "/v1/exec", Some(&body), None);
     assert_eq!(r.status, 400);
     assert!(r.text.contains("bash") && r.text.contains("javascript"), "{}", r.text);
+}
+
+fn server_with_every_runtime() -> Server {
+    build_template(&TemplateSpec::builtin("node").expect("node"));
+    build_template(&TemplateSpec::builtin("bash").expect("bash"));
+    Server::start(&["--template", "python", "--template", "node", "--template", "bash"])
+}
+
+/// What child processes write reaches the result, in order with the code's
+/// own output and with their exit codes, in every runtime; the next call of
+/// a session gets only its own children's output.
+#[test]
+fn child_processes_write_into_the_result_in_every_runtime() {
+    let server = server_with_every_runtime();
+    let cases = [
+        (
+            "python",
+            "import os, subprocess, sys\n\
+             print('a')\n\
+             subprocess.run(['echo', 'b'])\n\
+             print('c')\n\
+             print(os.waitstatus_to_exitcode(os.system('echo d; echo e >&2; exit 3')))\n\
+             subprocess.run('seq 1 5 | tail -2', shell=True)\n\
+             pid = os.fork()\n\
+             if pid == 0:\n    print('from a fork')\nelse:\n    os.waitpid(pid, 0)\n\
+             sys.exit(subprocess.run(['sh', '-c', 'exit 4']).returncode)",
+            "a\nb\nc\nd\n3\n4\n5\nfrom a fork\n",
+            "e\n",
+            4,
+        ),
+        (
+            "node",
+            "const cp = require('child_process');\n\
+             console.log('a');\n\
+             cp.execSync('echo b; echo e >&2', {stdio: 'inherit'});\n\
+             console.log('c');\n\
+             try { cp.execSync('exit 3', {stdio: 'inherit'}); } catch (e) { console.log(e.status); }\n\
+             cp.spawn('sh', ['-c', 'seq 1 5 | tail -2; exit 4'], {stdio: 'inherit'})\n\
+               .on('exit', (code) => { process.exitCode = code; });",
+            "a\nb\nc\n3\n4\n5\n",
+            "e\n",
+            4,
+        ),
+        (
+            "bash",
+            "echo a; ls -d /usr; seq 1 5 | tail -2; sh -c 'echo e >&2; exit 4'",
+            "a\n/usr\n4\n5\n",
+            "e\n",
+            4,
+        ),
+    ];
+    for (language, code, stdout, stderr, exit_code) in cases {
+        let create = serde_json::json!({"language": language}).to_string();
+        let r = server.call("POST", "/v1/sandboxes", Some(&create), None);
+        assert_eq!(r.status, 201, "{language}: {}", r.text);
+        let id = r.json()["id"].as_str().expect("id").to_string();
+        let exec = |code: &str| {
+            let body = serde_json::json!({"code": code}).to_string();
+            let r = server.call("POST", &format!("/v1/sandboxes/{id}/exec"), Some(&body), None);
+            assert_eq!(r.status, 200, "{language}: {}", r.text);
+            r.json()
+        };
+        let v = exec(code);
+        assert_eq!(
+            (v["stdout"].as_str(), v["stderr"].as_str(), v["exit_code"].as_i64()),
+            (Some(stdout), Some(stderr), Some(exit_code)),
+            "{language}: {v}"
+        );
+        let again = match language {
+            "python" => "import subprocess; subprocess.run(['echo', 'only this'])",
+            "node" => "require('child_process').execSync('echo only this', {stdio: 'inherit'})",
+            _ => "echo only this",
+        };
+        let v = exec(again);
+        assert_eq!(
+            (v["stdout"].as_str(), v["stderr"].as_str()),
+            (Some("only this\n"), Some("")),
+            "{language}: {v}"
+        );
+        server.call("DELETE", &format!("/v1/sandboxes/{id}"), None, None);
+    }
+}
+
+/// With `"stream": true`, a line the rate limit held back and a line a
+/// child wrote reach the client while the code then blocks, long before
+/// the end of the run.
+#[test]
+fn streamed_lines_reach_the_client_while_the_code_blocks() {
+    let server = server_with_every_runtime();
+    let cases = [
+        (
+            "python",
+            "import subprocess, time\n\
+             print('a')\nprint('b', flush=True)\ntime.sleep(2)\n\
+             subprocess.run('echo c; sleep 2; echo d', shell=True)",
+        ),
+        (
+            "node",
+            "const cp = require('child_process');\n\
+             console.log('a'); console.log('b');\n\
+             setTimeout(() => cp.spawn('sh', ['-c', 'echo c; sleep 2; echo d'], {stdio: 'inherit'}), 2000);",
+        ),
+    ];
+    for (language, code) in cases {
+        let body = serde_json::json!({"code": code, "language": language, "stream": true}).to_string();
+        let events = server.stream("/v1/exec", &body);
+        let (mut seen, mut arrivals) = (String::new(), Vec::new());
+        for e in events.iter().filter(|e| e.name == "stdout") {
+            seen.push_str(e.data["data"].as_str().unwrap_or_default());
+            arrivals.push((e.at, seen.clone()));
+        }
+        let end = events.last().expect("events");
+        assert_eq!(end.name, "result", "{language}: {events:?}");
+        assert_eq!(end.data["stdout"], "a\nb\nc\nd\n", "{language}: {events:?}");
+        let arrival = |line: &str| {
+            arrivals
+                .iter()
+                .find(|(_, seen)| seen.contains(line))
+                .map(|(at, _)| *at)
+                .unwrap_or_else(|| panic!("{language}: {line:?} never streamed: {events:?}"))
+        };
+        let (b, c, d) = (arrival("b\n"), arrival("c\n"), arrival("d\n"));
+        assert!(
+            b + Duration::from_millis(1500) < c,
+            "{language}: b at {b:?}, c at {c:?}"
+        );
+        assert!(
+            c + Duration::from_millis(1500) < d,
+            "{language}: c at {c:?}, d at {d:?}"
+        );
+    }
+}
+
+/// `env` and `cwd` reach the code in every runtime, for one run or for
+/// every call of a session (under each call's own); a call's own are gone
+/// at the next call. A missing directory fails the run, a bad name the
+/// request.
+#[test]
+fn env_and_cwd_reach_the_code_in_every_runtime() {
+    let server = server_with_every_runtime();
+    let cases = [
+        (
+            "python",
+            "import os\nprint(os.getcwd(), os.environ['GREETING'], os.environ.get('ONLY', '-'))",
+        ),
+        (
+            "node",
+            "console.log(process.cwd(), process.env.GREETING, process.env.ONLY ?? '-')",
+        ),
+        ("bash", "echo $PWD $GREETING ${ONLY:--}"),
+    ];
+    for (language, code) in cases {
+        let body = serde_json::json!({
+            "code": code, "language": language, "env": {"GREETING": "hi", "ONLY": "x"}, "cwd": "/tmp",
+        });
+        let v = server.call("POST", "/v1/exec", Some(&body.to_string()), None).json();
+        assert_eq!(v["stdout"], "/tmp hi x\n", "{language}: {v}");
+
+        let create = serde_json::json!({"language": language, "env": {"GREETING": "session"}, "cwd": "/usr"});
+        let r = server.call("POST", "/v1/sandboxes", Some(&create.to_string()), None);
+        assert_eq!(r.status, 201, "{language}: {}", r.text);
+        let id = r.json()["id"].as_str().expect("id").to_string();
+        let exec = |body: serde_json::Value| {
+            let r = server.call(
+                "POST",
+                &format!("/v1/sandboxes/{id}/exec"),
+                Some(&body.to_string()),
+                None,
+            );
+            assert_eq!(r.status, 200, "{language}: {}", r.text);
+            r.json()
+        };
+        let v = exec(serde_json::json!({"code": code}));
+        assert_eq!(v["stdout"], "/usr session -\n", "{language}: {v}");
+        let v = exec(serde_json::json!({"code": code, "env": {"ONLY": "call"}, "cwd": "/tmp"}));
+        assert_eq!(v["stdout"], "/tmp session call\n", "{language}: {v}");
+        let v = exec(serde_json::json!({"code": code}));
+        assert_eq!(v["stdout"], "/usr session -\n", "{language}: {v}");
+        let v = exec(serde_json::json!({"code": code, "cwd": "/nope"}));
+        assert_eq!(v["exit_code"], 1, "{language}: {v}");
+        assert_eq!(v["stdout"], "", "{language}: {v}");
+        assert!(v["stderr"].as_str().unwrap_or("").contains("/nope"), "{language}: {v}");
+        server.call("DELETE", &format!("/v1/sandboxes/{id}"), None, None);
+    }
+    for body in [
+        serde_json::json!({"code": "1", "env": {"NOT-A-NAME": "x"}}),
+        serde_json::json!({"code": "1", "cwd": ""}),
+    ] {
+        let r = server.call("POST", "/v1/exec", Some(&body.to_string()), None);
+        assert_eq!(r.status, 400, "{body}: {}", r.text);
+        assert_eq!(r.json()["error"]["code"], "invalid_context", "{}", r.text);
+    }
 }

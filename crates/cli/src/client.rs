@@ -10,6 +10,8 @@ use anyhow::{anyhow, bail, Result};
 use console::style;
 use serde_json::{json, Value};
 
+use crate::context_args::ContextArgs;
+
 #[derive(clap::Args)]
 pub struct Server {
     /// The zeroboot server.
@@ -32,6 +34,8 @@ pub struct ExecArgs {
     /// Seconds the code may run.
     #[arg(long, default_value_t = 30.0)]
     timeout: f64,
+    #[command(flatten)]
+    context: ContextArgs,
     /// Code to run.
     #[arg(short = 'c', conflicts_with = "file")]
     code: Option<String>,
@@ -72,6 +76,9 @@ pub enum SandboxCommand {
         /// Idle seconds before it is removed.
         #[arg(long)]
         ttl: Option<f64>,
+        /// The environment and working directory of every call in it.
+        #[command(flatten)]
+        context: ContextArgs,
     },
     /// List your sandboxes.
     Ls {
@@ -240,7 +247,10 @@ pub fn exec(args: &ExecArgs, code: String) -> Result<ExitCode> {
         let result = client.json(
             "POST",
             &format!("/v1/sandboxes/{id}/exec"),
-            Some(json!({"code": code, "timeout_seconds": args.timeout})),
+            Some(
+                args.context
+                    .apply(json!({"code": code, "timeout_seconds": args.timeout}))?,
+            ),
         );
         if let Some(bar) = bar {
             bar.finish_and_clear();
@@ -251,8 +261,10 @@ pub fn exec(args: &ExecArgs, code: String) -> Result<ExitCode> {
         "POST",
         "/v1/exec",
         Some(
-            args.pick
-                .apply(json!({"code": code, "timeout_seconds": args.timeout, "stream": true})),
+            args.context.apply(
+                args.pick
+                    .apply(json!({"code": code, "timeout_seconds": args.timeout, "stream": true})),
+            )?,
         ),
         "text/event-stream",
     )?;
@@ -282,11 +294,16 @@ pub fn exec(args: &ExecArgs, code: String) -> Result<ExitCode> {
 
 pub fn sandbox(cmd: &SandboxCommand) -> Result<()> {
     match cmd {
-        SandboxCommand::Create { server, pick, ttl } => {
-            let body = pick.apply(match ttl {
+        SandboxCommand::Create {
+            server,
+            pick,
+            ttl,
+            context,
+        } => {
+            let body = context.apply(pick.apply(match ttl {
                 Some(t) => json!({"ttl_seconds": t}),
                 None => json!({}),
-            });
+            }))?;
             let bar = spinner("forking a sandbox");
             let info = Client::new(server).json("POST", "/v1/sandboxes", Some(body));
             if let Some(bar) = bar {

@@ -2,6 +2,7 @@
 
 mod bench;
 mod client;
+mod context_args;
 mod fork_memory;
 mod pages;
 mod progress;
@@ -108,6 +109,8 @@ struct RunArgs {
     /// with a note on stderr.
     #[arg(long, value_name = "BYTES", default_value_t = zeroboot_protocol::DEFAULT_OUTPUT_LIMIT)]
     max_output: u32,
+    #[command(flatten)]
+    context: context_args::ContextArgs,
 }
 
 fn main() -> ExitCode {
@@ -414,6 +417,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let request = zeroboot_protocol::Request {
         output_limit: args.max_output,
         stream: true,
+        context: args.context.context()?,
         ..zeroboot_protocol::Request::new(code, stdin)
     };
     let response = match machine.exec_streaming(&request, timeout, &mut show) {

@@ -6,6 +6,7 @@
 //! (`Machine::exec`), the worker frames (`zeroboot-sandbox`) and the server
 //! all use these unchanged, so a field added here reaches every layer.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -24,6 +25,114 @@ pub struct Request {
     /// Send output while the code runs (see [`crate::REQUEST_STREAM`]), not
     /// only at the end.
     pub stream: bool,
+    /// Working directory and environment for this request only.
+    #[serde(default)]
+    pub context: Context,
+}
+
+/// Where the code of one request runs and what environment it sees, over
+/// the sandbox's own; the agent puts back what it changed when the request
+/// ends. Empty (the default) costs the guest nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Context {
+    // No `skip_serializing_if`: the worker frames are bincode, which has
+    // no field names to skip by.
+    /// Working directory; `None` keeps the sandbox's current one.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Environment variables to set.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// Why a [`Context`] cannot be sent to a guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ContextError {
+    #[error("environment variable name {0:?} is not a letter or _ followed by letters, digits and _")]
+    EnvName(String),
+    #[error("environment variable {0} has a NUL byte in its value")]
+    EnvValue(String),
+    #[error("cwd is empty or has a NUL byte")]
+    Cwd,
+}
+
+impl Context {
+    pub fn is_empty(&self) -> bool {
+        self.cwd.is_none() && self.env.is_empty()
+    }
+
+    /// The names a shell can export, values and a path a C string can hold.
+    pub fn validate(&self) -> Result<(), ContextError> {
+        if let Some(cwd) = &self.cwd {
+            if cwd.is_empty() || cwd.contains('\0') {
+                return Err(ContextError::Cwd);
+            }
+        }
+        for (name, value) in &self.env {
+            let mut chars = name.chars();
+            let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+            if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(ContextError::EnvName(name.clone()));
+            }
+            if value.contains('\0') {
+                return Err(ContextError::EnvValue(name.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// `other`'s working directory and variables over this one's.
+    pub fn overlaid_with(&self, other: &Context) -> Context {
+        let mut env = self.env.clone();
+        env.extend(other.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Context {
+            cwd: other.cwd.clone().or_else(|| self.cwd.clone()),
+            env,
+        }
+    }
+
+    /// The mailbox encoding (see [`crate::header::CONTEXT_LEN`]): nothing
+    /// for an empty context, else NUL-terminated records, the working
+    /// directory first (empty: unchanged), then one `NAME=value` per
+    /// variable.
+    pub fn encode(&self) -> Vec<u8> {
+        if self.is_empty() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        out.extend_from_slice(self.cwd.as_deref().unwrap_or("").as_bytes());
+        out.push(0);
+        for (name, value) in &self.env {
+            out.extend_from_slice(name.as_bytes());
+            out.push(b'=');
+            out.extend_from_slice(value.as_bytes());
+            out.push(0);
+        }
+        out
+    }
+
+    /// The inverse of [`Context::encode`], for tests and Rust agents.
+    pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
+        let bad = |why: &str| ProtocolError::BadContext(why.to_string());
+        if bytes.is_empty() {
+            return Ok(Self::default());
+        }
+        let body = bytes.strip_suffix(&[0]).ok_or_else(|| bad("does not end with NUL"))?;
+        let mut records = body.split(|&b| b == 0);
+        let text = |r: &[u8]| String::from_utf8(r.to_vec()).map_err(|_| bad("not UTF-8"));
+        let cwd = records.next().map(text).transpose()?.filter(|c| !c.is_empty());
+        let mut env = BTreeMap::new();
+        for record in records {
+            let record = text(record)?;
+            let (name, value) = record.split_once('=').ok_or_else(|| bad("a variable without ="))?;
+            env.insert(name.to_string(), value.to_string());
+        }
+        let context = Self { cwd, env };
+        context
+            .validate()
+            .map_err(|e| ProtocolError::BadContext(e.to_string()))?;
+        Ok(context)
+    }
 }
 
 impl Request {
@@ -34,6 +143,7 @@ impl Request {
             stdin: stdin.into(),
             output_limit: DEFAULT_OUTPUT_LIMIT,
             stream: false,
+            context: Context::default(),
         }
     }
 }

@@ -105,6 +105,8 @@ pub const LAYOUT: &[Constant] = &[
         "u32, host to guest: most bytes of stdout, and of stderr, to return."),
     header("REQUEST_FLAGS", header::REQUEST_FLAGS,
         "u32, host to guest: REQUEST_STREAM."),
+    header("CONTEXT_LEN", header::CONTEXT_LEN,
+        "u32, host to guest: bytes of the context after code and stdin (cwd, then NAME=value, each NUL-terminated); 0 for none."),
     header("BOOT_SEED", header::BOOT_SEED,
         "Host to guest at boot: entropy to credit to the kernel CRNG."),
     int("BOOT_SEED_LEN", header::BOOT_SEED_LEN as u64,

@@ -25,14 +25,14 @@ use thiserror::Error;
 pub mod exec;
 pub mod guest_layout;
 
-pub use exec::{Chunk, GuestFault, Outcome, Request};
+pub use exec::{Chunk, Context, ContextError, GuestFault, Outcome, Request};
 
 /// Size of the mailbox region in guest memory.
 pub const MAILBOX_SIZE: usize = 2 << 20;
 /// `"ZBMB"`, written by the host at boot.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"ZBMB");
 /// Version of this layout. The agent refuses a mailbox of another version.
-pub const VERSION: u32 = 6;
+pub const VERSION: u32 = 7;
 
 /// Header field offsets (bytes from the start of the mailbox).
 pub mod header {
@@ -52,6 +52,10 @@ pub mod header {
     pub const OUTPUT_LIMIT: usize = 40;
     /// Host → guest: [`super::REQUEST_STREAM`] and future request options.
     pub const REQUEST_FLAGS: usize = 44;
+    /// Host → guest: bytes of the request's [`crate::Context`] (its
+    /// working directory and environment), after code and stdin; 0 for
+    /// none, which an agent checks before anything else about it.
+    pub const CONTEXT_LEN: usize = 48;
     /// Host → guest at boot: entropy the agent credits to the kernel CRNG.
     pub const BOOT_SEED: usize = 64;
     pub const BOOT_SEED_LEN: usize = 64;
@@ -72,9 +76,9 @@ pub const MAX_ENTROPY_REGIONS: usize = 32;
 pub const ENTROPY_ENTRY_LEN: usize = 16;
 const _: () = assert!(header::ENTROPY_TABLE + MAX_ENTROPY_REGIONS * ENTROPY_ENTRY_LEN <= REQUEST_OFFSET);
 
-/// Request payload (code, then stdin) starts here.
+/// Request payload (code, then stdin, then the context) starts here.
 pub const REQUEST_OFFSET: usize = 4096;
-/// Room for code plus stdin.
+/// Room for code, stdin and the context.
 pub const REQUEST_CAPACITY: usize = RESPONSE_OFFSET - REQUEST_OFFSET;
 /// Response payload (stdout, then stderr) starts here.
 pub const RESPONSE_OFFSET: usize = 1 << 20;
@@ -141,6 +145,8 @@ pub enum ProtocolError {
     UnknownDoorbell(u8),
     #[error("the guest rang {got:?} while the host waited for {expected:?}")]
     WrongDoorbell { expected: Doorbell, got: Doorbell },
+    #[error("bad request context: {0}")]
+    BadContext(String),
 }
 
 /// Guest memory that holds the state of a user-space random generator
@@ -255,20 +261,32 @@ pub fn write_request(
     fresh_fork: bool,
 ) -> Result<u32, ProtocolError> {
     check(mailbox)?;
-    let total = request.code.len().saturating_add(request.stdin.len());
+    request
+        .context
+        .validate()
+        .map_err(|e| ProtocolError::BadContext(e.to_string()))?;
+    let context = request.context.encode();
+    let total = request
+        .code
+        .len()
+        .saturating_add(request.stdin.len())
+        .saturating_add(context.len());
     if total > REQUEST_CAPACITY {
         return Err(ProtocolError::RequestTooLarge(total));
     }
     if request.output_limit > MAX_OUTPUT_LIMIT {
         return Err(ProtocolError::BadOutputLimit(request.output_limit));
     }
-    // Lengths fit in u32: both are below REQUEST_CAPACITY.
+    // Lengths fit in u32: all are below REQUEST_CAPACITY.
     let code_len = request.code.len() as u32;
     let stdin_len = request.stdin.len() as u32;
     let code_at = REQUEST_OFFSET;
     let stdin_at = code_at + request.code.len();
+    let context_at = stdin_at + request.stdin.len();
     mailbox[code_at..stdin_at].copy_from_slice(&request.code);
-    mailbox[stdin_at..stdin_at + request.stdin.len()].copy_from_slice(&request.stdin);
+    mailbox[stdin_at..context_at].copy_from_slice(&request.stdin);
+    mailbox[context_at..context_at + context.len()].copy_from_slice(&context);
+    write_u32(mailbox, header::CONTEXT_LEN, context.len() as u32);
     mailbox[header::REQUEST_SEED..header::REQUEST_SEED + header::REQUEST_SEED_LEN].copy_from_slice(seed);
     let seq = read_u32(mailbox, header::REQUEST_SEQ).wrapping_add(1);
     write_u32(mailbox, header::CODE_LEN, code_len);
@@ -376,8 +394,10 @@ pub fn read_request(mailbox: &[u8]) -> Result<(u32, Request), ProtocolError> {
     check(mailbox)?;
     let code_len = read_u32(mailbox, header::CODE_LEN) as usize;
     let stdin_len = read_u32(mailbox, header::STDIN_LEN) as usize;
-    if code_len.saturating_add(stdin_len) > REQUEST_CAPACITY {
-        return Err(ProtocolError::RequestTooLarge(code_len.saturating_add(stdin_len)));
+    let context_len = read_u32(mailbox, header::CONTEXT_LEN) as usize;
+    let total = code_len.saturating_add(stdin_len).saturating_add(context_len);
+    if total > REQUEST_CAPACITY {
+        return Err(ProtocolError::RequestTooLarge(total));
     }
     let output_limit = read_u32(mailbox, header::OUTPUT_LIMIT);
     if output_limit > MAX_OUTPUT_LIMIT {
@@ -389,6 +409,7 @@ pub fn read_request(mailbox: &[u8]) -> Result<(u32, Request), ProtocolError> {
         stdin: mailbox[code_end..code_end + stdin_len].to_vec(),
         output_limit,
         stream: read_u32(mailbox, header::REQUEST_FLAGS) & REQUEST_STREAM != 0,
+        context: Context::decode(&mailbox[code_end + stdin_len..code_end + stdin_len + context_len])?,
     };
     Ok((read_u32(mailbox, header::REQUEST_SEQ), request))
 }
@@ -413,15 +434,28 @@ mod tests {
             stdin: b"in".to_vec(),
             output_limit: 77,
             stream: true,
+            context: Context {
+                cwd: Some("/home/user".into()),
+                env: [("A".to_string(), "1=2".to_string()), ("_B".to_string(), String::new())].into(),
+            },
         };
         let seq = write_request(&mut m, &request, &SEED, false).unwrap();
         assert_eq!(seq, 1);
+        assert_eq!(read_u32(&m, header::CONTEXT_LEN), 21);
+        assert_eq!(
+            &m[REQUEST_OFFSET + 10..REQUEST_OFFSET + 31],
+            b"/home/user\0A=1=2\0_B=\0"
+        );
         assert_eq!(read_request(&m).unwrap(), (1, request));
         assert_eq!(read_u32(&m, header::REQUEST_FLAGS), REQUEST_STREAM);
         let seq2 = write_request(&mut m, &Request::new("x", ""), &SEED, true).unwrap();
         assert_eq!(seq2, 2);
         assert_eq!(read_u32(&m, header::REQUEST_FLAGS), REQUEST_FRESH_FORK);
-        assert_eq!(read_request(&m).unwrap().1.output_limit, DEFAULT_OUTPUT_LIMIT);
+        assert_eq!(read_request(&m).unwrap().1.output_limit, DEFAULT_OUTPUT_LIMIT); // No context costs the guest nothing but reading a zero.
+        let plain = Request::new("print(1)", "");
+        write_request(&mut m, &plain, &SEED, false).unwrap();
+        assert_eq!(read_u32(&m, header::CONTEXT_LEN), 0);
+        assert_eq!(read_request(&m).unwrap().1, plain);
     }
 
     #[test]

@@ -175,6 +175,30 @@ mod tests {
             Reply::Failed(f) if f == fault
         ));
         assert!(matches!(read_frame::<Reply>(&mut input), Err(WireError::Closed)));
+        // A context, present or not, survives the trip (bincode has no
+        // field names: a skipped field would shift every later one).
+        let mut buf = Vec::new();
+        let with_context = Request {
+            context: zeroboot_protocol::Context {
+                cwd: Some("/tmp".into()),
+                env: [("A".to_string(), "1".to_string())].into(),
+            },
+            ..request.clone()
+        };
+        for r in [&request, &with_context] {
+            let cmd = Command::Exec {
+                request: r.clone(),
+                timeout: std::time::Duration::from_millis(5),
+            };
+            write_frame(&mut buf, &cmd).unwrap();
+        }
+        let mut input = &buf[..];
+        for r in [&request, &with_context] {
+            assert!(matches!(
+                read_frame::<Command>(&mut input).unwrap(),
+                Command::Exec { request: got, .. } if &got == r
+            ));
+        }
         // A length over the cap, a truncated body, and garbage.
         assert!(matches!(
             read_frame::<Reply>(&mut &u32::MAX.to_le_bytes()[..]),

@@ -3,6 +3,7 @@
 //! zeroboot clients send (`code`, `language`, `timeout_seconds`) and return
 //! their fields plus ours (`timed_out`, `truncated`, `template`).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use tokio::sync::OwnedSemaphorePermit;
 use utoipa::ToSchema;
-use zeroboot_protocol::Chunk;
+use zeroboot_protocol::{Chunk, Context};
 
 use crate::error::{ApiError, ErrorBody};
 use crate::served::Served;
@@ -51,6 +52,15 @@ pub struct ExecRequest {
     /// `Accept: text/event-stream`).
     #[serde(default)]
     pub stream: bool,
+    /// Environment variables for this run, over the sandbox's own. Names
+    /// are a letter or `_` followed by letters, digits and `_`.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory for this run (default: the sandbox's, `/` in the
+    /// built-in templates). One that does not exist fails the run with
+    /// exit code 1 and says so on stderr.
+    #[serde(default)]
+    pub cwd: Option<String>,
 }
 
 impl ExecRequest {
@@ -63,6 +73,16 @@ impl ExecRequest {
             stdin,
             template: None,
             stream: false,
+            env: BTreeMap::new(),
+            cwd: None,
+        }
+    }
+
+    /// Its working directory and environment, as the guest gets them.
+    pub fn context(&self) -> Context {
+        Context {
+            cwd: self.cwd.clone(),
+            env: self.env.clone(),
         }
     }
 }
@@ -181,7 +201,7 @@ impl AppState {
 #[utoipa::path(post, path = "/v1/exec", tag = "exec", request_body = ExecRequest,
     responses(
         (status = 200, description = "The code ran (whatever its exit code) or timed out", body = ExecResponse),
-        (status = 400, description = "Bad language, template, timeout or JSON", body = crate::error::ErrorResponse),
+        (status = 400, description = "Bad language, template, timeout, env, cwd or JSON", body = crate::error::ErrorResponse),
         (status = 401, description = "No valid API key", body = crate::error::ErrorResponse),
         (status = 413, description = "Body or code too large", body = crate::error::ErrorResponse),
         (status = 422, description = "The code crashed its sandbox", body = crate::error::ErrorResponse),
@@ -256,6 +276,7 @@ impl AppState {
     /// template (or a 4xx), then a sandbox slot (or a 503).
     async fn admit(&self, req: &ExecRequest) -> Result<(Duration, Arc<Served>, OwnedSemaphorePermit), ApiError> {
         let timeout = self.validate(&req.code, &req.stdin, req.timeout_seconds)?;
+        self.validate_context(&req.context())?;
         let served = self.resolve(&req.language, req.template.as_ref())?;
         Ok((timeout, served, self.slot().await?))
     }

@@ -14,6 +14,7 @@ use zeroboot_template::runtime::FILE_NOT_FOUND;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::exec::{ExecRequest, ExecResponse};
+use crate::run::CallDefaults;
 use crate::state::AppState;
 
 /// A guest path from the URL: absolute, no NUL, no `..` component.
@@ -47,7 +48,12 @@ pub(crate) async fn put_file(
     let path = guest_path(&path)?;
     let code = (state.sessions.get(&id, caller)?.served.runtime.files.write)(&path);
     let r = state
-        .exec_in_session(&id, caller, file_request(code, BASE64.encode(&body)))
+        .exec_in_session(
+            &id,
+            caller,
+            file_request(code, BASE64.encode(&body)),
+            CallDefaults::Agent,
+        )
         .await?;
     if r.exit_code != 0 || r.timed_out {
         return Err(file_error(&path, &r));
@@ -71,7 +77,7 @@ pub(crate) async fn get_file(
     let path = guest_path(&path)?;
     let code = (state.sessions.get(&id, caller)?.served.runtime.files.read)(&path);
     let r = state
-        .exec_in_session(&id, caller, file_request(code, String::new()))
+        .exec_in_session(&id, caller, file_request(code, String::new()), CallDefaults::Agent)
         .await?;
     if r.exit_code != 0 || r.timed_out || r.truncated {
         return Err(file_error(&path, &r));

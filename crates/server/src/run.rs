@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use zeroboot_protocol::{Chunk, GuestFault, Request};
+use zeroboot_protocol::{Chunk, Context, GuestFault, Request};
 use zeroboot_sandbox::{Sandbox, SandboxError};
 
 use crate::auth::Caller;
@@ -15,6 +15,26 @@ use crate::exec::{ExecRequest, ExecResponse};
 use crate::metrics::{Memory, Outcome};
 use crate::served::{random_id, Served};
 use crate::state::AppState;
+
+/// What the guest is asked: `req` under the `defaults` context.
+fn guest_request(req: &ExecRequest, defaults: &Context, output_limit: u32) -> Request {
+    Request {
+        output_limit,
+        stream: req.stream,
+        context: defaults.overlaid_with(&req.context()),
+        ..Request::new(req.code.as_bytes(), req.stdin.as_bytes())
+    }
+}
+
+/// What a call in a session runs with, under the call's own working
+/// directory and environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CallDefaults {
+    /// The session's (user code).
+    Session,
+    /// The agent's own: the files API, whose paths must not depend on them.
+    Agent,
+}
 
 impl AppState {
     pub(crate) fn count(&self, outcome: &Result<ExecResponse, ApiError>) {
@@ -45,7 +65,8 @@ impl AppState {
                 fork_memory: sandbox.fork_memory().name(),
             })
             .inc();
-        let (result, _) = self.exec_on(&mut sandbox, &served.name, req, timeout, output_limit, on_chunk);
+        let request = guest_request(req, &Context::default(), output_limit);
+        let (result, _) = self.exec_on(&mut sandbox, &served.name, req, &request, timeout, on_chunk);
         let total = started.elapsed();
         // Kills the worker process, which takes the VM down with it.
         drop(sandbox);
@@ -83,17 +104,12 @@ impl AppState {
         sandbox: &mut Sandbox,
         template: &str,
         req: &ExecRequest,
+        request: &Request,
         timeout: Duration,
-        output_limit: u32,
         on_chunk: &mut dyn FnMut(Chunk),
     ) -> (Result<ExecResponse, ApiError>, bool) {
         let started = Instant::now();
-        let request = Request {
-            output_limit,
-            stream: req.stream,
-            ..Request::new(req.code.as_bytes(), req.stdin.as_bytes())
-        };
-        let result = sandbox.exec_streaming(&request, timeout, on_chunk);
+        let result = sandbox.exec_streaming(request, timeout, on_chunk);
         let ran = started.elapsed();
         self.metrics.exec_seconds.observe(ran.as_secs_f64());
         let mut response = ExecResponse {
@@ -146,17 +162,24 @@ impl AppState {
         id: &str,
         caller: Caller,
         req: ExecRequest,
+        defaults: CallDefaults,
     ) -> Result<ExecResponse, ApiError> {
         let session = self.sessions.get(id, caller)?;
         let timeout = self.validate(&req.code, &req.stdin, req.timeout_seconds)?;
+        self.validate_context(&req.context())?;
         let permit = self.slot().await?;
         let state = self.clone();
         let template = session.served.name.clone();
         let output_limit = self.limits.max_output_bytes;
+        let context = match defaults {
+            CallDefaults::Session => session.context.clone(),
+            CallDefaults::Agent => Context::default(),
+        };
         let (outcome, usable) = session
             .call(move |machine| {
                 let _permit = permit;
-                state.exec_on(machine, &template, &req, timeout, output_limit, &mut |_| {})
+                let request = guest_request(&req, &context, output_limit);
+                state.exec_on(machine, &template, &req, &request, timeout, &mut |_| {})
             })
             .await?;
         if !usable {

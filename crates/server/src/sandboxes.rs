@@ -1,6 +1,7 @@
 //! Long-lived sandboxes: `/v1/sandboxes`, to create, list, get and remove
 //! them, run code in one and fork it. The registry is [`crate::sessions`].
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,10 +11,12 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use zeroboot_protocol::Context;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::exec::{ExecRequest, ExecResponse};
+use crate::run::CallDefaults;
 use crate::sessions::SessionInfo;
 use crate::state::AppState;
 
@@ -35,6 +38,14 @@ pub struct CreateSandbox {
     /// Idle seconds after which the sandbox is removed (default 300).
     #[serde(default)]
     pub ttl_seconds: Option<f64>,
+    /// Environment variables of every call in this sandbox (and its forks);
+    /// a call's own `env` goes over them.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory of every call in this sandbox (and its forks),
+    /// unless a call gives its own.
+    #[serde(default)]
+    pub cwd: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -44,6 +55,12 @@ pub struct SandboxExec {
     pub timeout_seconds: f64,
     #[serde(default)]
     pub stdin: String,
+    /// Environment variables for this call, over the sandbox's.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory for this call, instead of the sandbox's.
+    #[serde(default)]
+    pub cwd: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -71,7 +88,7 @@ pub struct Forked {
 #[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", request_body = CreateSandbox,
     responses(
         (status = 201, description = "Started", body = SessionInfo),
-        (status = 400, description = "Bad language, template or TTL", body = crate::error::ErrorResponse),
+        (status = 400, description = "Bad language, template, TTL, env or cwd", body = crate::error::ErrorResponse),
         (status = 429, description = "Too many sandboxes for this key", body = crate::error::ErrorResponse),
     ),
     security(("bearer" = [])))]
@@ -82,6 +99,11 @@ pub(crate) async fn create_sandbox(
 ) -> Result<(StatusCode, Json<SessionInfo>), ApiError> {
     let Json(req) = body?;
     let served = state.resolve(&req.language, req.template.as_ref())?;
+    let context = Context {
+        cwd: req.cwd,
+        env: req.env,
+    };
+    state.validate_context(&context)?;
     let ttl = match req.ttl_seconds {
         None => state.limits.default_sandbox_ttl,
         Some(t) if t > 0.0 && t <= state.limits.max_sandbox_ttl.as_secs_f64() => Duration::from_secs_f64(t),
@@ -99,7 +121,7 @@ pub(crate) async fn create_sandbox(
     let _reserved = state.sessions.reserve(caller, 1, served.memory_mib())?;
     let session = state
         .sessions
-        .start(served, caller, None, ttl, |served| served.template.fork())
+        .start(served, caller, None, ttl, context, |served| served.template.fork())
         .await?;
     Ok((StatusCode::CREATED, Json(session.info())))
 }
@@ -153,6 +175,7 @@ pub(crate) async fn delete_sandbox(
     request_body = SandboxExec,
     responses(
         (status = 200, description = "The code ran or timed out (a timed-out sandbox is ended)", body = ExecResponse),
+        (status = 400, description = "Bad env or cwd, or timeout", body = crate::error::ErrorResponse),
         (status = 404, description = "No such sandbox", body = crate::error::ErrorResponse),
         (status = 422, description = "The code crashed the sandbox, which is ended", body = crate::error::ErrorResponse),
     ),
@@ -164,8 +187,11 @@ pub(crate) async fn sandbox_exec(
     body: Result<Json<SandboxExec>, JsonRejection>,
 ) -> Result<Json<ExecResponse>, ApiError> {
     let Json(req) = body?;
-    let req = ExecRequest::in_sandbox(req.code, req.timeout_seconds, req.stdin);
-    Ok(Json(state.exec_in_session(&id, caller, req).await?))
+    let mut exec = ExecRequest::in_sandbox(req.code, req.timeout_seconds, req.stdin);
+    (exec.env, exec.cwd) = (req.env, req.cwd);
+    Ok(Json(
+        state.exec_in_session(&id, caller, exec, CallDefaults::Session).await?,
+    ))
 }
 
 /// Makes `count` new sandboxes that start from this sandbox's current state.
@@ -209,6 +235,7 @@ pub(crate) async fn fork_sandbox(
                 caller,
                 Some(parent.id.clone()),
                 parent.ttl,
+                parent.context.clone(),
                 move |served| served.template.fork_live(&live),
             )
             .await;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
+use zeroboot_protocol::Context;
 use zeroboot_sandbox::{Sandbox, SandboxError};
 
 use crate::auth::Caller;
@@ -29,6 +30,8 @@ pub struct Session {
     pub owner: Caller,
     pub parent: Option<String>,
     pub ttl: Duration,
+    /// Working directory and environment of every call, under the call's own.
+    pub context: Context,
     last_used: Mutex<Instant>,
     /// Calls under way: a sandbox is never idle during one, however long
     /// it runs, so its TTL cannot end it mid-call.
@@ -244,6 +247,7 @@ impl Sessions {
         owner: Caller,
         parent: Option<String>,
         ttl: Duration,
+        context: Context,
         make: impl FnOnce(&Served) -> Result<Sandbox, SandboxError> + Send + 'static,
     ) -> Result<Arc<Session>, ApiError> {
         let id = format!("sbx_{}", crate::served::random_id());
@@ -279,6 +283,7 @@ impl Sessions {
             owner,
             parent,
             ttl,
+            context,
             last_used: Mutex::new(Instant::now()),
             calls: AtomicUsize::new(0),
             jobs,

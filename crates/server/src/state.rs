@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use zeroboot_protocol::{DEFAULT_OUTPUT_LIMIT, REQUEST_CAPACITY};
+use zeroboot_protocol::{Context, DEFAULT_OUTPUT_LIMIT, REQUEST_CAPACITY};
 
 use crate::auth::Auth;
 use crate::error::ApiError;
@@ -129,6 +129,13 @@ impl AppState {
             return Err(ApiError::internal("language map out of sync"));
         }
         Ok(served.clone())
+    }
+
+    /// A context the guest can take (see [`Context::validate`]), or a 400.
+    pub(crate) fn validate_context(&self, context: &Context) -> Result<(), ApiError> {
+        context
+            .validate()
+            .map_err(|e| ApiError::bad_request("invalid_context", e.to_string()))
     }
 
     pub(crate) fn validate(&self, code: &str, stdin: &str, timeout_seconds: f64) -> Result<Duration, ApiError> {

@@ -22,6 +22,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <termios.h>
 #include <unistd.h>
@@ -46,6 +47,45 @@ static inline int zb_mount_kernel_filesystems(void)
         }
     }
     return failed;
+}
+
+/* Where child processes' stdout and stderr go once an agent has seen code
+ * start one: files on a tmpfs of their own, sized for two streams at the
+ * largest output limit, so a child that writes without end fills that and
+ * not the guest's memory. */
+#define ZB_CHILD_OUTPUT_DIR "/run/zeroboot-children"
+#define ZB_CHILD_OUTPUT_BYTES (2ull * ZB_MAX_OUTPUT_LIMIT + (1u << 20))
+
+/* Points this process's fds 1 and 2 at ZB_CHILD_OUTPUT_DIR/stdout and
+ * /stderr (opened O_APPEND: children write at the end, however many share
+ * them) and fd 0 at /dev/null, so child processes inherit them; stores
+ * fds to read and empty the two files with in read_fds. Until this runs, fds 0, 1 and
+ * 2 are the console, which drops what children write. The agent calls it
+ * only when code starts a child, so an exec that starts none pays for no
+ * system call. Returns 0, or -1 with errno set. */
+static inline int zb_capture_child_output(int read_fds[2])
+{
+    static const char *const names[2] = {ZB_CHILD_OUTPUT_DIR "/stdout", ZB_CHILD_OUTPUT_DIR "/stderr"};
+    char options[64];
+    snprintf(options, sizeof options, "size=%llu,mode=700", (unsigned long long)ZB_CHILD_OUTPUT_BYTES);
+    if (mkdir(ZB_CHILD_OUTPUT_DIR, 0700) != 0 && errno != EEXIST)
+        return -1;
+    if (mount("tmpfs", ZB_CHILD_OUTPUT_DIR, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, options) != 0)
+        return -1;
+    int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (null < 0 || dup2(null, 0) < 0)
+        return -1;
+    close(null);
+    for (int i = 0; i < 2; i++) {
+        int fd = open(names[i], O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0600);
+        if (fd < 0 || dup2(fd, i + 1) < 0)
+            return -1;
+        close(fd);
+        read_fds[i] = open(names[i], O_RDWR | O_CLOEXEC);
+        if (read_fds[i] < 0)
+            return -1;
+    }
+    return 0;
 }
 
 /* The value of `key=` on the kernel command line, as a number; 0 if absent. */

@@ -127,6 +127,47 @@ static int attach(const char *dir)
     return EXECUTION_SUCCESS;
 }
 
+/* The request's context (ZB_H_CONTEXT_LEN): its working directory in
+ * $ZB_CWD and its variables bound in this subshell, their names in
+ * $ZB_ENV_NAMES for agent.sh to export. Both stay empty for none, which is
+ * all an exec without a context pays. */
+static int bind_context(const uint8_t *at, uint32_t len)
+{
+    bind_variable("ZB_CWD", "", 0);
+    bind_variable("ZB_ENV_NAMES", "", 0);
+    if (len == 0)
+        return 0;
+    char *records = malloc((size_t)len + 1);
+    char *names = malloc((size_t)len + 1);
+    if (records == NULL || names == NULL) {
+        free(records);
+        free(names);
+        return -1;
+    }
+    memcpy(records, at, len);
+    records[len] = 0;
+    names[0] = 0;
+    size_t names_len = 0;
+    char *end = records + len;
+    bind_variable("ZB_CWD", records, 0);
+    for (char *record = records + strlen(records) + 1; record < end; record += strlen(record) + 1) {
+        char *equals = strchr(record, '=');
+        if (equals == NULL)
+            continue;
+        *equals = 0;
+        bind_variable(record, equals + 1, 0);
+        size_t n = strlen(record);
+        memcpy(names + names_len, record, n);
+        names_len += n;
+        names[names_len++] = ' ';
+        names[names_len] = 0;
+    }
+    bind_variable("ZB_ENV_NAMES", names, 0);
+    free(records);
+    free(names);
+    return 0;
+}
+
 static int request(void)
 {
     if (io_fds[0] < 0) {
@@ -136,8 +177,9 @@ static int request(void)
     progress->serving = zb_get32(mailbox, ZB_H_REQUEST_SEQ);
     uint32_t code_len = zb_get32(mailbox, ZB_H_CODE_LEN);
     uint32_t stdin_len = zb_get32(mailbox, ZB_H_STDIN_LEN);
-    if ((uint64_t)ZB_REQUEST_OFFSET + code_len + stdin_len > ZB_RESPONSE_OFFSET)
-        code_len = stdin_len = 0;
+    uint32_t context_len = zb_get32(mailbox, ZB_H_CONTEXT_LEN);
+    if ((uint64_t)ZB_REQUEST_OFFSET + code_len + stdin_len + context_len > ZB_RESPONSE_OFFSET)
+        code_len = stdin_len = context_len = 0;
     /* Shell variables end at a NUL, as the arguments of `bash -c` do. */
     char *code = malloc((size_t)code_len + 1);
     if (code == NULL)
@@ -151,6 +193,8 @@ static int request(void)
     char seed_text[16];
     snprintf(seed_text, sizeof seed_text, "%u", seed & 0x7fffffffu);
     bind_variable("ZB_SEED", seed_text, 0);
+    if (bind_context((const uint8_t *)mailbox + ZB_REQUEST_OFFSET + code_len + stdin_len, context_len) != 0)
+        return fail("reading the request's context");
     /* The files are empty in a subshell forked before the snapshot; a
      * truncation of an empty file costs next to nothing. */
     for (int i = 0; i < 3; i++)

@@ -32,6 +32,8 @@ extern napi_status napi_create_int32(napi_env, int32_t, napi_value *);
 extern napi_status napi_create_string_utf8(napi_env, const char *, size_t, napi_value *);
 extern napi_status napi_create_double(napi_env, double, napi_value *);
 extern napi_status napi_throw_error(napi_env, const char *, const char *);
+extern napi_status napi_create_array_with_length(napi_env, size_t, napi_value *);
+extern napi_status napi_set_element(napi_env, napi_value, uint32_t, napi_value);
 
 #define MAX_ARGS 4
 
@@ -160,6 +162,28 @@ static napi_value js_hugify(napi_env env, napi_callback_info info)
     return out;
 }
 
+/* captureChildOutput() -> [stdoutFd, stderrFd]: points fds 1 and 2 at
+ * files that child processes inherit (zb_capture_child_output), and
+ * returns fds to read and empty them with. */
+static napi_value js_capture_child_output(napi_env env, napi_callback_info info)
+{
+    (void)info;
+    int fds[2] = {-1, -1};
+    if (zb_capture_child_output(fds) != 0) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "zeroboot_node: capturing child output: %s", strerror(errno));
+        napi_throw_error(env, NULL, msg);
+        return NULL;
+    }
+    napi_value out = NULL;
+    if (napi_create_array_with_length(env, 2, &out) != 0)
+        return NULL;
+    for (uint32_t i = 0; i < 2; i++)
+        if (napi_set_element(env, out, i, int32(env, fds[i])) != 0)
+            return NULL;
+    return out;
+}
+
 napi_value napi_register_module_v1(napi_env env, napi_value exports)
 {
     static const struct {
@@ -169,7 +193,7 @@ napi_value napi_register_module_v1(napi_env env, napi_value exports)
         {"mountKernelFilesystems", js_mount}, {"cmdlineNumber", js_cmdline_number},
         {"mapPhysical", js_map_physical},     {"addEntropy", js_add_entropy},
         {"seedOpenssl", js_seed_openssl},     {"drainConsole", js_drain_console},
-        {"hugify", js_hugify},
+        {"hugify", js_hugify},                {"captureChildOutput", js_capture_child_output},
     };
     for (size_t i = 0; i < sizeof functions / sizeof functions[0]; i++) {
         napi_value fn;

@@ -15,3 +15,9 @@ int zeroboot_hugify(char *report, size_t report_len)
 {
     return zb_hugify(report, report_len);
 }
+
+/* See zb_capture_child_output in guest.h. */
+int zeroboot_capture_child_output(int read_fds[2])
+{
+    return zb_capture_child_output(read_fds);
+}

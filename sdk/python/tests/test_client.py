@@ -66,6 +66,15 @@ class SyncTests(unittest.TestCase):
         self.assertEqual(events[-1].kind, "result")
         self.assertEqual(events[-1].result.exit_code, 0)
 
+    def test_env_and_cwd_reach_the_code(self):
+        sb = client()
+        code = "import os\nprint(os.getcwd(), os.environ['GREETING'])"
+        self.assertEqual(sb.run(code, env={"GREETING": "hi"}, cwd="/tmp").stdout, "/tmp hi\n")
+        with sb.session(env={"GREETING": "session"}, cwd="/usr") as s:
+            self.assertEqual(s.exec(code).stdout, "/usr session\n")
+            self.assertEqual(s.exec(code, env={"GREETING": "call"}, cwd="/tmp").stdout, "/tmp call\n")
+            self.assertEqual(s.exec(code).stdout, "/usr session\n")
+
     def test_session_keeps_state_forks_and_moves_files(self):
         sb = client()
         with sb.session(ttl_seconds=60) as s:

@@ -7,7 +7,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 
 class ZerobootError(Exception):
@@ -142,10 +142,20 @@ def _event(name: str, data: Dict[str, Any]) -> Event:
     return Event(name, text=data.get("data", ""))
 
 
-def _exec_body(code: str, language: str, timeout_seconds: float, stdin: str, template: Optional[str]) -> Dict[str, Any]:
+def _exec_body(code: str, language: str, timeout_seconds: float, stdin: str, template: Optional[str],
+               env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None) -> Dict[str, Any]:
     body: Dict[str, Any] = {"code": code, "language": language, "timeout_seconds": timeout_seconds, "stdin": stdin}
     if template:
         body["template"] = template
+    return _with_context(body, env, cwd)
+
+
+def _with_context(body: Dict[str, Any], env: Optional[Mapping[str, str]], cwd: Optional[str]) -> Dict[str, Any]:
+    """Adds a working directory and environment variables to a request body."""
+    if env:
+        body["env"] = dict(env)
+    if cwd is not None:
+        body["cwd"] = cwd
     return body
 
 
@@ -163,8 +173,12 @@ class Sandbox:
         timeout_seconds: float = 30.0,
         stdin: str = "",
         template: Optional[str] = None,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
     ) -> ExecResult:
-        body = _exec_body(code, language, timeout_seconds, stdin, template)
+        """Runs `code` in a new VM; `env` and `cwd` set its environment
+        variables and working directory."""
+        body = _exec_body(code, language, timeout_seconds, stdin, template, env, cwd)
         return ExecResult.from_json(self._http.json("POST", "/v1/exec", body))
 
     def run_batch(self, codes: Sequence[str], *, language: str = "python", timeout_seconds: float = 30.0
@@ -180,17 +194,19 @@ class Sandbox:
                 out.append(ExecResult.from_json(entry))
         return out
 
-    def stream(self, code: str, *, language: str = "python", timeout_seconds: float = 30.0, stdin: str = ""
-               ) -> Iterator[Event]:
+    def stream(self, code: str, *, language: str = "python", timeout_seconds: float = 30.0, stdin: str = "",
+               env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None) -> Iterator[Event]:
         """Yields output events as the code writes, then the result event."""
-        body = _exec_body(code, language, timeout_seconds, stdin, None)
+        body = _exec_body(code, language, timeout_seconds, stdin, None, env, cwd)
         body["stream"] = True
         return self._http.events("/v1/exec", body)
 
     def session(self, *, language: str = "python", ttl_seconds: Optional[float] = None,
-                template: Optional[str] = None) -> "Session":
-        """Starts a long-lived sandbox (see `Session`)."""
-        body: Dict[str, Any] = {"language": language}
+                template: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
+                cwd: Optional[str] = None) -> "Session":
+        """Starts a long-lived sandbox (see `Session`); `env` and `cwd` hold
+        for every call in it, under each call's own."""
+        body: Dict[str, Any] = _with_context({"language": language}, env, cwd)
         if ttl_seconds is not None:
             body["ttl_seconds"] = ttl_seconds
         if template:
@@ -214,8 +230,9 @@ class Session:
         self.info = info
         self.id = info.id
 
-    def exec(self, code: str, *, timeout_seconds: float = 30.0, stdin: str = "") -> ExecResult:
-        body = {"code": code, "timeout_seconds": timeout_seconds, "stdin": stdin}
+    def exec(self, code: str, *, timeout_seconds: float = 30.0, stdin: str = "",
+             env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None) -> ExecResult:
+        body = _with_context({"code": code, "timeout_seconds": timeout_seconds, "stdin": stdin}, env, cwd)
         return ExecResult.from_json(self._http.json("POST", f"/v1/sandboxes/{self.id}/exec", body))
 
     def fork(self, count: int = 1) -> List["Session"]:

@@ -35,11 +35,26 @@ export interface SandboxInfo {
   idle_seconds: number;
 }
 
-export interface RunOptions {
+/** Where code runs and what environment it sees. */
+export interface ContextOptions {
+  /** Environment variables, over the sandbox's own. */
+  env?: Record<string, string>;
+  /** Working directory. */
+  cwd?: string;
+}
+
+export interface RunOptions extends ContextOptions {
   language?: string;
   timeoutSeconds?: number;
   stdin?: string;
   template?: string;
+}
+
+function contextFields(o: ContextOptions) {
+  return {
+    ...(o.env && Object.keys(o.env).length ? { env: o.env } : {}),
+    ...(o.cwd !== undefined ? { cwd: o.cwd } : {}),
+  };
 }
 
 /** One event of a streamed run: `stdout`/`stderr` with `text`, then `result` or `error`. */
@@ -105,6 +120,7 @@ function execBody(code: string, o: RunOptions = {}) {
     timeout_seconds: o.timeoutSeconds ?? 30,
     stdin: o.stdin ?? "",
     ...(o.template ? { template: o.template } : {}),
+    ...contextFields(o),
   };
 }
 
@@ -159,12 +175,15 @@ export class Sandbox {
     }
   }
 
-  /** Starts a long-lived sandbox (see `Session`). */
-  async session(options: { language?: string; ttlSeconds?: number; template?: string } = {}): Promise<Session> {
+  /** Starts a long-lived sandbox (see `Session`); `env` and `cwd` hold for every call in it, under each call's own. */
+  async session(
+    options: { language?: string; ttlSeconds?: number; template?: string } & ContextOptions = {},
+  ): Promise<Session> {
     const info = await this.http.json<SandboxInfo>("POST", "/v1/sandboxes", {
       language: options.language ?? "python",
       ...(options.ttlSeconds !== undefined ? { ttl_seconds: options.ttlSeconds } : {}),
       ...(options.template ? { template: options.template } : {}),
+      ...contextFields(options),
     });
     return new Session(this.http, info);
   }
@@ -189,11 +208,12 @@ export class Session {
     this.id = info.id;
   }
 
-  exec(code: string, options: { timeoutSeconds?: number; stdin?: string } = {}): Promise<ExecResult> {
+  exec(code: string, options: { timeoutSeconds?: number; stdin?: string } & ContextOptions = {}): Promise<ExecResult> {
     return this.http.json("POST", `/v1/sandboxes/${this.id}/exec`, {
       code,
       timeout_seconds: options.timeoutSeconds ?? 30,
       stdin: options.stdin ?? "",
+      ...contextFields(options),
     });
   }
 

@@ -60,6 +60,16 @@ test("stream yields lines then the result", async () => {
   assert.equal(events.at(-1).kind, "result");
 });
 
+test("env and cwd reach the code", async () => {
+  const sb = new Sandbox({ url });
+  const code = "import os\nprint(os.getcwd(), os.environ['GREETING'])";
+  assert.equal((await sb.run(code, { env: { GREETING: "hi" }, cwd: "/tmp" })).stdout, "/tmp hi\n");
+  const s = await sb.session({ env: { GREETING: "session" }, cwd: "/usr" });
+  assert.equal((await s.exec(code)).stdout, "/usr session\n");
+  assert.equal((await s.exec(code, { env: { GREETING: "call" }, cwd: "/tmp" })).stdout, "/tmp call\n");
+  await s.close();
+});
+
 test("sessions keep state, fork and move files", async () => {
   const sb = new Sandbox({ url });
   const s = await sb.session({ ttlSeconds: 60 });
