@@ -417,25 +417,51 @@ async function handleRequest(mailbox, doorbell) {
   responder.send(out, err, exitCode, true);
 }
 
-// A request's working directory and environment (see H.CONTEXT_LEN), over
-// the sandbox's own for the length of the request.
+// Who code runs as unless a request says (zb_switch_user in
+// native/guest.h, which keeps 0 as the saved user ID so that a request can
+// ask for root), and the environment each user gets.
+const USER_UID = 1000;
+const USERS = { user: [USER_UID, '/home/user', 'user'], root: [0, '/root', 'root'] };
+let currentUid = 0;
+function switchUser(uid) {
+  const errno = native.switchUser(uid);
+  if (errno === 0) currentUid = uid;
+  return errno;
+}
+
+// A request's working directory, user and environment (see H.CONTEXT_LEN),
+// over the sandbox's own for the length of the request.
 class RequestContext {
   constructor(raw) {
     const records = raw.toString('utf8').split('\0');
     this.cwd = records[0];
-    this.env = records.slice(1, -1).map((record) => {
+    this.user = records.length > 2 && records[1] ? USERS[records[1]] : undefined;
+    this.env = records.slice(2, -1).map((record) => {
       const at = record.indexOf('=');
       return [record.slice(0, at), record.slice(at + 1)];
     });
     this.savedEnv = new Map();
     this.savedCwd = null;
+    this.savedUid = null;
+  }
+  setEnv(name, value) {
+    if (!this.savedEnv.has(name)) this.savedEnv.set(name, process.env[name]);
+    process.env[name] = value;
   }
   // Returns false, with the reason on `err`, if the code cannot run.
   enter(err) {
-    for (const [name, value] of this.env) {
-      if (!this.savedEnv.has(name)) this.savedEnv.set(name, process.env[name]);
-      process.env[name] = value;
+    if (this.user && this.user[0] !== currentUid) {
+      const [uid, home, name] = this.user;
+      const previous = currentUid;
+      const errno = switchUser(uid);
+      if (errno) {
+        err.write(`zeroboot: user ${name}: errno ${errno}\n`);
+        return false;
+      }
+      this.savedUid = previous;
+      for (const [key, value] of [['HOME', home], ['USER', name], ['LOGNAME', name]]) this.setEnv(key, value);
     }
+    for (const [name, value] of this.env) this.setEnv(name, value);
     if (this.cwd) {
       try {
         this.savedCwd = process.cwd();
@@ -448,6 +474,7 @@ class RequestContext {
     return true;
   }
   leave() {
+    if (this.savedUid !== null) switchUser(this.savedUid);
     for (const [name, value] of this.savedEnv) {
       if (value === undefined) delete process.env[name];
       else process.env[name] = value;
@@ -526,7 +553,10 @@ function applyConfig() {
     log(`no config (${e.message}): defaults`);
   }
   process.env.PATH ??= '/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin';
-  process.env.HOME ??= '/root';
+  // The kernel starts init with HOME=/.
+  const [, home, name] = USERS.user;
+  Object.assign(process.env, { HOME: home, USER: name, LOGNAME: name });
+  process.chdir(home);
   Object.assign(process.env, config.env || {});
   return config;
 }
@@ -576,6 +606,9 @@ async function main() {
   // What the rehearsal touched moves onto 2 MiB pages: a fork maps each
   // with one fault instead of one per 4 KiB page.
   log(`huge pages: ${native.hugify()}`);
+  // After everything that needs root.
+  const errno = switchUser(USER_UID);
+  if (errno) throw new Error(`cannot become uid ${USER_UID}: errno ${errno}`);
   log('ready');
   native.drainConsole();
   // The READY store is the snapshot: every fork resumes right after it, in

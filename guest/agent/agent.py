@@ -32,6 +32,7 @@ try:
         DOORBELL_RESULT,
         ENTROPY_ENTRY_LEN,
         FLAG_MORE,
+        FLAG_RESULTS_TRUNCATED,
         FLAG_STDERR_TRUNCATED,
         FLAG_STDOUT_TRUNCATED,
         H_BOOT_SEED,
@@ -47,6 +48,7 @@ try:
         H_REQUEST_SEQ,
         H_RESPONSE_FLAGS,
         H_RESPONSE_SEQ,
+        H_RESULTS_LEN,
         H_STDERR_LEN,
         H_STDIN_LEN,
         H_STDOUT_LEN,
@@ -80,6 +82,7 @@ def mount_kernel_filesystems():
         (b"devtmpfs", b"/dev", b"devtmpfs", None),
         (b"tmpfs", b"/tmp", b"tmpfs", b"mode=1777"),
         (b"tmpfs", b"/run", b"tmpfs", b"mode=755"),
+        (b"tmpfs", USER_HOME.encode(), b"tmpfs", f"mode=755,uid={USER_UID},gid={USER_UID}".encode()),
     ):
         if libc.mount(source, target, fstype, 0, data) != 0:
             err = ctypes.get_errno()
@@ -106,6 +109,7 @@ def native_library():
         NATIVE.zeroboot_map_physical.restype = ctypes.c_void_p
         NATIVE.zeroboot_map_physical.argtypes = [ctypes.c_uint64, ctypes.c_size_t]
         NATIVE.zeroboot_capture_child_output.argtypes = [ctypes.POINTER(ctypes.c_int)]
+        NATIVE.zeroboot_switch_user.argtypes = [ctypes.c_uint32]
     return NATIVE
 
 
@@ -167,10 +171,31 @@ def read_config():
         return {}
 
 
+# Who code runs as unless a request says (zb_switch_user in native/guest.h,
+# which keeps 0 as the saved user ID so that a request can ask for root),
+# and the environment each user gets.
+USER_UID = 1000
+USER_HOME = "/home/user"
+USERS = {b"user": (USER_UID, USER_HOME, "user"), b"root": (0, "/root", "root")}
+CURRENT_UID = 0
+
+
+def switch_user(uid):
+    """Runs this process as `uid` from now on; False, errno set, if not."""
+    global CURRENT_UID
+    if NATIVE.zeroboot_switch_user(uid) != 0:
+        return False
+    CURRENT_UID = uid
+    return True
+
+
 def warm_up(config):
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.environ.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
-    os.environ.setdefault("HOME", "/root")
+    # The kernel starts init with HOME=/.
+    _, home, name = USERS[b"user"]
+    os.environ.update(HOME=home, USER=name, LOGNAME=name)
+    os.chdir(home)
     os.environ.update(config.get("env") or {})
     import importlib
 
@@ -282,7 +307,8 @@ def rehearse_exec_path():
     emulated)."""
     scratch, bell = bytearray(MAILBOX_SIZE), bytearray(1)
     for seq, code in enumerate(
-        ("print(1+1)", "import numpy; print(numpy.random.rand(3))", "import sys; sys.exit(3)", "1/0"), 1
+        ("print(1+1)", "import numpy; print(numpy.random.rand(3))", "import sys; sys.exit(3)", "1/0", "x = 6 * 7\nx"),
+        1,
     ):
         payload = code.encode()
         scratch[REQUEST_OFFSET : REQUEST_OFFSET + len(payload)] = payload
@@ -312,28 +338,35 @@ class Responder:
         self.left[stream] -= len(data)
         return memoryview(data)
 
-    def send(self, out_bytes, err_bytes, exit_code=0, final=False):
+    def send(self, out_bytes, err_bytes, exit_code=0, final=False, results=b""):
+        """`results` is already within the limit (Results caps it)."""
         out_v = self._cap(out_bytes, 0, FLAG_STDOUT_TRUNCATED)
         err_v = self._cap(err_bytes, 1, FLAG_STDERR_TRUNCATED)
+        res_v = memoryview(results)
         while True:
             o = out_v[:RESPONSE_CAPACITY]
             e = err_v[: RESPONSE_CAPACITY - len(o)]
-            out_v, err_v = out_v[len(o) :], err_v[len(e) :]
-            last = not out_v and not err_v
-            if last and not final and not o and not e:
+            r = res_v[: RESPONSE_CAPACITY - len(o) - len(e)]
+            out_v, err_v, res_v = out_v[len(o) :], err_v[len(e) :], res_v[len(r) :]
+            last = not out_v and not err_v and not res_v
+            if last and not final and not o and not e and not r:
                 return
-            self._ring(o, e, exit_code, self.flags | (0 if last and final else FLAG_MORE))
+            self._ring(o, e, r, exit_code, self.flags | (0 if last and final else FLAG_MORE))
             if last:
                 return
 
-    def _ring(self, out_b, err_b, exit_code, flags):
+    def _ring(self, out_b, err_b, res_b, exit_code, flags):
         mailbox = self.mailbox
         mailbox[RESPONSE_OFFSET : RESPONSE_OFFSET + len(out_b)] = out_b
         err_at = RESPONSE_OFFSET + len(out_b)
         mailbox[err_at : err_at + len(err_b)] = err_b
+        if res_b:
+            res_at = err_at + len(err_b)
+            mailbox[res_at : res_at + len(res_b)] = res_b
         I32.pack_into(mailbox, H_EXIT_CODE, exit_code)
         U32.pack_into(mailbox, H_STDOUT_LEN, len(out_b))
         U32.pack_into(mailbox, H_STDERR_LEN, len(err_b))
+        U32.pack_into(mailbox, H_RESULTS_LEN, len(res_b))
         U32.pack_into(mailbox, H_RESPONSE_FLAGS, flags)
         U32.pack_into(mailbox, H_RESPONSE_SEQ, self.seq)
         # The host reads the chunk at this store; it resumes us for the
@@ -483,7 +516,7 @@ class Streamer:
 
     def send(self, now):
         self.last = now
-        self.responder.send(self.out.take(), self.err.take())
+        self.responder.send(self.out.take(), self.err.take(), results=CURRENT_RESULTS.take())
 
     def start_flusher(self):
         if self.finished or self.flusher is not None:
@@ -499,7 +532,7 @@ class Streamer:
             with self.lock:
                 if CHILDREN.active:
                     CHILDREN.collect()
-                if self.out.buffer.pending or self.err.buffer.pending:
+                if self.out.buffer.pending or self.err.buffer.pending or CURRENT_RESULTS.pending:
                     self.send(time.monotonic())
 
     def stop_flusher(self):
@@ -622,16 +655,31 @@ class RequestContext:
     def __init__(self, raw):
         records = raw.split(b"\0")
         self.cwd = records[0]
-        self.env = [record.partition(b"=") for record in records[1:-1]]
+        self.user = USERS.get(records[1]) if len(records) > 2 and records[1] else None
+        self.env = [record.partition(b"=") for record in records[2:-1]]
         self.saved_env = {}
         self.saved_cwd = None
+        self.saved_uid = None
+
+    def set_env(self, name, value):
+        self.saved_env.setdefault(name, os.environ.get(name))
+        os.environ[name] = value
 
     def enter(self, err):
         """Returns False, with the reason on `err`, if the code cannot run."""
+        if self.user is not None and self.user[0] != CURRENT_UID:
+            uid, home, name = self.user
+            previous = CURRENT_UID
+            if not switch_user(uid):
+                import ctypes
+
+                err.write(f"zeroboot: user {name}: {os.strerror(ctypes.get_errno())}\n")
+                return False
+            self.saved_uid = previous
+            for key, value in (("HOME", home), ("USER", name), ("LOGNAME", name)):
+                self.set_env(key, value)
         for name, _, value in self.env:
-            name = os.fsdecode(name)
-            self.saved_env.setdefault(name, os.environ.get(name))
-            os.environ[name] = os.fsdecode(value)
+            self.set_env(os.fsdecode(name), os.fsdecode(value))
         if self.cwd:
             try:
                 self.saved_cwd = os.getcwd()
@@ -642,6 +690,8 @@ class RequestContext:
         return True
 
     def leave(self):
+        if self.saved_uid is not None:
+            switch_user(self.saved_uid)
         for name, value in self.saved_env.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -652,6 +702,131 @@ class RequestContext:
                 os.chdir(self.saved_cwd)
             except OSError:
                 pass
+
+
+class Results:
+    """Rich results, as Jupyter has them: the value of a request's last
+    expression (`execute_result`) and whatever it passed to `display()` or
+    left open as a matplotlib figure (`display_data`), each a MIME bundle
+    (`text/plain` always; `text/html`, `image/png` (base64), ... where the
+    object has them). One JSON object a line, whole lines up to the
+    request's output limit. One object for the sandbox's life, reset per
+    request."""
+
+    def __init__(self):
+        self.pending = []
+        self.room = 0
+        self.truncated = False
+
+    def reset(self, limit):
+        self.pending.clear()
+        self.room = limit
+        self.truncated = False
+
+    def add(self, kind, obj):
+        import json
+
+        try:
+            data = mime_bundle(obj)
+        except Exception as e:  # a broken _repr_*_ must not fail the request
+            data = {"text/plain": f"<unrepresentable {type(obj).__name__}: {e!r}>"}
+        line = json.dumps({"type": kind, "data": data}).encode() + b"\n"
+        if len(line) > self.room:
+            self.truncated = True
+            return
+        self.room -= len(line)
+        self.pending.append(line)
+
+    def take(self):
+        data = b"".join(self.pending)
+        self.pending.clear()
+        return data
+
+
+CURRENT_RESULTS = Results()
+
+# Jupyter's rich representations, in the order a notebook prefers them.
+REPR_METHODS = (
+    ("_repr_html_", "text/html"),
+    ("_repr_markdown_", "text/markdown"),
+    ("_repr_svg_", "image/svg+xml"),
+    ("_repr_png_", "image/png"),
+    ("_repr_jpeg_", "image/jpeg"),
+    ("_repr_latex_", "text/latex"),
+    ("_repr_json_", "application/json"),
+)
+
+
+def mime_bundle(obj):
+    import base64
+
+    data = {}
+    bundle = getattr(obj, "_repr_mimebundle_", None)
+    if callable(bundle):
+        got = bundle()
+        if isinstance(got, tuple):
+            got = got[0]
+        if isinstance(got, dict):
+            data.update(got)
+    for method, mime in REPR_METHODS:
+        if mime in data:
+            continue
+        represent = getattr(obj, method, None)
+        if not callable(represent):
+            continue
+        value = represent()
+        if isinstance(value, tuple):
+            value = value[0]
+        if value is not None:
+            data[mime] = value
+    if "image/png" not in data and is_matplotlib_figure(obj):
+        buffer = io.BytesIO()
+        obj.savefig(buffer, format="png", bbox_inches="tight")
+        data["image/png"] = buffer.getvalue()
+    for mime, value in list(data.items()):
+        if isinstance(value, (bytes, bytearray)):
+            data[mime] = base64.b64encode(value).decode("ascii")
+    data["text/plain"] = repr(obj)
+    return data
+
+
+def is_matplotlib_figure(obj):
+    kind = type(obj)
+    return kind.__module__ == "matplotlib.figure" and hasattr(obj, "savefig")
+
+
+def display(*objs, **_):
+    """Jupyter's display(): each object becomes a display_data result."""
+    for obj in objs:
+        CURRENT_RESULTS.add("display_data", obj)
+
+
+def show_open_figures():
+    """Every matplotlib figure the code left open becomes a display_data
+    result and is closed, as a notebook shows them at the end of a cell;
+    `plt.show()` does the same at once. Nothing to do, and nothing
+    imported, where the code never imported pyplot."""
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is None:
+        return
+    if getattr(pyplot.show, "__module__", None) != __name__:
+        pyplot.show = lambda *args, **kwargs: show_open_figures()
+    for number in pyplot.get_fignums():
+        CURRENT_RESULTS.add("display_data", pyplot.figure(number))
+    pyplot.close("all")
+
+
+def compile_cell(code):
+    """The code as notebook cells compile it: everything, and separately the
+    last statement if it is an expression, whose value is the cell's
+    result."""
+    import ast
+
+    tree = ast.parse(code, "<string>")
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+        return compile(tree, "<string>", "exec"), compile(last, "<string>", "eval")
+    return compile(tree, "<string>", "exec"), None
 
 
 def fresh_namespace():
@@ -670,7 +845,12 @@ def run_code(code, stdin, out, err, namespace):
     sys.stdin, sys.stdout, sys.stderr = io.StringIO(stdin), out, err
     exit_code = 0
     try:
-        exec(compile(code, "<string>", "exec"), namespace)
+        body, last = compile_cell(code)
+        exec(body, namespace)
+        if last is not None:
+            value = eval(last, namespace)
+            if value is not None:
+                CURRENT_RESULTS.add("execute_result", value)
     except SystemExit as e:
         if e.code is None:
             exit_code = 0
@@ -683,6 +863,10 @@ def run_code(code, stdin, out, err, namespace):
         traceback.print_exc()
         exit_code = 1
     finally:
+        try:
+            show_open_figures()
+        except Exception:
+            traceback.print_exc()
         # Code may have put a stream of its own in place; ours needs no
         # flush here, the final chunk carries what it holds.
         if sys.stdout is not out:
@@ -827,6 +1011,7 @@ def handle_request(mailbox, doorbell, namespace):
     if streamer:
         streamer.out, streamer.err = out, err
     CHILDREN.out, CHILDREN.err, CHILDREN.streamer = out, err, streamer
+    CURRENT_RESULTS.reset(limit)
     try:
         # Only a fork's first request: a seed the code sets holds after it.
         if not HOST_RESEEDS and flags & REQUEST_FRESH_FORK:
@@ -859,7 +1044,9 @@ def handle_request(mailbox, doorbell, namespace):
         responder.flags |= FLAG_STDOUT_TRUNCATED
     if err.truncated:
         responder.flags |= FLAG_STDERR_TRUNCATED
-    responder.send(out.take(), err.take(), exit_code, final=True)
+    if CURRENT_RESULTS.truncated:
+        responder.flags |= FLAG_RESULTS_TRUNCATED
+    responder.send(out.take(), err.take(), exit_code, final=True, results=CURRENT_RESULTS.take())
 
 
 def serve(mailbox, doorbell):
@@ -886,6 +1073,11 @@ def main():
     warm_up(config)
     log("numpy, stdlib and preloads warmed up")
     prefault_heap(libc)
+    import builtins
+
+    # Jupyter's display(), for code that shows rich results.
+    if not hasattr(builtins, "display"):
+        builtins.display = display
     capture_child_processes()
     rehearse_exec_path()
     log("exec path rehearsed")
@@ -900,6 +1092,10 @@ def main():
     move_onto_huge_pages()
     global HOST_RESEEDS
     HOST_RESEEDS = register_entropy(mailbox)
+    # After everything that needs root (the entropy registration reads
+    # physical addresses from pagemap).
+    if not switch_user(USER_UID):
+        raise SystemExit(f"zeroboot-agent: cannot become uid {USER_UID}")
     log("ready")
     drain_console()
     serve(mailbox, doorbell)

@@ -640,9 +640,145 @@ fn env_and_cwd_reach_the_code_in_every_runtime() {
     for body in [
         serde_json::json!({"code": "1", "env": {"NOT-A-NAME": "x"}}),
         serde_json::json!({"code": "1", "cwd": ""}),
+        serde_json::json!({"code": "1", "user": "admin"}),
     ] {
         let r = server.call("POST", "/v1/exec", Some(&body.to_string()), None);
         assert_eq!(r.status, 400, "{body}: {}", r.text);
         assert_eq!(r.json()["error"]["code"], "invalid_context", "{}", r.text);
     }
+}
+
+/// Code runs as the unprivileged `user` (uid 1000, HOME and working
+/// directory /home/user), and so do its children, unless a call or its
+/// session asks for root; the next call is the session's user again.
+#[test]
+fn code_runs_as_an_unprivileged_user_unless_it_asks_for_root() {
+    let server = server_with_every_runtime();
+    let cases = [
+        (
+            "python",
+            "import os, pwd, subprocess\n\
+             print(pwd.getpwuid(os.geteuid()).pw_name, os.environ['HOME'], os.getcwd())\n\
+             open('f', 'w').write('x')\n\
+             print(os.stat('f').st_uid)\n\
+             subprocess.run(['id', '-u'])",
+            [
+                "user /home/user /home/user\n1000\n1000\n",
+                "root /root /home/user\n0\n0\n",
+            ],
+        ),
+        (
+            "node",
+            "console.log(os.userInfo().username, process.env.HOME, process.cwd());\n\
+             fs.writeFileSync('f', 'x');\n\
+             console.log(fs.statSync('f').uid);",
+            ["user /home/user /home/user\n1000\n", "root /root /home/user\n0\n"],
+        ),
+        (
+            "bash",
+            "echo $(id -un) $HOME $PWD; echo x > f; stat -c %u f",
+            ["user /home/user /home/user\n1000\n", "root /root /home/user\n0\n"],
+        ),
+    ];
+    for (language, code, [as_user, as_root]) in cases {
+        let create = serde_json::json!({"language": language}).to_string();
+        let r = server.call("POST", "/v1/sandboxes", Some(&create), None);
+        assert_eq!(r.status, 201, "{language}: {}", r.text);
+        let id = r.json()["id"].as_str().expect("id").to_string();
+        let exec = |body: serde_json::Value| {
+            let r = server.call(
+                "POST",
+                &format!("/v1/sandboxes/{id}/exec"),
+                Some(&body.to_string()),
+                None,
+            );
+            assert_eq!(r.status, 200, "{language}: {}", r.text);
+            r.json()
+        };
+        // rm first: a file another user made is not ours to overwrite.
+        let rm = match language {
+            "python" => "import os\nif os.path.exists('f'): os.remove('f')\n",
+            "node" => "fs.rmSync('f', {force: true});\n",
+            _ => "rm -f f; ",
+        };
+        for (user, expected) in [(None, as_user), (Some("root"), as_root), (None, as_user)] {
+            let v = exec(serde_json::json!({"code": format!("{rm}{code}"), "user": user}));
+            assert_eq!(v["stdout"], expected, "{language} as {user:?}: {v}");
+        }
+        server.call("DELETE", &format!("/v1/sandboxes/{id}"), None, None);
+        // A one-shot run as root.
+        let body = serde_json::json!({"code": code, "language": language, "user": "root"});
+        let v = server.call("POST", "/v1/exec", Some(&body.to_string()), None).json();
+        assert_eq!(v["stdout"], as_root, "{language}: {v}");
+    }
+}
+
+/// Rich results come back as Jupyter gives them: the value of the last
+/// expression and every display(), in the lean python template; a pandas
+/// table as HTML and a figure left open as a PNG in `code-interpreter`,
+/// through the server and through `zeroboot run --results`.
+#[test]
+fn rich_results_come_back_as_jupyter_gives_them() {
+    build_template(&TemplateSpec::builtin("code-interpreter").expect("code-interpreter"));
+    let server = Server::start(&["--template", "python", "--template", "code-interpreter"]);
+    let run = |template: &str, code: &str| {
+        let body = serde_json::json!({"code": code, "template": template}).to_string();
+        let r = server.call("POST", "/v1/exec", Some(&body), None);
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.json()
+    };
+    let v = run("python", "print(1+1)");
+    assert_eq!(v["results"], serde_json::json!([]), "{v}");
+    let v = run("python", "display({'a': 1})\nx = 6 * 7\nx");
+    assert_eq!(
+        v["results"],
+        serde_json::json!([
+            {"type": "display_data", "data": {"text/plain": "{'a': 1}"}},
+            {"type": "execute_result", "data": {"text/plain": "42"}},
+        ]),
+        "{v}"
+    );
+    let code = "import matplotlib.pyplot as plt\nimport pandas as pd\n\
+                plt.plot([1, 3, 2])\npd.DataFrame({'a': [1, 2]})";
+    let v = run("code-interpreter", code);
+    assert_eq!(v["exit_code"], 0, "{v}");
+    let results = v["results"].as_array().expect("results");
+    assert_eq!(results.len(), 2, "{v}");
+    assert_eq!(results[0]["type"], "execute_result");
+    assert!(
+        results[0]["data"]["text/html"]
+            .as_str()
+            .unwrap_or("")
+            .contains("<table"),
+        "{v}"
+    );
+    assert!(
+        results[0]["data"]["text/plain"].as_str().unwrap_or("").contains('a'),
+        "{v}"
+    );
+    assert_eq!(results[1]["type"], "display_data");
+    let png = results[1]["data"]["image/png"].as_str().expect("a PNG");
+    use base64::Engine;
+    let png = base64::engine::general_purpose::STANDARD.decode(png).expect("base64");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+
+    let dir = std::env::temp_dir().join(format!("zeroboot-results-{}", std::process::id()));
+    let out = std::process::Command::new(zeroboot_bin())
+        .args(["run", "--template", "code-interpreter", "--results"])
+        .arg(&dir)
+        .args(["-c", code])
+        .output()
+        .expect("zeroboot run");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("result 1 execute_result") && stdout.contains("result 2 display_data"),
+        "{stdout}"
+    );
+    let written = std::fs::read(dir.join("result-2.png")).expect("the figure's file");
+    assert!(written.starts_with(b"\x89PNG"), "not a PNG");
+    assert!(std::fs::read_to_string(dir.join("result-1.html"))
+        .expect("the table's file")
+        .contains("<table"));
+    std::fs::remove_dir_all(&dir).expect("cleanup");
 }

@@ -1,5 +1,5 @@
-//! `--env NAME=VALUE` and `--cwd DIR`: where code runs and what environment
-//! it sees, for `zeroboot run`, `zeroboot exec` and `zeroboot sandbox create`.
+//! `--env NAME=VALUE`, `--cwd DIR` and `--user`: where code runs, what
+//! environment it sees and who it runs as, for `zeroboot run`, `zeroboot exec` and `zeroboot sandbox create`.
 
 use anyhow::{anyhow, Result};
 use serde_json::{json, Value};
@@ -13,6 +13,9 @@ pub struct ContextArgs {
     /// Working directory of the code.
     #[arg(long, value_name = "DIR")]
     cwd: Option<String>,
+    /// Who the code runs as: `user` (uid 1000, the default) or `root`.
+    #[arg(long, value_name = "user|root")]
+    user: Option<String>,
 }
 
 impl ContextArgs {
@@ -20,6 +23,7 @@ impl ContextArgs {
     pub fn context(&self) -> Result<Context> {
         let mut context = Context {
             cwd: self.cwd.clone(),
+            user: self.user.clone(),
             ..Context::default()
         };
         for pair in &self.env {
@@ -40,6 +44,9 @@ impl ContextArgs {
         }
         if let Some(cwd) = context.cwd {
             body["cwd"] = json!(cwd);
+        }
+        if let Some(user) = context.user {
+            body["user"] = json!(user);
         }
         Ok(body)
     }

@@ -6,6 +6,7 @@ mod context_args;
 mod fork_memory;
 mod pages;
 mod progress;
+mod results;
 mod serve;
 
 use std::io::{Read, Write};
@@ -111,6 +112,10 @@ struct RunArgs {
     max_output: u32,
     #[command(flatten)]
     context: context_args::ContextArgs,
+    /// Write rich results (images, HTML) into DIR, and print one line per
+    /// result after the output.
+    #[arg(long, value_name = "DIR")]
+    results: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -429,9 +434,13 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         Err(e) => return Err(e.into()),
     };
     let total = started.elapsed();
+    if let Some(dir) = &args.results {
+        results::write(dir, &response.results)?;
+    }
     for (name, truncated) in [
         ("stdout", response.stdout_truncated),
         ("stderr", response.stderr_truncated),
+        ("results", response.results_truncated),
     ] {
         if truncated {
             eprintln!("zeroboot: {name} truncated at {} bytes (--max-output)", args.max_output);

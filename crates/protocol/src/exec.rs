@@ -43,7 +43,16 @@ pub struct Context {
     /// Environment variables to set.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Who the code runs as: [`USER`] (the default) or [`ROOT`].
+    #[serde(default)]
+    pub user: Option<String>,
 }
+
+/// The unprivileged user code runs as unless a request asks for root
+/// (`user`, uid 1000, home /home/user), as in E2B's sandboxes.
+pub const USER: &str = "user";
+/// The guest's root.
+pub const ROOT: &str = "root";
 
 /// Why a [`Context`] cannot be sent to a guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -54,11 +63,13 @@ pub enum ContextError {
     EnvValue(String),
     #[error("cwd is empty or has a NUL byte")]
     Cwd,
+    #[error("user {0:?} is neither \"user\" nor \"root\"")]
+    User(String),
 }
 
 impl Context {
     pub fn is_empty(&self) -> bool {
-        self.cwd.is_none() && self.env.is_empty()
+        self.cwd.is_none() && self.env.is_empty() && self.user.is_none()
     }
 
     /// The names a shell can export, values and a path a C string can hold.
@@ -66,6 +77,11 @@ impl Context {
         if let Some(cwd) = &self.cwd {
             if cwd.is_empty() || cwd.contains('\0') {
                 return Err(ContextError::Cwd);
+            }
+        }
+        if let Some(user) = &self.user {
+            if user != USER && user != ROOT {
+                return Err(ContextError::User(user.clone()));
             }
         }
         for (name, value) in &self.env {
@@ -88,19 +104,22 @@ impl Context {
         Context {
             cwd: other.cwd.clone().or_else(|| self.cwd.clone()),
             env,
+            user: other.user.clone().or_else(|| self.user.clone()),
         }
     }
 
     /// The mailbox encoding (see [`crate::header::CONTEXT_LEN`]): nothing
-    /// for an empty context, else NUL-terminated records, the working
-    /// directory first (empty: unchanged), then one `NAME=value` per
-    /// variable.
+    /// for an empty context, else NUL-terminated records: the working
+    /// directory (empty: unchanged), the user (empty: the sandbox's
+    /// default), then one `NAME=value` per variable.
     pub fn encode(&self) -> Vec<u8> {
         if self.is_empty() {
             return Vec::new();
         }
         let mut out = Vec::new();
         out.extend_from_slice(self.cwd.as_deref().unwrap_or("").as_bytes());
+        out.push(0);
+        out.extend_from_slice(self.user.as_deref().unwrap_or("").as_bytes());
         out.push(0);
         for (name, value) in &self.env {
             out.extend_from_slice(name.as_bytes());
@@ -121,13 +140,15 @@ impl Context {
         let mut records = body.split(|&b| b == 0);
         let text = |r: &[u8]| String::from_utf8(r.to_vec()).map_err(|_| bad("not UTF-8"));
         let cwd = records.next().map(text).transpose()?.filter(|c| !c.is_empty());
+        let user = records.next().ok_or_else(|| bad("no user record")).and_then(text)?;
+        let user = Some(user).filter(|u| !u.is_empty());
         let mut env = BTreeMap::new();
         for record in records {
             let record = text(record)?;
             let (name, value) = record.split_once('=').ok_or_else(|| bad("a variable without ="))?;
             env.insert(name.to_string(), value.to_string());
         }
-        let context = Self { cwd, env };
+        let context = Self { cwd, env, user };
         context
             .validate()
             .map_err(|e| ProtocolError::BadContext(e.to_string()))?;
@@ -153,6 +174,8 @@ impl Request {
 pub struct Chunk {
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// Rich results displayed since the last chunk (see [`Outcome::results`]).
+    pub results: Vec<u8>,
 }
 
 /// What the agent answered: the whole of the output, capped per stream.
@@ -161,8 +184,16 @@ pub struct Outcome {
     pub exit_code: i32,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// Rich results, as Jupyter gives them: one JSON object a line,
+    /// `{"type": "execute_result" | "display_data", "data": {MIME type:
+    /// value}}`, images base64. The value of the code's last expression and
+    /// whatever it displayed (Python; other runtimes send none). Written by
+    /// the guest: whoever parses it must expect anything.
+    pub results: Vec<u8>,
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
+    /// Results past the output limit were dropped.
+    pub results_truncated: bool,
 }
 
 /// Why a guest did not answer a request: its code's doing (or a hostile

@@ -6,9 +6,9 @@
 //! next to the agents instead ([`FILES`]), so every constant has one source.
 
 use crate::{
-    header, Doorbell, ENTROPY_ENTRY_LEN, FLAG_MORE, FLAG_STDERR_TRUNCATED, FLAG_STDOUT_TRUNCATED, MAGIC, MAILBOX_SIZE,
-    MAX_ENTROPY_REGIONS, MAX_OUTPUT_LIMIT, REQUEST_CAPACITY, REQUEST_FRESH_FORK, REQUEST_OFFSET, REQUEST_STREAM,
-    RESPONSE_CAPACITY, RESPONSE_OFFSET, VERSION,
+    header, Doorbell, ENTROPY_ENTRY_LEN, FLAG_MORE, FLAG_RESULTS_TRUNCATED, FLAG_STDERR_TRUNCATED,
+    FLAG_STDOUT_TRUNCATED, MAGIC, MAILBOX_SIZE, MAX_ENTROPY_REGIONS, MAX_OUTPUT_LIMIT, REQUEST_CAPACITY,
+    REQUEST_FRESH_FORK, REQUEST_OFFSET, REQUEST_STREAM, RESPONSE_CAPACITY, RESPONSE_OFFSET, VERSION,
 };
 
 /// How a constant is named and typed in the guests' languages.
@@ -106,7 +106,9 @@ pub const LAYOUT: &[Constant] = &[
     header("REQUEST_FLAGS", header::REQUEST_FLAGS,
         "u32, host to guest: REQUEST_STREAM."),
     header("CONTEXT_LEN", header::CONTEXT_LEN,
-        "u32, host to guest: bytes of the context after code and stdin (cwd, then NAME=value, each NUL-terminated); 0 for none."),
+        "u32, host to guest: bytes of the context after code and stdin (cwd, user, then NAME=value, each NUL-terminated); 0 for none."),
+    header("RESULTS_LEN", header::RESULTS_LEN,
+        "u32, guest to host: bytes of rich results (JSON lines) after stderr; 0 for none."),
     header("BOOT_SEED", header::BOOT_SEED,
         "Host to guest at boot: entropy to credit to the kernel CRNG."),
     int("BOOT_SEED_LEN", header::BOOT_SEED_LEN as u64,
@@ -130,13 +132,15 @@ pub const LAYOUT: &[Constant] = &[
     unsigned("RESPONSE_OFFSET", RESPONSE_OFFSET as u64,
         "A response chunk's stdout, then its stderr, start here."),
     unsigned("RESPONSE_CAPACITY", RESPONSE_CAPACITY as u64,
-        "Room for stdout plus stderr in one chunk."),
+        "Room for stdout, stderr and results in one chunk."),
     unsigned("FLAG_STDOUT_TRUNCATED", FLAG_STDOUT_TRUNCATED as u64,
         "RESPONSE_FLAGS: stdout was cut at the limit."),
     unsigned("FLAG_STDERR_TRUNCATED", FLAG_STDERR_TRUNCATED as u64,
         "RESPONSE_FLAGS: stderr was cut at the limit."),
     unsigned("FLAG_MORE", FLAG_MORE as u64,
         "RESPONSE_FLAGS: more chunks of this response follow."),
+    unsigned("FLAG_RESULTS_TRUNCATED", FLAG_RESULTS_TRUNCATED as u64,
+        "RESPONSE_FLAGS: results were cut at the limit."),
     unsigned("REQUEST_STREAM", REQUEST_STREAM as u64,
         "REQUEST_FLAGS: send output as it is written."),
     unsigned("REQUEST_FRESH_FORK", REQUEST_FRESH_FORK as u64,

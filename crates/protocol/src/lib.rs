@@ -56,6 +56,9 @@ pub mod header {
     /// working directory and environment), after code and stdin; 0 for
     /// none, which an agent checks before anything else about it.
     pub const CONTEXT_LEN: usize = 48;
+    /// Guest → host: bytes of rich results (see [`crate::exec::Outcome`])
+    /// after stdout and stderr in this chunk; 0 for none.
+    pub const RESULTS_LEN: usize = 52;
     /// Host → guest at boot: entropy the agent credits to the kernel CRNG.
     pub const BOOT_SEED: usize = 64;
     pub const BOOT_SEED_LEN: usize = 64;
@@ -90,6 +93,7 @@ pub const FLAG_STDOUT_TRUNCATED: u32 = 1 << 0;
 pub const FLAG_STDERR_TRUNCATED: u32 = 1 << 1;
 /// This is not the last chunk of the response.
 pub const FLAG_MORE: u32 = 1 << 2;
+pub const FLAG_RESULTS_TRUNCATED: u32 = 1 << 3;
 
 /// `REQUEST_FLAGS` bit: send output as it is written (a chunk, with
 /// [`FLAG_MORE`], when a line completes), not only at the end.
@@ -133,8 +137,10 @@ pub enum ProtocolError {
     RequestTooLarge(usize),
     #[error("guest answered sequence {got}, expected {expected}")]
     Sequence { expected: u32, got: u32 },
-    #[error("guest reported {stdout} + {stderr} output bytes, more than the {RESPONSE_CAPACITY} the mailbox holds")]
-    ResponseTooLarge { stdout: u32, stderr: u32 },
+    #[error(
+        "guest reported {stdout} + {stderr} + {results} output bytes, more than the {RESPONSE_CAPACITY} the mailbox holds"
+    )]
+    ResponseTooLarge { stdout: u32, stderr: u32, results: u32 },
     #[error("output limit {0} is outside 0..={MAX_OUTPUT_LIMIT}")]
     BadOutputLimit(u32),
     #[error("guest sent more than the {0}-byte output limit")]
@@ -304,6 +310,8 @@ pub struct ResponsePart<'a> {
     pub exit_code: i32,
     pub stdout: &'a [u8],
     pub stderr: &'a [u8],
+    /// Rich results, as JSON lines (see [`Outcome::results`]).
+    pub results: &'a [u8],
     pub flags: u32,
 }
 
@@ -318,6 +326,7 @@ impl ResponsePart<'_> {
         Chunk {
             stdout: self.stdout.to_vec(),
             stderr: self.stderr.to_vec(),
+            results: self.results.to_vec(),
         }
     }
 }
@@ -327,15 +336,19 @@ impl Outcome {
     /// either stream (it was told the limit in the request).
     pub fn append(&mut self, chunk: &ResponsePart<'_>, limit: u32) -> Result<(), ProtocolError> {
         let limit_bytes = limit as usize;
-        if self.stdout.len() + chunk.stdout.len() > limit_bytes || self.stderr.len() + chunk.stderr.len() > limit_bytes
+        if self.stdout.len() + chunk.stdout.len() > limit_bytes
+            || self.stderr.len() + chunk.stderr.len() > limit_bytes
+            || self.results.len() + chunk.results.len() > limit_bytes
         {
             return Err(ProtocolError::OutputOverLimit(limit));
         }
         self.stdout.extend_from_slice(chunk.stdout);
         self.stderr.extend_from_slice(chunk.stderr);
+        self.results.extend_from_slice(chunk.results);
         self.exit_code = chunk.exit_code;
         self.stdout_truncated |= chunk.flags & FLAG_STDOUT_TRUNCATED != 0;
         self.stderr_truncated |= chunk.flags & FLAG_STDERR_TRUNCATED != 0;
+        self.results_truncated |= chunk.flags & FLAG_RESULTS_TRUNCATED != 0;
         Ok(())
     }
 }
@@ -350,19 +363,23 @@ pub fn read_chunk(mailbox: &[u8], seq: u32) -> Result<ResponsePart<'_>, Protocol
     }
     let stdout_len = read_u32(mailbox, header::STDOUT_LEN);
     let stderr_len = read_u32(mailbox, header::STDERR_LEN);
-    let total = stdout_len as usize + stderr_len as usize;
+    let results_len = read_u32(mailbox, header::RESULTS_LEN);
+    let total = stdout_len as usize + stderr_len as usize + results_len as usize;
     if total > RESPONSE_CAPACITY {
         return Err(ProtocolError::ResponseTooLarge {
             stdout: stdout_len,
             stderr: stderr_len,
+            results: results_len,
         });
     }
     let out_end = RESPONSE_OFFSET + stdout_len as usize;
     let err_end = out_end + stderr_len as usize;
+    let results_end = err_end + results_len as usize;
     Ok(ResponsePart {
         exit_code: read_u32(mailbox, header::EXIT_CODE) as i32,
         stdout: &mailbox[RESPONSE_OFFSET..out_end],
         stderr: &mailbox[out_end..err_end],
+        results: &mailbox[err_end..results_end],
         flags: read_u32(mailbox, header::RESPONSE_FLAGS),
     })
 }
@@ -370,19 +387,23 @@ pub fn read_chunk(mailbox: &[u8], seq: u32) -> Result<ResponsePart<'_>, Protocol
 /// The guest side of [`read_chunk`], used by tests and by Rust agents.
 pub fn write_chunk(mailbox: &mut [u8], seq: u32, chunk: &ResponsePart<'_>) -> Result<(), ProtocolError> {
     check(mailbox)?;
-    let total = chunk.stdout.len() + chunk.stderr.len();
+    let total = chunk.stdout.len() + chunk.stderr.len() + chunk.results.len();
     if total > RESPONSE_CAPACITY {
         return Err(ProtocolError::ResponseTooLarge {
             stdout: chunk.stdout.len() as u32,
             stderr: chunk.stderr.len() as u32,
+            results: chunk.results.len() as u32,
         });
     }
     let out_end = RESPONSE_OFFSET + chunk.stdout.len();
+    let err_end = out_end + chunk.stderr.len();
     mailbox[RESPONSE_OFFSET..out_end].copy_from_slice(chunk.stdout);
-    mailbox[out_end..out_end + chunk.stderr.len()].copy_from_slice(chunk.stderr);
+    mailbox[out_end..err_end].copy_from_slice(chunk.stderr);
+    mailbox[err_end..err_end + chunk.results.len()].copy_from_slice(chunk.results);
     write_u32(mailbox, header::EXIT_CODE, chunk.exit_code as u32);
     write_u32(mailbox, header::STDOUT_LEN, chunk.stdout.len() as u32);
     write_u32(mailbox, header::STDERR_LEN, chunk.stderr.len() as u32);
+    write_u32(mailbox, header::RESULTS_LEN, chunk.results.len() as u32);
     write_u32(mailbox, header::RESPONSE_FLAGS, chunk.flags);
     write_u32(mailbox, header::RESPONSE_SEQ, seq);
     Ok(())
@@ -437,14 +458,15 @@ mod tests {
             context: Context {
                 cwd: Some("/home/user".into()),
                 env: [("A".to_string(), "1=2".to_string()), ("_B".to_string(), String::new())].into(),
+                user: Some(exec::ROOT.into()),
             },
         };
         let seq = write_request(&mut m, &request, &SEED, false).unwrap();
         assert_eq!(seq, 1);
-        assert_eq!(read_u32(&m, header::CONTEXT_LEN), 21);
+        assert_eq!(read_u32(&m, header::CONTEXT_LEN), 26);
         assert_eq!(
-            &m[REQUEST_OFFSET + 10..REQUEST_OFFSET + 31],
-            b"/home/user\0A=1=2\0_B=\0"
+            &m[REQUEST_OFFSET + 10..REQUEST_OFFSET + 36],
+            b"/home/user\0root\0A=1=2\0_B=\0"
         );
         assert_eq!(read_request(&m).unwrap(), (1, request));
         assert_eq!(read_u32(&m, header::REQUEST_FLAGS), REQUEST_STREAM);
@@ -466,31 +488,35 @@ mod tests {
             exit_code: 0,
             stdout: b"out",
             stderr: b"",
+            results: b"{\"type\": \"display_data\"}\n",
             flags: FLAG_MORE,
         };
         write_chunk(&mut m, 9, &first).unwrap();
         let chunk = read_chunk(&m, 9).unwrap();
         assert_eq!(chunk, first);
         assert!(chunk.more());
-        response.append(&chunk, 10).unwrap();
+        response.append(&chunk, 30).unwrap();
         let last = ResponsePart {
             exit_code: -3,
             stdout: b"put",
             stderr: b"err",
+            results: b"",
             flags: FLAG_STDOUT_TRUNCATED,
         };
         write_chunk(&mut m, 9, &last).unwrap();
         let chunk = read_chunk(&m, 9).unwrap();
         assert!(!chunk.more());
-        response.append(&chunk, 10).unwrap();
+        response.append(&chunk, 30).unwrap();
         assert_eq!(
             response,
             Outcome {
                 exit_code: -3,
                 stdout: b"output".to_vec(),
                 stderr: b"err".to_vec(),
+                results: b"{\"type\": \"display_data\"}\n".to_vec(),
                 stdout_truncated: true,
                 stderr_truncated: false,
+                results_truncated: false,
             }
         );
         // A guest that ignores the limit is refused.
@@ -512,6 +538,9 @@ mod tests {
         assert!(matches!(read_chunk(&m, 5), Err(ProtocolError::ResponseTooLarge { .. })));
         write_u32(&mut m, header::STDOUT_LEN, RESPONSE_CAPACITY as u32);
         write_u32(&mut m, header::STDERR_LEN, 1);
+        assert!(matches!(read_chunk(&m, 5), Err(ProtocolError::ResponseTooLarge { .. })));
+        write_u32(&mut m, header::STDERR_LEN, 0);
+        write_u32(&mut m, header::RESULTS_LEN, u32::MAX);
         assert!(matches!(read_chunk(&m, 5), Err(ProtocolError::ResponseTooLarge { .. })));
         write_u32(&mut m, header::CODE_LEN, u32::MAX);
         assert!(read_request(&m).is_err());

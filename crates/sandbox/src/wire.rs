@@ -182,6 +182,7 @@ mod tests {
             context: zeroboot_protocol::Context {
                 cwd: Some("/tmp".into()),
                 env: [("A".to_string(), "1".to_string())].into(),
+                user: Some("root".into()),
             },
             ..request.clone()
         };

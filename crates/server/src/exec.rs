@@ -61,6 +61,10 @@ pub struct ExecRequest {
     /// exit code 1 and says so on stderr.
     #[serde(default)]
     pub cwd: Option<String>,
+    /// Who the code runs as: `user` (uid 1000, home /home/user; the
+    /// default) or `root`.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 impl ExecRequest {
@@ -75,6 +79,7 @@ impl ExecRequest {
             stream: false,
             env: BTreeMap::new(),
             cwd: None,
+            user: None,
         }
     }
 
@@ -83,6 +88,7 @@ impl ExecRequest {
         Context {
             cwd: self.cwd.clone(),
             env: self.env.clone(),
+            user: self.user.clone(),
         }
     }
 }
@@ -105,9 +111,39 @@ pub struct ExecResponse {
     pub exec_time_ms: f64,
     pub total_time_ms: f64,
     pub timed_out: bool,
-    /// stdout or stderr was cut at the output limit.
+    /// stdout, stderr or results were cut at the output limit.
     pub truncated: bool,
     pub template: String,
+    /// Rich results, as Jupyter gives them (Python: the value of the last
+    /// expression, then what the code displayed and the matplotlib figures
+    /// it left open); empty in the other runtimes.
+    #[serde(default)]
+    pub results: Vec<RichResult>,
+}
+
+/// One rich result: `execute_result` (the value of the code's last
+/// expression) or `display_data` (`display(x)`, a figure), with its
+/// representations by MIME type: `text/plain` always, `text/html`,
+/// `image/png` (base64), `application/json`, ... where the object has them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct RichResult {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[schema(value_type = Object)]
+    pub data: serde_json::Map<String, serde_json::Value>,
+}
+
+impl RichResult {
+    /// The results in what the guest sent (one JSON object a line); a line
+    /// that is not a result, which only a broken or hostile guest sends, is
+    /// left out.
+    pub fn parse_lines(bytes: &[u8]) -> Vec<Self> {
+        bytes
+            .split(|&b| b == b'\n')
+            .filter_map(|line| serde_json::from_slice::<Self>(line).ok())
+            .filter(|r| r.kind == "execute_result" || r.kind == "display_data")
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -145,8 +181,9 @@ impl AppState {
     }
 
     /// [`AppState::execute`] as Server-Sent Events: `stdout` and `stderr`
-    /// events (`{"data": text}`) as the guest writes, then one `result`
-    /// event (the usual response) or `error` event. Errors found before the
+    /// events (`{"data": text}`) as the guest writes, `display` events (a
+    /// [`RichResult`]) as it displays, then one `result` event (the usual
+    /// response, every result included) or `error` event. Errors found before the
     /// sandbox starts are ordinary JSON errors.
     pub async fn execute_streaming(self: &Arc<Self>, mut req: ExecRequest) -> Result<Response, ApiError> {
         use axum::response::sse::{Event, KeepAlive, Sse};
@@ -164,12 +201,23 @@ impl AppState {
                 }
                 Event::default().event(name).json_data(data)
             };
+            // Results arrive as JSON lines, which a chunk may cut.
+            let mut partial_results = Vec::new();
             let mut on_chunk = |chunk: Chunk| {
                 // A client that went away stops reading; the code still ends
                 // at its deadline and the sandbox is released.
                 for (name, text) in [("stdout", &chunk.stdout), ("stderr", &chunk.stderr)] {
                     if !text.is_empty() {
                         if let Ok(e) = event(name, text) {
+                            let _ = tx.blocking_send(e);
+                        }
+                    }
+                }
+                partial_results.extend_from_slice(&chunk.results);
+                if let Some(end) = partial_results.iter().rposition(|&b| b == b'\n') {
+                    let complete: Vec<u8> = partial_results.drain(..=end).collect();
+                    for result in RichResult::parse_lines(&complete) {
+                        if let Ok(e) = Event::default().event("display").json_data(&result) {
                             let _ = tx.blocking_send(e);
                         }
                     }
@@ -279,5 +327,26 @@ impl AppState {
         self.validate_context(&req.context())?;
         let served = self.resolve(&req.language, req.template.as_ref())?;
         Ok((timeout, served, self.slot().await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RichResult;
+
+    #[test]
+    fn results_are_read_line_by_line_and_garbage_is_left_out() {
+        let lines = b"{\"type\": \"execute_result\", \"data\": {\"text/plain\": \"42\"}}\n\
+            not json\n\
+            {\"type\": \"rm -rf\", \"data\": {}}\n\
+            {\"type\": \"display_data\"}\n\
+            \xff\xfe\n\
+            {\"type\": \"display_data\", \"data\": {\"image/png\": \"iVBO\", \"text/plain\": \"<Figure>\"}}";
+        let results = RichResult::parse_lines(lines);
+        let kinds: Vec<&str> = results.iter().map(|r| r.kind.as_str()).collect();
+        assert_eq!(kinds, ["execute_result", "display_data"]);
+        assert_eq!(results[0].data["text/plain"], "42");
+        assert_eq!(results[1].data["image/png"], "iVBO");
+        assert!(RichResult::parse_lines(b"").is_empty());
     }
 }

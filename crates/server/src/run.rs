@@ -11,7 +11,7 @@ use zeroboot_sandbox::{Sandbox, SandboxError};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::exec::{ExecRequest, ExecResponse};
+use crate::exec::{ExecRequest, ExecResponse, RichResult};
 use crate::metrics::{Memory, Outcome};
 use crate::served::{random_id, Served};
 use crate::state::AppState;
@@ -32,7 +32,8 @@ fn guest_request(req: &ExecRequest, defaults: &Context, output_limit: u32) -> Re
 pub(crate) enum CallDefaults {
     /// The session's (user code).
     Session,
-    /// The agent's own: the files API, whose paths must not depend on them.
+    /// The agent's own, as the session's user: the files API, whose paths
+    /// must not depend on the session's directory and environment.
     Agent,
 }
 
@@ -125,13 +126,15 @@ impl AppState {
             timed_out: false,
             truncated: false,
             template: template.to_string(),
+            results: Vec::new(),
         };
         match result {
             Ok(r) => {
                 (response.stdout, response.stdout_base64) = text_and_bytes(&r.stdout);
                 (response.stderr, response.stderr_base64) = text_and_bytes(&r.stderr);
                 response.exit_code = r.exit_code;
-                response.truncated = r.stdout_truncated || r.stderr_truncated;
+                response.truncated = r.stdout_truncated || r.stderr_truncated || r.results_truncated;
+                response.results = RichResult::parse_lines(&r.results);
                 (Ok(response), true)
             }
             Err(SandboxError::Guest(GuestFault::Timeout(_))) => {
@@ -173,7 +176,10 @@ impl AppState {
         let output_limit = self.limits.max_output_bytes;
         let context = match defaults {
             CallDefaults::Session => session.context.clone(),
-            CallDefaults::Agent => Context::default(),
+            CallDefaults::Agent => Context {
+                user: session.context.user.clone(),
+                ..Context::default()
+            },
         };
         let (outcome, usable) = session
             .call(move |machine| {

@@ -46,6 +46,10 @@ pub struct CreateSandbox {
     /// unless a call gives its own.
     #[serde(default)]
     pub cwd: Option<String>,
+    /// Who every call runs as, unless a call says: `user` (the default)
+    /// or `root`.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -61,6 +65,9 @@ pub struct SandboxExec {
     /// Working directory for this call, instead of the sandbox's.
     #[serde(default)]
     pub cwd: Option<String>,
+    /// Who this call runs as, instead of the sandbox's user.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -102,6 +109,7 @@ pub(crate) async fn create_sandbox(
     let context = Context {
         cwd: req.cwd,
         env: req.env,
+        user: req.user,
     };
     state.validate_context(&context)?;
     let ttl = match req.ttl_seconds {
@@ -188,7 +196,7 @@ pub(crate) async fn sandbox_exec(
 ) -> Result<Json<ExecResponse>, ApiError> {
     let Json(req) = body?;
     let mut exec = ExecRequest::in_sandbox(req.code, req.timeout_seconds, req.stdin);
-    (exec.env, exec.cwd) = (req.env, req.cwd);
+    (exec.env, exec.cwd, exec.user) = (req.env, req.cwd, req.user);
     Ok(Json(
         state.exec_in_session(&id, caller, exec, CallDefaults::Session).await?,
     ))

@@ -92,6 +92,9 @@ pub fn root_image_hash(spec: &TemplateSpec, base_hash: &str) -> String {
         .add_files(spec.runtime.descriptor().agent_sources)
         .add(b"mkfs", MKFS_ARGS.join(" ").as_bytes())
         .add(b"cc", CC_ARGS.join(" ").as_bytes());
+    for (file, line) in USER_ACCOUNT {
+        h.add(file.as_bytes(), line.as_bytes());
+    }
     // Not in the agent sources, yet the agents are built from them.
     for (name, render) in guest_layout::FILES {
         h.add(name.as_bytes(), render().as_bytes());
@@ -100,6 +103,38 @@ pub fn root_image_hash(spec: &TemplateSpec, base_hash: &str) -> String {
         h.add(name.as_bytes(), contents.as_bytes());
     }
     h.finish()
+}
+
+/// The account code runs as by default (ZB_USER_UID in
+/// guest/agent/native/guest.h): lines added to the base's account files.
+/// Its home, /home/user, is a tmpfs the agents mount over the image's
+/// empty directory.
+const USER_ACCOUNT: [(&str, &str); 3] = [
+    (
+        "etc/passwd",
+        "user:x:1000:1000:zeroboot sandbox user:/home/user:/bin/bash\n",
+    ),
+    ("etc/group", "user:x:1000:\n"),
+    ("etc/shadow", "user:!:20000:0:99999:7:::\n"),
+];
+
+/// Adds [`USER_ACCOUNT`] to the image staged at `stage`, and its home.
+fn add_user_account(stage: &Path) -> Result<(), CacheError> {
+    use std::io::Write;
+    for (file, line) in USER_ACCOUNT {
+        let path = stage.join(file);
+        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        if text.lines().any(|l| l.starts_with("user:")) {
+            continue;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        f.write_all(line.as_bytes()).map_err(io_err(&path))?;
+    }
+    let home = stage.join("home/user");
+    std::fs::create_dir_all(&home).map_err(io_err(&home))
 }
 
 /// How the native halves of the agents are compiled: a
@@ -246,6 +281,7 @@ pub fn ensure_root_image(
             &log,
             progress,
         )?;
+        add_user_account(&stage)?;
         install_agent(spec, dir, &stage.join("zeroboot"), progress)?;
         let image = dir.join("root.erofs");
         let mut args: Vec<&Path> = MKFS_ARGS.iter().map(Path::new).collect();

@@ -79,6 +79,10 @@ const BUILTIN: &[(&str, &str)] = &[
     ("python", include_str!("../../../templates/python.toml")),
     ("node", include_str!("../../../templates/node.toml")),
     ("bash", include_str!("../../../templates/bash.toml")),
+    (
+        "code-interpreter",
+        include_str!("../../../templates/code-interpreter.toml"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

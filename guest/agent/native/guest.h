@@ -21,6 +21,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <grp.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -29,7 +30,17 @@
 
 #include "zeroboot_mailbox.h"
 
-/* Mounts /proc, /sys, /dev, /tmp and /run; returns how many failed. */
+/* The unprivileged user code runs as by default, as in E2B's sandboxes:
+ * `user`, uid and gid 1000, home /home/user (a tmpfs of its own; the root
+ * image adds the account). Its saved user ID stays 0, so the agent can
+ * become root again for a request that asks to run as root, and so can
+ * the code itself, as with E2B's passwordless sudo: a guest is a VM, and
+ * its root is no key to the host. */
+#define ZB_USER_UID 1000u
+#define ZB_USER_HOME "/home/user"
+
+/* Mounts /proc, /sys, /dev, /tmp, /run and /home/user; returns how many
+ * failed. */
 static inline int zb_mount_kernel_filesystems(void)
 {
     static const char *const mounts[][4] = {
@@ -38,6 +49,7 @@ static inline int zb_mount_kernel_filesystems(void)
         {"devtmpfs", "/dev", "devtmpfs", NULL},
         {"tmpfs", "/tmp", "tmpfs", "mode=1777"},
         {"tmpfs", "/run", "tmpfs", "mode=755"},
+        {"tmpfs", ZB_USER_HOME, "tmpfs", "mode=755,uid=1000,gid=1000"},
     };
     int failed = 0;
     for (size_t i = 0; i < sizeof mounts / sizeof mounts[0]; i++) {
@@ -56,6 +68,19 @@ static inline int zb_mount_kernel_filesystems(void)
 #define ZB_CHILD_OUTPUT_DIR "/run/zeroboot-children"
 #define ZB_CHILD_OUTPUT_BYTES (2ull * ZB_MAX_OUTPUT_LIMIT + (1u << 20))
 
+/* Makes this process run as `uid` (0 or ZB_USER_UID, whose gid is the
+ * same), keeping 0 as its saved user and group IDs, from root or from
+ * either of those. Returns 0, or -1 with errno set. */
+static inline int zb_switch_user(uint32_t uid)
+{
+    /* Allowed while the saved user ID is 0; gids and groups need it. */
+    if (setresuid((uid_t)-1, 0, (uid_t)-1) != 0)
+        return -1;
+    if (setgroups(0, NULL) != 0 || setresgid(uid, uid, 0) != 0)
+        return -1;
+    return setresuid(uid, uid, 0);
+}
+
 /* Points this process's fds 1 and 2 at ZB_CHILD_OUTPUT_DIR/stdout and
  * /stderr (opened O_APPEND: children write at the end, however many share
  * them) and fd 0 at /dev/null, so child processes inherit them; stores
@@ -66,12 +91,23 @@ static inline int zb_mount_kernel_filesystems(void)
 static inline int zb_capture_child_output(int read_fds[2])
 {
     static const char *const names[2] = {ZB_CHILD_OUTPUT_DIR "/stdout", ZB_CHILD_OUTPUT_DIR "/stderr"};
-    char options[64];
-    snprintf(options, sizeof options, "size=%llu,mode=700", (unsigned long long)ZB_CHILD_OUTPUT_BYTES);
-    if (mkdir(ZB_CHILD_OUTPUT_DIR, 0700) != 0 && errno != EEXIST)
+    /* Code runs as the sandbox's user, whose saved user ID is 0: mount as
+     * root, a tmpfs that user owns. */
+    uid_t euid = geteuid();
+    char options[96];
+    snprintf(options, sizeof options, "size=%llu,mode=700,uid=%u,gid=%u", (unsigned long long)ZB_CHILD_OUTPUT_BYTES,
+             (unsigned)euid, (unsigned)getegid());
+    if (euid != 0 && seteuid(0) != 0)
         return -1;
-    if (mount("tmpfs", ZB_CHILD_OUTPUT_DIR, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, options) != 0)
+    int made = (mkdir(ZB_CHILD_OUTPUT_DIR, 0700) == 0 || errno == EEXIST) &&
+               mount("tmpfs", ZB_CHILD_OUTPUT_DIR, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, options) == 0;
+    int saved_errno = errno;
+    if (euid != 0 && seteuid(euid) != 0)
         return -1;
+    if (!made) {
+        errno = saved_errno;
+        return -1;
+    }
     int null = open("/dev/null", O_RDWR | O_CLOEXEC);
     if (null < 0 || dup2(null, 0) < 0)
         return -1;

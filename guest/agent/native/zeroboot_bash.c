@@ -16,6 +16,9 @@
  *   zeroboot reap STATUS DIR
  *                           respond from DIR's files, unless the request was
  *                           answered already
+ *   zeroboot become-user    run this subshell as the sandbox's user (uid
+ *                           1000), as every request does unless it asks
+ *                           for root
  *   zeroboot prefault       map every page of this process's private
  *                           mappings, and copy the writable ones
  *   zeroboot hugify         move this process's hot 2 MiB ranges onto huge
@@ -127,16 +130,40 @@ static int attach(const char *dir)
     return EXECUTION_SUCCESS;
 }
 
-/* The request's context (ZB_H_CONTEXT_LEN): its working directory in
- * $ZB_CWD and its variables bound in this subshell, their names in
- * $ZB_ENV_NAMES for agent.sh to export. Both stay empty for none, which is
- * all an exec without a context pays. */
+/* The uid this process runs as: the agent's is root, and each subshell
+ * switches to the request's user (zb_switch_user), the first one before
+ * the snapshot, so that a request as the default user in a fresh fork
+ * makes no system call for it. */
+static uint32_t current_uid;
+
+/* Runs this subshell as `name` (empty: the default user), with its HOME,
+ * USER and LOGNAME (exported by agent.sh). */
+static int become(const char *name)
+{
+    uint32_t uid = strcmp(name, "root") == 0 ? 0 : ZB_USER_UID;
+    if (uid == current_uid)
+        return 0;
+    if (zb_switch_user(uid) != 0)
+        return -1;
+    current_uid = uid;
+    const char *home = uid == 0 ? "/root" : ZB_USER_HOME;
+    const char *user = uid == 0 ? "root" : "user";
+    bind_variable("HOME", (char *)home, 0);
+    bind_variable("USER", (char *)user, 0);
+    bind_variable("LOGNAME", (char *)user, 0);
+    return 0;
+}
+
+/* The request's context (ZB_H_CONTEXT_LEN): its user, which this subshell
+ * becomes, its working directory in $ZB_CWD and its variables bound in
+ * this subshell, their names in $ZB_ENV_NAMES for agent.sh to export. For
+ * no context, the default user, and both stay empty. */
 static int bind_context(const uint8_t *at, uint32_t len)
 {
     bind_variable("ZB_CWD", "", 0);
     bind_variable("ZB_ENV_NAMES", "", 0);
     if (len == 0)
-        return 0;
+        return become("");
     char *records = malloc((size_t)len + 1);
     char *names = malloc((size_t)len + 1);
     if (records == NULL || names == NULL) {
@@ -150,7 +177,13 @@ static int bind_context(const uint8_t *at, uint32_t len)
     size_t names_len = 0;
     char *end = records + len;
     bind_variable("ZB_CWD", records, 0);
-    for (char *record = records + strlen(records) + 1; record < end; record += strlen(record) + 1) {
+    char *user = records + strlen(records) + 1;
+    if (user >= end || become(user) != 0) {
+        free(records);
+        free(names);
+        return -1;
+    }
+    for (char *record = user + strlen(user) + 1; record < end; record += strlen(record) + 1) {
         char *equals = strchr(record, '=');
         if (equals == NULL)
             continue;
@@ -361,6 +394,8 @@ static int zeroboot_builtin(WORD_LIST *list)
         doorbell[0] = ZB_DOORBELL_READY;
         return EXECUTION_SUCCESS;
     }
+    if (strcmp(argv[0], "become-user") == 0 && argc == 1)
+        return become("") == 0 ? EXECUTION_SUCCESS : fail("switching to the sandbox's user");
     if (strcmp(argv[0], "attach") == 0 && argc == 2)
         return attach(argv[1]);
     if (strcmp(argv[0], "request") == 0 && argc == 1)
@@ -378,6 +413,6 @@ static char *const zeroboot_doc[] = {
 };
 
 struct builtin zeroboot_struct = {
-    "zeroboot", zeroboot_builtin, BUILTIN_ENABLED, zeroboot_doc, "zeroboot boot|ready|prefault|hugify|attach DIR|request|respond STATUS|reap STATUS DIR",
+    "zeroboot", zeroboot_builtin, BUILTIN_ENABLED, zeroboot_doc, "zeroboot boot|ready|prefault|hugify|become-user|attach DIR|request|respond STATUS|reap STATUS DIR",
     NULL,
 };

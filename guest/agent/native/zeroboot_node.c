@@ -184,6 +184,22 @@ static napi_value js_capture_child_output(napi_env env, napi_callback_info info)
     return out;
 }
 
+/* switchUser(uid) -> 0, or errno: runs this process as uid from now on
+ * (zb_switch_user). Node runs --single-threaded, so no other thread keeps
+ * the old credentials. */
+static napi_value js_switch_user(napi_env env, napi_callback_info info)
+{
+    napi_value argv[MAX_ARGS];
+    int64_t uid;
+    if (args(env, info, 1, argv) || napi_get_value_int64(env, argv[0], &uid) != 0)
+        return NULL;
+    if (uid < 0 || uid > UINT32_MAX) {
+        napi_throw_error(env, NULL, "zeroboot_node: bad uid");
+        return NULL;
+    }
+    return int32(env, zb_switch_user((uint32_t)uid) == 0 ? 0 : errno);
+}
+
 napi_value napi_register_module_v1(napi_env env, napi_value exports)
 {
     static const struct {
@@ -194,6 +210,7 @@ napi_value napi_register_module_v1(napi_env env, napi_value exports)
         {"mapPhysical", js_map_physical},     {"addEntropy", js_add_entropy},
         {"seedOpenssl", js_seed_openssl},     {"drainConsole", js_drain_console},
         {"hugify", js_hugify},                {"captureChildOutput", js_capture_child_output},
+        {"switchUser", js_switch_user},
     };
     for (size_t i = 0; i < sizeof functions / sizeof functions[0]; i++) {
         napi_value fn;

@@ -21,3 +21,9 @@ int zeroboot_capture_child_output(int read_fds[2])
 {
     return zb_capture_child_output(read_fds);
 }
+
+/* See zb_switch_user in guest.h. */
+int zeroboot_switch_user(uint32_t uid)
+{
+    return zb_switch_user(uid);
+}

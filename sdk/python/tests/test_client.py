@@ -66,10 +66,17 @@ class SyncTests(unittest.TestCase):
         self.assertEqual(events[-1].kind, "result")
         self.assertEqual(events[-1].result.exit_code, 0)
 
-    def test_env_and_cwd_reach_the_code(self):
+    def test_results_carry_the_last_value_and_displays(self):
+        r = client().run("display({'a': 1})\n6 * 7")
+        self.assertEqual([x["type"] for x in r.results], ["display_data", "execute_result"])
+        self.assertEqual(r.results[1]["data"]["text/plain"], "42")
+
+    def test_env_cwd_and_user_reach_the_code(self):
         sb = client()
         code = "import os\nprint(os.getcwd(), os.environ['GREETING'])"
         self.assertEqual(sb.run(code, env={"GREETING": "hi"}, cwd="/tmp").stdout, "/tmp hi\n")
+        uid = "import os\nprint(os.geteuid())"
+        self.assertEqual((sb.run(uid).stdout, sb.run(uid, user="root").stdout), ("1000\n", "0\n"))
         with sb.session(env={"GREETING": "session"}, cwd="/usr") as s:
             self.assertEqual(s.exec(code).stdout, "/usr session\n")
             self.assertEqual(s.exec(code, env={"GREETING": "call"}, cwd="/tmp").stdout, "/tmp call\n")

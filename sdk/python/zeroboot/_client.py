@@ -36,10 +36,18 @@ class ExecResult:
     #: The exact bytes, base64, only where a stream is not valid UTF-8.
     stdout_base64: Optional[str] = None
     stderr_base64: Optional[str] = None
+    #: Rich results, as Jupyter gives them: ``{"type": "execute_result" |
+    #: "display_data", "data": {MIME type: value}}`` (images base64).
+    results: List[Dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "ExecResult":
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    @property
+    def images(self) -> List[bytes]:
+        """The PNG images among the results, decoded."""
+        return [base64.b64decode(r["data"]["image/png"]) for r in self.results if "image/png" in r.get("data", {})]
 
     @property
     def stdout_bytes(self) -> bytes:
@@ -143,19 +151,24 @@ def _event(name: str, data: Dict[str, Any]) -> Event:
 
 
 def _exec_body(code: str, language: str, timeout_seconds: float, stdin: str, template: Optional[str],
-               env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None) -> Dict[str, Any]:
+               env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None,
+               user: Optional[str] = None) -> Dict[str, Any]:
     body: Dict[str, Any] = {"code": code, "language": language, "timeout_seconds": timeout_seconds, "stdin": stdin}
     if template:
         body["template"] = template
-    return _with_context(body, env, cwd)
+    return _with_context(body, env, cwd, user)
 
 
-def _with_context(body: Dict[str, Any], env: Optional[Mapping[str, str]], cwd: Optional[str]) -> Dict[str, Any]:
-    """Adds a working directory and environment variables to a request body."""
+def _with_context(body: Dict[str, Any], env: Optional[Mapping[str, str]], cwd: Optional[str],
+                  user: Optional[str]) -> Dict[str, Any]:
+    """Adds environment variables, a working directory and a user
+    (`"user"`, the default, or `"root"`) to a request body."""
     if env:
         body["env"] = dict(env)
     if cwd is not None:
         body["cwd"] = cwd
+    if user is not None:
+        body["user"] = user
     return body
 
 
@@ -175,10 +188,11 @@ class Sandbox:
         template: Optional[str] = None,
         env: Optional[Mapping[str, str]] = None,
         cwd: Optional[str] = None,
+        user: Optional[str] = None,
     ) -> ExecResult:
-        """Runs `code` in a new VM; `env` and `cwd` set its environment
-        variables and working directory."""
-        body = _exec_body(code, language, timeout_seconds, stdin, template, env, cwd)
+        """Runs `code` in a new VM; `env`, `cwd` and `user` (`"user"` or
+        `"root"`) set its environment variables, working directory and user."""
+        body = _exec_body(code, language, timeout_seconds, stdin, template, env, cwd, user)
         return ExecResult.from_json(self._http.json("POST", "/v1/exec", body))
 
     def run_batch(self, codes: Sequence[str], *, language: str = "python", timeout_seconds: float = 30.0
@@ -195,18 +209,19 @@ class Sandbox:
         return out
 
     def stream(self, code: str, *, language: str = "python", timeout_seconds: float = 30.0, stdin: str = "",
-               env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None) -> Iterator[Event]:
+               env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None,
+               user: Optional[str] = None) -> Iterator[Event]:
         """Yields output events as the code writes, then the result event."""
-        body = _exec_body(code, language, timeout_seconds, stdin, None, env, cwd)
+        body = _exec_body(code, language, timeout_seconds, stdin, None, env, cwd, user)
         body["stream"] = True
         return self._http.events("/v1/exec", body)
 
     def session(self, *, language: str = "python", ttl_seconds: Optional[float] = None,
                 template: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
-                cwd: Optional[str] = None) -> "Session":
-        """Starts a long-lived sandbox (see `Session`); `env` and `cwd` hold
-        for every call in it, under each call's own."""
-        body: Dict[str, Any] = _with_context({"language": language}, env, cwd)
+                cwd: Optional[str] = None, user: Optional[str] = None) -> "Session":
+        """Starts a long-lived sandbox (see `Session`); `env`, `cwd` and
+        `user` hold for every call in it, under each call's own."""
+        body: Dict[str, Any] = _with_context({"language": language}, env, cwd, user)
         if ttl_seconds is not None:
             body["ttl_seconds"] = ttl_seconds
         if template:
@@ -231,8 +246,9 @@ class Session:
         self.id = info.id
 
     def exec(self, code: str, *, timeout_seconds: float = 30.0, stdin: str = "",
-             env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None) -> ExecResult:
-        body = _with_context({"code": code, "timeout_seconds": timeout_seconds, "stdin": stdin}, env, cwd)
+             env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None,
+             user: Optional[str] = None) -> ExecResult:
+        body = _with_context({"code": code, "timeout_seconds": timeout_seconds, "stdin": stdin}, env, cwd, user)
         return ExecResult.from_json(self._http.json("POST", f"/v1/sandboxes/{self.id}/exec", body))
 
     def fork(self, count: int = 1) -> List["Session"]:

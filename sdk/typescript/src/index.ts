@@ -25,6 +25,15 @@ export interface ExecResult {
   /** The exact bytes, base64, only where a stream is not valid UTF-8. */
   stdout_base64?: string;
   stderr_base64?: string;
+  /** Rich results, as Jupyter gives them (images base64). */
+  results: RichResult[];
+}
+
+/** The value of the code's last expression, or something it displayed. */
+export interface RichResult {
+  type: "execute_result" | "display_data";
+  /** Representations by MIME type: `text/plain`, `text/html`, `image/png` (base64), ... */
+  data: Record<string, unknown>;
 }
 
 export interface SandboxInfo {
@@ -41,6 +50,8 @@ export interface ContextOptions {
   env?: Record<string, string>;
   /** Working directory. */
   cwd?: string;
+  /** Who the code runs as: "user" (uid 1000, the default) or "root". */
+  user?: "user" | "root";
 }
 
 export interface RunOptions extends ContextOptions {
@@ -54,6 +65,7 @@ function contextFields(o: ContextOptions) {
   return {
     ...(o.env && Object.keys(o.env).length ? { env: o.env } : {}),
     ...(o.cwd !== undefined ? { cwd: o.cwd } : {}),
+    ...(o.user !== undefined ? { user: o.user } : {}),
   };
 }
 

@@ -60,10 +60,19 @@ test("stream yields lines then the result", async () => {
   assert.equal(events.at(-1).kind, "result");
 });
 
-test("env and cwd reach the code", async () => {
+test("results carry the last value and displays", async () => {
+  const r = await new Sandbox({ url }).run("display({'a': 1})\n6 * 7");
+  assert.deepEqual(r.results.map((x) => x.type), ["display_data", "execute_result"]);
+  assert.equal(r.results[1].data["text/plain"], "42");
+});
+
+test("env, cwd and user reach the code", async () => {
   const sb = new Sandbox({ url });
   const code = "import os\nprint(os.getcwd(), os.environ['GREETING'])";
   assert.equal((await sb.run(code, { env: { GREETING: "hi" }, cwd: "/tmp" })).stdout, "/tmp hi\n");
+  const uid = "import os\nprint(os.geteuid())";
+  assert.equal((await sb.run(uid)).stdout, "1000\n");
+  assert.equal((await sb.run(uid, { user: "root" })).stdout, "0\n");
   const s = await sb.session({ env: { GREETING: "session" }, cwd: "/usr" });
   assert.equal((await s.exec(code)).stdout, "/usr session\n");
   assert.equal((await s.exec(code, { env: { GREETING: "call" }, cwd: "/tmp" })).stdout, "/tmp call\n");
