@@ -809,11 +809,17 @@ def show_open_figures():
     pyplot = sys.modules.get("matplotlib.pyplot")
     if pyplot is None:
         return
-    if getattr(pyplot.show, "__module__", None) != __name__:
-        pyplot.show = lambda *args, **kwargs: show_open_figures()
+    show_figures_on_show(pyplot)
     for number in pyplot.get_fignums():
         CURRENT_RESULTS.add("display_data", pyplot.figure(number))
     pyplot.close("all")
+
+
+def show_figures_on_show(pyplot):
+    """Makes `plt.show()` show the open figures as results (the Agg
+    backend's own shows nothing, with a warning)."""
+    if getattr(pyplot.show, "__module__", None) != __name__:
+        pyplot.show = lambda *args, **kwargs: show_open_figures()
 
 
 def compile_cell(code):
@@ -1078,6 +1084,8 @@ def main():
     # Jupyter's display(), for code that shows rich results.
     if not hasattr(builtins, "display"):
         builtins.display = display
+    if "matplotlib.pyplot" in sys.modules:
+        show_figures_on_show(sys.modules["matplotlib.pyplot"])
     capture_child_processes()
     rehearse_exec_path()
     log("exec path rehearsed")

@@ -324,7 +324,7 @@ impl AppState {
     /// template (or a 4xx), then a sandbox slot (or a 503).
     async fn admit(&self, req: &ExecRequest) -> Result<(Duration, Arc<Served>, OwnedSemaphorePermit), ApiError> {
         let timeout = self.validate(&req.code, &req.stdin, req.timeout_seconds)?;
-        self.validate_context(&req.context())?;
+        self.validate_context(&req.context(), req.code.len() + req.stdin.len())?;
         let served = self.resolve(&req.language, req.template.as_ref())?;
         Ok((timeout, served, self.slot().await?))
     }

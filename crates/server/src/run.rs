@@ -169,11 +169,6 @@ impl AppState {
     ) -> Result<ExecResponse, ApiError> {
         let session = self.sessions.get(id, caller)?;
         let timeout = self.validate(&req.code, &req.stdin, req.timeout_seconds)?;
-        self.validate_context(&req.context())?;
-        let permit = self.slot().await?;
-        let state = self.clone();
-        let template = session.served.name.clone();
-        let output_limit = self.limits.max_output_bytes;
         let context = match defaults {
             CallDefaults::Session => session.context.clone(),
             CallDefaults::Agent => Context {
@@ -181,6 +176,11 @@ impl AppState {
                 ..Context::default()
             },
         };
+        self.validate_context(&context.overlaid_with(&req.context()), req.code.len() + req.stdin.len())?;
+        let permit = self.slot().await?;
+        let state = self.clone();
+        let template = session.served.name.clone();
+        let output_limit = self.limits.max_output_bytes;
         let (outcome, usable) = session
             .call(move |machine| {
                 let _permit = permit;

@@ -111,7 +111,7 @@ pub(crate) async fn create_sandbox(
         env: req.env,
         user: req.user,
     };
-    state.validate_context(&context)?;
+    state.validate_context(&context, 0)?;
     let ttl = match req.ttl_seconds {
         None => state.limits.default_sandbox_ttl,
         Some(t) if t > 0.0 && t <= state.limits.max_sandbox_ttl.as_secs_f64() => Duration::from_secs_f64(t),

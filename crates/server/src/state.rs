@@ -131,11 +131,25 @@ impl AppState {
         Ok(served.clone())
     }
 
-    /// A context the guest can take (see [`Context::validate`]), or a 400.
-    pub(crate) fn validate_context(&self, context: &Context) -> Result<(), ApiError> {
+    /// A context the guest can take (see [`Context::validate`]), or a 400;
+    /// with `code_and_stdin` bytes beside it, within the code limit, or a
+    /// 413 (the guest gets all three in the mailbox).
+    pub(crate) fn validate_context(&self, context: &Context, code_and_stdin: usize) -> Result<(), ApiError> {
         context
             .validate()
-            .map_err(|e| ApiError::bad_request("invalid_context", e.to_string()))
+            .map_err(|e| ApiError::bad_request("invalid_context", e.to_string()))?;
+        let size = code_and_stdin + context.encode().len();
+        if size > self.limits.max_code_bytes {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "code_too_large",
+                format!(
+                    "code, stdin, env and cwd are {size} bytes, more than the {}-byte limit",
+                    self.limits.max_code_bytes
+                ),
+            ));
+        }
+        Ok(())
     }
 
     pub(crate) fn validate(&self, code: &str, stdin: &str, timeout_seconds: f64) -> Result<Duration, ApiError> {
