@@ -447,11 +447,23 @@ fn cli_timeout_exits_124() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("timed out"));
 }
 
-/// Guest code that maps the doorbell or the mailbox itself (it runs as root
-/// in its own VM) can only break its own sandbox.
+/// A request to run `code` as root, which any caller may ask for (and code
+/// running as `user` may become: its saved uid is 0).
+fn as_root(code: &str) -> Request {
+    Request {
+        context: zeroboot_protocol::Context {
+            user: Some(zeroboot_protocol::exec::ROOT.into()),
+            ..Default::default()
+        },
+        ..Request::new(code.as_bytes(), b"")
+    }
+}
+
+/// Guest code that maps the doorbell or the mailbox itself (as root in its
+/// own VM) can only break its own sandbox.
 fn hostile(code: &str) -> zeroboot_vmm::MachineError {
     let mut m = fork();
-    let result = m.exec(&Request::new(code.as_bytes(), b""), Duration::from_secs(30));
+    let result = m.exec(&as_root(code), Duration::from_secs(30));
     result.expect_err("hostile guest code must fail its own sandbox")
 }
 
@@ -507,7 +519,7 @@ fn writes_to_unbacked_guest_physical_memory_are_survived() {
                 \x20   junk = mmap.mmap(mem, 4096, offset=addr)\n\
                 \x20   junk[0:8] = b'garbage!'\n\
                 print('survived', junk[0])\n";
-    let r = run(&mut m, code);
+    let r = m.exec(&as_root(code), TIMEOUT).unwrap();
     assert_eq!(
         String::from_utf8_lossy(&r.stdout),
         "survived 255\n",
