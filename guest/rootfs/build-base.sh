@@ -55,7 +55,9 @@ rm -rf "$root"/var/cache/apt/* "$root"/var/lib/apt/lists/* "$root"/var/log/*
 rm -rf "$root"/usr/lib/python"$python_version"/{test,idlelib,tkinter,turtledemo,ensurepip,lib2to3,pydoc_data}
 for site in "$root"/usr/lib/python3/dist-packages "$root"/usr/local/lib/python3*/dist-packages; do
 	if [ -d "$site" ]; then
-		find "$site" -mindepth 2 -type d -name tests -prune -exec rm -rf {} +
+		# numpy.testing imports numpy/_core/tests/_natype.py (numpy 2.2),
+		# and scipy.stats imports numpy.testing: that one stays.
+		find "$site" -mindepth 2 -type d -name tests ! -path '*/numpy/_core/tests' -prune -exec rm -rf {} +
 	fi
 done
 rm -rf "$root"/usr/lib/x86_64-linux-gnu/gconv
