@@ -429,10 +429,8 @@ fn server_serves_every_template_by_language() {
         ("node", "console.log(fs.readFileSync('/tmp/d/it\\'s.bin').length)"),
         ("bash", "wc -c < \"/tmp/d/it's.bin\""),
     ] {
-        let create = serde_json::json!({"language": language}).to_string();
-        let r = server.call("POST", "/v1/sandboxes", Some(&create), None);
-        assert_eq!(r.status, 201, "{language}: {}", r.text);
-        let id = r.json()["id"].as_str().expect("id").to_string();
+        let session = Session::create(&server, serde_json::json!({"language": language}));
+        let id = &session.id;
         let data: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
         let file = format!("/v1/sandboxes/{id}/files/tmp/d/it's.bin");
         let put = server.call_bytes("PUT", &file, Some(&data), None);
@@ -442,17 +440,45 @@ fn server_serves_every_template_by_language() {
         assert!(got.bytes == data, "{language}: the file came back different");
         let missing = server.call("GET", &format!("/v1/sandboxes/{id}/files/tmp/nope"), None, None);
         assert_eq!(missing.status, 404, "{language}: {}", missing.text);
-        let exec = serde_json::json!({"code": check}).to_string();
-        let r = server.call("POST", &format!("/v1/sandboxes/{id}/exec"), Some(&exec), None);
-        let v = r.json();
+        let v = session.exec(serde_json::json!({"code": check}));
         assert_eq!(v["stdout"].as_str().map(str::trim), Some("5000"), "{language}: {v}");
-        server.call("DELETE", &format!("/v1/sandboxes/{id}"), None, None);
     }
 
     let body = serde_json::json!({"code": "1", "language": "ruby"}).to_string();
     let r = server.call("POST", "/v1/exec", Some(&body), None);
     assert_eq!(r.status, 400);
     assert!(r.text.contains("bash") && r.text.contains("javascript"), "{}", r.text);
+}
+
+/// A long-lived sandbox on a test's server, removed when dropped.
+struct Session<'a> {
+    server: &'a Server,
+    id: String,
+}
+
+impl<'a> Session<'a> {
+    /// POSTs `body` to /v1/sandboxes, which must answer 201.
+    fn create(server: &'a Server, body: serde_json::Value) -> Self {
+        let r = server.call("POST", "/v1/sandboxes", Some(&body.to_string()), None);
+        assert_eq!(r.status, 201, "{body}: {}", r.text);
+        let id = r.json()["id"].as_str().expect("id").to_string();
+        Self { server, id }
+    }
+
+    /// Runs the call `body` in it, which must answer 200.
+    fn exec(&self, body: serde_json::Value) -> serde_json::Value {
+        let path = format!("/v1/sandboxes/{}/exec", self.id);
+        let r = self.server.call("POST", &path, Some(&body.to_string()), None);
+        assert_eq!(r.status, 200, "{body}: {}", r.text);
+        r.json()
+    }
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        self.server
+            .call("DELETE", &format!("/v1/sandboxes/{}", self.id), None, None);
+    }
 }
 
 fn server_with_every_runtime() -> Server {
@@ -505,16 +531,8 @@ fn child_processes_write_into_the_result_in_every_runtime() {
         ),
     ];
     for (language, code, stdout, stderr, exit_code) in cases {
-        let create = serde_json::json!({"language": language}).to_string();
-        let r = server.call("POST", "/v1/sandboxes", Some(&create), None);
-        assert_eq!(r.status, 201, "{language}: {}", r.text);
-        let id = r.json()["id"].as_str().expect("id").to_string();
-        let exec = |code: &str| {
-            let body = serde_json::json!({"code": code}).to_string();
-            let r = server.call("POST", &format!("/v1/sandboxes/{id}/exec"), Some(&body), None);
-            assert_eq!(r.status, 200, "{language}: {}", r.text);
-            r.json()
-        };
+        let session = Session::create(&server, serde_json::json!({"language": language}));
+        let exec = |code: &str| session.exec(serde_json::json!({"code": code}));
         let v = exec(code);
         assert_eq!(
             (v["stdout"].as_str(), v["stderr"].as_str(), v["exit_code"].as_i64()),
@@ -532,7 +550,6 @@ fn child_processes_write_into_the_result_in_every_runtime() {
             (Some("only this\n"), Some("")),
             "{language}: {v}"
         );
-        server.call("DELETE", &format!("/v1/sandboxes/{id}"), None, None);
     }
 }
 
@@ -612,19 +629,8 @@ fn env_and_cwd_reach_the_code_in_every_runtime() {
         assert_eq!(v["stdout"], "/tmp hi x\n", "{language}: {v}");
 
         let create = serde_json::json!({"language": language, "env": {"GREETING": "session"}, "cwd": "/usr"});
-        let r = server.call("POST", "/v1/sandboxes", Some(&create.to_string()), None);
-        assert_eq!(r.status, 201, "{language}: {}", r.text);
-        let id = r.json()["id"].as_str().expect("id").to_string();
-        let exec = |body: serde_json::Value| {
-            let r = server.call(
-                "POST",
-                &format!("/v1/sandboxes/{id}/exec"),
-                Some(&body.to_string()),
-                None,
-            );
-            assert_eq!(r.status, 200, "{language}: {}", r.text);
-            r.json()
-        };
+        let session = Session::create(&server, create);
+        let exec = |body| session.exec(body);
         let v = exec(serde_json::json!({"code": code}));
         assert_eq!(v["stdout"], "/usr session -\n", "{language}: {v}");
         let v = exec(serde_json::json!({"code": code, "env": {"ONLY": "call"}, "cwd": "/tmp"}));
@@ -635,7 +641,6 @@ fn env_and_cwd_reach_the_code_in_every_runtime() {
         assert_eq!(v["exit_code"], 1, "{language}: {v}");
         assert_eq!(v["stdout"], "", "{language}: {v}");
         assert!(v["stderr"].as_str().unwrap_or("").contains("/nope"), "{language}: {v}");
-        server.call("DELETE", &format!("/v1/sandboxes/{id}"), None, None);
     }
     for body in [
         serde_json::json!({"code": "1", "env": {"NOT-A-NAME": "x"}}),
@@ -681,20 +686,7 @@ fn code_runs_as_an_unprivileged_user_unless_it_asks_for_root() {
         ),
     ];
     for (language, code, [as_user, as_root]) in cases {
-        let create = serde_json::json!({"language": language}).to_string();
-        let r = server.call("POST", "/v1/sandboxes", Some(&create), None);
-        assert_eq!(r.status, 201, "{language}: {}", r.text);
-        let id = r.json()["id"].as_str().expect("id").to_string();
-        let exec = |body: serde_json::Value| {
-            let r = server.call(
-                "POST",
-                &format!("/v1/sandboxes/{id}/exec"),
-                Some(&body.to_string()),
-                None,
-            );
-            assert_eq!(r.status, 200, "{language}: {}", r.text);
-            r.json()
-        };
+        let session = Session::create(&server, serde_json::json!({"language": language}));
         // rm first: a file another user made is not ours to overwrite.
         let rm = match language {
             "python" => "import os\nif os.path.exists('f'): os.remove('f')\n",
@@ -702,10 +694,10 @@ fn code_runs_as_an_unprivileged_user_unless_it_asks_for_root() {
             _ => "rm -f f; ",
         };
         for (user, expected) in [(None, as_user), (Some("root"), as_root), (None, as_user)] {
-            let v = exec(serde_json::json!({"code": format!("{rm}{code}"), "user": user}));
+            let v = session.exec(serde_json::json!({"code": format!("{rm}{code}"), "user": user}));
             assert_eq!(v["stdout"], expected, "{language} as {user:?}: {v}");
         }
-        server.call("DELETE", &format!("/v1/sandboxes/{id}"), None, None);
+        drop(session);
         // A one-shot run as root.
         let body = serde_json::json!({"code": code, "language": language, "user": "root"});
         let v = server.call("POST", "/v1/exec", Some(&body.to_string()), None).json();

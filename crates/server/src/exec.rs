@@ -52,19 +52,38 @@ pub struct ExecRequest {
     /// `Accept: text/event-stream`).
     #[serde(default)]
     pub stream: bool,
-    /// Environment variables for this run, over the sandbox's own. Names
-    /// are a letter or `_` followed by letters, digits and `_`.
+    #[serde(flatten)]
+    pub context: RunContext,
+}
+
+/// Where code runs, what environment it sees and who it runs as: for one
+/// run, for every call of a session (and its forks), or for one call of a
+/// session, over the session's. The guest puts back what a call changed.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct RunContext {
+    /// Environment variables. Names are a letter or `_` followed by
+    /// letters, digits and `_`.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// Working directory for this run (default: the sandbox's, `/` in the
-    /// built-in templates). One that does not exist fails the run with
-    /// exit code 1 and says so on stderr.
+    /// Working directory (default `/home/user`). One that does not exist
+    /// fails the run with exit code 1 and says so on stderr.
     #[serde(default)]
     pub cwd: Option<String>,
     /// Who the code runs as: `user` (uid 1000, home /home/user; the
     /// default) or `root`.
     #[serde(default)]
     pub user: Option<String>,
+}
+
+impl RunContext {
+    /// As the guest gets it.
+    pub fn to_guest(&self) -> Context {
+        Context {
+            cwd: self.cwd.clone(),
+            env: self.env.clone(),
+            user: self.user.clone(),
+        }
+    }
 }
 
 impl ExecRequest {
@@ -77,19 +96,13 @@ impl ExecRequest {
             stdin,
             template: None,
             stream: false,
-            env: BTreeMap::new(),
-            cwd: None,
-            user: None,
+            context: RunContext::default(),
         }
     }
 
-    /// Its working directory and environment, as the guest gets them.
+    /// Its working directory, user and environment, as the guest gets them.
     pub fn context(&self) -> Context {
-        Context {
-            cwd: self.cwd.clone(),
-            env: self.env.clone(),
-            user: self.user.clone(),
-        }
+        self.context.to_guest()
     }
 }
 

@@ -7,7 +7,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::api::{
     BatchEntry, BatchRequest, BatchResponse, CreateSandbox, ErrorBody, ErrorResponse, ExecRequest, ExecResponse,
-    ForkSandbox, Forked, Health, RichResult, SandboxExec, SandboxList, SessionInfo, TemplateHealth,
+    ForkSandbox, Forked, Health, RichResult, RunContext, SandboxExec, SandboxList, SessionInfo, TemplateHealth,
 };
 
 struct BearerKeys;
@@ -32,7 +32,7 @@ impl Modify for BearerKeys {
         crate::files::put_file, crate::files::get_file,
     ),
     components(schemas(
-        ExecRequest, ExecResponse, RichResult, BatchRequest, BatchResponse, BatchEntry, ErrorBody, ErrorResponse,
+        ExecRequest, ExecResponse, RichResult, RunContext, BatchRequest, BatchResponse, BatchEntry, ErrorBody, ErrorResponse,
         Health, TemplateHealth, CreateSandbox, SandboxExec, ForkSandbox, SandboxList, Forked, SessionInfo,
     )),
     modifiers(&BearerKeys),

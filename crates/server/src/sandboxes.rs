@@ -1,7 +1,6 @@
 //! Long-lived sandboxes: `/v1/sandboxes`, to create, list, get and remove
 //! them, run code in one and fork it. The registry is [`crate::sessions`].
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,11 +10,10 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
-use zeroboot_protocol::Context;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::exec::{ExecRequest, ExecResponse};
+use crate::exec::{ExecRequest, ExecResponse, RunContext};
 use crate::run::CallDefaults;
 use crate::sessions::SessionInfo;
 use crate::state::AppState;
@@ -38,18 +36,9 @@ pub struct CreateSandbox {
     /// Idle seconds after which the sandbox is removed (default 300).
     #[serde(default)]
     pub ttl_seconds: Option<f64>,
-    /// Environment variables of every call in this sandbox (and its forks);
-    /// a call's own `env` goes over them.
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// Working directory of every call in this sandbox (and its forks),
-    /// unless a call gives its own.
-    #[serde(default)]
-    pub cwd: Option<String>,
-    /// Who every call runs as, unless a call says: `user` (the default)
-    /// or `root`.
-    #[serde(default)]
-    pub user: Option<String>,
+    /// For every call in this sandbox and its forks, under a call's own.
+    #[serde(flatten)]
+    pub context: RunContext,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -59,15 +48,9 @@ pub struct SandboxExec {
     pub timeout_seconds: f64,
     #[serde(default)]
     pub stdin: String,
-    /// Environment variables for this call, over the sandbox's.
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// Working directory for this call, instead of the sandbox's.
-    #[serde(default)]
-    pub cwd: Option<String>,
-    /// Who this call runs as, instead of the sandbox's user.
-    #[serde(default)]
-    pub user: Option<String>,
+    /// For this call, over the sandbox's.
+    #[serde(flatten)]
+    pub context: RunContext,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -106,11 +89,7 @@ pub(crate) async fn create_sandbox(
 ) -> Result<(StatusCode, Json<SessionInfo>), ApiError> {
     let Json(req) = body?;
     let served = state.resolve(&req.language, req.template.as_ref())?;
-    let context = Context {
-        cwd: req.cwd,
-        env: req.env,
-        user: req.user,
-    };
+    let context = req.context.to_guest();
     state.validate_context(&context, 0)?;
     let ttl = match req.ttl_seconds {
         None => state.limits.default_sandbox_ttl,
@@ -196,7 +175,7 @@ pub(crate) async fn sandbox_exec(
 ) -> Result<Json<ExecResponse>, ApiError> {
     let Json(req) = body?;
     let mut exec = ExecRequest::in_sandbox(req.code, req.timeout_seconds, req.stdin);
-    (exec.env, exec.cwd, exec.user) = (req.env, req.cwd, req.user);
+    exec.context = req.context;
     Ok(Json(
         state.exec_in_session(&id, caller, exec, CallDefaults::Session).await?,
     ))

@@ -138,13 +138,17 @@ impl AppState {
         context
             .validate()
             .map_err(|e| ApiError::bad_request("invalid_context", e.to_string()))?;
-        let size = code_and_stdin + context.encode().len();
+        self.within_code_limit("code, stdin, env and cwd", code_and_stdin + context.encode().len())
+    }
+
+    /// A 413 if `size` bytes of `what` are more than the guest takes.
+    fn within_code_limit(&self, what: &str, size: usize) -> Result<(), ApiError> {
         if size > self.limits.max_code_bytes {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "code_too_large",
                 format!(
-                    "code, stdin, env and cwd are {size} bytes, more than the {}-byte limit",
+                    "{what} are {size} bytes, more than the {}-byte limit",
                     self.limits.max_code_bytes
                 ),
             ));
@@ -153,17 +157,7 @@ impl AppState {
     }
 
     pub(crate) fn validate(&self, code: &str, stdin: &str, timeout_seconds: f64) -> Result<Duration, ApiError> {
-        let size = code.len() + stdin.len();
-        if size > self.limits.max_code_bytes {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "code_too_large",
-                format!(
-                    "code and stdin are {size} bytes, more than the {}-byte limit",
-                    self.limits.max_code_bytes
-                ),
-            ));
-        }
+        self.within_code_limit("code and stdin", code.len() + stdin.len())?;
         let max = self.limits.max_timeout.as_secs_f64();
         if !(timeout_seconds > 0.0 && timeout_seconds <= max) {
             return Err(ApiError::bad_request(
