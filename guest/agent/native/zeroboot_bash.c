@@ -141,11 +141,13 @@ static uint32_t current_uid;
 static int become(const char *name)
 {
     uint32_t uid = strcmp(name, "root") == 0 ? 0 : ZB_USER_UID;
-    if (uid == current_uid)
-        return 0;
-    if (zb_switch_user(uid) != 0)
-        return -1;
-    current_uid = uid;
+    if (uid != current_uid) {
+        if (zb_switch_user(uid) != 0)
+            return -1;
+        current_uid = uid;
+    }
+    /* Also without a switch: a subshell the root agent forks is already
+     * root, with the user's HOME it inherited. */
     const char *home = uid == 0 ? "/root" : ZB_USER_HOME;
     const char *user = uid == 0 ? "root" : "user";
     bind_variable("HOME", (char *)home, 0);

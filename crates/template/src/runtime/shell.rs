@@ -25,7 +25,9 @@ pub const SHELL: RuntimeDescriptor = RuntimeDescriptor {
     write_set_probes: &[],
     bench_code: "ls /",
     // Requests run in a subshell; $BASHPID is the one that ran this.
-    self_maps: "cat /proc/$BASHPID/maps",
+    // Read by the subshell itself: it runs as `user` with saved uid 0, so
+    // another process of that user (a `cat`) may not read its maps.
+    self_maps: "while IFS= read -r line; do printf '%s\\n' \"$line\"; done </proc/$BASHPID/maps",
     preload: None,
     warmup: false,
     wheels: false,
