@@ -795,6 +795,13 @@ def is_matplotlib_figure(obj):
     return kind.__module__ == "matplotlib.figure" and hasattr(obj, "savefig")
 
 
+def displayhook(value):
+    """sys.displayhook: the value of a one-line request's expression (see
+    compile_cell) is its execute_result."""
+    if value is not None:
+        CURRENT_RESULTS.add("execute_result", value)
+
+
 def display(*objs, **_):
     """Jupyter's display(): each object becomes a display_data result."""
     for obj in objs:
@@ -822,10 +829,35 @@ def show_figures_on_show(pyplot):
         pyplot.show = lambda *args, **kwargs: show_open_figures()
 
 
+# Statements that hold others: in "single" mode the expressions inside one
+# would each be displayed, where a notebook displays none.
+COMPOUND_STATEMENTS = ("if", "for", "while", "with", "try", "def", "class", "async", "match", "@")
+
+
 def compile_cell(code):
     """The code as notebook cells compile it: everything, and separately the
     last statement if it is an expression, whose value is the cell's
-    result."""
+    result. One simple statement on one line (`print(1+1)`, most requests)
+    compiles at once in "single" mode, which hands an expression's value to
+    sys.displayhook (displayhook, below): no syntax tree is built in Python,
+    which costs time and written pages in every fork."""
+    line = code.strip()
+    if "\n" not in line and not line.startswith(COMPOUND_STATEMENTS):
+        try:
+            if ";" not in line:
+                return compile(code, "<string>", "single"), None
+            # "single" mode would display every expression of `1; 2`. With
+            # no string or comment on the line, its last `;` ends the
+            # statements before the last one.
+            head, _, tail = line.rpartition(";")
+            if tail.strip() and not any(c in line for c in "'\"#"):
+                try:
+                    last = compile(tail.strip(), "<string>", "eval")
+                except SyntaxError:
+                    return compile(code, "<string>", "exec"), None
+                return compile(head, "<string>", "exec"), last
+        except SyntaxError:
+            pass  # a real error, which the parser below reports
     import ast
 
     tree = ast.parse(code, "<string>")
@@ -1084,6 +1116,7 @@ def main():
     # Jupyter's display(), for code that shows rich results.
     if not hasattr(builtins, "display"):
         builtins.display = display
+    sys.displayhook = displayhook
     if "matplotlib.pyplot" in sys.modules:
         show_figures_on_show(sys.modules["matplotlib.pyplot"])
     capture_child_processes()

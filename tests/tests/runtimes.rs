@@ -721,6 +721,20 @@ fn rich_results_come_back_as_jupyter_gives_them() {
     };
     let v = run("python", "print(1+1)");
     assert_eq!(v["results"], serde_json::json!([]), "{v}");
+    // One line compiles in "single" mode; only the last value is a result,
+    // as in a notebook, and statements inside a loop are none.
+    for (code, value) in [
+        ("6 * 7", Some("42")),
+        ("1; 2", Some("2")),
+        ("for i in range(3): i", None),
+    ] {
+        let v = run("python", code);
+        let expected = match value {
+            Some(text) => serde_json::json!([{"type": "execute_result", "data": {"text/plain": text}}]),
+            None => serde_json::json!([]),
+        };
+        assert_eq!(v["results"], expected, "{code}: {v}");
+    }
     let v = run("python", "display({'a': 1})\nx = 6 * 7\nx");
     assert_eq!(
         v["results"],
