@@ -796,8 +796,9 @@ def is_matplotlib_figure(obj):
 
 
 def displayhook(value):
-    """sys.displayhook: the value of a one-line request's expression (see
-    compile_cell) is its execute_result."""
+    """sys.displayhook, and run_code's for the last expression compiled on
+    its own (see compile_cell): a value other than None is the request's
+    execute_result."""
     if value is not None:
         CURRENT_RESULTS.add("execute_result", value)
 
@@ -886,9 +887,7 @@ def run_code(code, stdin, out, err, namespace):
         body, last = compile_cell(code)
         exec(body, namespace)
         if last is not None:
-            value = eval(last, namespace)
-            if value is not None:
-                CURRENT_RESULTS.add("execute_result", value)
+            displayhook(eval(last, namespace))
     except SystemExit as e:
         if e.code is None:
             exit_code = 0
