@@ -1,12 +1,13 @@
 #!/bin/bash
 # Installs what zeroboot needs to build its guest on Debian 12 (bookworm):
-# the kernel source and its build tools, debootstrap and erofs-utils, and
+# the kernel source and its build tools, debootstrap, erofs-utils and
+# e2fsprogs (the disk image), and
 # wrk for the HTTP load figure.
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 packages=(
   linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev
-  debootstrap erofs-utils xz-utils tar
+  debootstrap erofs-utils e2fsprogs xz-utils tar
   wrk python3-venv python3-pip
 )
 missing=()

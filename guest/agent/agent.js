@@ -32,6 +32,7 @@ const {
   FLAG_STDERR_TRUNCATED,
   FLAG_MORE,
   REQUEST_STREAM,
+  REQUEST_FILE_OP,
   DOORBELL_READY,
   DOORBELL_RESULT,
   MAX_OUTPUT_LIMIT,
@@ -345,6 +346,8 @@ async function runCode(code) {
 
 async function handleRequest(mailbox, doorbell) {
   const view = new DataView(mailbox.buffer, mailbox.byteOffset, mailbox.byteLength);
+  // The files API's requests: answered by the native half until code comes.
+  if (view.getUint32(H.REQUEST_FLAGS, true) & REQUEST_FILE_OP) native.serveFileOps(mailbox.buffer, doorbell.buffer);
   const seq = view.getUint32(H.REQUEST_SEQ, true);
   const codeLen = view.getUint32(H.CODE_LEN, true);
   const stdinLen = view.getUint32(H.STDIN_LEN, true);

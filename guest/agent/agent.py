@@ -56,6 +56,7 @@ try:
         MAILBOX_SIZE,
         MAX_ENTROPY_REGIONS,
         MAX_OUTPUT_LIMIT,
+        REQUEST_FILE_OP,
         REQUEST_FRESH_FORK,
         REQUEST_OFFSET,
         REQUEST_SEED_LEN,
@@ -75,19 +76,10 @@ def log(msg):
 def mount_kernel_filesystems():
     import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    for source, target, fstype, data in (
-        (b"proc", b"/proc", b"proc", None),
-        (b"sysfs", b"/sys", b"sysfs", None),
-        (b"devtmpfs", b"/dev", b"devtmpfs", None),
-        (b"tmpfs", b"/tmp", b"tmpfs", b"mode=1777"),
-        (b"tmpfs", b"/run", b"tmpfs", b"mode=755"),
-        (b"tmpfs", USER_HOME.encode(), b"tmpfs", f"mode=755,uid={USER_UID},gid={USER_UID}".encode()),
-    ):
-        if libc.mount(source, target, fstype, 0, data) != 0:
-            err = ctypes.get_errno()
-            log(f"mount {target.decode()} failed: {os.strerror(err)}")
-    return libc
+    failed = native_library().zeroboot_mount_kernel_filesystems()
+    if failed:
+        log(f"{failed} mounts failed")
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def kernel_args():
@@ -110,6 +102,7 @@ def native_library():
         NATIVE.zeroboot_map_physical.argtypes = [ctypes.c_uint64, ctypes.c_size_t]
         NATIVE.zeroboot_capture_child_output.argtypes = [ctypes.POINTER(ctypes.c_int)]
         NATIVE.zeroboot_switch_user.argtypes = [ctypes.c_uint32]
+        NATIVE.zeroboot_serve_file_ops.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     return NATIVE
 
 
@@ -122,16 +115,26 @@ def map_mailbox(args):
     import ctypes
 
     native = native_library()
+    addresses = []
 
     def physical(gpa, size):
         address = native.zeroboot_map_physical(gpa, size)
         if not address:
             raise OSError(ctypes.get_errno(), f"mapping {size} bytes of /dev/mem at {gpa:#x}")
+        addresses.append(address)
         return memoryview((ctypes.c_ubyte * size).from_address(address)).cast("B")
 
     mailbox_gpa = int(args["zeroboot.mailbox"], 0)
     doorbell_gpa = int(args["zeroboot.doorbell"], 0)
-    return physical(mailbox_gpa, MAILBOX_SIZE), physical(doorbell_gpa, 4096)
+    mailbox, doorbell = physical(mailbox_gpa, MAILBOX_SIZE), physical(doorbell_gpa, 4096)
+    global FILE_OPS_ARGS
+    FILE_OPS_ARGS = tuple(addresses)
+    return mailbox, doorbell
+
+
+# The mailbox's and the doorbell's addresses, for the native half's file
+# operations (files.h), which the files API sends between code requests.
+FILE_OPS_ARGS = None
 
 
 def seed_entropy(mailbox):
@@ -1032,11 +1035,15 @@ I32 = struct.Struct("<i")
 def handle_request(mailbox, doorbell, namespace):
     """Runs the request in the mailbox in `namespace` and sends its output,
     ringing RESULT once per chunk."""
+    flags = U32.unpack_from(mailbox, H_REQUEST_FLAGS)[0]
+    if flags & REQUEST_FILE_OP:
+        # Answered by the native half, until the host sends code.
+        NATIVE.zeroboot_serve_file_ops(*FILE_OPS_ARGS)
+        flags = U32.unpack_from(mailbox, H_REQUEST_FLAGS)[0]
     seq = U32.unpack_from(mailbox, H_REQUEST_SEQ)[0]
     code_len = U32.unpack_from(mailbox, H_CODE_LEN)[0]
     stdin_len = U32.unpack_from(mailbox, H_STDIN_LEN)[0]
     limit = min(U32.unpack_from(mailbox, H_OUTPUT_LIMIT)[0], MAX_OUTPUT_LIMIT)
-    flags = U32.unpack_from(mailbox, H_REQUEST_FLAGS)[0]
     context_len = U32.unpack_from(mailbox, H_CONTEXT_LEN)[0]
     context = None
     stream = flags & REQUEST_STREAM

@@ -49,6 +49,7 @@ fn a_hostile_guest_kernel_writing_garbage_everywhere_fails_only_itself() {
         system_map: None,
         mem_mib: 64,
         root_args: String::new(),
+        disk_image: None,
     };
     let mut m = Machine::boot(&hv, &spec, Box::new(std::io::sink())).expect("boot the hostile kernel");
     assert_eq!(

@@ -6,9 +6,9 @@
 //! next to the agents instead ([`FILES`]), so every constant has one source.
 
 use crate::{
-    header, Doorbell, ENTROPY_ENTRY_LEN, FLAG_MORE, FLAG_RESULTS_TRUNCATED, FLAG_STDERR_TRUNCATED,
+    files, header, Doorbell, ENTROPY_ENTRY_LEN, FLAG_MORE, FLAG_RESULTS_TRUNCATED, FLAG_STDERR_TRUNCATED,
     FLAG_STDOUT_TRUNCATED, MAGIC, MAILBOX_SIZE, MAX_ENTROPY_REGIONS, MAX_OUTPUT_LIMIT, REQUEST_CAPACITY,
-    REQUEST_FRESH_FORK, REQUEST_OFFSET, REQUEST_STREAM, RESPONSE_CAPACITY, RESPONSE_OFFSET, VERSION,
+    REQUEST_FILE_OP, REQUEST_FRESH_FORK, REQUEST_OFFSET, REQUEST_STREAM, RESPONSE_CAPACITY, RESPONSE_OFFSET, VERSION,
 };
 
 /// How a constant is named and typed in the guests' languages.
@@ -145,6 +145,31 @@ pub const LAYOUT: &[Constant] = &[
         "REQUEST_FLAGS: send output as it is written."),
     unsigned("REQUEST_FRESH_FORK", REQUEST_FRESH_FORK as u64,
         "REQUEST_FLAGS: the first request of this fork; seed generators now."),
+    unsigned("REQUEST_FILE_OP", REQUEST_FILE_OP as u64,
+        "REQUEST_FLAGS: a file operation for the native half (crates/protocol/src/files.rs)."),
+    int("FILE_REQUEST_HEADER", files::REQUEST_HEADER as u64,
+        "Bytes of a file request before its paths."),
+    int("FILE_ENTRY_HEADER", files::ENTRY_HEADER as u64,
+        "Bytes of a file entry before its name."),
+    int("FILE_EXTENT_LEN", files::EXTENT_LEN as u64,
+        "Bytes of one extent of a file map."),
+    unsigned("FILE_STAT", files::FileOp::Stat as u64, "File op: stat."),
+    unsigned("FILE_LIST", files::FileOp::List as u64, "File op: list a directory."),
+    unsigned("FILE_MAKE_DIR", files::FileOp::MakeDir as u64, "File op: mkdir."),
+    unsigned("FILE_REMOVE", files::FileOp::Remove as u64, "File op: remove."),
+    unsigned("FILE_RENAME", files::FileOp::Rename as u64, "File op: rename."),
+    unsigned("FILE_WRITE_MAP", files::FileOp::WriteMap as u64, "File op: allocate on the disk, answer a map."),
+    unsigned("FILE_READ_MAP", files::FileOp::ReadMap as u64, "File op: answer a map."),
+    unsigned("FILE_SET_SIZE", files::FileOp::SetSize as u64, "File op: truncate."),
+    unsigned("FILE_WRITE_DATA", files::FileOp::WriteData as u64, "File op: write the request's data."),
+    unsigned("FILE_READ_DATA", files::FileOp::ReadData as u64, "File op: read into the reply."),
+    unsigned("FILE_PARENTS", files::PARENTS as u64, "File flag: create parent directories."),
+    unsigned("FILE_RECURSIVE", files::RECURSIVE as u64, "File flag: remove a directory's contents."),
+    unsigned("FILE_TRUNCATE", files::TRUNCATE as u64, "File flag: start the file empty."),
+    int("FILE_KIND_FILE", files::KIND_FILE as u64, "Entry kind: regular file."),
+    int("FILE_KIND_DIR", files::KIND_DIR as u64, "Entry kind: directory."),
+    int("FILE_KIND_SYMLINK", files::KIND_SYMLINK as u64, "Entry kind: symbolic link."),
+    int("FILE_KIND_OTHER", files::KIND_OTHER as u64, "Entry kind: anything else."),
     unsigned("MAX_OUTPUT_LIMIT", MAX_OUTPUT_LIMIT as u64,
         "The largest OUTPUT_LIMIT a request may ask for."),
     int("DOORBELL_READY", Doorbell::Ready as u8 as u64,

@@ -36,7 +36,7 @@ use crate::store::{open, read_info, template_dir, PhaseTimes, Staging, TemplateI
 ///
 /// `init=` follows, naming the runtime's agent (`RuntimeDescriptor::init`).
 pub const KERNEL_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=1 nokaslr noxsave clearcpuid=smap,popcnt tsc=reliable no-kvmapf";
+    "console=ttyS0 reboot=k panic=1 nokaslr noxsave clearcpuid=smap,popcnt,clwb tsc=reliable no-kvmapf";
 pub const ROOT_ARGS: &str = "rootfstype=erofs rootflags=dax ro rootwait";
 fn kernel_cmdline(runtime: Runtime) -> String {
     format!("{KERNEL_CMDLINE} init={}", runtime.descriptor().init)
@@ -80,6 +80,7 @@ fn inputs_hash(spec: &TemplateSpec, kernel: &str, root: &str) -> String {
     h.add(b"kernel", kernel.as_bytes())
         .add(b"root", root.as_bytes())
         .add(b"mem_mib", &spec.mem_mib.to_le_bytes())
+        .add(b"disk", artifacts::disk_hash(spec.disk_mib).as_bytes())
         .add(b"cmdline", kernel_cmdline(spec.runtime).as_bytes())
         .add(b"root_args", ROOT_ARGS.as_bytes())
         .add(b"state_format", &snapshot::codec::FORMAT_VERSION.to_le_bytes())
@@ -131,6 +132,7 @@ pub fn build(
     let started = Instant::now();
     let kernel = artifacts::ensure_kernel(cache, progress.as_ref())?;
     let root = artifacts::ensure_root_image(cache, spec, progress.as_ref())?;
+    let disk = artifacts::ensure_disk_image(cache, spec.disk_mib, progress.as_ref())?;
     let artifacts_s = started.elapsed().as_secs_f64();
     let inputs = inputs_hash(spec, &kernel.hash, &root.hash);
 
@@ -162,6 +164,7 @@ pub fn build(
             system_map: Some(kernel.system_map.clone()),
             mem_mib: spec.mem_mib,
             root_args: ROOT_ARGS.into(),
+            disk_image: disk.clone(),
         };
         let log_path = staging.path().join(BOOT_LOG);
         let console = Console {

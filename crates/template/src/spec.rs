@@ -25,6 +25,12 @@ use crate::runtime::Runtime;
 /// The template `zeroboot` runs when none is named.
 pub const DEFAULT_NAME: &str = "python";
 pub const DEFAULT_MEM_MIB: u64 = 512;
+/// The disk at /home/user. Untouched blocks cost nothing: the image is
+/// sparse, and a fork copies only the pages it writes.
+pub const DEFAULT_DISK_MIB: u64 = 1024;
+/// 0 means no disk (/home/user is then a tmpfs in guest RAM); below 64 MiB
+/// ext4 has little room left for files.
+pub const MIN_DISK_MIB: u64 = 64;
 
 /// Guest RAM bounds: below 128 MiB a runtime barely boots; above 16 GiB the
 /// guest's memory plus root image would not fit under the doorbell.
@@ -59,6 +65,11 @@ pub struct TemplateSpec {
     /// Guest RAM.
     #[serde(default = "default_mem_mib", rename = "memory_mib")]
     pub mem_mib: u64,
+    /// The writable disk mounted at /home/user, copy-on-write per fork; 0
+    /// for none. Guest RAM, root image and disk share 3 GiB of guest-
+    /// physical space.
+    #[serde(default = "default_disk_mib")]
+    pub disk_mib: u64,
     /// Environment of the code the agent runs.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -66,6 +77,10 @@ pub struct TemplateSpec {
 
 fn default_mem_mib() -> u64 {
     DEFAULT_MEM_MIB
+}
+
+fn default_disk_mib() -> u64 {
+    DEFAULT_DISK_MIB
 }
 
 impl Default for TemplateSpec {
@@ -111,6 +126,7 @@ impl TemplateSpec {
             preload: Vec::new(),
             warmup: String::new(),
             mem_mib: DEFAULT_MEM_MIB,
+            disk_mib: DEFAULT_DISK_MIB,
             env: BTreeMap::new(),
         }
     }
@@ -145,6 +161,12 @@ impl TemplateSpec {
             return Err(invalid(
                 "memory_mib",
                 format!("{} is outside {MIN_MEM_MIB}..={MAX_MEM_MIB}", self.mem_mib),
+            ));
+        }
+        if self.disk_mib != 0 && !(MIN_DISK_MIB..=MAX_MEM_MIB).contains(&self.disk_mib) {
+            return Err(invalid(
+                "disk_mib",
+                format!("{} is neither 0 nor in {MIN_DISK_MIB}..={MAX_MEM_MIB}", self.disk_mib),
             ));
         }
         check_list("packages", &self.packages, is_debian_package)?;
@@ -317,6 +339,7 @@ mod tests {
         for (text, field) in [
             ("name = \"../x\"", "name"),
             ("name = \"a\"\nmemory_mib = 64", "memory_mib"),
+            ("name = \"a\"\ndisk_mib = 10", "disk_mib"),
             ("name = \"a\"\npackages = [\"--allow-unauthenticated\"]", "packages"),
             ("name = \"a\"\npackages = [\"Foo\"]", "packages"),
             ("name = \"a\"\nwheels = [\"-r /etc/passwd\"]", "wheels"),

@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         system_map: None,
         mem_mib: 256,
         root_args: String::new(),
+        disk_image: None,
     };
     let mut m = zeroboot_vmm::Machine::boot(&hv, &spec, Box::new(std::io::stderr()))?;
     let t = Instant::now();

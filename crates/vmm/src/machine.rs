@@ -6,10 +6,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use zeroboot_protocol::files::{FileReply, FileRequest};
 use zeroboot_protocol::{self as protocol, Chunk, Doorbell, GuestFault, Outcome, ProtocolError, Request};
 
 use crate::boot::{self, BootError};
 use crate::devices::serial::{SerialConsole, SerialError, COM1_IRQ, COM1_PORTS};
+use crate::devices::zeroing::Zeroing;
 use crate::fork::policy::ForkMemory;
 use crate::guest_kernel::{KernelSymbols, SymbolError};
 use crate::kvm::{Exit, Hypervisor, KvmError, Vcpu, Vm};
@@ -31,6 +33,8 @@ const CMOS_DATA: u16 = 0x71;
 pub enum MachineError {
     #[error(transparent)]
     Kvm(#[from] KvmError),
+    #[error("{len} bytes at byte {offset} are outside the sandbox's disk")]
+    OutsideDisk { offset: u64, len: usize },
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error(transparent)]
@@ -80,6 +84,10 @@ pub struct BootSpec {
     pub mem_mib: u64,
     /// Extra arguments for the root image (e.g. `rootfstype=erofs rootflags=dax`).
     pub root_args: String,
+    /// The sandbox's disk: a filesystem image (sparse), exposed as a second
+    /// persistent-memory region (`/dev/pmem1`) of the image's size. Needs a
+    /// root image.
+    pub disk_image: Option<PathBuf>,
 }
 
 pub struct Machine {
@@ -88,6 +96,7 @@ pub struct Machine {
     vm: Vm,
     ram: GuestRam,
     serial: SerialConsole,
+    zeroing: Zeroing,
     layout: MemoryLayout,
     kernel: Option<KernelSymbols>,
     cpu_vendor: String,
@@ -269,10 +278,31 @@ impl Machine {
             }
             None => None,
         };
-        let layout = MemoryLayout::new(spec.mem_mib, root.as_ref().map_or(0, |r| r.1))?;
+        let disk = match &spec.disk_image {
+            Some(path) => {
+                let open = || {
+                    let file = std::fs::File::open(path)?;
+                    let len = file.metadata()?.len();
+                    Ok((file, len))
+                };
+                Some(open().map_err(|source| MachineError::File {
+                    path: path.clone(),
+                    source,
+                })?)
+            }
+            None => None,
+        };
+        let layout = MemoryLayout::new(
+            spec.mem_mib,
+            root.as_ref().map_or(0, |r| r.1),
+            disk.as_ref().map_or(0, |d| d.1),
+        )?;
         let mut ram = GuestRam::anonymous(layout.total_bytes())?;
         if let Some((mut file, len)) = root {
             ram.load(layout.pmem_gpa, &mut file, len)?;
+        }
+        if let Some((file, len)) = disk.filter(|_| layout.disk_bytes > 0) {
+            ram.load_sparse(layout.disk_gpa, &file, len)?;
         }
         let mut seed = [0u8; protocol::header::BOOT_SEED_LEN];
         fill_random(&mut seed);
@@ -283,6 +313,10 @@ impl Machine {
         if layout.pmem_bytes > 0 {
             cmdline.push_str(" root=/dev/pmem0 ");
             cmdline.push_str(&spec.root_args);
+        }
+        if layout.disk_bytes > 0 {
+            // The agent mounts /dev/pmem1 at /home/user when this is set.
+            cmdline.push_str(" zeroboot.disk=1");
         }
         cmdline.push_str(&format!(
             " zeroboot.mailbox={:#x} zeroboot.doorbell={:#x}",
@@ -302,6 +336,7 @@ impl Machine {
             vm,
             ram,
             serial,
+            zeroing: Zeroing::default(),
             layout,
             kernel,
             cpu_vendor: cpu_vendor(hv),
@@ -369,6 +404,7 @@ impl Machine {
             vm,
             ram,
             serial,
+            zeroing: Zeroing::default(),
             layout: state.layout,
             kernel: state.kernel,
             cpu_vendor: state.cpu_vendor.clone(),
@@ -433,6 +469,8 @@ impl Machine {
                     let value = data.first().copied().unwrap_or(0);
                     if COM1_PORTS.contains(&port) {
                         self.serial.write(port, value);
+                    } else if Zeroing::handles(port) {
+                        self.zeroing.write(port, data, &mut self.ram, &self.layout);
                     } else if port == I8042_COMMAND && value == I8042_RESET {
                         return Err(GuestFault::Reset.into());
                     }
@@ -444,6 +482,11 @@ impl Machine {
                         data.fill(0);
                         if let Some(b) = data.first_mut() {
                             *b = value;
+                        }
+                    } else if Zeroing::handles(port) {
+                        let value = self.zeroing.read(port).to_le_bytes();
+                        for (byte, v) in data.iter_mut().zip(value) {
+                            *byte = v;
                         }
                     } else if port == CMOS_DATA {
                         data.fill(0);
@@ -616,6 +659,58 @@ impl Machine {
         on_chunk: &mut dyn FnMut(Chunk),
     ) -> Result<Outcome, MachineError> {
         self.run_request(request, timeout, Some(on_chunk))
+    }
+
+    /// Runs a file operation in the agent's native half (no user code
+    /// runs, and the fork's first code request still gets fresh generator
+    /// state).
+    pub fn file_op(&mut self, request: &FileRequest, timeout: Duration) -> Result<FileReply, MachineError> {
+        let mailbox_gpa = self.layout.mailbox_gpa;
+        let deadline = Instant::now() + timeout;
+        let mailbox = self.ram.slice_mut(mailbox_gpa, protocol::MAILBOX_SIZE)?;
+        let seq = protocol::write_file_request(mailbox, request).map_err(MachineError::Protocol)?;
+        match self.run_until_doorbell(deadline.saturating_duration_since(Instant::now()))? {
+            Doorbell::Result => {}
+            got => {
+                return Err(MachineError::guest_protocol(ProtocolError::WrongDoorbell {
+                    expected: Doorbell::Result,
+                    got,
+                }))
+            }
+        }
+        let part = protocol::read_chunk(self.ram.slice(mailbox_gpa, protocol::MAILBOX_SIZE)?, seq)
+            .map_err(MachineError::guest_protocol)?;
+        Ok(FileReply {
+            errno: part.exit_code,
+            data: part.stdout.to_vec(),
+            message: String::from_utf8_lossy(part.stderr).into_owned(),
+        })
+    }
+
+    /// Copies `bytes` to byte `offset` of the disk.
+    pub fn write_disk(&mut self, offset: u64, bytes: &[u8]) -> Result<(), MachineError> {
+        let gpa = self.disk_gpa(offset, bytes.len())?;
+        self.ram.slice_mut(gpa, bytes.len())?.copy_from_slice(bytes);
+        Ok(())
+    }
+
+    /// Bytes `[offset, offset + len)` of the disk.
+    pub fn read_disk(&self, offset: u64, len: usize) -> Result<&[u8], MachineError> {
+        let gpa = self.disk_gpa(offset, len)?;
+        Ok(self.ram.slice(gpa, len)?)
+    }
+
+    /// Bytes of the disk (0 without one).
+    pub fn disk_bytes(&self) -> u64 {
+        self.layout.disk_bytes
+    }
+
+    fn disk_gpa(&self, offset: u64, len: usize) -> Result<u64, MachineError> {
+        let gpa = self.layout.disk_gpa.saturating_add(offset);
+        if offset >= self.layout.disk_bytes || !self.layout.disk_contains(gpa, len as u64) {
+            return Err(MachineError::OutsideDisk { offset, len });
+        }
+        Ok(gpa)
     }
 
     fn run_request(

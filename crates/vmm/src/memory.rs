@@ -446,6 +446,19 @@ impl GuestRam {
         reader.read_exact(dst).map_err(MemoryError::Read)
     }
 
+    /// Copies the data of `file` (`len` bytes, holes skipped) into guest
+    /// memory at `gpa`, which must be zero there already: a 1 GiB disk
+    /// image that is mostly holes costs its data, not a gigabyte.
+    pub fn load_sparse(&mut self, gpa: u64, file: &std::fs::File, len: u64) -> Result<(), MemoryError> {
+        use std::os::unix::fs::FileExt;
+        let dst = self.slice_mut(gpa, len as usize)?;
+        for (start, end) in crate::page_cache::data_runs(file, len).map_err(MemoryError::Read)? {
+            file.read_exact_at(&mut dst[start as usize..end as usize], start)
+                .map_err(MemoryError::Read)?;
+        }
+        Ok(())
+    }
+
     /// Bytes of copy-on-write copies this mapping holds: the `Anonymous` field
     /// of its /proc/self/smaps entry. (Its `Private_Clean` also counts
     /// template page-cache pages that only this process maps; those are shared

@@ -39,6 +39,47 @@
 #define ZB_USER_UID 1000u
 #define ZB_USER_HOME "/home/user"
 
+/* The sandbox's disk: the second persistent-memory region, which the host
+ * adds (and says so with zeroboot.disk=1 on the command line) when the
+ * template has one. ext4 with DAX: a file's blocks are guest-physical pages,
+ * which the host reads and writes for the files API and a fork copies on
+ * write. */
+#define ZB_DISK_DEVICE "/dev/pmem1"
+#define ZB_DISK_OPTIONS "dax=always,noinit_itable"
+#define ZB_DISK_WRITE_CACHE "/sys/block/pmem1/dax/write_cache"
+
+static inline uint64_t zb_cmdline_number(const char *key);
+
+/* Mounts the disk at /home/user, or a tmpfs there when the template has no
+ * disk; 0 on success. */
+static inline int zb_mount_home(void)
+{
+    if (zb_cmdline_number("zeroboot.disk") == 1) {
+        /* libnvdimm probes the regions asynchronously. */
+        for (int tries = 0; tries < 300; tries++) {
+            /* The disk is RAM, not persistent memory: no cache line needs
+             * writing back for it to hold (each write-back would be an
+             * emulated instruction per 64 bytes where kernel mode is). */
+            int cache = open(ZB_DISK_WRITE_CACHE, O_WRONLY | O_CLOEXEC);
+            if (cache >= 0) {
+                if (write(cache, "0\n", 2) != 2)
+                    fprintf(stderr, "zeroboot-agent: %s: %s\n", ZB_DISK_WRITE_CACHE, strerror(errno));
+                close(cache);
+            }
+            if (mount(ZB_DISK_DEVICE, ZB_USER_HOME, "ext4", MS_NOATIME | MS_NOSUID | MS_NODEV, ZB_DISK_OPTIONS) == 0) {
+                rmdir(ZB_USER_HOME "/lost+found");
+                return 0;
+            }
+            if (errno != ENOENT && errno != ENXIO)
+                break;
+            usleep(100 * 1000);
+        }
+        fprintf(stderr, "zeroboot-agent: mount %s on %s failed: %s\n", ZB_DISK_DEVICE, ZB_USER_HOME, strerror(errno));
+        return -1;
+    }
+    return mount("tmpfs", ZB_USER_HOME, "tmpfs", 0, "mode=755,uid=1000,gid=1000");
+}
+
 /* Mounts /proc, /sys, /dev, /tmp, /run and /home/user; returns how many
  * failed. */
 static inline int zb_mount_kernel_filesystems(void)
@@ -49,7 +90,6 @@ static inline int zb_mount_kernel_filesystems(void)
         {"devtmpfs", "/dev", "devtmpfs", NULL},
         {"tmpfs", "/tmp", "tmpfs", "mode=1777"},
         {"tmpfs", "/run", "tmpfs", "mode=755"},
-        {"tmpfs", ZB_USER_HOME, "tmpfs", "mode=755,uid=1000,gid=1000"},
     };
     int failed = 0;
     for (size_t i = 0; i < sizeof mounts / sizeof mounts[0]; i++) {
@@ -58,6 +98,8 @@ static inline int zb_mount_kernel_filesystems(void)
             failed++;
         }
     }
+    if (zb_mount_home() != 0)
+        failed++;
     return failed;
 }
 

@@ -33,6 +33,7 @@
  * has been stable since bash 4, and bind_variable is bound from the bash
  * binary at load time.
  */
+#include "files.h"
 #include "guest.h"
 
 typedef struct word_desc {
@@ -209,6 +210,8 @@ static int request(void)
         fprintf(stderr, "zeroboot: run `zeroboot attach DIR` first\n");
         return EXECUTION_FAILURE;
     }
+    /* The files API's requests are answered here and never reach bash. */
+    zb_serve_file_ops(mailbox, doorbell);
     progress->serving = zb_get32(mailbox, ZB_H_REQUEST_SEQ);
     uint32_t code_len = zb_get32(mailbox, ZB_H_CODE_LEN);
     uint32_t stdin_len = zb_get32(mailbox, ZB_H_STDIN_LEN);

@@ -12,6 +12,7 @@
  */
 #include <dlfcn.h>
 
+#include "files.h"
 #include "guest.h"
 
 typedef struct napi_env__ *napi_env;
@@ -98,6 +99,23 @@ static napi_value js_map_physical(napi_env env, napi_callback_info info)
     if (napi_create_external_arraybuffer(env, p, (size_t)length, NULL, NULL, &out) != 0)
         napi_throw_error(env, NULL, "zeroboot_node: cannot wrap the mapping");
     return out;
+}
+
+/* serveFileOps(mailbox, doorbell): both ArrayBuffers from mapPhysical. See
+ * zb_serve_file_ops in files.h. */
+static napi_value js_serve_file_ops(napi_env env, napi_callback_info info)
+{
+    napi_value argv[MAX_ARGS];
+    void *mailbox, *doorbell;
+    size_t mailbox_len, doorbell_len;
+    if (args(env, info, 2, argv) || napi_get_arraybuffer_info(env, argv[0], &mailbox, &mailbox_len) != 0 ||
+        napi_get_arraybuffer_info(env, argv[1], &doorbell, &doorbell_len) != 0 || mailbox_len != ZB_MAILBOX_SIZE ||
+        doorbell_len == 0) {
+        napi_throw_error(env, NULL, "zeroboot_node: serveFileOps takes the mailbox and the doorbell");
+        return NULL;
+    }
+    zb_serve_file_ops(mailbox, doorbell);
+    return NULL;
 }
 
 static int buffer_arg(napi_env env, napi_callback_info info, void **data, size_t *len)
@@ -210,7 +228,7 @@ napi_value napi_register_module_v1(napi_env env, napi_value exports)
         {"mapPhysical", js_map_physical},     {"addEntropy", js_add_entropy},
         {"seedOpenssl", js_seed_openssl},     {"drainConsole", js_drain_console},
         {"hugify", js_hugify},                {"captureChildOutput", js_capture_child_output},
-        {"switchUser", js_switch_user},
+        {"switchUser", js_switch_user},       {"serveFileOps", js_serve_file_ops},
     };
     for (size_t i = 0; i < sizeof functions / sizeof functions[0]; i++) {
         napi_value fn;

@@ -12,6 +12,7 @@ pub const NODE: RuntimeDescriptor = RuntimeDescriptor {
         guest_file!("agent/agent.js"),
         guest_file!("agent/init-node"),
         guest_file!("agent/native/guest.h"),
+        guest_file!("agent/native/files.h"),
         guest_file!("agent/native/zeroboot_node.c"),
     ],
     agent_scripts: &["agent.js", "init-node"],

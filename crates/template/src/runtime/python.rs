@@ -11,6 +11,7 @@ pub const PYTHON: RuntimeDescriptor = RuntimeDescriptor {
     agent_sources: &[
         guest_file!("agent/agent.py"),
         guest_file!("agent/native/guest.h"),
+        guest_file!("agent/native/files.h"),
         guest_file!("agent/native/zeroboot_python.c"),
     ],
     agent_scripts: &["agent.py"],

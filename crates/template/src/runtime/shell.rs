@@ -12,6 +12,7 @@ pub const SHELL: RuntimeDescriptor = RuntimeDescriptor {
     agent_sources: &[
         guest_file!("agent/agent.sh"),
         guest_file!("agent/native/guest.h"),
+        guest_file!("agent/native/files.h"),
         guest_file!("agent/native/zeroboot_bash.c"),
     ],
     agent_scripts: &["agent.sh"],

@@ -37,6 +37,9 @@ pub fn e820_map(layout: &MemoryLayout) -> Vec<E820Entry> {
     if layout.pmem_bytes > 0 {
         map.push((layout.pmem_gpa, layout.pmem_bytes, E820_PMEM));
     }
+    if layout.disk_bytes > 0 {
+        map.push((layout.disk_gpa, layout.disk_bytes, E820_PMEM));
+    }
     map
 }
 
@@ -71,7 +74,7 @@ mod tests {
 
     #[test]
     fn zero_page_fields() {
-        let layout = MemoryLayout::new(512, 10 << 20).unwrap();
+        let layout = MemoryLayout::new(512, 10 << 20, 0).unwrap();
         let zp = zero_page(&layout, 42, Some((0x1000_0000, 0x2000))).0;
         assert_eq!({ zp.hdr.boot_flag }, 0xaa55);
         assert_eq!({ zp.hdr.header }, 0x5372_6448);
@@ -89,9 +92,17 @@ mod tests {
 
     #[test]
     fn e820_covers_ram_and_reserves_mailbox() {
-        let layout = MemoryLayout::new(256, 0).unwrap();
+        let layout = MemoryLayout::new(256, 0, 0).unwrap();
         let map = e820_map(&layout);
         assert_eq!(map.len(), 3, "no pmem entry without an image");
+        let with_disk = e820_map(&MemoryLayout::new(256, 1 << 20, 1 << 30).unwrap());
+        assert_eq!(with_disk.len(), 5);
+        let (root, disk) = (with_disk[3], with_disk[4]);
+        assert!(
+            root.0 + root.1 < disk.0,
+            "adjacent pmem ranges would merge into one device"
+        );
+        assert_eq!(disk.2, E820_PMEM);
         let ram: u64 = map.iter().filter(|e| e.2 == E820_RAM).map(|e| e.1).sum();
         assert_eq!(ram, EBDA_START + (layout.mailbox_gpa - HIMEM_START));
         assert_eq!(map[2], (layout.mailbox_gpa, 2 << 20, E820_RESERVED));

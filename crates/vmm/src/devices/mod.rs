@@ -2,3 +2,4 @@
 //! LAPIC, PIT) is KVM's.
 
 pub mod serial;
+pub mod zeroing;

@@ -183,7 +183,7 @@ pub(crate) mod tests {
         vcpu.regs.rip = 0xdead_beef;
         MachineState {
             cpu_vendor: "GenuineIntel".into(),
-            layout: MemoryLayout::new(512, 1 << 20).unwrap(),
+            layout: MemoryLayout::new(512, 1 << 20, 0).unwrap(),
             kernel: Some(crate::guest_kernel::KernelSymbols {
                 base_crng: 0x1b9_df80,
                 input_pool: 0x1ab_aba0,
