@@ -11,6 +11,7 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use zeroboot_protocol::files::{FileReply, FileRequest};
 use zeroboot_protocol::{Chunk, GuestFault, Outcome, Request};
 use zeroboot_vmm::fork::{Demand, ReadyPool};
 use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy, LiveSnapshot, Snapshot};
@@ -257,6 +258,36 @@ impl Sandbox {
         }
     }
 
+    /// Runs a files-API operation in the guest (see
+    /// [`zeroboot_protocol::files`]).
+    pub fn file_op(&mut self, request: &FileRequest, timeout: Duration) -> Result<FileReply, SandboxError> {
+        let command = Command::File {
+            request: request.clone(),
+            timeout,
+        };
+        match self.call(&command, timeout + EXEC_GRACE, "File")? {
+            Reply::File(reply) => Ok(reply),
+            other => Err(unexpected("File", &other)),
+        }
+    }
+
+    /// Writes `bytes` at byte `offset` of the sandbox's disk (where a
+    /// [`zeroboot_protocol::files::FileOp::WriteMap`] put a file's blocks).
+    pub fn write_disk(&mut self, offset: u64, bytes: Vec<u8>) -> Result<(), SandboxError> {
+        match self.call(&Command::WriteDisk { offset, bytes }, SETUP_DEADLINE, "WriteDisk")? {
+            Reply::Written => Ok(()),
+            other => Err(unexpected("Written", &other)),
+        }
+    }
+
+    /// Bytes `[offset, offset + len)` of the sandbox's disk.
+    pub fn read_disk(&mut self, offset: u64, len: u32) -> Result<Vec<u8>, SandboxError> {
+        match self.call(&Command::ReadDisk { offset, len }, SETUP_DEADLINE, "ReadDisk")? {
+            Reply::Bytes(bytes) => Ok(bytes),
+            other => Err(unexpected("Bytes", &other)),
+        }
+    }
+
     /// How this sandbox's guest memory was backed when its VM was prepared.
     pub fn fork_memory(&self) -> ForkMemory {
         self.fork_memory
@@ -357,6 +388,9 @@ fn unexpected(expected: &'static str, got: &Reply) -> SandboxError {
         Reply::Done(_) => "Done",
         Reply::Live(_) => "Live",
         Reply::Stats(_) => "Stats",
+        Reply::File(_) => "File",
+        Reply::Written => "Written",
+        Reply::Bytes(_) => "Bytes",
         Reply::Failed(_) => "Failed",
     };
     SandboxError::Unexpected { expected, got }

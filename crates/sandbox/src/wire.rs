@@ -5,6 +5,7 @@
 use std::io::{Read, Write};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use zeroboot_protocol::files::{FileReply, FileRequest};
 use zeroboot_protocol::{Chunk, GuestFault, Outcome, Request};
 use zeroboot_vmm::snapshot::{codec, CodecError};
 use zeroboot_vmm::{ForkMemory, LiveSnapshot};
@@ -42,6 +43,21 @@ pub enum Command {
     },
     SnapshotLive,
     Stats,
+    /// A files-API operation, served by the agent's native half.
+    File {
+        request: FileRequest,
+        timeout: std::time::Duration,
+    },
+    /// Bytes for the sandbox's disk at byte `offset` of it.
+    WriteDisk {
+        offset: u64,
+        bytes: Vec<u8>,
+    },
+    /// Bytes `[offset, offset + len)` of the sandbox's disk.
+    ReadDisk {
+        offset: u64,
+        len: u32,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -53,6 +69,9 @@ pub enum Reply {
     Done(Outcome),
     Live(LiveParts),
     Stats(Stats),
+    File(FileReply),
+    Written,
+    Bytes(Vec<u8>),
     Failed(Failure),
 }
 

@@ -94,6 +94,18 @@ pub fn serve(dir: &Path) -> Result<(), WorkerError> {
                 }),
                 (Err(e), _) | (_, Err(e)) => Reply::Failed(Failure::Other(e.to_string())),
             },
+            Command::File { request, timeout } => match machine.file_op(&request, timeout) {
+                Ok(reply) => Reply::File(reply),
+                Err(e) => Reply::Failed(failure(e)),
+            },
+            Command::WriteDisk { offset, bytes } => match machine.write_disk(offset, &bytes) {
+                Ok(()) => Reply::Written,
+                Err(e) => Reply::Failed(failure(e)),
+            },
+            Command::ReadDisk { offset, len } => match machine.read_disk(offset, len as usize) {
+                Ok(bytes) => Reply::Bytes(bytes.to_vec()),
+                Err(e) => Reply::Failed(failure(e)),
+            },
             other @ (Command::Prepare { .. } | Command::Start) => {
                 Reply::Failed(Failure::Other(format!("{} was already done", name(&other))))
             }
@@ -155,6 +167,9 @@ fn name(command: &Command) -> &'static str {
         Command::Exec { .. } => "Exec",
         Command::SnapshotLive => "SnapshotLive",
         Command::Stats => "Stats",
+        Command::File { .. } => "File",
+        Command::WriteDisk { .. } => "WriteDisk",
+        Command::ReadDisk { .. } => "ReadDisk",
     }
 }
 

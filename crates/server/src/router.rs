@@ -13,7 +13,7 @@ use axum::{middleware, Router};
 
 use crate::error::ApiError;
 use crate::exec::{exec, exec_batch};
-use crate::files::{get_file, put_file};
+use crate::files::{delete_file, get_file, list_dir, make_dir, put_file, rename, stat_file};
 use crate::sandboxes::{create_sandbox, delete_sandbox, fork_sandbox, get_sandbox, list_sandboxes, sandbox_exec};
 use crate::served::random_id;
 use crate::service::{health, method_not_allowed, metrics, not_found};
@@ -59,7 +59,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sandboxes/{id}", get(get_sandbox).delete(delete_sandbox))
         .route("/v1/sandboxes/{id}/exec", post(sandbox_exec))
         .route("/v1/sandboxes/{id}/fork", post(fork_sandbox))
-        .route("/v1/sandboxes/{id}/files/{*path}", put(put_file).get(get_file))
+        .route(
+            "/v1/sandboxes/{id}/files/{*path}",
+            put(put_file).get(get_file).delete(delete_file),
+        )
+        .route("/v1/sandboxes/{id}/stat/{*path}", get(stat_file))
+        .route("/v1/sandboxes/{id}/dirs/{*path}", get(list_dir).put(make_dir))
+        .route("/v1/sandboxes/{id}/rename", post(rename))
         .route_layer(middleware::from_fn_with_state(state.auth().clone(), auth::require));
     Router::new()
         .route("/v1/health", get(health))

@@ -26,17 +26,6 @@ fn guest_request(req: &ExecRequest, defaults: &Context, output_limit: u32) -> Re
     }
 }
 
-/// What a call in a session runs with, under the call's own working
-/// directory and environment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum CallDefaults {
-    /// The session's (user code).
-    Session,
-    /// The agent's own, as the session's user: the files API, whose paths
-    /// must not depend on the session's directory and environment.
-    Agent,
-}
-
 impl AppState {
     pub(crate) fn count(&self, outcome: &Result<ExecResponse, ApiError>) {
         let label = match outcome {
@@ -165,17 +154,11 @@ impl AppState {
         id: &str,
         caller: Caller,
         req: ExecRequest,
-        defaults: CallDefaults,
     ) -> Result<ExecResponse, ApiError> {
         let session = self.sessions.get(id, caller)?;
         let timeout = self.validate(&req.code, &req.stdin, req.timeout_seconds)?;
-        let context = match defaults {
-            CallDefaults::Session => session.context.clone(),
-            CallDefaults::Agent => Context {
-                user: session.context.user.clone(),
-                ..Context::default()
-            },
-        };
+        // The session's working directory and environment, under the call's own.
+        let context = session.context.clone();
         self.validate_context(&context.overlaid_with(&req.context()), req.code.len() + req.stdin.len())?;
         let permit = self.slot().await?;
         let state = self.clone();

@@ -14,7 +14,6 @@ use utoipa::ToSchema;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::exec::{ExecRequest, ExecResponse, RunContext};
-use crate::run::CallDefaults;
 use crate::sessions::SessionInfo;
 use crate::state::AppState;
 
@@ -176,9 +175,7 @@ pub(crate) async fn sandbox_exec(
     let Json(req) = body?;
     let mut exec = ExecRequest::in_sandbox(req.code, req.timeout_seconds, req.stdin);
     exec.context = req.context;
-    Ok(Json(
-        state.exec_in_session(&id, caller, exec, CallDefaults::Session).await?,
-    ))
+    Ok(Json(state.exec_in_session(&id, caller, exec).await?))
 }
 
 /// Makes `count` new sandboxes that start from this sandbox's current state.

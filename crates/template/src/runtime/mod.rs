@@ -1,6 +1,6 @@
 //! The language runtimes a template's agent can serve, each described once
 //! ([`RuntimeDescriptor`]): its languages, packages, agent sources and
-//! native half, probes, benchmark code and the guest code of the files API.
+//! native half, probes and benchmark code.
 //! The template build, the server and the CLI read only the descriptor, so
 //! adding a runtime is one descriptor plus its guest files (guest/agent/),
 //! and a missing piece is a compile error.
@@ -78,8 +78,6 @@ pub struct RuntimeDescriptor {
     pub warmup: bool,
     /// Whether a spec may add Python wheels.
     pub wheels: bool,
-    /// The guest code behind the files API.
-    pub files: FileCode,
 }
 
 /// A C source under `agent/native/` and the object it becomes in `/zeroboot`.
@@ -89,22 +87,8 @@ pub struct NativeHalf {
     pub object: &'static str,
 }
 
-/// Code, in the runtime's own language, that the files API runs in a
-/// sandbox. Both take the absolute guest path.
-#[derive(Debug)]
-pub struct FileCode {
-    /// Writes its stdin (base64) to the path, creating directories.
-    pub write: fn(&str) -> String,
-    /// Prints the file as base64; exits [`FILE_NOT_FOUND`] when there is no
-    /// such file (or it is a directory).
-    pub read: fn(&str) -> String,
-}
-
 /// What every runtime's print probe prints.
 pub const PRINT_PROBE_OUTPUT: &str = "2\n";
-
-/// The exit code of [`FileCode::read`] for a missing file, in every runtime.
-pub const FILE_NOT_FOUND: i32 = 44;
 
 impl RuntimeDescriptor {
     /// The print probe, then the other write-set probes.
@@ -118,12 +102,6 @@ impl RuntimeDescriptor {
     pub fn language(&self) -> &'static str {
         self.languages.first().copied().unwrap_or(self.name)
     }
-}
-
-/// `path` as a JSON string, which is also a valid Python and JavaScript
-/// string literal.
-fn quoted(path: &str) -> String {
-    serde_json::Value::String(path.to_string()).to_string()
 }
 
 #[cfg(test)]
@@ -156,14 +134,5 @@ mod tests {
                 assert!(seen.insert(*language), "{language} twice");
             }
         }
-    }
-
-    #[test]
-    fn file_code_quotes_hostile_paths() {
-        let path = "/tmp/it's \"x\" $(rm -rf /)";
-        let python = (Runtime::Python.descriptor().files.read)(path);
-        assert!(python.contains(r#""/tmp/it's \"x\" $(rm -rf /)""#), "{python}");
-        let shell = (Runtime::Shell.descriptor().files.write)(path);
-        assert!(shell.contains(r#"'/tmp/it'\''s "x" $(rm -rf /)'"#), "{shell}");
     }
 }

@@ -1,6 +1,6 @@
 //! Node.js: guest/agent/agent.js, its init script and its Node-API addon.
 
-use super::{quoted, FileCode, NativeHalf, RuntimeDescriptor, FILE_NOT_FOUND};
+use super::{NativeHalf, RuntimeDescriptor};
 use crate::sources::{guest_file, SourceFile};
 
 pub const NODE: RuntimeDescriptor = RuntimeDescriptor {
@@ -28,27 +28,7 @@ pub const NODE: RuntimeDescriptor = RuntimeDescriptor {
     preload: Some(is_module),
     warmup: true,
     wheels: false,
-    files: FileCode { write, read },
 };
-
-// In a block: a session's top-level `let` and `const` stay declared for its
-// later requests.
-fn write(path: &str) -> String {
-    let p = quoted(path);
-    format!(
-        "{{ const p = {p}; fs.mkdirSync(path.dirname(p), {{ recursive: true }});\n\
-         fs.writeFileSync(p, Buffer.from(fs.readFileSync(0, 'utf8'), 'base64')) }}"
-    )
-}
-
-fn read(path: &str) -> String {
-    let p = quoted(path);
-    format!(
-        "{{ let data; try {{ data = fs.readFileSync({p}) }} catch (e) {{\n\
-         if (e.code !== 'ENOENT' && e.code !== 'EISDIR') throw e; console.error(e.message); process.exit({FILE_NOT_FOUND}) }}\n\
-         process.stdout.write(data.toString('base64')) }}"
-    )
-}
 
 /// A package name as `require` takes it (`lodash`, `@scope/pkg`,
 /// `node:fs`), not a path.

@@ -1,6 +1,6 @@
 //! CPython 3 with numpy: guest/agent/agent.py and its native half.
 
-use super::{quoted, FileCode, NativeHalf, RuntimeDescriptor, FILE_NOT_FOUND};
+use super::{NativeHalf, RuntimeDescriptor};
 use crate::sources::{guest_file, SourceFile};
 
 pub const PYTHON: RuntimeDescriptor = RuntimeDescriptor {
@@ -27,27 +27,9 @@ pub const PYTHON: RuntimeDescriptor = RuntimeDescriptor {
     preload: Some(is_module),
     warmup: true,
     wheels: true,
-    files: FileCode { write, read },
 };
 
 const NUMPY: &str = "import numpy; print(numpy.random.rand(3))";
-
-fn write(path: &str) -> String {
-    let p = quoted(path);
-    format!(
-        "import base64, os, sys\np = {p}\nos.makedirs(os.path.dirname(p), exist_ok=True)\n\
-         open(p, 'wb').write(base64.b64decode(sys.stdin.read()))"
-    )
-}
-
-fn read(path: &str) -> String {
-    let p = quoted(path);
-    format!(
-        "import base64, sys\ntry:\n    data = open({p}, 'rb').read()\n\
-         except (FileNotFoundError, IsADirectoryError) as e:\n    print(e, file=sys.stderr); sys.exit({FILE_NOT_FOUND})\n\
-         sys.stdout.write(base64.b64encode(data).decode())"
-    )
-}
 
 /// A dotted module name: identifiers only, nothing a Python statement
 /// could hide in.

@@ -1,6 +1,6 @@
 //! bash: guest/agent/agent.sh and its loadable builtin.
 
-use super::{FileCode, NativeHalf, RuntimeDescriptor, FILE_NOT_FOUND};
+use super::{NativeHalf, RuntimeDescriptor};
 use crate::sources::{guest_file, SourceFile};
 
 pub const SHELL: RuntimeDescriptor = RuntimeDescriptor {
@@ -32,20 +32,4 @@ pub const SHELL: RuntimeDescriptor = RuntimeDescriptor {
     preload: None,
     warmup: false,
     wheels: false,
-    files: FileCode { write, read },
 };
-
-/// A single-quoted shell word: ' ends it, so each becomes '\''.
-fn word(path: &str) -> String {
-    format!("'{}'", path.replace('\'', r"'\''"))
-}
-
-fn write(path: &str) -> String {
-    let p = word(path);
-    format!("mkdir -p \"$(dirname {p})\" && base64 -d > {p}")
-}
-
-fn read(path: &str) -> String {
-    let p = word(path);
-    format!("[ -f {p} ] || {{ echo {p}': no such file' >&2; exit {FILE_NOT_FOUND}; }}; base64 -w0 < {p}")
-}
