@@ -257,6 +257,20 @@ impl Server {
     }
 }
 
+impl Server {
+    /// GETs `path`; returns the status and the body as a reader, for bodies
+    /// too large to hold twice.
+    pub fn get_reader(&self, path: &str) -> (u16, impl std::io::Read) {
+        let response = self
+            .agent
+            .get(format!("{}{path}", self.url))
+            .call()
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let status = response.status().as_u16();
+        (status, response.into_body().into_with_config().limit(u64::MAX).reader())
+    }
+}
+
 /// One Server-Sent Event, with the time it arrived after the request went.
 #[derive(Debug)]
 pub struct Event {

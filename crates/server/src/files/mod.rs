@@ -22,6 +22,10 @@ use crate::error::ApiError;
 use crate::served::random_id;
 use crate::state::AppState;
 
+/// How long a failed upload's body is still read, so that its client gets
+/// the error rather than a broken connection.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Kernel filesystems: not files anyone uploads or downloads.
 const NOT_FILES: [&str; 3] = ["/proc", "/sys", "/dev"];
 
@@ -134,7 +138,8 @@ pub(crate) async fn put_file(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let staging = staging_path(&path);
-    let result = match transfer::upload(&files, &staging, body, expected).await {
+    let mut stream = body.into_data_stream();
+    let result = match transfer::upload(&files, &staging, &mut stream, expected).await {
         Ok(_) => {
             let mut rename = files.request(FileOp::Rename, &staging);
             rename.target = path.clone();
@@ -144,6 +149,7 @@ pub(crate) async fn put_file(
     };
     if let Err(mut e) = result {
         let _ = files.op(files.request(FileOp::Remove, &staging)).await;
+        transfer::drain(&mut stream, DRAIN_LIMIT).await;
         // The client named `path`, not the staging file.
         e.message = e.message.replace(&staging, &path);
         return Err(e);

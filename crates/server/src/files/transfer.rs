@@ -8,7 +8,7 @@
 //! (/tmp, the root image) the guest reads and writes them itself, a
 //! mailbox-sized piece per request.
 
-use axum::body::{Body, Bytes};
+use axum::body::{BodyDataStream, Bytes};
 use axum::http::StatusCode;
 use tokio_stream::StreamExt;
 use zeroboot_protocol::files::{self, decode_map, FileMap, FileOp, PARENTS, TRUNCATE};
@@ -33,10 +33,15 @@ enum Sink {
     Guest,
 }
 
-/// Writes `body` to `path` (created, with its parent directories, or
+/// Writes the body in `stream` to `path` (created, with its parent directories, or
 /// emptied) and sets its size. `expected` is the body's length, when the
 /// client said it. Returns the bytes written.
-pub(crate) async fn upload(files: &GuestFiles, path: &str, body: Body, expected: Option<u64>) -> Result<u64, ApiError> {
+pub(crate) async fn upload(
+    files: &GuestFiles,
+    path: &str,
+    stream: &mut BodyDataStream,
+    expected: Option<u64>,
+) -> Result<u64, ApiError> {
     let mut create = files.request(FileOp::WriteMap, path);
     create.flags = TRUNCATE | PARENTS;
     let reply = files.try_op(create).await?;
@@ -50,7 +55,6 @@ pub(crate) async fn upload(files: &GuestFiles, path: &str, body: Body, expected:
         }
         _ => return Err(errno_error(path, &reply)),
     };
-    let mut stream = body.into_data_stream();
     let mut pending: Vec<u8> = Vec::with_capacity(PIECE);
     let mut written = 0u64;
     let piece = match sink {
@@ -314,3 +318,10 @@ pub(crate) async fn list(files: &GuestFiles, path: &str) -> Result<Vec<files::En
 
 /// Most entries a listing returns.
 const MAX_ENTRIES: usize = 100_000;
+
+/// Reads what is left of a body the server will not use, for at most
+/// `within`: a client that is still sending then reads the error response
+/// instead of a broken pipe.
+pub(crate) async fn drain(stream: &mut BodyDataStream, within: std::time::Duration) {
+    let _ = tokio::time::timeout(within, async { while let Some(Ok(_)) = stream.next().await {} }).await;
+}
