@@ -88,6 +88,28 @@ class SyncTests(unittest.TestCase):
             s.exec("x = 41")
             s.write_file("/tmp/data.bin", bytes(range(256)) * 10)
             self.assertEqual(s.read_file("/tmp/data.bin"), bytes(range(256)) * 10)
+            # The disk at /home/user: a file streamed up and down, metadata.
+            import io, tempfile
+            payload = bytes(range(256)) * 40_000
+            with tempfile.TemporaryFile() as f:
+                f.write(payload)
+                f.seek(0)
+                s.write_file("/home/user/up/big.bin", f)
+            out = io.BytesIO()
+            self.assertEqual(s.read_file_to("/home/user/up/big.bin", out), len(payload))
+            self.assertEqual(out.getvalue(), payload)
+            info = s.stat("/home/user/up/big.bin")
+            self.assertEqual((info.type, info.size, info.mode), ("file", len(payload), 0o644))
+            s.make_dir("/home/user/a/b")
+            s.rename("/home/user/up/big.bin", "/home/user/a/b/moved.bin")
+            self.assertEqual([(f.name, f.type) for f in s.list_dir("/home/user")], [("a", "dir"), ("up", "dir")])
+            s.remove("/home/user/a")
+            with self.assertRaises(ZerobootError) as missing:
+                s.stat("/home/user/a")
+            self.assertEqual((missing.exception.status, missing.exception.code), (404, "file_not_found"))
+            with self.assertRaises(ZerobootError) as escaping:
+                s.read_file("/home/user/../x")
+            self.assertEqual(escaping.exception.status, 400)
             children = s.fork(2)
             s.exec("x = 0")
             for child in children:

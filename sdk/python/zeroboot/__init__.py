@@ -10,6 +10,8 @@
         s.exec("x = 41")
         child, = s.fork()                        # starts where s is now
         print(child.exec("print(x + 1)").stdout)
+        s.write_file("/home/user/data.csv", open("data.csv", "rb"))  # streamed
+        print([f.name for f in s.list_dir("/home/user")])
 
 `AsyncSandbox` and `AsyncSession` offer the same calls as coroutines.
 Only the standard library is used.
@@ -20,6 +22,7 @@ from ._client import (
     AsyncSession,
     Event,
     ExecResult,
+    FileInfo,
     Sandbox,
     SandboxInfo,
     Session,
@@ -30,6 +33,7 @@ __all__ = [
     "AsyncSandbox",
     "AsyncSession",
     "Event",
+    "FileInfo",
     "ExecResult",
     "Sandbox",
     "SandboxInfo",

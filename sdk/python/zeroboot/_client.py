@@ -7,7 +7,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, AsyncIterator, BinaryIO, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 
 class ZerobootError(Exception):
@@ -78,6 +78,25 @@ class SandboxInfo:
 
 
 @dataclass
+class FileInfo:
+    """A file, directory or link in a sandbox."""
+
+    name: str
+    path: str
+    #: ``file``, ``dir``, ``symlink`` or ``other``.
+    type: str
+    size: int
+    #: Permission bits, e.g. ``0o644``.
+    mode: int
+    #: Last modification, seconds since the epoch.
+    modified_unix: float
+
+    @classmethod
+    def from_json(cls, d: Dict[str, Any]) -> "FileInfo":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
 class Event:
     """One Server-Sent Event of a streamed run: `stdout` or `stderr` with
     `text`, then `result` with `result`."""
@@ -94,10 +113,13 @@ class _Http:
         self.api_key = api_key
         self.timeout = timeout
 
-    def _request(self, method: str, path: str, body: Optional[bytes], content_type: str, accept: str):
+    def _request(self, method: str, path: str, body: Any, content_type: str, accept: str,
+                 length: Optional[int] = None):
         headers = {"Accept": accept}
         if body is not None:
             headers["Content-Type"] = content_type
+        if length is not None:
+            headers["Content-Length"] = str(length)
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
@@ -115,6 +137,22 @@ class _Http:
     def raw(self, method: str, path: str, body: Optional[bytes] = None) -> bytes:
         with self._request(method, path, body, "application/octet-stream", "*/*") as resp:
             return resp.read()
+
+    def upload(self, path: str, source: BinaryIO, length: int) -> None:
+        """PUTs `length` bytes read from `source`, streamed."""
+        with self._request("PUT", path, source, "application/octet-stream", "*/*", length) as resp:
+            resp.read()
+
+    def download(self, path: str, out: BinaryIO, chunk: int = 1 << 20) -> int:
+        """GETs `path` into `out`, streamed; returns the bytes written."""
+        total = 0
+        with self._request("GET", path, None, "application/octet-stream", "*/*") as resp:
+            while True:
+                piece = resp.read(chunk)
+                if not piece:
+                    return total
+                out.write(piece)
+                total += len(piece)
 
     def events(self, path: str, payload: Any) -> Iterator[Event]:
         body = json.dumps(payload).encode()
@@ -256,11 +294,47 @@ class Session:
         forked = self._http.json("POST", f"/v1/sandboxes/{self.id}/fork", {"count": count})
         return [Session(self._http, SandboxInfo.from_json(s)) for s in forked["sandboxes"]]
 
-    def write_file(self, path: str, data: bytes) -> None:
-        self._http.raw("PUT", f"/v1/sandboxes/{self.id}/files/{_quote(path)}", bytes(data))
+    def write_file(self, path: str, data: Union[bytes, bytearray, memoryview, str, BinaryIO]) -> None:
+        """Writes a file (creating its directories), replacing any file
+        there once all of it is written. `data` may be an open binary file,
+        which is streamed, not read into memory."""
+        url = f"/v1/sandboxes/{self.id}/files/{_quote(path)}"
+        if isinstance(data, str):
+            data = data.encode()
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            self._http.raw("PUT", url, bytes(data))
+            return
+        start = data.tell()
+        length = data.seek(0, 2) - start
+        data.seek(start)
+        self._http.upload(url, data, length)
 
     def read_file(self, path: str) -> bytes:
         return self._http.raw("GET", f"/v1/sandboxes/{self.id}/files/{_quote(path)}")
+
+    def read_file_to(self, path: str, out: BinaryIO) -> int:
+        """Streams a file into the open binary file `out`; returns its size."""
+        return self._http.download(f"/v1/sandboxes/{self.id}/files/{_quote(path)}", out)
+
+    def stat(self, path: str) -> FileInfo:
+        return FileInfo.from_json(self._http.json("GET", f"/v1/sandboxes/{self.id}/stat/{_quote(path)}"))
+
+    def list_dir(self, path: str) -> List[FileInfo]:
+        """A directory's entries, sorted by name."""
+        listing = self._http.json("GET", f"/v1/sandboxes/{self.id}/dirs/{_quote(path)}")
+        return [FileInfo.from_json(e) for e in listing["entries"]]
+
+    def make_dir(self, path: str) -> None:
+        """Makes a directory and its parents; an existing one is fine."""
+        self._http.raw("PUT", f"/v1/sandboxes/{self.id}/dirs/{_quote(path)}", b"")
+
+    def remove(self, path: str) -> None:
+        """Removes a file, or a directory and everything in it."""
+        self._http.raw("DELETE", f"/v1/sandboxes/{self.id}/files/{_quote(path)}")
+
+    def rename(self, source: str, target: str) -> None:
+        """Moves a file or directory, creating the target's parents."""
+        self._http.json("POST", f"/v1/sandboxes/{self.id}/rename", {"from": source, "to": target})
 
     def close(self) -> None:
         try:
@@ -324,11 +398,29 @@ class AsyncSession:
     async def fork(self, count: int = 1) -> List["AsyncSession"]:
         return [AsyncSession(s) for s in await asyncio.to_thread(self._sync.fork, count)]
 
-    async def write_file(self, path: str, data: bytes) -> None:
+    async def write_file(self, path: str, data: Union[bytes, bytearray, memoryview, str, BinaryIO]) -> None:
         await asyncio.to_thread(self._sync.write_file, path, data)
 
     async def read_file(self, path: str) -> bytes:
         return await asyncio.to_thread(self._sync.read_file, path)
+
+    async def read_file_to(self, path: str, out: BinaryIO) -> int:
+        return await asyncio.to_thread(self._sync.read_file_to, path, out)
+
+    async def stat(self, path: str) -> FileInfo:
+        return await asyncio.to_thread(self._sync.stat, path)
+
+    async def list_dir(self, path: str) -> List[FileInfo]:
+        return await asyncio.to_thread(self._sync.list_dir, path)
+
+    async def make_dir(self, path: str) -> None:
+        await asyncio.to_thread(self._sync.make_dir, path)
+
+    async def remove(self, path: str) -> None:
+        await asyncio.to_thread(self._sync.remove, path)
+
+    async def rename(self, source: str, target: str) -> None:
+        await asyncio.to_thread(self._sync.rename, source, target)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._sync.close)

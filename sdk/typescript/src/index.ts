@@ -36,6 +36,18 @@ export interface RichResult {
   data: Record<string, unknown>;
 }
 
+/** A file, directory or link in a sandbox. */
+export interface FileInfo {
+  name: string;
+  path: string;
+  type: "file" | "dir" | "symlink" | "other";
+  size: number;
+  /** Permission bits, e.g. 0o644. */
+  mode: number;
+  /** Last modification, seconds since the epoch. */
+  modified_unix: number;
+}
+
 export interface SandboxInfo {
   id: string;
   template: string;
@@ -100,7 +112,10 @@ class Http {
     const headers: Record<string, string> = { Accept: accept };
     if (contentType) headers["Content-Type"] = contentType;
     if (this.apiKey) headers["Authorization"] = `Bearer ${this.apiKey}`;
-    const response = await fetch(this.url + path, { method, headers, body });
+    // A stream body goes out as it is read (Node's fetch needs `duplex`).
+    const init: RequestInit & { duplex?: "half" } = { method, headers, body };
+    if (body instanceof ReadableStream) init.duplex = "half";
+    const response = await fetch(this.url + path, init);
     if (!response.ok) {
       let code = "http_error";
       let message = response.statusText;
@@ -237,7 +252,11 @@ export class Session {
     return forked.sandboxes.map((info) => new Session(this.http, info));
   }
 
-  async writeFile(path: string, data: Uint8Array | string): Promise<void> {
+  /**
+   * Writes a file (creating its directories), replacing any file there once
+   * all of it is written. A ReadableStream is sent as it is read.
+   */
+  async writeFile(path: string, data: Uint8Array | string | ReadableStream<Uint8Array>): Promise<void> {
     const bytes = typeof data === "string" ? new TextEncoder().encode(data) : data;
     // fetch takes any ArrayBufferView; TypeScript's DOM types are narrower.
     const body = bytes as unknown as BodyInit;
@@ -247,6 +266,37 @@ export class Session {
   async readFile(path: string): Promise<Uint8Array> {
     const response = await this.http.request("GET", `/v1/sandboxes/${this.id}/files/${filePath(path)}`, undefined, undefined, "*/*");
     return new Uint8Array(await response.arrayBuffer());
+  }
+
+  /** A file's bytes as a stream, for files too large to hold. */
+  async readFileStream(path: string): Promise<ReadableStream<Uint8Array>> {
+    const response = await this.http.request("GET", `/v1/sandboxes/${this.id}/files/${filePath(path)}`, undefined, undefined, "*/*");
+    if (!response.body) throw new ZerobootError(response.status, "no_body", "the server sent no body");
+    return response.body;
+  }
+
+  stat(path: string): Promise<FileInfo> {
+    return this.http.json("GET", `/v1/sandboxes/${this.id}/stat/${filePath(path)}`);
+  }
+
+  /** A directory's entries, sorted by name. */
+  async listDir(path: string): Promise<FileInfo[]> {
+    return (await this.http.json<{ entries: FileInfo[] }>("GET", `/v1/sandboxes/${this.id}/dirs/${filePath(path)}`)).entries;
+  }
+
+  /** Makes a directory and its parents; an existing one is fine. */
+  async makeDir(path: string): Promise<void> {
+    await this.http.request("PUT", `/v1/sandboxes/${this.id}/dirs/${filePath(path)}`);
+  }
+
+  /** Removes a file, or a directory and everything in it. */
+  async remove(path: string): Promise<void> {
+    await this.http.request("DELETE", `/v1/sandboxes/${this.id}/files/${filePath(path)}`);
+  }
+
+  /** Moves a file or directory, creating the target's parents. */
+  async rename(from: string, to: string): Promise<void> {
+    await this.http.json("POST", `/v1/sandboxes/${this.id}/rename`, { from, to });
   }
 
   async close(): Promise<void> {

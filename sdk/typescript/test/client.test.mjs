@@ -86,6 +86,26 @@ test("sessions keep state, fork and move files", async () => {
   const data = Uint8Array.from({ length: 1000 }, (_, i) => i % 256);
   await s.writeFile("/tmp/data.bin", data);
   assert.deepEqual(await s.readFile("/tmp/data.bin"), data);
+  // The disk at /home/user: a stream up and down, metadata.
+  const big = Uint8Array.from({ length: 10_000_000 }, (_, i) => (i * 7) % 256);
+  const pieces = [big.subarray(0, 4_000_000), big.subarray(4_000_000)];
+  await s.writeFile("/home/user/up/big.bin", new ReadableStream({
+    pull(controller) {
+      const next = pieces.shift();
+      if (next) controller.enqueue(next);
+      else controller.close();
+    },
+  }));
+  const chunks = [];
+  for await (const chunk of await s.readFileStream("/home/user/up/big.bin")) chunks.push(chunk);
+  assert.deepEqual(Buffer.concat(chunks), Buffer.from(big));
+  const info = await s.stat("/home/user/up/big.bin");
+  assert.deepEqual([info.type, info.size, info.mode], ["file", big.length, 0o644]);
+  await s.makeDir("/home/user/a/b");
+  await s.rename("/home/user/up/big.bin", "/home/user/a/b/moved.bin");
+  assert.deepEqual((await s.listDir("/home/user")).map((f) => [f.name, f.type]), [["a", "dir"], ["up", "dir"]]);
+  await s.remove("/home/user/a");
+  await assert.rejects(s.stat("/home/user/a"), (e) => e.status === 404 && e.code === "file_not_found");
   const [child] = await s.fork();
   await s.exec("x = 0");
   assert.equal((await child.exec("print(x + 1)")).stdout, "42\n");
