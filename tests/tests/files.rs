@@ -175,6 +175,43 @@ fn files_api_works_in_every_runtime() {
             assert_eq!(parent.status, 404, "the parent sees its fork's file: {}", parent.text);
             server.call("DELETE", &format!("/v1/sandboxes/{child}"), None, None);
         }
+        // The CLI's files commands, on the same sandbox.
+        let cli = |args: &[&str], stdin: &[u8]| {
+            use std::io::Write;
+            let mut child = std::process::Command::new(zeroboot_e2e::zeroboot_bin())
+                .arg("files")
+                .args(args)
+                .env("ZEROBOOT_URL", &server.url)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("zeroboot files");
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(stdin)
+                .expect("write stdin");
+            let out = child.wait_with_output().expect("zeroboot files");
+            (
+                out.status.success(),
+                out.stdout,
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        let (ok, _, err) = cli(&["put", &id, "-", "/home/user/cli dir/f.bin"], &data);
+        assert!(ok, "{language}: zeroboot files put: {err}");
+        let (ok, out, err) = cli(&["get", &id, "/home/user/cli dir/f.bin"], b"");
+        assert!(ok && out == data, "{language}: zeroboot files get: {err}");
+        let (ok, out, _) = cli(&["ls", &id, "/home/user/cli dir"], b"");
+        assert!(
+            ok && String::from_utf8_lossy(&out).contains("300000"),
+            "{language}: zeroboot files ls"
+        );
+        let (ok, _, err) = cli(&["stat", &id, "/home/user/nope"], b"");
+        assert!(!ok && err.contains("file_not_found"), "{language}: {err}");
+
         // As the session's user: /run is root's.
         let as_user = server.call_bytes("PUT", &format!("{base}/files/run/r.txt"), Some(b"r"), None);
         assert_eq!(as_user.status, 403, "{language}: {}", as_user.text);

@@ -111,14 +111,14 @@ impl ExecArgs {
     }
 }
 
-struct Client {
+pub(crate) struct Client {
     base: String,
     key: Option<String>,
     agent: ureq::Agent,
 }
 
 impl Client {
-    fn new(server: &Server) -> Self {
+    pub(crate) fn new(server: &Server) -> Self {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(3600)))
@@ -161,6 +161,14 @@ impl Client {
                 req.send_json(body.unwrap_or(Value::Null))
             }
         };
+        self.check(result)
+    }
+
+    /// The response, or the server's error as one.
+    fn check(
+        &self,
+        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<ureq::http::Response<ureq::Body>> {
         let mut response = result.map_err(|e| anyhow!("{}: {e}", self.base))?;
         if !response.status().is_success() {
             let status = response.status();
@@ -180,7 +188,28 @@ impl Client {
         Ok(response)
     }
 
-    fn json(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+    /// PUTs `len` bytes read from `body` (or what it has, without `len`), streamed.
+    pub(crate) fn put(&self, path: &str, body: &mut dyn std::io::Read, len: Option<u64>) -> Result<()> {
+        let mut req = self
+            .agent
+            .put(format!("{}{path}", self.base))
+            .header("Content-Type", "application/octet-stream");
+        if let Some(len) = len {
+            req = req.header("Content-Length", len.to_string());
+        }
+        if let Some(k) = &self.key {
+            req = req.header("Authorization", format!("Bearer {k}"));
+        }
+        self.check(req.send(ureq::SendBody::from_reader(body)))?;
+        Ok(())
+    }
+
+    /// GETs `path`; the body streams from the response.
+    pub(crate) fn get(&self, path: &str) -> Result<ureq::http::Response<ureq::Body>> {
+        self.send("GET", path, None, "*/*")
+    }
+
+    pub(crate) fn json(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
         let mut response = self.send(method, path, body, "application/json")?;
         let text = response.body_mut().read_to_string()?;
         Ok(if text.is_empty() {

@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod context_args;
+mod files;
 mod fork_memory;
 mod pages;
 mod progress;
@@ -54,6 +55,9 @@ enum Command {
     /// Long-lived sandboxes on a zeroboot server.
     #[command(subcommand)]
     Sandbox(client::SandboxCommand),
+    /// Files in a long-lived sandbox: put, get, ls, stat, mkdir, rm, mv.
+    #[command(subcommand)]
+    Files(files::FilesCommand),
     /// One sandbox's worker process, driven over stdin and stdout by
     /// `serve` and `bench` (see zeroboot_sandbox::worker).
     #[command(hide = true)]
@@ -148,6 +152,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(&args, open_or_build).map(|()| ExitCode::SUCCESS),
         Command::Exec(args) => read_code(args.code(), args.file()).and_then(|code| client::exec(&args, code)),
         Command::Sandbox(cmd) => client::sandbox(&cmd).map(|()| ExitCode::SUCCESS),
+        Command::Files(cmd) => files::run(&cmd).map(|()| ExitCode::SUCCESS),
         Command::Worker { template_dir } => zeroboot_sandbox::worker::serve(&template_dir)
             .map(|()| ExitCode::SUCCESS)
             .map_err(Into::into),
