@@ -1,9 +1,10 @@
-//! Decodes a mailbox whose header and response area a hostile guest wrote.
+//! Decodes a mailbox whose header and response area a hostile guest wrote,
+//! and the response area as a file operation's reply.
 //!   cargo +nightly fuzz run mailbox
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use zeroboot_protocol::{header, read_chunk, read_entropy_table, read_request, Outcome, MAILBOX_SIZE, RESPONSE_OFFSET};
+use zeroboot_protocol::{files, header, read_chunk, read_entropy_table, read_request, Outcome, MAILBOX_SIZE, RESPONSE_OFFSET};
 
 fuzz_target!(|data: &[u8]| {
     let mut mailbox = vec![0u8; MAILBOX_SIZE];
@@ -17,6 +18,18 @@ fuzz_target!(|data: &[u8]| {
         assert!(chunk.stdout.len() + chunk.stderr.len() <= MAILBOX_SIZE - RESPONSE_OFFSET);
         let mut response = Outcome::default();
         let _ = response.append(&chunk, 1 << 20);
+    }
+    // A file operation's reply is a chunk's stdout: every decoder the
+    // files API runs on it, with the bounds it checks against.
+    let reply = &mailbox[RESPONSE_OFFSET..RESPONSE_OFFSET + body.len()];
+    let _ = files::decode_entries(reply);
+    let _ = files::decode_listing(reply);
+    if let Ok(map) = files::decode_map(reply, 1 << 20, 65 << 20, 1 << 30) {
+        let mut at = 1 << 20;
+        for x in map.extents {
+            assert!(x.logical >= at && x.logical + x.length <= 65 << 20 && x.physical + x.length <= 1 << 30);
+            at = x.logical + x.length;
+        }
     }
     let _ = read_request(&mailbox);
     if let Ok(regions) = read_entropy_table(&mailbox) {
