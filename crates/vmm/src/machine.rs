@@ -97,6 +97,7 @@ pub struct Machine {
     ram: GuestRam,
     serial: SerialConsole,
     zeroing: Zeroing,
+    disk_slot: DiskSlot,
     layout: MemoryLayout,
     kernel: Option<KernelSymbols>,
     cpu_vendor: String,
@@ -203,7 +204,18 @@ impl Shell {
         let vm = hv.create_vm()?;
         // Ordering: memory slot first (see Vm::set_memory), then the in-kernel
         // devices, then the vCPU (its LAPIC needs the irqchip).
-        vm.set_memory(&ram)?;
+        // Everything but the disk: its slot is registered when the guest
+        // first touches it (DiskSlot), because KVM's shadow MMU allocates
+        // per-page arrays for every slot page up front, about 3 MiB of host
+        // memory per VM for a 1 GiB disk, which a sandbox that never uses
+        // the disk should not pay.
+        let layout = &state.layout;
+        let eager = if layout.disk_bytes > 0 {
+            layout.disk_gpa
+        } else {
+            ram.size()
+        };
+        vm.set_memory_slot(0, &ram, 0, eager)?;
         vm.create_irqchip_and_pit()?;
         let vcpu = vm.create_vcpu(0)?;
         let (msrs, timer) = split_timer(&state.vcpu);
@@ -337,6 +349,8 @@ impl Machine {
             ram,
             serial,
             zeroing: Zeroing::default(),
+            // Slot 0 covers it (a boot runs once; its VM is not kept).
+            disk_slot: DiskSlot::Registered,
             layout,
             kernel,
             cpu_vendor: cpu_vendor(hv),
@@ -405,6 +419,11 @@ impl Machine {
             ram,
             serial,
             zeroing: Zeroing::default(),
+            disk_slot: if state.layout.disk_bytes > 0 {
+                DiskSlot::Lazy
+            } else {
+                DiskSlot::Registered
+            },
             layout: state.layout,
             kernel: state.kernel,
             cpu_vendor: state.cpu_vendor.clone(),
@@ -501,6 +520,20 @@ impl Machine {
                         .ok_or(MachineError::guest_protocol(ProtocolError::UnknownDoorbell(code)))?;
                     Some(doorbell)
                 }
+                Exit::MmioWrite { addr, data }
+                    if self.disk_slot == DiskSlot::Lazy && self.layout.disk_contains(addr, data.len() as u64) =>
+                {
+                    register_disk_slot(&self.vm, &self.ram, &self.layout, &mut self.disk_slot)?;
+                    self.ram.slice_mut(addr, data.len())?.copy_from_slice(data);
+                    None
+                }
+                Exit::MmioRead { addr, data }
+                    if self.disk_slot == DiskSlot::Lazy && self.layout.disk_contains(addr, data.len() as u64) =>
+                {
+                    register_disk_slot(&self.vm, &self.ram, &self.layout, &mut self.disk_slot)?;
+                    data.copy_from_slice(self.ram.slice(addr, data.len())?);
+                    None
+                }
                 Exit::MmioWrite { .. } => None,
                 Exit::MmioRead { data, .. } => {
                     data.fill(0xff);
@@ -510,6 +543,14 @@ impl Machine {
                 Exit::Shutdown => {
                     let rip = self.vcpu.regs().map(|r| r.rip).unwrap_or(0);
                     return Err(GuestFault::TripleFault { rip }.into());
+                }
+                // An access to the disk before its slot exists is emulated
+                // as MMIO, and an instruction KVM cannot emulate (a vector
+                // load from user code, say) fails instead: with the slot it
+                // runs natively. Once: a second failure is the guest's.
+                Exit::InternalError if self.disk_slot == DiskSlot::Lazy => {
+                    register_disk_slot(&self.vm, &self.ram, &self.layout, &mut self.disk_slot)?;
+                    None
                 }
                 Exit::InternalError => return Err(self.emulation_error()),
                 Exit::FailEntry { reason } => return Err(MachineError::FailEntry(reason)),
@@ -761,6 +802,24 @@ impl Machine {
             }
         }
     }
+}
+
+/// Whether the disk's memory slot exists in a fork's VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DiskSlot {
+    /// Not yet: the guest's first access to the disk registers it.
+    Lazy,
+    /// Registered, or no disk.
+    Registered,
+}
+
+/// Registers the disk as memory slot 1, after the fact: the guest has just
+/// touched it. About as costly here as any slot made after the irqchip
+/// (see Vm::set_memory), once per sandbox that uses its disk.
+fn register_disk_slot(vm: &Vm, ram: &GuestRam, layout: &MemoryLayout, slot: &mut DiskSlot) -> Result<(), MachineError> {
+    vm.set_memory_slot(1, ram, layout.disk_gpa, layout.disk_bytes)?;
+    *slot = DiskSlot::Registered;
+    Ok(())
 }
 
 /// How long after resuming a fork the guest's next timer interrupt may be

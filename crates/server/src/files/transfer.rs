@@ -42,10 +42,18 @@ pub(crate) async fn upload(
     stream: &mut BodyDataStream,
     expected: Option<u64>,
 ) -> Result<u64, ApiError> {
+    // Created (or emptied) with the first window mapped when the client
+    // said how long the body is, else empty: one round trip either way.
+    let first = expected.unwrap_or(0).min(WINDOW);
     let mut create = files.request(FileOp::WriteMap, path);
     create.flags = TRUNCATE | PARENTS;
+    create.length = first;
     let reply = files.try_op(create).await?;
     let mut sink = match reply.errno {
+        0 if first > 0 => Sink::Disk(
+            Some(decode_map(&reply.data, 0, first, files.disk_bytes).map_err(ApiError::internal)?),
+            first,
+        ),
         0 => Sink::Disk(None, 0),
         libc::EXDEV => {
             let mut create = files.request(FileOp::WriteData, path);

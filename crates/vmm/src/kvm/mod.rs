@@ -105,15 +105,27 @@ impl Vm {
     /// this host the same slot costs about 8 ms after KVM_CREATE_IRQCHIP and
     /// well under 1 ms before it (shared/docs/host-kvm.md).
     pub fn set_memory(&self, ram: &GuestRam) -> Result<(), KvmError> {
+        self.set_memory_slot(0, ram, 0, ram.size())
+    }
+
+    /// Registers `[gpa, gpa + len)` of `ram` as memory slot `slot`.
+    pub fn set_memory_slot(&self, slot: u32, ram: &GuestRam, gpa: u64, len: u64) -> Result<(), KvmError> {
+        if gpa.checked_add(len).is_none_or(|end| end > ram.size()) {
+            return Err(KvmError::Ioctl {
+                what: "KVM_SET_USER_MEMORY_REGION",
+                source: kvm_ioctls::Error::new(libc::EINVAL),
+            });
+        }
         let region = kvm_userspace_memory_region {
-            slot: 0,
+            slot,
             flags: 0,
-            guest_phys_addr: 0,
-            memory_size: ram.size(),
-            userspace_addr: ram.host_address(),
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: ram.host_address() + gpa,
         };
-        // SAFETY: the region is backed by `ram`'s mapping, and the caller keeps
-        // `ram` alive as long as this VM (Machine owns both, VM dropped first).
+        // SAFETY: the region lies inside `ram`'s mapping (checked above), and
+        // the caller keeps `ram` alive as long as this VM (Machine owns both,
+        // VM dropped first).
         ioctl("KVM_SET_USER_MEMORY_REGION", unsafe {
             self.fd.set_user_memory_region(region)
         })
