@@ -710,6 +710,17 @@ impl Machine {
         let deadline = Instant::now() + timeout;
         let mailbox = self.ram.slice_mut(mailbox_gpa, protocol::MAILBOX_SIZE)?;
         let seq = protocol::write_file_request(mailbox, request).map_err(MachineError::Protocol)?;
+        let part = self.next_part(seq, deadline)?;
+        Ok(FileReply {
+            errno: part.exit_code,
+            data: part.stdout.to_vec(),
+            message: String::from_utf8_lossy(part.stderr).into_owned(),
+        })
+    }
+
+    /// Runs the guest until it rings RESULT for request `seq`, and reads
+    /// that part of the response from the mailbox.
+    fn next_part(&mut self, seq: u32, deadline: Instant) -> Result<protocol::ResponsePart<'_>, MachineError> {
         match self.run_until_doorbell(deadline.saturating_duration_since(Instant::now()))? {
             Doorbell::Result => {}
             got => {
@@ -719,13 +730,8 @@ impl Machine {
                 }))
             }
         }
-        let part = protocol::read_chunk(self.ram.slice(mailbox_gpa, protocol::MAILBOX_SIZE)?, seq)
-            .map_err(MachineError::guest_protocol)?;
-        Ok(FileReply {
-            errno: part.exit_code,
-            data: part.stdout.to_vec(),
-            message: String::from_utf8_lossy(part.stderr).into_owned(),
-        })
+        protocol::read_chunk(self.ram.slice(self.layout.mailbox_gpa, protocol::MAILBOX_SIZE)?, seq)
+            .map_err(MachineError::guest_protocol)
     }
 
     /// Copies `bytes` to byte `offset` of the disk.
@@ -777,18 +783,7 @@ impl Machine {
         let seq = protocol::write_request(mailbox, request, &seed, fresh_fork).map_err(MachineError::Protocol)?;
         let mut outcome = Outcome::default();
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.run_until_doorbell(left)? {
-                Doorbell::Result => {}
-                got => {
-                    return Err(MachineError::guest_protocol(ProtocolError::WrongDoorbell {
-                        expected: Doorbell::Result,
-                        got,
-                    }))
-                }
-            }
-            let part = protocol::read_chunk(self.ram.slice(mailbox_gpa, protocol::MAILBOX_SIZE)?, seq)
-                .map_err(MachineError::guest_protocol)?;
+            let part = self.next_part(seq, deadline)?;
             outcome
                 .append(&part, request.output_limit)
                 .map_err(MachineError::guest_protocol)?;

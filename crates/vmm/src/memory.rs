@@ -452,7 +452,7 @@ impl GuestRam {
     pub fn load_sparse(&mut self, gpa: u64, file: &std::fs::File, len: u64) -> Result<(), MemoryError> {
         use std::os::unix::fs::FileExt;
         let dst = self.slice_mut(gpa, len as usize)?;
-        for (start, end) in crate::page_cache::data_runs(file, len).map_err(MemoryError::Read)? {
+        for (start, end) in data_runs(file, len).map_err(MemoryError::Read)? {
             file.read_exact_at(&mut dst[start as usize..end as usize], start)
                 .map_err(MemoryError::Read)?;
         }
@@ -623,6 +623,39 @@ impl GuestRam {
     pub fn backend(&self) -> &impl GuestMemoryBackend {
         &self.memory
     }
+}
+
+/// The ranges of `file` below `size` that hold data (`SEEK_DATA` to
+/// `SEEK_HOLE`), as (start, end), in order; holes read as zeros.
+pub(crate) fn data_runs(file: &std::fs::File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let seek = |offset: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek on an fd this function borrows; no pointers.
+        let at = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
+        if at >= 0 {
+            return Ok(Some(at as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        // ENXIO: no data at or after `offset`.
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    };
+    let mut runs = Vec::new();
+    let mut at = 0;
+    while at < size {
+        let Some(data) = seek(at, libc::SEEK_DATA)? else { break };
+        if data >= size {
+            break;
+        }
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        runs.push((data, hole));
+        at = hole.max(data + 1);
+    }
+    Ok(runs)
 }
 
 #[cfg(test)]

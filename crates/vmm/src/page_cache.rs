@@ -61,7 +61,7 @@ pub fn read_memory_file(file: &File) -> std::io::Result<MemoryFileRead> {
     let bytes = mapping.as_slice();
     let mut data_ranges = std::collections::BTreeSet::new();
     let mut done = 0;
-    for (data, hole) in data_runs(file, size)? {
+    for (data, hole) in crate::memory::data_runs(file, size)? {
         // Extents need not be page-aligned; whole pages are read either way,
         // each once.
         let first = (data / PAGE * PAGE).max(done);
@@ -164,39 +164,6 @@ pub fn read_and_repair(file: &File, possible: u64) -> std::io::Result<MemoryFile
             Ok(read)
         }
     }
-}
-
-/// The ranges of `file` below `size` that hold data (`SEEK_DATA` to
-/// `SEEK_HOLE`), as (start, end), in order; holes read as zeros.
-pub(crate) fn data_runs(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    let seek = |offset: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
-        // SAFETY: lseek on an fd this function borrows; no pointers.
-        let at = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
-        if at >= 0 {
-            return Ok(Some(at as u64));
-        }
-        let e = std::io::Error::last_os_error();
-        // ENXIO: no data at or after `offset`.
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            Ok(None)
-        } else {
-            Err(e)
-        }
-    };
-    let mut runs = Vec::new();
-    let mut at = 0;
-    while at < size {
-        let Some(data) = seek(at, libc::SEEK_DATA)? else { break };
-        if data >= size {
-            break;
-        }
-        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
-        runs.push((data, hole));
-        at = hole.max(data + 1);
-    }
-    Ok(runs)
 }
 
 #[cfg(test)]
