@@ -119,6 +119,17 @@ fn files_api_works_in_every_runtime() {
             .collect();
         let want = [("a", "dir"), ("in", "dir"), ("moved", "dir")];
         assert_eq!(names, want.map(|(n, t)| (n.to_string(), t.to_string())), "{language}");
+        let root = server.call("GET", &format!("{base}/dirs"), None, None);
+        assert_eq!(root.status, 200, "{language}: {}", root.text);
+        assert!(
+            root.json()["entries"]
+                .as_array()
+                .expect("entries")
+                .iter()
+                .any(|e| e["path"] == "/home"),
+            "{language}: {}",
+            root.text
+        );
         let removed = server.call("DELETE", &format!("{base}/files/home/user/a"), None, None);
         assert_eq!(removed.status, 204, "{language}: {}", removed.text);
 

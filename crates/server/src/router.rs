@@ -13,7 +13,7 @@ use axum::{middleware, Router};
 
 use crate::error::ApiError;
 use crate::exec::{exec, exec_batch};
-use crate::files::{delete_file, get_file, list_dir, make_dir, put_file, rename, stat_file};
+use crate::files::{delete_file, get_file, list_dir, list_root, make_dir, put_file, rename, stat_file};
 use crate::sandboxes::{create_sandbox, delete_sandbox, fork_sandbox, get_sandbox, list_sandboxes, sandbox_exec};
 use crate::served::random_id;
 use crate::service::{health, method_not_allowed, metrics, not_found};
@@ -64,6 +64,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             put(put_file).get(get_file).delete(delete_file),
         )
         .route("/v1/sandboxes/{id}/stat/{*path}", get(stat_file))
+        .route("/v1/sandboxes/{id}/dirs", get(list_root))
         .route("/v1/sandboxes/{id}/dirs/{*path}", get(list_dir).put(make_dir))
         .route("/v1/sandboxes/{id}/rename", post(rename))
         .route_layer(middleware::from_fn_with_state(state.auth().clone(), auth::require));

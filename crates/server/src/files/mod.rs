@@ -245,8 +245,28 @@ pub(crate) async fn list_dir(
     Extension(caller): Extension<Caller>,
     Path((id, path)): Path<(String, String)>,
 ) -> Result<Json<Listing>, ApiError> {
-    let path = guest_path(&path)?;
-    let files = GuestFiles::open(&state, caller, &id)?;
+    listing(&state, caller, &id, &path).await
+}
+
+/// The root directory's entries.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/dirs", tag = "files",
+    params(("id" = String, Path)),
+    responses(
+        (status = 200, description = "Entries of /, sorted by name", body = Listing),
+        (status = 404, description = "No such sandbox", body = crate::error::ErrorResponse),
+    ),
+    security(("bearer" = [])))]
+pub(crate) async fn list_root(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<Listing>, ApiError> {
+    listing(&state, caller, &id, "/").await
+}
+
+async fn listing(state: &Arc<AppState>, caller: Caller, id: &str, path: &str) -> Result<Json<Listing>, ApiError> {
+    let path = guest_path(path)?;
+    let files = GuestFiles::open(state, caller, id)?;
     let mut entries: Vec<FileInfo> = transfer::list(&files, &path)
         .await?
         .into_iter()
