@@ -300,7 +300,11 @@ pub fn ensure_disk_image(
         args.push(Path::new(&size));
         run_logged(
             "mkfs.ext4",
-            Path::new("mkfs.ext4"),
+            // Debian keeps it in /usr/sbin, which a user's PATH may lack.
+            [Path::new("/usr/sbin/mkfs.ext4"), Path::new("/sbin/mkfs.ext4")]
+                .into_iter()
+                .find(|p| p.exists())
+                .unwrap_or(Path::new("mkfs.ext4")),
             &args,
             &dir.join("build.log"),
             progress,
