@@ -198,16 +198,22 @@ fn template_command(cmd: TemplateCommand) -> Result<()> {
                 println!("no templates in {}", cache.templates_dir().display());
             }
             println!(
-                "{:<16} {:<7} {:>8} {:>10} {:>9} {:<20}",
-                "NAME", "RUNTIME", "MEM", "ON DISK", "BUILD", "CREATED"
+                "{:<16} {:<7} {:>8} {:>9} {:>10} {:>9} {:<20}",
+                "NAME", "RUNTIME", "MEM", "HOME", "ON DISK", "BUILD", "CREATED"
             );
             for t in all {
                 match t.info {
                     Some(info) => println!(
-                        "{:<16} {:<7} {:>5}MiB {:>7}MiB {:>8.1}s {:<20}",
+                        "{:<16} {:<7} {:>5}MiB {:>9} {:>7}MiB {:>8.1}s {:<20}",
                         t.name,
                         info.runtime().name(),
                         info.mem_mib,
+                        // The sandbox's disk at /home/user, from the spec it was built from.
+                        match info.spec.as_ref().map(|s| s.disk_mib) {
+                            Some(0) => "tmpfs".to_string(),
+                            Some(mib) => format!("{mib}MiB"),
+                            None => "-".to_string(),
+                        },
                         t.disk_bytes >> 20,
                         info.phases.artifacts_s + info.phases.boot_s + info.phases.snapshot_s,
                         utc_time(info.created_unix)
