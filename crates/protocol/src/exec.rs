@@ -51,6 +51,8 @@ pub struct Context {
 /// The unprivileged user code runs as unless a request asks for root
 /// (`user`, uid 1000, home /home/user), as in E2B's sandboxes.
 pub const USER: &str = "user";
+/// [`USER`]'s uid and gid (the agents' `USER_UID`, `ZB_USER_UID`).
+pub const USER_UID: u32 = 1000;
 /// The guest's root.
 pub const ROOT: &str = "root";
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use zeroboot_protocol::exec::ROOT;
+use zeroboot_protocol::exec::{ROOT, USER_UID};
 use zeroboot_protocol::files::{FileOp, FileReply, FileRequest};
 use zeroboot_sandbox::{Sandbox, SandboxError};
 
@@ -18,9 +18,6 @@ use crate::state::AppState;
 /// The longest one guest operation may take: a window of a transfer, or a
 /// recursive remove.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// uid of the sandbox user (guest/agent/native/guest.h).
-const USER_UID: u32 = 1000;
 
 pub(crate) struct GuestFiles {
     state: Arc<AppState>,
