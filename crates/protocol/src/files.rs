@@ -187,6 +187,18 @@ pub struct FileMap {
     pub extents: Vec<Extent>,
 }
 
+impl FileMap {
+    /// The parts of `[from, to)` that lie on extents, in order, each as
+    /// (file offset, disk offset, length).
+    pub fn pieces(&self, from: u64, to: u64) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        self.extents.iter().filter_map(move |x| {
+            let start = x.logical.max(from);
+            let end = (x.logical + x.length).min(to);
+            (start < end).then(|| (start, x.physical + (start - x.logical), end - start))
+        })
+    }
+}
+
 /// Decodes a map, checking that the extents are in order, do not overlap
 /// and lie inside `[start, end)` of the file and inside a disk of
 /// `disk_bytes`.
@@ -289,6 +301,8 @@ mod tests {
         let map = decode_map(&ok, 0, 10 << 20, disk).unwrap();
         assert_eq!(map.size, 10 << 20);
         assert_eq!(map.extents.len(), 2);
+        let pieces: Vec<_> = map.pieces(1 << 20, 5 << 20).collect();
+        assert_eq!(pieces, [(1 << 20, 5 << 20, 1 << 20), (4 << 20, 8 << 20, 1 << 20)]);
         for bad in [
             map_bytes(1, &[(0, disk - 4096, 8192)]),
             map_bytes(1, &[(0, 0, 4096), (0, 8192, 4096)]),

@@ -264,20 +264,10 @@ impl Machine {
     /// kernel entry. `console` receives the guest's serial output.
     pub fn boot(hv: &Hypervisor, spec: &BootSpec, console: Box<dyn Write + Send>) -> Result<Self, MachineError> {
         let root = match &spec.root_image {
-            Some(path) => {
-                let file = std::fs::File::open(path).map_err(|source| MachineError::RootImage {
-                    path: path.clone(),
-                    source,
-                })?;
-                let len = file
-                    .metadata()
-                    .map_err(|source| MachineError::RootImage {
-                        path: path.clone(),
-                        source,
-                    })?
-                    .len();
-                Some((file, len))
-            }
+            Some(path) => Some(open_image(path).map_err(|source| MachineError::RootImage {
+                path: path.clone(),
+                source,
+            })?),
             None => None,
         };
         let kernel = match &spec.system_map {
@@ -291,17 +281,10 @@ impl Machine {
             None => None,
         };
         let disk = match &spec.disk_image {
-            Some(path) => {
-                let open = || {
-                    let file = std::fs::File::open(path)?;
-                    let len = file.metadata()?.len();
-                    Ok((file, len))
-                };
-                Some(open().map_err(|source| MachineError::File {
-                    path: path.clone(),
-                    source,
-                })?)
-            }
+            Some(path) => Some(open_image(path).map_err(|source| MachineError::File {
+                path: path.clone(),
+                source,
+            })?),
             None => None,
         };
         let layout = MemoryLayout::new(
@@ -747,11 +730,6 @@ impl Machine {
         Ok(self.ram.slice(gpa, len)?)
     }
 
-    /// Bytes of the disk (0 without one).
-    pub fn disk_bytes(&self) -> u64 {
-        self.layout.disk_bytes
-    }
-
     fn disk_gpa(&self, offset: u64, len: usize) -> Result<u64, MachineError> {
         let gpa = self.layout.disk_gpa.saturating_add(offset);
         if offset >= self.layout.disk_bytes || !self.layout.disk_contains(gpa, len as u64) {
@@ -797,6 +775,13 @@ impl Machine {
             }
         }
     }
+}
+
+/// An image file to load into guest memory, and its length.
+fn open_image(path: &Path) -> std::io::Result<(std::fs::File, u64)> {
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    Ok((file, len))
 }
 
 /// Whether the disk's memory slot exists in a fork's VM.

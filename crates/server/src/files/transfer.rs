@@ -116,9 +116,8 @@ async fn put_piece(
         }
         Sink::Disk(map, map_end) => (map, map_end),
     };
-    let mut done = 0usize;
-    while at + (done as u64) < end {
-        let from = at + done as u64;
+    let mut from = at;
+    while from < end {
         if map.is_none() || from >= *map_end {
             // The next window: as long as the client said the file is, or
             // than this last piece, else a whole window.
@@ -140,27 +139,20 @@ async fn put_piece(
         // Every byte of the window is on a written extent: the guest made
         // them so, and a gap means it did not.
         let mut cursor = from;
-        for extent in &current.extents {
-            let ext_end = extent.logical + extent.length;
-            if ext_end <= cursor || extent.logical >= upto {
-                continue;
-            }
-            if extent.logical > cursor {
+        for (start, physical, len) in current.pieces(from, upto) {
+            if start != cursor {
                 break;
             }
-            let stop = ext_end.min(upto);
-            let slice = &bytes[(cursor - at) as usize..(stop - at) as usize];
-            files
-                .write_disk(extent.physical + (cursor - extent.logical), slice.to_vec())
-                .await?;
-            cursor = stop;
+            let slice = &bytes[(start - at) as usize..(start + len - at) as usize];
+            files.write_disk(physical, slice.to_vec()).await?;
+            cursor = start + len;
         }
         if cursor < upto {
             return Err(ApiError::internal(format!(
                 "{path}: the guest left bytes {cursor}..{upto} unallocated"
             )));
         }
-        done = (upto - at) as usize;
+        from = upto;
     }
     Ok(end)
 }
@@ -284,19 +276,12 @@ pub(crate) async fn send_download(
 /// Bytes `[from, to)` of the file: its extents' bytes, zeros between them.
 async fn read_piece(files: &GuestFiles, map: &FileMap, from: u64, to: u64) -> Result<Vec<u8>, ApiError> {
     let mut piece = vec![0u8; (to - from) as usize];
-    for extent in &map.extents {
-        let start = extent.logical.max(from);
-        let end = (extent.logical + extent.length).min(to);
-        if start >= end {
-            continue;
-        }
-        let bytes = files
-            .read_disk(extent.physical + (start - extent.logical), (end - start) as u32)
-            .await?;
-        if bytes.len() as u64 != end - start {
+    for (start, physical, len) in map.pieces(from, to) {
+        let bytes = files.read_disk(physical, len as u32).await?;
+        if bytes.len() as u64 != len {
             return Err(ApiError::internal("the sandbox returned a short read of its disk"));
         }
-        piece[(start - from) as usize..(end - from) as usize].copy_from_slice(&bytes);
+        piece[(start - from) as usize..(start + len - from) as usize].copy_from_slice(&bytes);
     }
     Ok(piece)
 }
