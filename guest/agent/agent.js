@@ -609,6 +609,8 @@ async function main() {
   // What the rehearsal touched moves onto 2 MiB pages: a fork maps each
   // with one fault instead of one per 4 KiB page.
   log(`huge pages: ${native.hugify()}`);
+  // After the move (which would copy it) and while still root (pagemap).
+  log(`fresh heap: ${native.mapFreshHeap(mailbox.buffer, config.heap_mib || 0)}`);
   // After everything that needs root.
   const errno = switchUser(USER_UID);
   if (errno) throw new Error(`cannot become uid ${USER_UID}: errno ${errno}`);

@@ -35,12 +35,15 @@ try:
         FLAG_RESULTS_TRUNCATED,
         FLAG_STDERR_TRUNCATED,
         FLAG_STDOUT_TRUNCATED,
+        FRESH_ENTRY_LEN,
         H_BOOT_SEED,
         H_CODE_LEN,
         H_CONTEXT_LEN,
         H_ENTROPY_COUNT,
         H_ENTROPY_TABLE,
         H_EXIT_CODE,
+        H_FRESH_COUNT,
+        H_FRESH_TABLE,
         H_MAGIC,
         H_OUTPUT_LIMIT,
         H_REQUEST_FLAGS,
@@ -55,6 +58,7 @@ try:
         MAGIC,
         MAILBOX_SIZE,
         MAX_ENTROPY_REGIONS,
+        MAX_FRESH_RUNS,
         MAX_OUTPUT_LIMIT,
         REQUEST_FILE_OP,
         REQUEST_FRESH_FORK,
@@ -103,6 +107,13 @@ def native_library():
         NATIVE.zeroboot_capture_child_output.argtypes = [ctypes.POINTER(ctypes.c_int)]
         NATIVE.zeroboot_switch_user.argtypes = [ctypes.c_uint32]
         NATIVE.zeroboot_serve_file_ops.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        NATIVE.zeroboot_map_fresh_heap.argtypes = [
+            ctypes.c_size_t,
+            ctypes.POINTER(ctypes.c_uint64),
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+        ]
     return NATIVE
 
 
@@ -245,12 +256,11 @@ def warm_up(config):
 
 def prefault_heap(libc):
     # Keep freed memory in the process instead of returning it to the kernel,
-    # then touch a heap's worth of pages, so the exec path rarely faults.
+    # then touch a heap's worth of small objects, so the exec path rarely
+    # faults. Large allocations have the fresh heap (map_fresh_heap).
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     libc.mallopt(M_TRIM_THRESHOLD, 512 << 20)
     libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
-    block = bytearray(b"\x01") * (16 << 20)
-    del block
     junk = [str(i) * 3 for i in range(100_000)]
     del junk
 
@@ -300,6 +310,27 @@ def move_onto_huge_pages():
         log(f"huge pages: {os.strerror(ctypes.get_errno())}")
     else:
         log(f"huge pages: {report.value.decode()}")
+
+
+def map_fresh_heap(mailbox, config):
+    """Maps the template's heap_mib ahead for the code's allocations and
+    tells the host where it is (zb_map_fresh_heap in native/heap.h); from
+    then on CPython's arenas come from it too. Needs root (pagemap)."""
+    import ctypes
+
+    mib = int(config.get("heap_mib") or 0)
+    runs = (ctypes.c_uint64 * (2 * MAX_FRESH_RUNS))()
+    report = ctypes.create_string_buffer(256)
+    native = native_library()
+    count = native.zeroboot_map_fresh_heap(mib << 20, runs, MAX_FRESH_RUNS, report, len(report))
+    if count < 0:
+        raise SystemExit(f"zeroboot-agent: fresh heap: {report.value.decode()}: {os.strerror(ctypes.get_errno())}")
+    for i in range(count):
+        struct.pack_into("<QQ", mailbox, H_FRESH_TABLE + FRESH_ENTRY_LEN * i, runs[2 * i], runs[2 * i + 1])
+    struct.pack_into("<I", mailbox, H_FRESH_COUNT, count)
+    # With the GIL held: this swaps CPython's allocator under it.
+    ctypes.PyDLL(native._name).zeroboot_route_arenas()
+    log(f"fresh heap: {report.value.decode()}")
 
 
 def rehearse_exec_path():
@@ -1137,6 +1168,8 @@ def main():
     # registration (which records guest-physical addresses that the move
     # changes).
     move_onto_huge_pages()
+    # After the move (which would copy it) and while still root.
+    map_fresh_heap(mailbox, config)
     global HOST_RESEEDS
     HOST_RESEEDS = register_entropy(mailbox)
     # After everything that needs root (the entropy registration reads

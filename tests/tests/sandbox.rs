@@ -176,7 +176,7 @@ fn memory_hogs_and_fork_bombs_end_only_their_own_sandbox() {
     let mut bystander = template.fork().unwrap();
     bystander.exec(&Request::new(b"kept = 'here'", b""), TIMEOUT).unwrap();
 
-    // 64 GiB in a 512 MiB guest: Python's MemoryError, and the sandbox
+    // 64 GiB in a 1 GiB guest: Python's MemoryError, and the sandbox
     // carries on.
     let mut hog = template.fork().unwrap();
     let r = hog

@@ -502,8 +502,8 @@ fn cli_client_runs_code_and_manages_sandboxes() {
 
 #[test]
 fn per_key_sandbox_count_and_memory_are_capped() {
-    // The template has 512 MiB of guest RAM.
-    let server = Server::start(&["--max-sandboxes-per-key", "3", "--max-sandbox-memory-mib", "1024"]);
+    // The template has 1 GiB of guest RAM.
+    let server = Server::start(&["--max-sandboxes-per-key", "3", "--max-sandbox-memory-mib", "2048"]);
     let create = || server.call("POST", "/v1/sandboxes", Some("{}"), None);
     let first = create().json();
     assert_eq!(create().status, 201);

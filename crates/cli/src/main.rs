@@ -349,13 +349,28 @@ pub(crate) fn read_code(code: &Option<String>, file: &Option<PathBuf>) -> Result
 }
 
 /// The spec template `name` was built from (recorded in its template.json),
-/// else the built-in spec of that name.
+/// else the built-in spec of that name. A recorded spec that is a built-in
+/// one but for its memory (an older zeroboot's built-in, or one built with
+/// `--mem-mib`) gives way to today's built-in, so that a rebuild picks up
+/// the new defaults.
 fn known_spec(cache: &Cache, name: &str) -> Result<TemplateSpec> {
+    let builtin = TemplateSpec::builtin(name);
     let recorded = zeroboot_template::template_dir(cache, name)
         .ok()
         .and_then(|dir| zeroboot_template::read_info(&dir).ok())
-        .and_then(|info| info.spec);
-    match recorded.or_else(|| TemplateSpec::builtin(name)) {
+        .and_then(|info| info.spec)
+        .filter(|spec| match &builtin {
+            Some(b) => {
+                *spec
+                    != TemplateSpec {
+                        mem_mib: b.mem_mib,
+                        heap_mib: b.heap_mib,
+                        ..spec.clone()
+                    }
+            }
+            None => true,
+        });
+    match recorded.or(builtin) {
         Some(spec) => Ok(spec),
         None => bail!(
             "no template named {name:?} and no built-in spec of that name (built-in: {}); \

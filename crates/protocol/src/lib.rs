@@ -24,6 +24,7 @@ use thiserror::Error;
 
 pub mod exec;
 pub mod files;
+pub mod fresh;
 pub mod guest_layout;
 
 pub use exec::{Chunk, Context, ContextError, GuestFault, Outcome, Request};
@@ -33,7 +34,7 @@ pub const MAILBOX_SIZE: usize = 2 << 20;
 /// `"ZBMB"`, written by the host at boot.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"ZBMB");
 /// Version of this layout. The agent refuses a mailbox of another version.
-pub const VERSION: u32 = 8;
+pub const VERSION: u32 = 9;
 
 /// Header field offsets (bytes from the start of the mailbox).
 pub mod header {
@@ -72,6 +73,10 @@ pub mod header {
     /// Guest → host at READY: the regions, 16 bytes each (gpa u64, len u32,
     /// value u32).
     pub const ENTROPY_TABLE: usize = 264;
+    /// Guest → host at READY: how many [`super::fresh::FreshRun`]s follow.
+    pub const FRESH_COUNT: usize = 1024;
+    /// Guest → host at READY: the runs, 16 bytes each (gpa u64, len u64).
+    pub const FRESH_TABLE: usize = 1032;
 }
 
 /// Most entropy regions the agent may register.
@@ -151,6 +156,8 @@ pub enum ProtocolError {
     OutputOverLimit(u32),
     #[error("the agent's entropy table is invalid: {0}")]
     EntropyTable(String),
+    #[error("the agent's fresh-memory table is invalid: {0}")]
+    FreshTable(String),
     #[error("the guest rang the doorbell with unknown code {0:#x}")]
     UnknownDoorbell(u8),
     #[error("the guest rang {got:?} while the host waited for {expected:?}")]
@@ -260,13 +267,13 @@ fn check(mailbox: &[u8]) -> Result<(), ProtocolError> {
     }
 }
 
-fn read_u32(mailbox: &[u8], offset: usize) -> u32 {
+pub(crate) fn read_u32(mailbox: &[u8], offset: usize) -> u32 {
     let mut bytes = [0u8; 4];
     bytes.copy_from_slice(&mailbox[offset..offset + 4]);
     u32::from_le_bytes(bytes)
 }
 
-fn write_u32(mailbox: &mut [u8], offset: usize, value: u32) {
+pub(crate) fn write_u32(mailbox: &mut [u8], offset: usize, value: u32) {
     mailbox[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
 }
 

@@ -36,7 +36,7 @@ use crate::store::{open, read_info, template_dir, PhaseTimes, Staging, TemplateI
 ///
 /// `init=` follows, naming the runtime's agent (`RuntimeDescriptor::init`).
 pub const KERNEL_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=1 nokaslr noxsave clearcpuid=smap,popcnt,clwb tsc=reliable no-kvmapf";
+    "console=ttyS0 reboot=k panic=1 nokaslr noxsave clearcpuid=smap,popcnt,clwb,erms,fsrm tsc=reliable no-kvmapf";
 pub const ROOT_ARGS: &str = "rootfstype=erofs rootflags=dax ro rootwait";
 fn kernel_cmdline(runtime: Runtime) -> String {
     format!("{KERNEL_CMDLINE} init={}", runtime.descriptor().init)
@@ -244,7 +244,7 @@ mod tests {
         let a = inputs_hash(&TemplateSpec::default(), "k", "r");
         let b = inputs_hash(
             &TemplateSpec {
-                mem_mib: 1024,
+                mem_mib: 2048,
                 ..Default::default()
             },
             "k",

@@ -24,13 +24,17 @@ use crate::runtime::Runtime;
 
 /// The template `zeroboot` runs when none is named.
 pub const DEFAULT_NAME: &str = "python";
-pub const DEFAULT_MEM_MIB: u64 = 512;
+pub const DEFAULT_MEM_MIB: u64 = 1024;
 /// The disk at /home/user. Untouched blocks cost nothing: the image is
 /// sparse, and a fork copies only the pages it writes.
 pub const DEFAULT_DISK_MIB: u64 = 1024;
 /// 0 means no disk (/home/user is then a tmpfs in guest RAM); below 64 MiB
 /// ext4 has little room left for files.
 pub const MIN_DISK_MIB: u64 = 64;
+
+/// Guest RAM a fresh heap leaves to the guest kernel, the runtime itself,
+/// child processes and the page cache.
+pub const MIN_UNHEAPED_MIB: u64 = 192;
 
 /// Guest RAM bounds: below 128 MiB a runtime barely boots; above 16 GiB the
 /// guest's memory plus root image would not fit under the doorbell.
@@ -70,6 +74,12 @@ pub struct TemplateSpec {
     /// physical space.
     #[serde(default = "default_disk_mib")]
     pub disk_mib: u64,
+    /// Guest RAM the agent maps before the snapshot for the code's own
+    /// allocations (guest/agent/native/heap.h): a fork's allocations up to
+    /// this size take no guest page fault. Half of `memory_mib` when not
+    /// given, for runtimes that have a fresh heap; 0 for none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heap_mib: Option<u64>,
     /// Environment of the code the agent runs.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -127,6 +137,7 @@ impl TemplateSpec {
             warmup: String::new(),
             mem_mib: DEFAULT_MEM_MIB,
             disk_mib: DEFAULT_DISK_MIB,
+            heap_mib: None,
             env: BTreeMap::new(),
         }
     }
@@ -168,6 +179,23 @@ impl TemplateSpec {
                 "disk_mib",
                 format!("{} is neither 0 nor in {MIN_DISK_MIB}..={MAX_MEM_MIB}", self.disk_mib),
             ));
+        }
+        if let Some(heap) = self.heap_mib.filter(|&h| h > 0) {
+            if !self.runtime.descriptor().fresh_heap {
+                return Err(invalid(
+                    "heap_mib",
+                    format!("the {} runtime has no fresh heap", self.runtime.descriptor().name),
+                ));
+            }
+            if heap.saturating_add(MIN_UNHEAPED_MIB) > self.mem_mib {
+                return Err(invalid(
+                    "heap_mib",
+                    format!(
+                        "{heap} leaves less than {MIN_UNHEAPED_MIB} of memory_mib = {} to the rest of the guest",
+                        self.mem_mib
+                    ),
+                ));
+            }
         }
         check_list("packages", &self.packages, is_debian_package)?;
         check_list("wheels", &self.wheels, is_requirement)?;
@@ -236,10 +264,20 @@ impl TemplateSpec {
         out
     }
 
+    /// MiB of fresh heap the agent maps (see `heap_mib`), in whole 2 MiB pages.
+    pub fn fresh_heap_mib(&self) -> u64 {
+        if !self.runtime.descriptor().fresh_heap {
+            return 0;
+        }
+        let mib = self.heap_mib.unwrap_or(self.mem_mib / 2);
+        mib.min(self.mem_mib.saturating_sub(MIN_UNHEAPED_MIB)) / 2 * 2
+    }
+
     /// What the agent reads from `/zeroboot/config.json`.
     pub fn agent_config(&self) -> serde_json::Value {
         serde_json::json!({
             "runtime": self.runtime.name(),
+            "heap_mib": self.fresh_heap_mib(),
             "preload": self.preload,
             "warmup": self.warmup,
             "env": self.env,
@@ -340,6 +378,8 @@ mod tests {
             ("name = \"../x\"", "name"),
             ("name = \"a\"\nmemory_mib = 64", "memory_mib"),
             ("name = \"a\"\ndisk_mib = 10", "disk_mib"),
+            ("name = \"a\"\nmemory_mib = 512\nheap_mib = 400", "heap_mib"),
+            ("name = \"a\"\nruntime = \"shell\"\nheap_mib = 64", "heap_mib"),
             ("name = \"a\"\npackages = [\"--allow-unauthenticated\"]", "packages"),
             ("name = \"a\"\npackages = [\"Foo\"]", "packages"),
             ("name = \"a\"\nwheels = [\"-r /etc/passwd\"]", "wheels"),

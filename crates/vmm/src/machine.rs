@@ -105,6 +105,8 @@ pub struct Machine {
     /// booted machine is saved (`None` until then), inherited by forks, whose
     /// guest could have rewritten that table since.
     entropy: Option<Vec<protocol::EntropyRegion>>,
+    /// The agent's fresh memory, as for `entropy`.
+    fresh: Option<Vec<protocol::fresh::FreshRun>>,
     /// No request has run since this VM was forked: the next one gets
     /// fresh user-space generator state. Only that one, so that a seed user
     /// code sets holds for its later requests.
@@ -195,12 +197,15 @@ impl Shell {
     /// A shell over `snapshot`'s memory file holding `state`, which may be a
     /// later state of a sandbox forked from it ([`LiveSnapshot`]).
     pub(crate) fn with_state(hv: &Hypervisor, snapshot: &Snapshot, state: &MachineState) -> Result<Self, MachineError> {
-        let ram = GuestRam::private_file_mapping(
+        let mut ram = GuestRam::private_file_mapping(
             snapshot
                 .memory_file()
                 .map_err(|e| MachineError::UnexpectedExit(e.to_string()))?,
             state.layout.total_bytes(),
         )?;
+        // Ordering: before the memory slot, so that KVM never saw the file
+        // pages these replace.
+        ram.map_fresh(&snapshot.fresh)?;
         let vm = hv.create_vm()?;
         // Ordering: memory slot first (see Vm::set_memory), then the in-kernel
         // devices, then the vCPU (its LAPIC needs the irqchip).
@@ -338,6 +343,7 @@ impl Machine {
             kernel,
             cpu_vendor: cpu_vendor(hv),
             entropy: None,
+            fresh: None,
             fresh_fork: true,
             exits: 0,
         })
@@ -411,6 +417,7 @@ impl Machine {
             kernel: state.kernel,
             cpu_vendor: state.cpu_vendor.clone(),
             entropy: Some(state.entropy.clone()),
+            fresh: Some(state.fresh.clone()),
             fresh_fork: true,
             exits: 0,
         })
@@ -582,12 +589,17 @@ impl Machine {
             Some(inherited) => inherited.clone(),
             None => self.read_entropy_table()?,
         };
+        let fresh = match &self.fresh {
+            Some(inherited) => inherited.clone(),
+            None => self.read_fresh_table()?,
+        };
         Ok(MachineState {
             cpu_vendor: self.cpu_vendor.clone(),
             layout: self.layout,
             kernel: self.kernel,
             saved_at_unix_ns,
             entropy,
+            fresh,
             vm: self.vm.save_state()?,
             vcpu: self.vcpu.save_state()?,
             serial: self.serial.state(),
@@ -637,6 +649,23 @@ impl Machine {
             }
         }
         Ok(entropy)
+    }
+
+    /// The agent's fresh-memory table from the mailbox, checked to name
+    /// only guest RAM below the mailbox.
+    fn read_fresh_table(&self) -> Result<Vec<protocol::fresh::FreshRun>, MachineError> {
+        let fresh = protocol::fresh::read_table(self.ram.slice(self.layout.mailbox_gpa, protocol::MAILBOX_SIZE)?)
+            .map_err(MachineError::guest_protocol)?;
+        if let Some(r) = fresh
+            .iter()
+            .find(|r| r.gpa < crate::layout::HIMEM_START || r.end() > self.layout.mailbox_gpa)
+        {
+            return Err(MachineError::guest_protocol(ProtocolError::FreshTable(format!(
+                "run at {:#x} (+{:#x}) is outside guest RAM below the mailbox",
+                r.gpa, r.len
+            ))));
+        }
+        Ok(fresh)
     }
 
     /// Captures this sandbox as it is now, to fork children from

@@ -361,21 +361,23 @@ static inline int zb_present_pages(int pagemap, unsigned long at)
     return present;
 }
 
-/* True if the 512 pages at `at` are one physically contiguous, aligned run:
- * the transparent huge page was allocated. */
-static inline int zb_is_huge(int pagemap, unsigned long at)
+/* The guest-physical address of the huge page mapped at `at`, or 0 if the
+ * 2 MiB there are not one. For a range of which one byte was written in a
+ * VM_HUGEPAGE mapping: that fault mapped either a huge page or the one
+ * small page written, so the last page being present, physically
+ * contiguous with an aligned first, means a huge page. Two pagemap entries,
+ * not 512: each is a step of the kernel's page walk, emulated here. */
+static inline uint64_t zb_huge_page_at(int pagemap, unsigned long at)
 {
-    uint64_t entries[512];
-    if (!zb_read_pagemap(pagemap, at, entries))
-        return 0;
     const uint64_t pfn_mask = (1ull << 55) - 1;
-    uint64_t first = entries[0] & pfn_mask;
-    if (!(entries[0] >> 63) || first == 0 || first % 512 != 0)
+    uint64_t first, last;
+    if (pread(pagemap, &first, sizeof first, (off_t)(at / 4096 * 8)) != (ssize_t)sizeof first ||
+        pread(pagemap, &last, sizeof last, (off_t)((at + ZB_HUGE) / 4096 * 8 - 8)) != (ssize_t)sizeof last)
         return 0;
-    for (int i = 1; i < 512; i++)
-        if (!(entries[i] >> 63) || (entries[i] & pfn_mask) != first + (uint64_t)i)
-            return 0;
-    return 1;
+    if (!(first >> 63) || !(last >> 63) || (first & pfn_mask) == 0 || (first & pfn_mask) % 512 != 0 ||
+        (last & pfn_mask) != (first & pfn_mask) + 511)
+        return 0;
+    return (first & pfn_mask) * 4096;
 }
 
 static inline int zb_set_thp(const char *mode)
@@ -440,7 +442,7 @@ static inline int zb_hugify_ranges(char *report, size_t report_len)
             }
             madvise(huge, ZB_HUGE, MADV_HUGEPAGE);
             huge[0] = 0; /* the fault allocates the whole huge page */
-            if (!zb_is_huge(pagemap, (unsigned long)huge)) {
+            if (zb_huge_page_at(pagemap, (unsigned long)huge) == 0) {
                 munmap(huge, ZB_HUGE);
                 no_huge_page++;
                 continue;

@@ -14,6 +14,7 @@
 
 #include "files.h"
 #include "guest.h"
+#include "heap.h"
 
 typedef struct napi_env__ *napi_env;
 typedef struct napi_value__ *napi_value;
@@ -29,6 +30,7 @@ extern napi_status napi_create_external_arraybuffer(napi_env, void *, size_t, na
 extern napi_status napi_get_value_string_utf8(napi_env, napi_value, char *, size_t, size_t *);
 extern napi_status napi_get_value_int64(napi_env, napi_value, int64_t *);
 extern napi_status napi_get_buffer_info(napi_env, napi_value, void **, size_t *);
+extern napi_status napi_get_arraybuffer_info(napi_env, napi_value, void **, size_t *);
 extern napi_status napi_create_int32(napi_env, int32_t, napi_value *);
 extern napi_status napi_create_string_utf8(napi_env, const char *, size_t, napi_value *);
 extern napi_status napi_create_double(napi_env, double, napi_value *);
@@ -180,6 +182,44 @@ static napi_value js_hugify(napi_env env, napi_callback_info info)
     return out;
 }
 
+/* mapFreshHeap(mailbox, mib) -> a one-line report: maps `mib` MiB of the
+ * malloc heap ahead for the code's allocations (zb_map_fresh_heap: Buffers
+ * and ArrayBuffers come from malloc) and writes where they are into the
+ * mailbox's fresh-memory table. Throws if it cannot. */
+static napi_value js_map_fresh_heap(napi_env env, napi_callback_info info)
+{
+    napi_value argv[MAX_ARGS];
+    void *mailbox;
+    size_t length;
+    int64_t mib;
+    if (args(env, info, 2, argv) || napi_get_arraybuffer_info(env, argv[0], &mailbox, &length) != 0 ||
+        napi_get_value_int64(env, argv[1], &mib) != 0)
+        return NULL;
+    if (length != ZB_MAILBOX_SIZE || mib < 0 || mib > (1 << 20)) {
+        napi_throw_error(env, NULL, "zeroboot_node: mapFreshHeap(mailbox, mib)");
+        return NULL;
+    }
+    static struct zb_fresh_run runs[ZB_MAX_FRESH_RUNS];
+    char report[256];
+    int count = zb_map_fresh_heap((size_t)mib << 20, runs, ZB_MAX_FRESH_RUNS, report, sizeof report);
+    if (count < 0) {
+        char msg[320];
+        snprintf(msg, sizeof msg, "zeroboot_node: fresh heap: %s: %s", report, strerror(errno));
+        napi_throw_error(env, NULL, msg);
+        return NULL;
+    }
+    uint8_t *m = mailbox;
+    for (int i = 0; i < count; i++) {
+        memcpy(m + ZB_H_FRESH_TABLE + (size_t)i * ZB_FRESH_ENTRY_LEN, &runs[i].gpa, 8);
+        memcpy(m + ZB_H_FRESH_TABLE + (size_t)i * ZB_FRESH_ENTRY_LEN + 8, &runs[i].len, 8);
+    }
+    zb_put32(m, ZB_H_FRESH_COUNT, (uint32_t)count);
+    napi_value out;
+    if (napi_create_string_utf8(env, report, (size_t)-1, &out) != 0)
+        return NULL;
+    return out;
+}
+
 /* captureChildOutput() -> [stdoutFd, stderrFd]: points fds 1 and 2 at
  * files that child processes inherit (zb_capture_child_output), and
  * returns fds to read and empty them with. */
@@ -229,6 +269,7 @@ napi_value napi_register_module_v1(napi_env env, napi_value exports)
         {"seedOpenssl", js_seed_openssl},     {"drainConsole", js_drain_console},
         {"hugify", js_hugify},                {"captureChildOutput", js_capture_child_output},
         {"switchUser", js_switch_user},       {"serveFileOps", js_serve_file_ops},
+        {"mapFreshHeap", js_map_fresh_heap},
     };
     for (size_t i = 0; i < sizeof functions / sizeof functions[0]; i++) {
         napi_value fn;

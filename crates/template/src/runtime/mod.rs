@@ -78,6 +78,9 @@ pub struct RuntimeDescriptor {
     pub warmup: bool,
     /// Whether a spec may add Python wheels.
     pub wheels: bool,
+    /// Whether the agent maps a fresh heap before the snapshot
+    /// (guest/agent/native/heap.h), and so whether `heap_mib` means anything.
+    pub fresh_heap: bool,
 }
 
 /// A C source under `agent/native/` and the object it becomes in `/zeroboot`.

@@ -13,6 +13,7 @@ pub const NODE: RuntimeDescriptor = RuntimeDescriptor {
         guest_file!("agent/init-node"),
         guest_file!("agent/native/guest.h"),
         guest_file!("agent/native/files.h"),
+        guest_file!("agent/native/heap.h"),
         guest_file!("agent/native/zeroboot_node.c"),
     ],
     agent_scripts: &["agent.js", "init-node"],
@@ -28,6 +29,7 @@ pub const NODE: RuntimeDescriptor = RuntimeDescriptor {
     preload: Some(is_module),
     warmup: true,
     wheels: false,
+    fresh_heap: true,
 };
 
 /// A package name as `require` takes it (`lodash`, `@scope/pkg`,

@@ -12,6 +12,7 @@ pub const PYTHON: RuntimeDescriptor = RuntimeDescriptor {
         guest_file!("agent/agent.py"),
         guest_file!("agent/native/guest.h"),
         guest_file!("agent/native/files.h"),
+        guest_file!("agent/native/heap.h"),
         guest_file!("agent/native/zeroboot_python.c"),
     ],
     agent_scripts: &["agent.py"],
@@ -27,6 +28,7 @@ pub const PYTHON: RuntimeDescriptor = RuntimeDescriptor {
     preload: Some(is_module),
     warmup: true,
     wheels: true,
+    fresh_heap: true,
 };
 
 const NUMPY: &str = "import numpy; print(numpy.random.rand(3))";

@@ -32,4 +32,5 @@ pub const SHELL: RuntimeDescriptor = RuntimeDescriptor {
     preload: None,
     warmup: false,
     wheels: false,
+    fresh_heap: false,
 };

@@ -67,6 +67,10 @@ pub struct Snapshot {
     memory: File,
     /// Guest pages forks usually write ([`WRITE_SET_FILE`]); empty if none.
     pub write_set: Vec<(u64, u64)>,
+    /// The agent's fresh memory where the memory file holds only zeros, as
+    /// `(gpa, len)` runs of whole 2 MiB pages: forks back them with
+    /// anonymous memory of their own ([`crate::memory::GuestRam::map_fresh`]).
+    pub fresh: Vec<(u64, u64)>,
 }
 
 /// Guest-physical runs (`0x<gpa> <bytes>` a line) that forks of this
@@ -124,11 +128,25 @@ impl Snapshot {
             .ok()
             .and_then(|text| parse_write_set(&text, expected))
             .unwrap_or_default();
+        // Only guest RAM below the mailbox may be fresh; a run anywhere
+        // else in a state file is ignored, as is a file whose holes cannot
+        // be listed: that only costs speed.
+        let ram: Vec<(u64, u64)> = state
+            .fresh
+            .iter()
+            .filter(|r| r.gpa >= crate::layout::HIMEM_START && r.end() <= state.layout.mailbox_gpa)
+            .map(|r| (r.gpa, r.len))
+            .collect();
+        let fresh = match crate::memory::data_runs(&memory, expected) {
+            Ok(data) => crate::memory::fresh_holes(&ram, &data, state.layout.mailbox_gpa),
+            Err(_) => Vec::new(),
+        };
         Ok(Self {
             dir: dir.to_path_buf(),
             state,
             memory,
             write_set,
+            fresh,
         })
     }
 
@@ -196,6 +214,10 @@ pub(crate) mod tests {
                 len: 2496,
                 value: 0,
             }],
+            fresh: vec![zeroboot_protocol::fresh::FreshRun {
+                gpa: 0x1000_0000,
+                len: 64 << 20,
+            }],
             vm: VmState {
                 pic_master: Default::default(),
                 pic_slave: Default::default(),
@@ -218,6 +240,7 @@ pub(crate) mod tests {
             state: sample_state(),
             memory: File::open("/dev/null").unwrap(),
             write_set: vec![(0x1000, 0x2000), (0x1f_f000, 0x2000), (0x60_0000, 0x1000)],
+            fresh: Vec::new(),
         };
         assert_eq!(snapshot.written_ranges(), vec![0, 0x20_0000, 0x60_0000]);
         snapshot.write_set.clear();

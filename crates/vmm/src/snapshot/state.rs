@@ -116,6 +116,9 @@ pub struct MachineState {
     /// Guest memory holding user-space random generator state, which the
     /// host overwrites before every request (registered by the agent).
     pub entropy: Vec<zeroboot_protocol::EntropyRegion>,
+    /// Guest RAM the agent mapped ahead, zeroed, for the code's allocations
+    /// (registered by the agent; see [`zeroboot_protocol::fresh`]).
+    pub fresh: Vec<zeroboot_protocol::fresh::FreshRun>,
     pub vm: VmState,
     pub vcpu: VcpuState,
     pub serial: SerialState,
