@@ -8,7 +8,7 @@
 //! The table is written by the guest: it is checked for shape here, and the
 //! host checks the addresses against guest RAM and the memory file.
 
-use crate::{header, read_u32, write_u32, ProtocolError, MAILBOX_SIZE};
+use crate::{check, header, read_u32, write_u32, ProtocolError};
 
 /// Runs are whole 2 MiB pages.
 pub const RUN_ALIGN: u64 = 2 << 20;
@@ -37,9 +37,7 @@ impl FreshRun {
 /// Reads the agent's fresh-memory runs, checked for shape: aligned, not
 /// empty, not wrapping. Overlaps and addresses are the caller's to check.
 pub fn read_table(mailbox: &[u8]) -> Result<Vec<FreshRun>, ProtocolError> {
-    if mailbox.len() != MAILBOX_SIZE {
-        return Err(ProtocolError::MailboxSize(mailbox.len()));
-    }
+    check(mailbox)?;
     let count = read_u32(mailbox, header::FRESH_COUNT) as usize;
     if count > MAX_RUNS {
         return Err(ProtocolError::FreshTable(format!("{count} runs, at most {MAX_RUNS}")));
@@ -68,9 +66,7 @@ pub fn read_table(mailbox: &[u8]) -> Result<Vec<FreshRun>, ProtocolError> {
 
 /// The guest side of [`read_table`], for tests and Rust agents.
 pub fn write_table(mailbox: &mut [u8], runs: &[FreshRun]) -> Result<(), ProtocolError> {
-    if mailbox.len() != MAILBOX_SIZE {
-        return Err(ProtocolError::MailboxSize(mailbox.len()));
-    }
+    check(mailbox)?;
     if runs.len() > MAX_RUNS {
         return Err(ProtocolError::FreshTable(format!("{} runs", runs.len())));
     }
@@ -94,7 +90,7 @@ mod tests {
     use super::*;
 
     fn mailbox() -> Vec<u8> {
-        let mut m = vec![0u8; MAILBOX_SIZE];
+        let mut m = vec![0u8; crate::MAILBOX_SIZE];
         crate::init_mailbox(&mut m, &[0; header::BOOT_SEED_LEN]).unwrap();
         m
     }

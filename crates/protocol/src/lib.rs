@@ -259,7 +259,7 @@ pub fn write_entropy_table(mailbox: &mut [u8], regions: &[EntropyRegion]) -> Res
     Ok(())
 }
 
-fn check(mailbox: &[u8]) -> Result<(), ProtocolError> {
+pub(crate) fn check(mailbox: &[u8]) -> Result<(), ProtocolError> {
     if mailbox.len() == MAILBOX_SIZE {
         Ok(())
     } else {

@@ -28,6 +28,7 @@ pub mod machine;
 pub mod memory;
 pub mod page_cache;
 pub mod page_tables;
+mod slots;
 pub mod snapshot;
 
 pub use fork::{ForkMemory, ForkMemoryPolicy, Template};

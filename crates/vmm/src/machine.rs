@@ -19,6 +19,7 @@ use crate::layout::{LayoutError, MemoryLayout};
 use crate::memory::{GuestRam, MemoryError};
 use crate::page_cache::{self, MemoryFileRead};
 use crate::page_tables;
+use crate::slots::Slots;
 use crate::snapshot::state::MachineState;
 use crate::snapshot::{self, Snapshot, SnapshotError};
 
@@ -97,7 +98,8 @@ pub struct Machine {
     ram: GuestRam,
     serial: SerialConsole,
     zeroing: Zeroing,
-    disk_slot: DiskSlot,
+    /// Which memory slots exist yet (see [`crate::slots`]).
+    slots: Slots,
     layout: MemoryLayout,
     kernel: Option<KernelSymbols>,
     cpu_vendor: String,
@@ -166,6 +168,7 @@ pub struct Shell {
     vm: Vm,
     ram: GuestRam,
     timer: Option<Timer>,
+    slots: Slots,
 }
 
 impl Shell {
@@ -207,25 +210,23 @@ impl Shell {
         // pages these replace.
         ram.map_fresh(&snapshot.fresh)?;
         let vm = hv.create_vm()?;
-        // Ordering: memory slot first (see Vm::set_memory), then the in-kernel
-        // devices, then the vCPU (its LAPIC needs the irqchip).
-        // Everything but the disk: its slot is registered when the guest
-        // first touches it (DiskSlot), because KVM's shadow MMU allocates
-        // per-page arrays for every slot page up front, about 3 MiB of host
-        // memory per VM for a 1 GiB disk, which a sandbox that never uses
-        // the disk should not pay.
-        let layout = &state.layout;
-        let eager = if layout.disk_bytes > 0 {
-            layout.disk_gpa
-        } else {
-            ram.size()
-        };
-        vm.set_memory_slot(0, &ram, 0, eager)?;
+        // Ordering: memory slots first (see Vm::set_memory), then the
+        // in-kernel devices, then the vCPU (its LAPIC needs the irqchip).
+        // The disk and the fresh heap only when the guest first touches
+        // them (crate::slots).
+        let slots = Slots::for_fork(&state.layout, ram.size(), &snapshot.fresh);
+        slots.register_eager(&vm, &ram)?;
         vm.create_irqchip_and_pit()?;
         let vcpu = vm.create_vcpu(0)?;
         let (msrs, timer) = split_timer(&state.vcpu);
         vcpu.restore_state(&state.vcpu, &msrs)?;
-        Ok(Self { vcpu, vm, ram, timer })
+        Ok(Self {
+            vcpu,
+            vm,
+            ram,
+            timer,
+            slots,
+        })
     }
 
     /// Copies a live sandbox's changed pages over the template's.
@@ -325,7 +326,8 @@ impl Machine {
         let entry = boot::load(&mut ram, &layout, &spec.kernel, cmdline.trim(), spec.initrd.as_deref())?;
 
         let vm = hv.create_vm()?;
-        vm.set_memory(&ram)?;
+        let slots = Slots::all_eager(&ram);
+        slots.register_eager(&vm, &ram)?;
         vm.create_irqchip_and_pit()?;
         let serial = SerialConsole::new(console)?;
         vm.register_irq(serial.irq(), COM1_IRQ)?;
@@ -337,8 +339,7 @@ impl Machine {
             ram,
             serial,
             zeroing: Zeroing::default(),
-            // Slot 0 covers it (a boot runs once; its VM is not kept).
-            disk_slot: DiskSlot::Registered,
+            slots,
             layout,
             kernel,
             cpu_vendor: cpu_vendor(hv),
@@ -374,6 +375,7 @@ impl Machine {
             vcpu,
             mut ram,
             timer,
+            slots,
         } = shell;
         // Every fork must differ from its siblings: fresh kernel CRNG keys
         // before the guest runs an instruction.
@@ -408,11 +410,7 @@ impl Machine {
             ram,
             serial,
             zeroing: Zeroing::default(),
-            disk_slot: if state.layout.disk_bytes > 0 {
-                DiskSlot::Lazy
-            } else {
-                DiskSlot::Registered
-            },
+            slots,
             layout: state.layout,
             kernel: state.kernel,
             cpu_vendor: state.cpu_vendor.clone(),
@@ -510,23 +508,18 @@ impl Machine {
                         .ok_or(MachineError::guest_protocol(ProtocolError::UnknownDoorbell(code)))?;
                     Some(doorbell)
                 }
-                Exit::MmioWrite { addr, data }
-                    if self.disk_slot == DiskSlot::Lazy && self.layout.disk_contains(addr, data.len() as u64) =>
-                {
-                    register_disk_slot(&self.vm, &self.ram, &self.layout, &mut self.disk_slot)?;
-                    self.ram.slice_mut(addr, data.len())?.copy_from_slice(data);
+                Exit::MmioWrite { addr, data } => {
+                    if self.slots.register_for(&self.vm, &self.ram, addr, data.len() as u64)? {
+                        self.ram.slice_mut(addr, data.len())?.copy_from_slice(data);
+                    }
                     None
                 }
-                Exit::MmioRead { addr, data }
-                    if self.disk_slot == DiskSlot::Lazy && self.layout.disk_contains(addr, data.len() as u64) =>
-                {
-                    register_disk_slot(&self.vm, &self.ram, &self.layout, &mut self.disk_slot)?;
-                    data.copy_from_slice(self.ram.slice(addr, data.len())?);
-                    None
-                }
-                Exit::MmioWrite { .. } => None,
-                Exit::MmioRead { data, .. } => {
-                    data.fill(0xff);
+                Exit::MmioRead { addr, data } => {
+                    if self.slots.register_for(&self.vm, &self.ram, addr, data.len() as u64)? {
+                        data.copy_from_slice(self.ram.slice(addr, data.len())?);
+                    } else {
+                        data.fill(0xff);
+                    }
                     None
                 }
                 Exit::Interrupted | Exit::Hlt => None,
@@ -534,15 +527,17 @@ impl Machine {
                     let rip = self.vcpu.regs().map(|r| r.rip).unwrap_or(0);
                     return Err(GuestFault::TripleFault { rip }.into());
                 }
-                // An access to the disk before its slot exists is emulated
-                // as MMIO, and an instruction KVM cannot emulate (a vector
-                // load from user code, say) fails instead: with the slot it
-                // runs natively. Once: a second failure is the guest's.
-                Exit::InternalError if self.disk_slot == DiskSlot::Lazy => {
-                    register_disk_slot(&self.vm, &self.ram, &self.layout, &mut self.disk_slot)?;
+                // An access to a lazy slot's memory before the slot exists
+                // is emulated as MMIO, and an instruction KVM cannot emulate
+                // (a vector store from user code, say) fails instead: with
+                // the slots it runs natively. Once: a second failure is the
+                // guest's.
+                Exit::InternalError => {
+                    if !self.slots.register_all(&self.vm, &self.ram)? {
+                        return Err(self.emulation_error());
+                    }
                     None
                 }
-                Exit::InternalError => return Err(self.emulation_error()),
                 Exit::FailEntry { reason } => return Err(MachineError::FailEntry(reason)),
                 Exit::Other(what) => return Err(MachineError::UnexpectedExit(what)),
             };
@@ -811,24 +806,6 @@ fn open_image(path: &Path) -> std::io::Result<(std::fs::File, u64)> {
     let file = std::fs::File::open(path)?;
     let len = file.metadata()?.len();
     Ok((file, len))
-}
-
-/// Whether the disk's memory slot exists in a fork's VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DiskSlot {
-    /// Not yet: the guest's first access to the disk registers it.
-    Lazy,
-    /// Registered, or no disk.
-    Registered,
-}
-
-/// Registers the disk as memory slot 1, after the fact: the guest has just
-/// touched it. About as costly here as any slot made after the irqchip
-/// (see Vm::set_memory), once per sandbox that uses its disk.
-fn register_disk_slot(vm: &Vm, ram: &GuestRam, layout: &MemoryLayout, slot: &mut DiskSlot) -> Result<(), MachineError> {
-    vm.set_memory_slot(1, ram, layout.disk_gpa, layout.disk_bytes)?;
-    *slot = DiskSlot::Registered;
-    Ok(())
 }
 
 /// How long after resuming a fork the guest's next timer interrupt may be

@@ -750,19 +750,25 @@ mod tests {
         assert_eq!(page_runs([]), vec![]);
     }
 
-    #[test]
-    fn sparse_write_round_trips() {
-        let mut ram = GuestRam::anonymous(64 * PAGE_SIZE).unwrap();
-        ram.slice_mut(PAGE_SIZE * 3, 4).unwrap().copy_from_slice(b"abcd");
-        ram.slice_mut(PAGE_SIZE * 40 + 100, 1).unwrap()[0] = 9;
-        let path = std::env::temp_dir().join(format!("zeroboot-mem-{}", std::process::id()));
-        let mut file = File::options()
+    /// A new, empty file of this test process's own, readable and writable.
+    fn scratch_file(name: &str) -> (std::path::PathBuf, File) {
+        let path = std::env::temp_dir().join(format!("zeroboot-{name}-{}", std::process::id()));
+        let file = File::options()
             .create(true)
             .truncate(true)
             .read(true)
             .write(true)
             .open(&path)
             .unwrap();
+        (path, file)
+    }
+
+    #[test]
+    fn sparse_write_round_trips() {
+        let mut ram = GuestRam::anonymous(64 * PAGE_SIZE).unwrap();
+        ram.slice_mut(PAGE_SIZE * 3, 4).unwrap().copy_from_slice(b"abcd");
+        ram.slice_mut(PAGE_SIZE * 40 + 100, 1).unwrap()[0] = 9;
+        let (path, mut file) = scratch_file("mem");
         let written = ram.write_sparse(&mut file).unwrap();
         assert_eq!(written, 2 * PAGE_SIZE);
         let copy = GuestRam::private_file_mapping(File::open(&path).unwrap(), 64 * PAGE_SIZE).unwrap();
@@ -842,14 +848,7 @@ mod tests {
     #[test]
     fn fresh_memory_reads_zero_and_counts_as_private_once_written() {
         let size = 8 << 20;
-        let path = std::env::temp_dir().join(format!("zeroboot-fresh-{}", std::process::id()));
-        let file = File::options()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
+        let (path, file) = scratch_file("fresh");
         std::fs::remove_file(&path).unwrap();
         file.set_len(size).unwrap();
         file.write_all_at(&[7u8; 4096], 0).unwrap();

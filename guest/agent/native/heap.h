@@ -30,6 +30,9 @@
 
 #include "guest.h"
 
+/* Bytes at the start of the fresh heap left out of the fresh-memory table. */
+#define ZB_FRESH_SHARED_HEAD (2ul << 20)
+
 struct zb_fresh_run {
     uint64_t gpa, len;
 };
@@ -107,20 +110,25 @@ static inline int zb_map_fresh_heap(size_t bytes, struct zb_fresh_run *runs, int
     count = 0;
     for (char *p = lo; p < hi; p += ZB_HUGE) {
         uint64_t gpa = zb_huge_page_at(pagemap, (unsigned long)p);
-        if (gpa != 0) {
-            count = zb_add_fresh_page(runs, count, max_runs, gpa);
-            huge++;
-        } else {
+        if (gpa == 0) {
             small++;
+            continue;
         }
+        /* malloc hands out the start of the heap first, to small objects
+         * too: those pages stay the template's, copied 4 KiB at a time, so
+         * that code which allocates a little costs its fork a few small
+         * pages, not a host huge page (2 MiB each). */
+        if (p >= lo + ZB_FRESH_SHARED_HEAD)
+            count = zb_add_fresh_page(runs, count, max_runs, gpa);
+        huge++;
     }
     close(pagemap);
     /* Into the top chunk, which is never trimmed (above). */
     free(block);
     /* Only whole huge pages: a partial range would split one. */
     madvise(lo, span, MADV_FREE);
-    snprintf(report, report_len, "%d MiB in %d huge pages (%d runs), %d ranges without one", huge * 2, huge, count,
-             small);
+    snprintf(report, report_len, "%d MiB in %d huge pages (%d runs announced), %d ranges without one", huge * 2,
+             huge, count, small);
 out:;
     int saved = errno;
     zb_set_thp("never");
