@@ -1,15 +1,18 @@
-//! Decodes a mailbox whose header and response area a hostile guest wrote,
-//! and the response area as a file operation's reply.
+//! Decodes a mailbox whose header (its entropy and fresh-memory tables
+//! included) and response area a hostile guest wrote, and the response area
+//! as a file operation's reply.
 //!   cargo +nightly fuzz run mailbox
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use zeroboot_protocol::{files, header, read_chunk, read_entropy_table, read_request, Outcome, MAILBOX_SIZE, RESPONSE_OFFSET};
+use zeroboot_protocol::{
+    files, fresh, header, read_chunk, read_entropy_table, read_request, Outcome, MAILBOX_SIZE, RESPONSE_OFFSET,
+};
 
 fuzz_target!(|data: &[u8]| {
     let mut mailbox = vec![0u8; MAILBOX_SIZE];
     // The first bytes are the header, the rest lands in the response area.
-    let (head, body) = data.split_at(data.len().min(header::ENTROPY_TABLE + 64));
+    let (head, body) = data.split_at(data.len().min(header::FRESH_TABLE + 4 * fresh::ENTRY_LEN));
     mailbox[..head.len()].copy_from_slice(head);
     let body = &body[..body.len().min(MAILBOX_SIZE - RESPONSE_OFFSET)];
     mailbox[RESPONSE_OFFSET..RESPONSE_OFFSET + body.len()].copy_from_slice(body);
@@ -36,6 +39,12 @@ fuzz_target!(|data: &[u8]| {
         for r in regions {
             let end = u128::from(r.gpa) + u128::from(r.write_len());
             assert!(end <= u128::from(r.gpa | 0xfff) + 1 && end <= u128::from(u64::MAX));
+        }
+    }
+    if let Ok(runs) = fresh::read_table(&mailbox) {
+        for r in runs {
+            assert!(r.len > 0 && r.gpa % fresh::RUN_ALIGN == 0 && r.len % fresh::RUN_ALIGN == 0);
+            assert!(r.gpa.checked_add(r.len).is_some());
         }
     }
 });

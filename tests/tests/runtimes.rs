@@ -788,3 +788,24 @@ fn rich_results_come_back_as_jupyter_gives_them() {
         .contains("<table"));
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+/// The node agent maps a fresh heap too (guest/agent/native/heap.h): a
+/// fork's Buffers and typed arrays, which V8 takes from malloc, need no
+/// guest page fault. (V8's own heap of JavaScript objects is mapped by V8
+/// and not routed there.)
+#[test]
+fn node_buffers_come_from_the_fresh_heap() {
+    let code = "const fs = require('fs');\n\
+                const faults = () => { const f = fs.readFileSync('/proc/self/stat', 'utf8').split(') ')[1].split(' '); return +f[7] + +f[9]; };\n\
+                const before = faults();\n\
+                const b = Buffer.alloc(64 << 20, 1);\n\
+                const a = new Float64Array((32 << 20) / 8).fill(2);\n\
+                console.log(faults() - before, b[12345] + a[6789]);";
+    let r = run(node(), code);
+    let out = text(&r.stdout);
+    let mut words = out.split_whitespace();
+    let faults: u64 = words.next().unwrap().parse().unwrap();
+    assert_eq!(words.next(), Some("3"), "{out} {}", text(&r.stderr));
+    // 96 MiB in 4 KiB pages would be 24,576 faults.
+    assert!(faults < 100, "{faults} guest page faults");
+}
