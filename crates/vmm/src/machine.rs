@@ -647,7 +647,8 @@ impl Machine {
     }
 
     /// The agent's fresh-memory table from the mailbox, checked to name
-    /// only guest RAM below the mailbox.
+    /// only guest RAM below the mailbox, and cut to the 2 MiB pages of it
+    /// that hold only zeros (see [`MachineState::fresh`]).
     fn read_fresh_table(&self) -> Result<Vec<protocol::fresh::FreshRun>, MachineError> {
         let fresh = protocol::fresh::read_table(self.ram.slice(self.layout.mailbox_gpa, protocol::MAILBOX_SIZE)?)
             .map_err(MachineError::guest_protocol)?;
@@ -660,7 +661,13 @@ impl Machine {
                 r.gpa, r.len
             ))));
         }
-        Ok(fresh)
+        let runs: Vec<(u64, u64)> = fresh.iter().map(|r| (r.gpa, r.len)).collect();
+        Ok(self
+            .ram
+            .zero_huge_pages(&runs)
+            .into_iter()
+            .map(|(gpa, len)| protocol::fresh::FreshRun { gpa, len })
+            .collect())
     }
 
     /// Captures this sandbox as it is now, to fork children from

@@ -567,6 +567,31 @@ impl GuestRam {
         Ok(())
     }
 
+    /// The whole 2 MiB pages of `runs` (guest-physical `(gpa, len)`) that
+    /// hold only zeros, coalesced, in order: what a snapshot stores as holes,
+    /// and so what a fork may back with fresh anonymous memory
+    /// ([`GuestRam::map_fresh`]). Pages outside this memory are left out.
+    pub fn zero_huge_pages(&self, runs: &[(u64, u64)]) -> Vec<(u64, u64)> {
+        let huge = HUGE_PAGE_SIZE;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for &(gpa, len) in runs {
+            let end = gpa.saturating_add(len).min(self.size);
+            for block in (gpa.div_ceil(huge)..end / huge).map(|b| b * huge) {
+                let zero = self
+                    .slice(block, huge as usize)
+                    .is_ok_and(|bytes| bytes.iter().all(|&b| b == 0));
+                if !zero {
+                    continue;
+                }
+                match out.last_mut() {
+                    Some((at, n)) if *at + *n == block => *n += huge,
+                    _ => out.push((block, huge)),
+                }
+            }
+        }
+        out
+    }
+
     /// Makes this mapping hold its own copy of every page in `gpa..gpa+len`
     /// (contents unchanged), as a write would.
     pub fn touch_for_write(&mut self, gpa: u64, len: u64) -> Result<(), MemoryError> {
@@ -676,37 +701,9 @@ impl GuestRam {
     }
 }
 
-/// The 2 MiB pages of `runs` that no data run of the memory file touches,
-/// as coalesced `(gpa, len)` runs below `end`: where a fork may back guest
-/// memory with fresh anonymous memory because the file holds only zeros
-/// there ([`GuestRam::map_fresh`]).
-pub fn fresh_holes(runs: &[(u64, u64)], data: &[(u64, u64)], end: u64) -> Vec<(u64, u64)> {
-    let huge = HUGE_PAGE_SIZE;
-    let mut blocks: Vec<u64> = runs
-        .iter()
-        .flat_map(|&(gpa, len)| (gpa.div_ceil(huge)..gpa.saturating_add(len).min(end) / huge).map(move |b| b * huge))
-        .collect();
-    blocks.sort_unstable();
-    blocks.dedup();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for block in blocks {
-        // `data` is sorted (start, end) pairs: the first run ending after the
-        // block's start is the only one that can overlap it.
-        let i = data.partition_point(|&(_, data_end)| data_end <= block);
-        if data.get(i).is_some_and(|&(start, _)| start < block + huge) {
-            continue;
-        }
-        match out.last_mut() {
-            Some((gpa, len)) if *gpa + *len == block => *len += huge,
-            _ => out.push((block, huge)),
-        }
-    }
-    out
-}
-
 /// The ranges of `file` below `size` that hold data (`SEEK_DATA` to
 /// `SEEK_HOLE`), as (start, end), in order; holes read as zeros.
-pub fn data_runs(file: &std::fs::File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+pub(crate) fn data_runs(file: &std::fs::File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
     use std::os::fd::AsRawFd;
     let fd = file.as_raw_fd();
     let seek = |offset: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
@@ -833,16 +830,17 @@ mod tests {
     }
 
     #[test]
-    fn fresh_holes_are_whole_huge_pages_the_file_holds_no_data_in() {
+    fn zero_huge_pages_are_whole_2_mib_pages_of_zeros_coalesced() {
         const M: u64 = 1 << 20;
-        let runs = [(2 * M, 8 * M), (20 * M, 4 * M), (30 * M, 4 * M)];
-        // Data in the page at 4 MiB, and one byte at 21 MiB.
-        let data = [(4 * M + 4096, 4 * M + 8192), (21 * M, 21 * M + 1)];
+        let mut ram = GuestRam::anonymous(32 * M).unwrap();
+        ram.slice_mut(4 * M + 4096, 1).unwrap()[0] = 1;
+        ram.slice_mut(21 * M, 1).unwrap()[0] = 1;
+        let runs = [(2 * M, 8 * M), (20 * M, 4 * M), (30 * M, 4 * M), (M, M)];
         assert_eq!(
-            fresh_holes(&runs, &data, 32 * M),
+            ram.zero_huge_pages(&runs),
             vec![(2 * M, 2 * M), (6 * M, 4 * M), (22 * M, 2 * M), (30 * M, 2 * M)]
         );
-        assert_eq!(fresh_holes(&[], &data, 32 * M), vec![]);
+        assert_eq!(ram.zero_huge_pages(&[]), vec![]);
     }
 
     #[test]

@@ -67,9 +67,9 @@ pub struct Snapshot {
     memory: File,
     /// Guest pages forks usually write ([`WRITE_SET_FILE`]); empty if none.
     pub write_set: Vec<(u64, u64)>,
-    /// The agent's fresh memory where the memory file holds only zeros, as
-    /// `(gpa, len)` runs of whole 2 MiB pages: forks back them with
-    /// anonymous memory of their own ([`crate::memory::GuestRam::map_fresh`]).
+    /// The agent's fresh memory ([`MachineState::fresh`]) as `(gpa, len)`
+    /// runs of whole 2 MiB pages: forks back them with anonymous memory of
+    /// their own ([`crate::memory::GuestRam::map_fresh`]).
     pub fresh: Vec<(u64, u64)>,
 }
 
@@ -128,19 +128,20 @@ impl Snapshot {
             .ok()
             .and_then(|text| parse_write_set(&text, expected))
             .unwrap_or_default();
-        // Only guest RAM below the mailbox may be fresh; a run anywhere
-        // else in a state file is ignored, as is a file whose holes cannot
-        // be listed: that only costs speed.
-        let ram: Vec<(u64, u64)> = state
+        // Only whole 2 MiB pages of guest RAM below the mailbox may be
+        // fresh; anything else in a state file is left out, which only
+        // costs speed.
+        let fresh = state
             .fresh
             .iter()
-            .filter(|r| r.gpa >= crate::layout::HIMEM_START && r.end() <= state.layout.mailbox_gpa)
+            .filter(|r| {
+                r.gpa >= crate::layout::HIMEM_START
+                    && r.end() <= state.layout.mailbox_gpa
+                    && r.gpa.is_multiple_of(HUGE_PAGE_SIZE)
+                    && r.len.is_multiple_of(HUGE_PAGE_SIZE)
+            })
             .map(|r| (r.gpa, r.len))
             .collect();
-        let fresh = match crate::memory::data_runs(&memory, expected) {
-            Ok(data) => crate::memory::fresh_holes(&ram, &data, state.layout.mailbox_gpa),
-            Err(_) => Vec::new(),
-        };
         Ok(Self {
             dir: dir.to_path_buf(),
             state,

@@ -116,8 +116,11 @@ pub struct MachineState {
     /// Guest memory holding user-space random generator state, which the
     /// host overwrites before every request (registered by the agent).
     pub entropy: Vec<zeroboot_protocol::EntropyRegion>,
-    /// Guest RAM the agent mapped ahead, zeroed, for the code's allocations
-    /// (registered by the agent; see [`zeroboot_protocol::fresh`]).
+    /// Guest RAM the agent mapped ahead for the code's allocations
+    /// (registered by the agent; see [`zeroboot_protocol::fresh`]): the whole
+    /// 2 MiB pages of it that held only zeros when the snapshot was taken,
+    /// which the memory file stores as holes. Worked out once, at the
+    /// snapshot, so that a fork need not look for the holes.
     pub fresh: Vec<zeroboot_protocol::fresh::FreshRun>,
     pub vm: VmState,
     pub vcpu: VcpuState,
