@@ -1,7 +1,7 @@
 //! Fresh memory in a fork: how long code takes to allocate and fill memory
 //! that the template never touched, and how many guest page faults that
-//! costs (issue: real data sizes; guest/agent/native/heap.h). Python only:
-//! its agent is the one with a fresh heap.
+//! costs (issue: real data sizes; guest/agent/native/heap.h). Python
+//! templates with a fresh heap only: the workloads are Python.
 
 use std::time::Instant;
 

@@ -172,6 +172,9 @@ pub fn run(snap: Snapshot, runtime: Runtime, policy: ForkMemoryPolicy, args: &Be
     };
     let n = args.iterations;
     let dir = snap.dir.clone();
+    // The fresh-memory workloads are Python, and without a fresh heap
+    // (heap_mib = 0) they would fault in every page, minutes here.
+    let has_fresh_heap = !snap.state.fresh.is_empty();
     let worker = WorkerCommand::current_exe(&["worker"])?;
     let cold_snap = Snapshot::open(&snap.dir, &snap.state.cpu_vendor)?;
     let fork_memory = policy.name();
@@ -255,7 +258,7 @@ pub fn run(snap: Snapshot, runtime: Runtime, policy: ForkMemoryPolicy, args: &Be
     })?;
     let throughput_s = t.elapsed().as_secs_f64();
     let density = density::live_sandboxes(template, live_code)?;
-    let fresh = if runtime.descriptor().fresh_heap {
+    let fresh = if has_fresh_heap && runtime == Runtime::Python {
         fresh_memory::measure(template)?
     } else {
         Vec::new()
