@@ -8,7 +8,7 @@
 //! The table is written by the guest: it is checked for shape here, and the
 //! host checks the addresses against guest RAM and the memory file.
 
-use crate::{check, header, read_u32, write_u32, ProtocolError};
+use crate::{check, header, read_u32, read_u64, write_u32, ProtocolError};
 
 /// Runs are whole 2 MiB pages.
 pub const RUN_ALIGN: u64 = 2 << 20;
@@ -26,12 +26,6 @@ pub struct FreshRun {
     pub gpa: u64,
     /// A non-zero multiple of 2 MiB.
     pub len: u64,
-}
-
-impl FreshRun {
-    pub fn end(&self) -> u64 {
-        self.gpa.saturating_add(self.len)
-    }
 }
 
 /// Reads the agent's fresh-memory runs, checked for shape: aligned, not
@@ -77,12 +71,6 @@ pub fn write_table(mailbox: &mut [u8], runs: &[FreshRun]) -> Result<(), Protocol
         mailbox[at + 8..at + 16].copy_from_slice(&r.len.to_le_bytes());
     }
     Ok(())
-}
-
-fn read_u64(mailbox: &[u8], at: usize) -> u64 {
-    let mut bytes = [0u8; 8];
-    bytes.copy_from_slice(&mailbox[at..at + 8]);
-    u64::from_le_bytes(bytes)
 }
 
 #[cfg(test)]

@@ -221,10 +221,8 @@ pub fn read_entropy_table(mailbox: &[u8]) -> Result<Vec<EntropyRegion>, Protocol
     let mut regions = Vec::with_capacity(count);
     for i in 0..count {
         let at = header::ENTROPY_TABLE + i * ENTROPY_ENTRY_LEN;
-        let mut gpa = [0u8; 8];
-        gpa.copy_from_slice(&mailbox[at..at + 8]);
         let region = EntropyRegion {
-            gpa: u64::from_le_bytes(gpa),
+            gpa: read_u64(mailbox, at),
             len: read_u32(mailbox, at + 8),
             value: read_u32(mailbox, at + 12),
         };
@@ -271,6 +269,12 @@ pub(crate) fn read_u32(mailbox: &[u8], offset: usize) -> u32 {
     let mut bytes = [0u8; 4];
     bytes.copy_from_slice(&mailbox[offset..offset + 4]);
     u32::from_le_bytes(bytes)
+}
+
+pub(crate) fn read_u64(mailbox: &[u8], offset: usize) -> u64 {
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&mailbox[offset..offset + 8]);
+    u64::from_le_bytes(bytes)
 }
 
 pub(crate) fn write_u32(mailbox: &mut [u8], offset: usize, value: u32) {

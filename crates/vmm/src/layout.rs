@@ -109,6 +109,13 @@ impl MemoryLayout {
         }
     }
 
+    /// Whether `[gpa, gpa + len)` lies in ordinary guest RAM: above the boot
+    /// tables' low megabyte and below the mailbox (so not in the root image
+    /// or the disk either). What the agent may register at READY.
+    pub fn ram_contains(&self, gpa: u64, len: u64) -> bool {
+        gpa >= HIMEM_START && gpa.saturating_add(len) <= self.mailbox_gpa
+    }
+
     /// Whether `[gpa, gpa + len)` lies inside the disk.
     pub fn disk_contains(&self, gpa: u64, len: u64) -> bool {
         gpa >= self.disk_gpa
@@ -167,5 +174,15 @@ mod tests {
         assert!(!l.disk_contains(l.disk_gpa - 4096, 8192));
         assert!(!l.disk_contains(l.disk_gpa + (1 << 30) - 4096, 8192));
         assert!(!l.disk_contains(u64::MAX - 10, 100));
+    }
+
+    #[test]
+    fn ram_is_above_the_low_megabyte_and_below_the_mailbox() {
+        let l = MemoryLayout::new(512, 100 << 20, 1 << 30).unwrap();
+        assert!(l.ram_contains(HIMEM_START, l.mailbox_gpa - HIMEM_START));
+        assert!(!l.ram_contains(HIMEM_START - 4096, 4096));
+        assert!(!l.ram_contains(l.mailbox_gpa - 4096, 8192));
+        assert!(!l.ram_contains(l.disk_gpa, 4096));
+        assert!(!l.ram_contains(u64::MAX - 10, 100));
     }
 }

@@ -636,7 +636,7 @@ impl Machine {
         let entropy = protocol::read_entropy_table(self.ram.slice(self.layout.mailbox_gpa, protocol::MAILBOX_SIZE)?)
             .map_err(MachineError::guest_protocol)?;
         for r in &entropy {
-            if r.gpa < crate::layout::HIMEM_START || r.gpa.saturating_add(r.write_len()) > self.layout.mailbox_gpa {
+            if !self.layout.ram_contains(r.gpa, r.write_len()) {
                 return Err(MachineError::EntropyOutsideRam {
                     gpa: r.gpa,
                     len: r.write_len(),
@@ -652,10 +652,7 @@ impl Machine {
     fn read_fresh_table(&self) -> Result<Vec<protocol::fresh::FreshRun>, MachineError> {
         let fresh = protocol::fresh::read_table(self.ram.slice(self.layout.mailbox_gpa, protocol::MAILBOX_SIZE)?)
             .map_err(MachineError::guest_protocol)?;
-        if let Some(r) = fresh
-            .iter()
-            .find(|r| r.gpa < crate::layout::HIMEM_START || r.end() > self.layout.mailbox_gpa)
-        {
+        if let Some(r) = fresh.iter().find(|r| !self.layout.ram_contains(r.gpa, r.len)) {
             return Err(MachineError::guest_protocol(ProtocolError::FreshTable(format!(
                 "run at {:#x} (+{:#x}) is outside guest RAM below the mailbox",
                 r.gpa, r.len

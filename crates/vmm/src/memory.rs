@@ -358,10 +358,10 @@ impl GuestRam {
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
             .build()
             .map_err(|source| MemoryError::Map { size, source })?;
-        // A hint, so that the host backs guest memory with 2 MiB pages and
-        // KVM maps it with 2 MiB entries: where guest kernel mode is
-        // emulated, the guest zeroing a 2 MiB page over 4 KiB host pages
-        // took 1.2 s at a template build (docs/guest-kernel.md).
+        // A hint, so that the host may back a booting guest's memory with
+        // 2 MiB pages and KVM map it with 2 MiB entries. It did not move
+        // the build's cost of faulting in the fresh heap, which was the
+        // guest kernel's emulated zeroing (docs/guest-kernel.md).
         // SAFETY: advice on the region just mapped; contents do not change.
         unsafe { libc::madvise(region.as_ptr().cast(), size as usize, libc::MADV_HUGEPAGE) };
         Self::from_region(region, size, None)

@@ -6,7 +6,6 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
 use zeroboot_protocol::Request;
 use zeroboot_sandbox::IsolatedTemplate;
 
@@ -14,7 +13,7 @@ use zeroboot_sandbox::IsolatedTemplate;
 const SAMPLES: usize = 3;
 
 /// What each workload does, and its label in the JSON.
-pub const WORKLOADS: [(&str, &str); 3] = [
+const WORKLOADS: [(&str, &str); 3] = [
     ("fresh_memory_256mib", "bytearray(256 << 20)"),
     ("numpy_ones_16mib", "numpy.ones((16 << 20) // 8)"),
     ("numpy_ones_256mib_sum", "numpy.ones((256 << 20) // 8).sum()"),
@@ -35,7 +34,6 @@ fn guest_code(workload: &str) -> String {
     )
 }
 
-#[derive(Debug, Clone, Serialize)]
 pub struct FreshMemory {
     pub name: &'static str,
     pub code: &'static str,

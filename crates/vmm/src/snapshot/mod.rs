@@ -135,8 +135,7 @@ impl Snapshot {
             .fresh
             .iter()
             .filter(|r| {
-                r.gpa >= crate::layout::HIMEM_START
-                    && r.end() <= state.layout.mailbox_gpa
+                state.layout.ram_contains(r.gpa, r.len)
                     && r.gpa.is_multiple_of(HUGE_PAGE_SIZE)
                     && r.len.is_multiple_of(HUGE_PAGE_SIZE)
             })
