@@ -758,12 +758,15 @@ class Results:
         self.truncated = False
 
     def add(self, kind, obj):
-        import json
-
         try:
             data = mime_bundle(obj)
         except Exception as e:  # a broken _repr_*_ must not fail the request
             data = {"text/plain": f"<unrepresentable {type(obj).__name__}: {e!r}>"}
+        self.add_record(kind, data)
+
+    def add_record(self, kind, data):
+        import json
+
         line = json.dumps({"type": kind, "data": data}).encode() + b"\n"
         if len(line) > self.room:
             self.truncated = True
@@ -951,6 +954,37 @@ def run_code(code, stdin, out, err, namespace):
         # would end, and never touches the mailbox.
         os._exit(exit_code & 0xFF)
     return exit_code
+
+
+# Namespaces of run_cell by name, made on first use.
+CELL_CONTEXTS = {}
+
+
+def run_cell(code, context=None):
+    """Runs `code` as a notebook cell, for the host's code-interpreter API
+    (which sends a one-line call of this): in the namespace named
+    `context`, or with None in the sandbox's own (the caller's globals,
+    which plain requests share). An exception becomes an `error` result
+    (name, value and traceback, without this frame) and exit code 1,
+    instead of a traceback on stderr."""
+    import traceback
+
+    if context is None:
+        namespace = sys._getframe(1).f_globals
+    else:
+        namespace = CELL_CONTEXTS.setdefault(context, fresh_namespace())
+    try:
+        body, last = compile_cell(code)
+        exec(body, namespace)
+        if last is not None:
+            displayhook(eval(last, namespace))
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as e:
+        lines = traceback.format_exception(type(e), e, e.__traceback__.tb_next)
+        data = {"name": type(e).__name__, "value": str(e), "traceback": "".join(lines)}
+        CURRENT_RESULTS.add_record("error", data)
+        raise SystemExit(1) from None
 
 
 def reseed_user_space(seed):

@@ -47,6 +47,13 @@ pub struct ServeArgs {
     /// Requests a key may send at once above its rate.
     #[arg(long, default_value_t = NonZeroU32::new(2000).unwrap_or(NonZeroU32::MIN))]
     burst: NonZeroU32,
+    /// Where paused sandboxes are written (default: `paused/` in the cache
+    /// directory); they outlive the server and resume in a later one.
+    #[arg(long, value_name = "DIR")]
+    pause_dir: Option<PathBuf>,
+    /// Refuse to pause sandboxes: the server then writes no file at all.
+    #[arg(long, conflicts_with = "pause_dir")]
+    no_pause: bool,
     /// How forks back their guest memory.
     #[arg(long, value_enum, default_value = "auto")]
     fork_memory: crate::fork_memory::ForkMemoryArg,
@@ -80,10 +87,20 @@ pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<
     limits.max_sandbox_mib_per_caller = args.max_sandbox_memory_mib;
     let auth = Auth::new(keys, args.rate, args.burst);
     let has_keys = auth.has_keys();
-    let state = Arc::new(AppState::new(served, limits, auth));
+    let pause_dir = match (&args.pause_dir, args.no_pause) {
+        (_, true) => None,
+        (Some(dir), false) => Some(dir.clone()),
+        (None, false) => Some(cache.root().join("paused")),
+    };
+    let files = match &pause_dir {
+        Some(_) => zeroboot_seccomp::ServerFiles::WritesPausedSandboxes,
+        None => zeroboot_seccomp::ServerFiles::ReadOnly,
+    };
+    let state = Arc::new(AppState::new(served, limits, auth).with_pause_dir(pause_dir.clone()));
     // Templates and keys are read: from here on the server only serves and
-    // starts workers (see zeroboot_seccomp::server_filters).
-    for filter in zeroboot_seccomp::server_filters()? {
+    // starts workers, and writes paused sandboxes (see
+    // zeroboot_seccomp::server_filters).
+    for filter in zeroboot_seccomp::server_filters(files)? {
         zeroboot_seccomp::install(&filter)?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -104,6 +121,10 @@ pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<
             println!("zeroboot: no API keys configured: serving loopback clients only");
         }
         println!("zeroboot: fork memory: {}", fork_memory.name());
+        match &pause_dir {
+            Some(dir) => println!("zeroboot: paused sandboxes in {}", dir.display()),
+            None => println!("zeroboot: pausing sandboxes is off"),
+        }
         zeroboot_server::serve(listener, state, shutdown_signal())
             .await
             .context("serving")

@@ -253,6 +253,13 @@ pub fn worker_filter(pid: u32) -> Result<BpfProgram, SeccompError> {
     compile(rules, SeccompAction::KillProcess)
 }
 
+/// Whether the server writes files (see [`server_filters`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerFiles {
+    ReadOnly,
+    WritesPausedSandboxes,
+}
+
 /// The server's filters. `zeroboot serve` installs them on every thread
 /// once its templates are open and before it serves; workers it starts
 /// inherit them and add their own. A call outside the list fails with
@@ -271,7 +278,11 @@ pub fn worker_filter(pid: u32) -> Result<BpfProgram, SeccompError> {
 /// `io_uring_setup`, `setuid`. `clone3`, whose flags a filter cannot read,
 /// answers `ENOSYS`, so the C library falls back to `clone`, whose flags it
 /// can.
-pub fn server_filters() -> Result<[BpfProgram; 2], SeccompError> {
+///
+/// With [`ServerFiles::WritesPausedSandboxes`] the server may also create,
+/// write, rename and remove files (the builder's [`FILE_WRITES`]): it
+/// writes paused sandboxes to disk and removes them when they resume.
+pub fn server_filters(files: ServerFiles) -> Result<[BpfProgram; 2], SeccompError> {
     let mut rules = Rules::new();
     allow(&mut rules, RUNTIME);
     allow(&mut rules, THREADS);
@@ -279,8 +290,13 @@ pub fn server_filters() -> Result<[BpfProgram; 2], SeccompError> {
     // Executable mappings too: a worker's dynamic loader maps the C library
     // under these filters, before the worker's own.
     allow(&mut rules, &[libc::SYS_mmap, libc::SYS_mprotect]);
-    let writing = (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC) as u64;
-    allow_masked(&mut rules, libc::SYS_openat, 2, writing, &[0])?;
+    match files {
+        ServerFiles::ReadOnly => {
+            let writing = (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC) as u64;
+            allow_masked(&mut rules, libc::SYS_openat, 2, writing, &[0])?;
+        }
+        ServerFiles::WritesPausedSandboxes => allow(&mut rules, FILE_WRITES),
+    }
     allow_ioctl_types(&mut rules, &[KVMIO, TTYIO])?;
     let families = [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6].map(|f| f as u64);
     allow_masked(&mut rules, libc::SYS_socket, 0, u64::from(u32::MAX), &families)?;
@@ -435,9 +451,17 @@ mod tests {
 
     #[test]
     fn the_server_may_serve_and_start_workers_but_not_debug_or_make_namespaces() {
-        let status = in_child_under(&server_filters().unwrap(), server_calls);
+        let status = in_child_under(&server_filters(ServerFiles::ReadOnly).unwrap(), server_calls);
         assert!(libc::WIFEXITED(status), "status {status:#x}");
         assert_eq!(libc::WEXITSTATUS(status), 127, "bits of server_calls that held");
+        // A server that pauses sandboxes writes files, and is otherwise as
+        // confined: bit 32 (creating a file refused) is the one that goes.
+        let status = in_child_under(
+            &server_filters(ServerFiles::WritesPausedSandboxes).unwrap(),
+            server_calls,
+        );
+        assert!(libc::WIFEXITED(status), "status {status:#x}");
+        assert_eq!(libc::WEXITSTATUS(status), 127 - 32, "bits of server_calls that held");
     }
 
     /// Calls under the builder's filter; bits as in [`server_calls`].

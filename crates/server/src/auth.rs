@@ -32,6 +32,9 @@ pub enum AuthError {
     BadKey { path: String, line: usize },
 }
 
+/// Where E2B's SDKs put the API key.
+pub const E2B_KEY_HEADER: &str = "x-api-key";
+
 /// The key a request authenticated with (its index), or the loopback client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Caller {
@@ -81,6 +84,20 @@ impl Auth {
         Ok(keys)
     }
 
+    /// Names `caller` in what outlives this server (a paused sandbox's
+    /// owner): a hash of its key, which stays right when the key file's
+    /// lines move, or `loopback`.
+    pub fn owner_mark(&self, caller: Caller) -> String {
+        use sha2::Digest;
+        match (caller, &self.keys) {
+            (Caller::Key(i), Some(keys)) => match keys.get(i) {
+                Some(key) => sha2::Sha256::digest(key).iter().map(|b| format!("{b:02x}")).collect(),
+                None => String::new(),
+            },
+            _ => "loopback".into(),
+        }
+    }
+
     pub fn has_keys(&self) -> bool {
         self.keys.is_some()
     }
@@ -108,14 +125,16 @@ impl Auth {
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
-                "send a valid API key as `Authorization: Bearer <key>`",
+                "send a valid API key as `Authorization: Bearer <key>` (or `X-API-KEY: <key>`)",
             )
         };
-        let presented = request
-            .headers()
+        // E2B's SDKs send the key as `X-API-KEY`.
+        let headers = request.headers();
+        let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
+            .or_else(|| headers.get(E2B_KEY_HEADER).and_then(|v| v.to_str().ok()))
             .ok_or_else(unauthorized)?
             .as_bytes();
         // Every key is compared, and each comparison takes the same time
@@ -129,7 +148,7 @@ impl Auth {
         found.map(Caller::Key).ok_or_else(unauthorized)
     }
 
-    fn admit(&self, caller: Caller) -> Result<(), ApiError> {
+    pub(crate) fn admit(&self, caller: Caller) -> Result<(), ApiError> {
         self.limiter.check_key(&caller).map_err(|not_until| {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             ApiError::new(

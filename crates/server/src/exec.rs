@@ -137,7 +137,9 @@ pub struct ExecResponse {
 /// One rich result: `execute_result` (the value of the code's last
 /// expression) or `display_data` (`display(x)`, a figure), with its
 /// representations by MIME type: `text/plain` always, `text/html`,
-/// `image/png` (base64), `application/json`, ... where the object has them.
+/// `image/png` (base64), `application/json`, ... where the object has them;
+/// or `error` (`name`, `value`, `traceback`), for code run as a notebook
+/// cell (the E2B code interpreter's).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct RichResult {
     #[serde(rename = "type")]
@@ -154,7 +156,7 @@ impl RichResult {
         bytes
             .split(|&b| b == b'\n')
             .filter_map(|line| serde_json::from_slice::<Self>(line).ok())
-            .filter(|r| r.kind == "execute_result" || r.kind == "display_data")
+            .filter(|r| matches!(r.kind.as_str(), "execute_result" | "display_data" | "error"))
             .collect()
     }
 }

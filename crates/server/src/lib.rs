@@ -18,15 +18,20 @@
 //! - [`auth`]: API keys, the loopback rule without keys, per-key rate limits.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`sessions`]: long-lived sandboxes, each on its own thread, and their forks.
+//! - `pause`, [`paused`]: pausing a sandbox to disk and resuming it.
+//! - `e2b`: the E2B-compatible API, for E2B's own SDKs.
 //! - [`openapi`]: the OpenAPI 3 description, served at `/v1/openapi.json`.
 
 pub mod api;
 pub mod auth;
+pub mod e2b;
 pub mod error;
 mod exec;
 mod files;
 pub mod metrics;
 pub mod openapi;
+mod pause;
+pub mod paused;
 mod router;
 mod run;
 mod sandboxes;

@@ -14,11 +14,12 @@ use axum::{middleware, Router};
 use crate::error::ApiError;
 use crate::exec::{exec, exec_batch};
 use crate::files::{delete_file, get_file, list_dir, list_root, make_dir, put_file, rename, stat_file};
+use crate::pause::pause_sandbox;
 use crate::sandboxes::{create_sandbox, delete_sandbox, fork_sandbox, get_sandbox, list_sandboxes, sandbox_exec};
 use crate::served::random_id;
 use crate::service::{health, method_not_allowed, metrics, not_found};
 use crate::state::AppState;
-use crate::{auth, openapi};
+use crate::{auth, e2b, openapi};
 
 /// Gives every response an `x-request-id` (the execution id is separate,
 /// in exec results) and logs each request with it.
@@ -59,6 +60,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sandboxes/{id}", get(get_sandbox).delete(delete_sandbox))
         .route("/v1/sandboxes/{id}/exec", post(sandbox_exec))
         .route("/v1/sandboxes/{id}/fork", post(fork_sandbox))
+        .route("/v1/sandboxes/{id}/pause", post(pause_sandbox))
         .route(
             "/v1/sandboxes/{id}/files/{*path}",
             put(put_file).get(get_file).delete(delete_file),
@@ -67,7 +69,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sandboxes/{id}/dirs", get(list_root))
         .route("/v1/sandboxes/{id}/dirs/{*path}", get(list_dir).put(make_dir))
         .route("/v1/sandboxes/{id}/rename", post(rename))
+        .merge(e2b::control_routes())
         .route_layer(middleware::from_fn_with_state(state.auth().clone(), auth::require));
+    let sandbox_calls = e2b::sandbox_routes(state.clone());
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi::serve))
@@ -76,6 +80,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        // E2B's sandbox calls name their sandbox in a header, on paths of
+        // their own.
+        .layer(middleware::from_fn_with_state(sandbox_calls, e2b::dispatch))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn(request_id))
         .with_state(state)

@@ -14,6 +14,7 @@ use crate::error::ApiError;
 use crate::exec::{ExecRequest, ExecResponse, RichResult};
 use crate::metrics::{Memory, Outcome};
 use crate::served::{random_id, Served};
+use crate::sessions::Session;
 use crate::state::AppState;
 
 /// What the guest is asked: `req` under the `defaults` context.
@@ -155,7 +156,20 @@ impl AppState {
         caller: Caller,
         req: ExecRequest,
     ) -> Result<ExecResponse, ApiError> {
-        let session = self.sessions.get(id, caller)?;
+        let session = self.session(id, caller).await?;
+        self.exec_in(&session, req, Box::new(|_| {})).await
+    }
+
+    /// Runs `req` in `session`, handing each piece of output to `on_chunk`
+    /// as it arrives when `req.stream` is set; a sandbox that timed out or
+    /// crashed is removed.
+    pub(crate) async fn exec_in(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        req: ExecRequest,
+        mut on_chunk: Box<dyn FnMut(Chunk) + Send>,
+    ) -> Result<ExecResponse, ApiError> {
+        let id = session.id.as_str();
         let timeout = self.validate(&req.code, &req.stdin, req.timeout_seconds)?;
         // The session's working directory and environment, under the call's own.
         let context = session.context.clone();
@@ -168,7 +182,7 @@ impl AppState {
             .call(move |machine| {
                 let _permit = permit;
                 let request = guest_request(&req, &context, output_limit);
-                state.exec_on(machine, &template, &req, &request, timeout, &mut |_| {})
+                state.exec_on(machine, &template, &req, &request, timeout, &mut on_chunk)
             })
             .await?;
         if !usable {

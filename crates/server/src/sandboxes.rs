@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::exec::{ExecRequest, ExecResponse, RunContext};
-use crate::sessions::SessionInfo;
+use crate::sessions::{SessionInfo, SessionOptions};
 use crate::state::AppState;
 
 fn default_language() -> String {
@@ -107,7 +107,16 @@ pub(crate) async fn create_sandbox(
     let _reserved = state.sessions.reserve(caller, 1, served.memory_mib())?;
     let session = state
         .sessions
-        .start(served, caller, None, ttl, context, |served| served.template.fork())
+        .start(
+            served,
+            caller,
+            ttl,
+            SessionOptions {
+                context,
+                ..SessionOptions::default()
+            },
+            |served| served.template.fork(),
+        )
         .await?;
     Ok((StatusCode::CREATED, Json(session.info())))
 }
@@ -120,9 +129,10 @@ pub(crate) async fn list_sandboxes(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<SandboxList>, ApiError> {
-    Ok(Json(SandboxList {
-        sandboxes: state.sessions.list(caller)?,
-    }))
+    let mut sandboxes = state.sessions.list(caller)?;
+    sandboxes.extend(state.paused_list(caller).iter().map(SessionInfo::paused));
+    sandboxes.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(Json(SandboxList { sandboxes }))
 }
 
 /// One sandbox.
@@ -137,10 +147,16 @@ pub(crate) async fn get_sandbox(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<SessionInfo>, ApiError> {
-    Ok(Json(state.sessions.get(&id, caller)?.info()))
+    match state.sessions.get(&id, caller) {
+        Ok(session) => Ok(Json(session.info())),
+        Err(e) => match state.paused_of(&id, caller)? {
+            Some(record) => Ok(Json(SessionInfo::paused(&record))),
+            None => Err(e),
+        },
+    }
 }
 
-/// Removes a sandbox and its VM.
+/// Removes a sandbox and its VM, or a paused sandbox's saved state.
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path)),
     responses(
         (status = 204, description = "Removed"),
@@ -152,7 +168,13 @@ pub(crate) async fn delete_sandbox(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.sessions.remove(&id, caller)?;
+    if !state.kill(&id, caller)? {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "sandbox_not_found",
+            format!("no sandbox {id}"),
+        ));
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -201,7 +223,7 @@ pub(crate) async fn fork_sandbox(
             format!("count must be 1 to {}", state.limits.max_fork),
         ));
     }
-    let parent = state.sessions.get(&id, caller)?;
+    let parent = state.session(&id, caller).await?;
     let _reserved = state.sessions.reserve(caller, req.count, parent.served.memory_mib())?;
     let started = Instant::now();
     let live = parent
@@ -217,9 +239,12 @@ pub(crate) async fn fork_sandbox(
             .start(
                 parent.served.clone(),
                 caller,
-                Some(parent.id.clone()),
                 parent.ttl,
-                parent.context.clone(),
+                SessionOptions {
+                    parent: Some(parent.id.clone()),
+                    context: parent.context.clone(),
+                    ..SessionOptions::default()
+                },
                 move |served| served.template.fork_live(&live),
             )
             .await;

@@ -17,6 +17,13 @@ impl Served {
     pub fn memory_mib(&self) -> u64 {
         self.template.snapshot().state.layout.ram_bytes >> 20
     }
+
+    /// Tells builds of the template apart (every build's machine state
+    /// differs): a sandbox paused on one build resumes only on it.
+    pub fn build_id(&self) -> u32 {
+        zeroboot_vmm::snapshot::codec::encode(&self.template.snapshot().state)
+            .map_or(0, |bytes| crc32fast::hash(&bytes))
+    }
 }
 
 /// A random id (96 bits, hex) for an execution, a request or a sandbox, for

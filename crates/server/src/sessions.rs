@@ -6,11 +6,11 @@
 //! its `KVM_RUN`s: calls are closures sent to that thread. When the sandbox is
 //! removed its sender is dropped, the thread's loop ends and the VM with it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -32,6 +32,21 @@ pub struct Session {
     pub ttl: Duration,
     /// Working directory and environment of every call, under the call's own.
     pub context: Context,
+    /// Names calls that carry no API key (the E2B sandbox calls) to this
+    /// sandbox; only its creator is told it.
+    pub access_token: String,
+    /// When it was first made; a sandbox resumed from a pause keeps it.
+    pub started: SystemTime,
+    /// The template as the creator named it (an E2B alias such as `base`).
+    pub alias: String,
+    pub metadata: BTreeMap<String, String>,
+    /// The code-interpreter API's contexts (namespaces in the guest), by id.
+    pub code_contexts: Mutex<BTreeMap<String, CodeContext>>,
+    /// Code-interpreter executions so far.
+    pub executions: AtomicUsize,
+    /// When it is removed whatever it is doing (E2B's timeout); `None`:
+    /// only its idle TTL ends it.
+    ends: Mutex<Option<SystemTime>>,
     last_used: Mutex<Instant>,
     /// Calls under way: a sandbox is never idle during one, however long
     /// it runs, so its TTL cannot end it mid-call.
@@ -46,6 +61,26 @@ pub struct SessionInfo {
     pub parent: Option<String>,
     pub ttl_seconds: f64,
     pub idle_seconds: f64,
+    /// `running`, or `paused` (on disk, without a VM; the next call resumes it).
+    #[serde(default = "running")]
+    pub state: String,
+}
+
+fn running() -> String {
+    "running".into()
+}
+
+impl SessionInfo {
+    pub fn paused(record: &crate::paused::PausedRecord) -> Self {
+        Self {
+            id: record.id.clone(),
+            template: record.template.clone(),
+            parent: record.parent.clone(),
+            ttl_seconds: record.ttl_seconds,
+            idle_seconds: 0.0,
+            state: "paused".into(),
+        }
+    }
 }
 
 impl Session {
@@ -56,15 +91,32 @@ impl Session {
             parent: self.parent.clone(),
             ttl_seconds: self.ttl.as_secs_f64(),
             idle_seconds: self.idle().as_secs_f64(),
+            state: running(),
         }
     }
 
     /// Time since the last call ended; zero while one runs.
-    fn idle(&self) -> Duration {
+    pub(crate) fn idle(&self) -> Duration {
         if self.calls.load(Ordering::Acquire) > 0 {
             return Duration::ZERO;
         }
         self.last_used.lock().map_or(Duration::ZERO, |t| t.elapsed())
+    }
+
+    pub fn ends(&self) -> Option<SystemTime> {
+        self.ends.lock().ok().and_then(|e| *e)
+    }
+
+    /// Ends the sandbox `after` from now instead of whenever it was to end.
+    pub fn end_after(&self, after: Duration) {
+        if let Ok(mut ends) = self.ends.lock() {
+            *ends = Some(SystemTime::now() + after);
+        }
+    }
+
+    /// Its TTL or its deadline has passed.
+    fn expired(&self) -> bool {
+        self.idle() > self.ttl || self.ends().is_some_and(|e| SystemTime::now() >= e)
     }
 
     fn touch(&self) {
@@ -116,6 +168,33 @@ fn gone(id: &str) -> ApiError {
     )
 }
 
+/// A context of the code-interpreter API: a namespace of its own in the
+/// guest (the agent's `run_cell`), with a language and working directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodeContext {
+    pub id: String,
+    pub language: String,
+    pub cwd: String,
+}
+
+/// What a new sandbox may be given besides its template and owner; the
+/// defaults suit a new sandbox of the zeroboot API.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOptions {
+    /// The sandbox it was forked from, if it was.
+    pub parent: Option<String>,
+    /// Working directory and environment of every call, under the call's own.
+    pub context: Context,
+    /// The id of a sandbox resumed from a pause; `None` makes a new one.
+    pub id: Option<String>,
+    pub access_token: Option<String>,
+    pub started: Option<SystemTime>,
+    pub alias: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub ends: Option<SystemTime>,
+    pub code_contexts: BTreeMap<String, CodeContext>,
+}
+
 pub struct Sessions {
     map: Mutex<HashMap<String, Arc<Session>>>,
     /// Per caller, sandboxes reserved but not registered yet, and their
@@ -146,6 +225,12 @@ impl Sessions {
         self.map
             .lock()
             .map_err(|_| ApiError::internal("sessions lock poisoned"))
+    }
+
+    /// A sandbox whatever its owner: the caller must prove it may use it
+    /// (its access token).
+    pub fn get_unchecked(&self, id: &str) -> Option<Arc<Session>> {
+        self.lock().ok()?.get(id).cloned()
     }
 
     pub fn get(&self, id: &str, caller: Caller) -> Result<Arc<Session>, ApiError> {
@@ -245,15 +330,24 @@ impl Sessions {
         &self,
         served: Arc<Served>,
         owner: Caller,
-        parent: Option<String>,
         ttl: Duration,
-        context: Context,
+        options: SessionOptions,
         make: impl FnOnce(&Served) -> Result<Sandbox, SandboxError> + Send + 'static,
     ) -> Result<Arc<Session>, ApiError> {
-        let id = format!("sbx_{}", crate::served::random_id());
+        let id = options
+            .id
+            .unwrap_or_else(|| format!("sbx_{}", crate::served::random_id()));
+        if self.lock()?.contains_key(&id) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "sandbox_exists",
+                format!("sandbox {id} is already running"),
+            ));
+        }
         let (jobs, inbox) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = oneshot::channel();
         let for_thread = served.clone();
+        let served_name = served.name.clone();
         std::thread::Builder::new()
             .name(format!("zeroboot-{id}"))
             .spawn(move || {
@@ -281,14 +375,32 @@ impl Sessions {
             id: id.clone(),
             served,
             owner,
-            parent,
+            parent: options.parent,
             ttl,
-            context,
+            context: options.context,
+            access_token: options
+                .access_token
+                .unwrap_or_else(|| format!("{}{}", crate::served::random_id(), crate::served::random_id())),
+            started: options.started.unwrap_or_else(SystemTime::now),
+            alias: options.alias.unwrap_or_else(|| served_name.clone()),
+            metadata: options.metadata,
+            code_contexts: Mutex::new(options.code_contexts),
+            executions: AtomicUsize::new(0),
+            ends: Mutex::new(options.ends),
             last_used: Mutex::new(Instant::now()),
             calls: AtomicUsize::new(0),
             jobs,
         });
-        self.lock()?.insert(id, session.clone());
+        let mut map = self.lock()?;
+        if map.contains_key(&id) {
+            // Two resumes of one paused sandbox: the first one in keeps it.
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "sandbox_exists",
+                format!("sandbox {id} is already running"),
+            ));
+        }
+        map.insert(id, session.clone());
         Ok(session)
     }
 
@@ -298,7 +410,7 @@ impl Sessions {
             return 0;
         };
         let before = map.len();
-        map.retain(|_, s| s.idle() <= s.ttl);
+        map.retain(|_, s| !s.expired());
         before - map.len()
     }
 }

@@ -12,6 +12,7 @@ use zeroboot_protocol::{Context, DEFAULT_OUTPUT_LIMIT, REQUEST_CAPACITY};
 use crate::auth::Auth;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::paused::PausedStore;
 use crate::served::Served;
 use crate::sessions::Sessions;
 
@@ -68,6 +69,7 @@ pub struct AppState {
     auth: Arc<Auth>,
     pub(crate) metrics: Metrics,
     pub(crate) sessions: Sessions,
+    pub(crate) paused: PausedStore,
 }
 
 impl AppState {
@@ -96,7 +98,14 @@ impl AppState {
             limits,
             auth: Arc::new(auth),
             metrics: Metrics::default(),
+            paused: PausedStore::default(),
         }
+    }
+
+    /// Where paused sandboxes are written (none: pausing is refused).
+    pub fn with_pause_dir(mut self, dir: Option<std::path::PathBuf>) -> Self {
+        self.paused = PausedStore::new(dir);
+        self
     }
 
     pub fn auth(&self) -> &Arc<Auth> {

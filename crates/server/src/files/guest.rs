@@ -30,21 +30,26 @@ pub(crate) struct GuestFiles {
 }
 
 impl GuestFiles {
-    pub fn open(state: &Arc<AppState>, caller: Caller, id: &str) -> Result<Self, ApiError> {
-        let session = state.sessions.get(id, caller)?;
+    pub async fn open(state: &Arc<AppState>, caller: Caller, id: &str) -> Result<Self, ApiError> {
+        Ok(Self::of(state, state.session(id, caller).await?))
+    }
+
+    /// The files of `session`, as its user.
+    pub fn of(state: &Arc<AppState>, session: Arc<Session>) -> Self {
+        let id = session.id.clone();
         let uid = if session.context.user.as_deref() == Some(ROOT) {
             0
         } else {
             USER_UID
         };
         let disk_bytes = session.served.template.snapshot().state.layout.disk_bytes;
-        Ok(Self {
+        Self {
             state: state.clone(),
             session,
-            id: id.to_string(),
+            id,
             uid,
             disk_bytes,
-        })
+        }
     }
 
     pub fn request(&self, op: FileOp, path: &str) -> FileRequest {

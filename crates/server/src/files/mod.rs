@@ -3,7 +3,7 @@
 //! agent's native half in every runtime, as the session's user; no code
 //! runs and the session's namespace is never touched.
 
-mod guest;
+pub(crate) mod guest;
 mod transfer;
 
 use std::sync::Arc;
@@ -31,7 +31,7 @@ const NOT_FILES: [&str; 3] = ["/proc", "/sys", "/dev"];
 
 /// A guest path from the URL: absolute, no NUL, no `.` or `..` component,
 /// not in a kernel filesystem. A trailing `/` is dropped.
-fn guest_path(path: &str) -> Result<String, ApiError> {
+pub(crate) fn guest_path(path: &str) -> Result<String, ApiError> {
     let trimmed = path.trim_matches('/');
     let path = format!("/{trimmed}");
     if path.contains('\0')
@@ -132,29 +132,40 @@ pub(crate) async fn put_file(
     body: Body,
 ) -> Result<StatusCode, ApiError> {
     let path = guest_path(&path)?;
-    let files = GuestFiles::open(&state, caller, &id)?;
+    let files = GuestFiles::open(&state, caller, &id).await?;
     let expected = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let staging = staging_path(&path);
-    let mut stream = body.into_data_stream();
-    let result = match transfer::upload(&files, &staging, &mut stream, expected).await {
+    write_file(&files, &path, &mut body.into_data_stream(), expected).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Writes the bytes of `stream` to `path` through a staging file beside it,
+/// which replaces `path` only once the whole body is written.
+pub(crate) async fn write_file<E: std::fmt::Display>(
+    files: &GuestFiles,
+    path: &str,
+    stream: &mut (impl tokio_stream::Stream<Item = Result<axum::body::Bytes, E>> + Unpin),
+    expected: Option<u64>,
+) -> Result<(), ApiError> {
+    let staging = staging_path(path);
+    let result = match transfer::upload(files, &staging, stream, expected).await {
         Ok(_) => {
             let mut rename = files.request(FileOp::Rename, &staging);
-            rename.target = path.clone();
+            rename.target = path.to_string();
             files.op(rename).await.map(|_| ())
         }
         Err(e) => Err(e),
     };
     if let Err(mut e) = result {
         let _ = files.op(files.request(FileOp::Remove, &staging)).await;
-        transfer::drain(&mut stream, DRAIN_LIMIT).await;
+        transfer::drain(stream, DRAIN_LIMIT).await;
         // The client named `path`, not the staging file.
-        e.message = e.message.replace(&staging, &path);
+        e.message = e.message.replace(&staging, path);
         return Err(e);
     }
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }
 
 /// Reads a file from the sandbox, streamed.
@@ -172,7 +183,12 @@ pub(crate) async fn get_file(
     Path((id, path)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let path = guest_path(&path)?;
-    let files = GuestFiles::open(&state, caller, &id)?;
+    let files = GuestFiles::open(&state, caller, &id).await?;
+    read_file(files, path).await
+}
+
+/// `path`'s bytes as a streamed response.
+pub(crate) async fn read_file(files: GuestFiles, path: String) -> Result<Response, ApiError> {
     let download = transfer::open_download(&files, &path).await?;
     let size = download.size;
     let (tx, rx) = tokio::sync::mpsc::channel(2);
@@ -202,7 +218,7 @@ pub(crate) async fn delete_file(
     Path((id, path)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let path = guest_path(&path)?;
-    let files = GuestFiles::open(&state, caller, &id)?;
+    let files = GuestFiles::open(&state, caller, &id).await?;
     let mut remove = files.request(FileOp::Remove, &path);
     remove.flags = RECURSIVE;
     files.op(remove).await?;
@@ -223,13 +239,17 @@ pub(crate) async fn stat_file(
     Path((id, path)): Path<(String, String)>,
 ) -> Result<Json<FileInfo>, ApiError> {
     let path = guest_path(&path)?;
-    let files = GuestFiles::open(&state, caller, &id)?;
+    let files = GuestFiles::open(&state, caller, &id).await?;
+    Ok(Json(stat(&files, path).await?))
+}
+
+pub(crate) async fn stat(files: &GuestFiles, path: String) -> Result<FileInfo, ApiError> {
     let data = files.op(files.request(FileOp::Stat, &path)).await?;
     let entry = wire::decode_entries(&data)
         .map_err(ApiError::internal)?
         .pop()
         .ok_or_else(|| ApiError::internal("the guest's stat reply is empty"))?;
-    Ok(Json(FileInfo::new(entry, path)))
+    Ok(FileInfo::new(entry, path))
 }
 
 /// A directory's entries.
@@ -266,8 +286,14 @@ pub(crate) async fn list_root(
 
 async fn listing(state: &Arc<AppState>, caller: Caller, id: &str, path: &str) -> Result<Json<Listing>, ApiError> {
     let path = guest_path(path)?;
-    let files = GuestFiles::open(state, caller, id)?;
-    let mut entries: Vec<FileInfo> = transfer::list(&files, &path)
+    let files = GuestFiles::open(state, caller, id).await?;
+    let entries = list(&files, &path).await?;
+    Ok(Json(Listing { path, entries }))
+}
+
+/// The entries of directory `path`, sorted by name.
+pub(crate) async fn list(files: &GuestFiles, path: &str) -> Result<Vec<FileInfo>, ApiError> {
+    let mut entries: Vec<FileInfo> = transfer::list(files, path)
         .await?
         .into_iter()
         .map(|e| {
@@ -276,7 +302,7 @@ async fn listing(state: &Arc<AppState>, caller: Caller, id: &str, path: &str) ->
         })
         .collect();
     entries.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Json(Listing { path, entries }))
+    Ok(entries)
 }
 
 /// Makes a directory and its parents; an existing one is fine.
@@ -293,7 +319,7 @@ pub(crate) async fn make_dir(
     Path((id, path)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let path = guest_path(&path)?;
-    let files = GuestFiles::open(&state, caller, &id)?;
+    let files = GuestFiles::open(&state, caller, &id).await?;
     let mut mkdir = files.request(FileOp::MakeDir, &path);
     mkdir.flags = PARENTS;
     let reply = files.try_op(mkdir).await?;
@@ -326,7 +352,7 @@ pub(crate) async fn rename(
 ) -> Result<StatusCode, ApiError> {
     let from = guest_path(&req.from)?;
     let to = guest_path(&req.to)?;
-    let files = GuestFiles::open(&state, caller, &id)?;
+    let files = GuestFiles::open(&state, caller, &id).await?;
     let mut rename = files.request(FileOp::Rename, &from);
     rename.target = to;
     rename.flags = PARENTS;

@@ -8,9 +8,9 @@
 //! (/tmp, the root image) the guest reads and writes them itself, a
 //! mailbox-sized piece per request.
 
-use axum::body::{BodyDataStream, Bytes};
+use axum::body::Bytes;
 use axum::http::StatusCode;
-use tokio_stream::StreamExt;
+use tokio_stream::{Stream, StreamExt};
 use zeroboot_protocol::files::{self, decode_map, FileMap, FileOp, PARENTS, TRUNCATE};
 
 use super::guest::{errno_error, GuestFiles};
@@ -36,10 +36,10 @@ enum Sink {
 /// Writes the body in `stream` to `path` (created, with its parent directories, or
 /// emptied) and sets its size. `expected` is the body's length, when the
 /// client said it. Returns the bytes written.
-pub(crate) async fn upload(
+pub(crate) async fn upload<E: std::fmt::Display>(
     files: &GuestFiles,
     path: &str,
-    stream: &mut BodyDataStream,
+    stream: &mut (impl Stream<Item = Result<Bytes, E>> + Unpin),
     expected: Option<u64>,
 ) -> Result<u64, ApiError> {
     // Created (or emptied) with the first window mapped when the client
@@ -315,6 +315,6 @@ const MAX_ENTRIES: usize = 100_000;
 /// Reads what is left of a body the server will not use, for at most
 /// `within`: a client that is still sending then reads the error response
 /// instead of a broken pipe.
-pub(crate) async fn drain(stream: &mut BodyDataStream, within: std::time::Duration) {
+pub(crate) async fn drain<E>(stream: &mut (impl Stream<Item = Result<Bytes, E>> + Unpin), within: std::time::Duration) {
     let _ = tokio::time::timeout(within, async { while let Some(Ok(_)) = stream.next().await {} }).await;
 }

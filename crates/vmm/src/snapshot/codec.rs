@@ -27,10 +27,12 @@ pub enum CodecError {
     TooShort(usize),
     #[error("not a zeroboot snapshot (bad magic)")]
     BadMagic,
-    #[error("snapshot format version {found}, this zeroboot reads version {FORMAT_VERSION}: rebuild the template")]
-    Version { found: u32 },
-    #[error("payload claims {0} bytes, more than the {MAX_PAYLOAD}-byte limit")]
-    TooLarge(u64),
+    #[error(
+        "format version {found}, this zeroboot reads version {reads}: made by another zeroboot (rebuild the template)"
+    )]
+    Version { found: u32, reads: u32 },
+    #[error("payload claims {found} bytes, more than the {limit}-byte limit")]
+    TooLarge { found: u64, limit: u64 },
     #[error("payload is {actual} bytes but the header says {expected}: truncated")]
     Truncated { expected: u64, actual: u64 },
     #[error("checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): the file is corrupt")]
@@ -41,45 +43,73 @@ pub enum CodecError {
     Encode(String),
 }
 
-fn options() -> impl Options {
+fn options(limit: u64) -> impl Options {
     bincode::DefaultOptions::new()
         .with_fixint_encoding()
         .with_little_endian()
         .reject_trailing_bytes()
-        .with_limit(MAX_PAYLOAD)
+        .with_limit(limit)
 }
 
+/// A container's header and limits: the state file's, or another file in
+/// the same shape (a paused sandbox's, [`super::live`]).
+pub(crate) struct Container {
+    pub magic: [u8; 8],
+    pub version: u32,
+    pub max_payload: u64,
+}
+
+pub(crate) const STATE: Container = Container {
+    magic: MAGIC,
+    version: FORMAT_VERSION,
+    max_payload: MAX_PAYLOAD,
+};
+
 pub fn encode(state: &MachineState) -> Result<Vec<u8>, CodecError> {
-    let payload = options()
-        .serialize(state)
+    encode_in(&STATE, state)
+}
+
+pub fn decode(bytes: &[u8]) -> Result<MachineState, CodecError> {
+    decode_in(&STATE, bytes)
+}
+
+pub(crate) fn encode_in<T: serde::Serialize>(container: &Container, value: &T) -> Result<Vec<u8>, CodecError> {
+    let payload = options(container.max_payload)
+        .serialize(value)
         .map_err(|e| CodecError::Encode(e.to_string()))?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&container.magic);
+    out.extend_from_slice(&container.version.to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(&payload);
     Ok(out)
 }
 
-pub fn decode(bytes: &[u8]) -> Result<MachineState, CodecError> {
+pub(crate) fn decode_in<T: serde::de::DeserializeOwned>(container: &Container, bytes: &[u8]) -> Result<T, CodecError> {
     if bytes.len() < HEADER_LEN {
         return Err(CodecError::TooShort(bytes.len()));
     }
-    if bytes[..8] != MAGIC {
+    if bytes[..8] != container.magic {
         return Err(CodecError::BadMagic);
     }
     let word = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
     let version = word(8);
-    if version != FORMAT_VERSION {
-        return Err(CodecError::Version { found: version });
+    if version != container.version {
+        return Err(CodecError::Version {
+            found: version,
+            reads: container.version,
+        });
     }
     let stored = word(12);
     let mut len = [0u8; 8];
     len.copy_from_slice(&bytes[16..24]);
     let expected = u64::from_le_bytes(len);
-    if expected > MAX_PAYLOAD {
-        return Err(CodecError::TooLarge(expected));
+    if expected > container.max_payload {
+        return Err(CodecError::TooLarge {
+            found: expected,
+            limit: container.max_payload,
+        });
     }
     let payload = &bytes[HEADER_LEN..];
     if payload.len() as u64 != expected {
@@ -92,7 +122,7 @@ pub fn decode(bytes: &[u8]) -> Result<MachineState, CodecError> {
     if computed != stored {
         return Err(CodecError::Checksum { stored, computed });
     }
-    options()
+    options(container.max_payload)
         .deserialize(payload)
         .map_err(|e| CodecError::Decode(e.to_string()))
 }

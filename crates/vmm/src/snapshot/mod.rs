@@ -2,6 +2,7 @@
 //! `memory.bin` (guest memory, a sparse file mapped `MAP_PRIVATE` by forks).
 
 pub mod codec;
+pub mod live;
 pub mod state;
 
 use crate::memory::HUGE_PAGE_SIZE;
@@ -280,7 +281,10 @@ pub(crate) mod tests {
         assert!(matches!(codec::decode(&bad), Err(CodecError::BadMagic)));
         let mut bad = good.clone();
         bad[8] = 99;
-        assert!(matches!(codec::decode(&bad), Err(CodecError::Version { found: 99 })));
+        assert!(matches!(
+            codec::decode(&bad),
+            Err(CodecError::Version { found: 99, .. })
+        ));
         let mut bad = good.clone();
         let last = bad.len() - 1;
         bad[last] ^= 0xff;
@@ -291,7 +295,7 @@ pub(crate) mod tests {
         ));
         let mut bad = good.clone();
         bad[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(codec::decode(&bad), Err(CodecError::TooLarge(_))));
+        assert!(matches!(codec::decode(&bad), Err(CodecError::TooLarge { .. })));
     }
 
     #[test]
