@@ -258,6 +258,50 @@ impl Server {
 }
 
 impl Server {
+    /// Sends `method path` with these headers and body, as they are.
+    pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+        let url = format!("{}{path}", self.url);
+        let result = match method {
+            "GET" | "DELETE" => {
+                let mut req = if method == "GET" {
+                    self.agent.get(&url)
+                } else {
+                    self.agent.delete(&url)
+                };
+                for (name, value) in headers {
+                    req = req.header(*name, *value);
+                }
+                req.call()
+            }
+            _ => {
+                let mut req = self.agent.post(&url);
+                for (name, value) in headers {
+                    req = req.header(*name, *value);
+                }
+                req.send(body)
+            }
+        };
+        let mut response = result.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(256 << 20)
+            .read_to_vec()
+            .expect("response body");
+        Reply {
+            status,
+            retry_after,
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+            bytes,
+        }
+    }
+
     /// GETs `path`; returns the status and the body as a reader, for bodies
     /// too large to hold twice.
     pub fn get_reader(&self, path: &str) -> (u16, impl std::io::Read) {
