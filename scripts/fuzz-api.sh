@@ -14,9 +14,11 @@ if ! "$venv/bin/st" --version 2>/dev/null | grep -q "$version"; then
   "$venv/bin/pip" install --quiet "schemathesis==$version"
 fi
 log=$(mktemp)
-target/release/zeroboot serve --listen 127.0.0.1:0 >"$log" 2>&1 &
+# Sandboxes it pauses go to a directory of its own, removed at the end.
+paused=$(mktemp -d)
+target/release/zeroboot serve --listen 127.0.0.1:0 --pause-dir "$paused" >"$log" 2>&1 &
 server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -f "$log"' EXIT
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$log" "$paused"' EXIT
 url=""
 for _ in $(seq 1 300); do
   url=$(sed -n 's/^zeroboot: listening on //p' "$log")

@@ -19,6 +19,13 @@ target/sdk-venv/bin/python -m unittest discover -s sdk/python/tests -v
 # The TypeScript SDK: built with its locked dev dependencies, tested with
 # node's test runner against a real `zeroboot serve`.
 (cd sdk/typescript && npm ci --no-audit --no-fund --silent && npm run --silent build && npm test)
+# E2B's own SDKs, unmodified and pinned (tests/e2b), from PyPI and npm,
+# against a real `zeroboot serve` with the python and code-interpreter
+# templates (the tests start one, and restart it once).
+python3 -m venv target/e2b-venv
+target/e2b-venv/bin/pip install --quiet -r tests/e2b/requirements.txt
+target/e2b-venv/bin/python -m unittest discover -s tests/e2b -p 'test_*.py' -v
+(cd tests/e2b && npm ci --no-audit --no-fund --silent && npm test)
 # API fuzzing with schemathesis against a real server: no 5xx allowed.
 ./scripts/fuzz-api.sh 200
 # Soak, shortened (the full run is scripts/soak.py with its defaults):

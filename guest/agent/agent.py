@@ -967,6 +967,7 @@ def run_cell(code, context=None):
     which plain requests share). An exception becomes an `error` result
     (name, value and traceback, without this frame) and exit code 1,
     instead of a traceback on stderr."""
+    import linecache
     import traceback
 
     if context is None:
@@ -975,6 +976,8 @@ def run_cell(code, context=None):
         namespace = CELL_CONTEXTS.setdefault(context, fresh_namespace())
     try:
         body, last = compile_cell(code)
+        # The cell's own lines in its traceback, as a notebook shows them.
+        linecache.cache["<string>"] = (len(code), None, code.splitlines(True), "<string>")
         exec(body, namespace)
         if last is not None:
             displayhook(eval(last, namespace))

@@ -121,6 +121,22 @@ class SyncTests(unittest.TestCase):
             s.exec("1")
         self.assertEqual(caught.exception.status, 404)
 
+    def test_pause_and_attach_by_id(self):
+        sb = client()
+        s = sb.session()
+        s.exec("kept = 'yes'")
+        self.assertEqual(s.pause().state, "paused")
+        self.assertEqual({i.id: i.state for i in sb.sessions()}[s.id], "paused")
+        # Another client, by id alone: its first call resumes the sandbox.
+        attached = client().attach(s.id)
+        self.assertEqual(attached.info.state, "paused")
+        self.assertEqual(attached.exec("print(kept)").stdout, "yes\n")
+        self.assertEqual(client().attach(s.id).info.state, "running")
+        attached.close()
+        with self.assertRaises(ZerobootError) as caught:
+            client().attach(s.id)
+        self.assertEqual(caught.exception.status, 404)
+
 
 class AsyncTests(unittest.TestCase):
     def test_async_surface(self):
@@ -135,6 +151,9 @@ class AsyncTests(unittest.TestCase):
                 (child,) = await s.fork()
                 self.assertEqual((await child.exec("print(y * 21)")).stdout, "42\n")
                 await child.close()
+                await s.pause()
+                again = await sb.attach(s.id)
+                self.assertEqual((await again.exec("print(y)")).stdout, "2\n")
 
         asyncio.run(main())
 

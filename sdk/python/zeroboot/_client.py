@@ -71,6 +71,9 @@ class SandboxInfo:
     parent: Optional[str]
     ttl_seconds: float
     idle_seconds: float
+    # "running", or "paused": on the server's disk, without a VM; the next
+    # call resumes it.
+    state: str = "running"
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "SandboxInfo":
@@ -270,6 +273,12 @@ class Sandbox:
     def sessions(self) -> List[SandboxInfo]:
         return [SandboxInfo.from_json(s) for s in self._http.json("GET", "/v1/sandboxes")["sandboxes"]]
 
+    def attach(self, sandbox_id: str) -> "Session":
+        """The existing long-lived sandbox `sandbox_id` (running or paused),
+        made by this client or another, perhaps before the server restarted."""
+        info = SandboxInfo.from_json(self._http.json("GET", f"/v1/sandboxes/{sandbox_id}"))
+        return Session(self._http, info)
+
     def health(self) -> Dict[str, Any]:
         return self._http.json("GET", "/v1/health")
 
@@ -288,6 +297,13 @@ class Session:
              user: Optional[str] = None) -> ExecResult:
         body = _with_context({"code": code, "timeout_seconds": timeout_seconds, "stdin": stdin}, env, cwd, user)
         return ExecResult.from_json(self._http.json("POST", f"/v1/sandboxes/{self.id}/exec", body))
+
+    def pause(self) -> SandboxInfo:
+        """Saves the sandbox to the server's disk (what it changed since its
+        template) and frees its VM; the next call resumes it, also in a
+        restarted server."""
+        self.info = SandboxInfo.from_json(self._http.json("POST", f"/v1/sandboxes/{self.id}/pause"))
+        return self.info
 
     def fork(self, count: int = 1) -> List["Session"]:
         """New sessions that start from this one's current state."""
@@ -382,6 +398,9 @@ class AsyncSandbox:
     async def sessions(self) -> List[SandboxInfo]:
         return await asyncio.to_thread(self._sync.sessions)
 
+    async def attach(self, sandbox_id: str) -> "AsyncSession":
+        return AsyncSession(await asyncio.to_thread(self._sync.attach, sandbox_id))
+
     async def health(self) -> Dict[str, Any]:
         return await asyncio.to_thread(self._sync.health)
 
@@ -394,6 +413,9 @@ class AsyncSession:
 
     async def exec(self, code: str, **kwargs: Any) -> ExecResult:
         return await asyncio.to_thread(self._sync.exec, code, **kwargs)
+
+    async def pause(self) -> SandboxInfo:
+        return await asyncio.to_thread(self._sync.pause)
 
     async def fork(self, count: int = 1) -> List["AsyncSession"]:
         return [AsyncSession(s) for s in await asyncio.to_thread(self._sync.fork, count)]

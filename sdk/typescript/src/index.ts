@@ -54,6 +54,8 @@ export interface SandboxInfo {
   parent: string | null;
   ttl_seconds: number;
   idle_seconds: number;
+  /** `running`, or `paused`: on the server's disk, without a VM; the next call resumes it. */
+  state: "running" | "paused";
 }
 
 /** Where code runs and what environment it sees. */
@@ -219,6 +221,14 @@ export class Sandbox {
     return (await this.http.json<{ sandboxes: SandboxInfo[] }>("GET", "/v1/sandboxes")).sandboxes;
   }
 
+  /**
+   * The existing long-lived sandbox `id` (running or paused), made by this
+   * client or another, perhaps before the server restarted.
+   */
+  async attach(id: string): Promise<Session> {
+    return new Session(this.http, await this.http.json<SandboxInfo>("GET", `/v1/sandboxes/${encodeURIComponent(id)}`));
+  }
+
   health(): Promise<unknown> {
     return this.http.json("GET", "/v1/health");
   }
@@ -230,9 +240,19 @@ export class Session {
 
   constructor(
     private http: Http,
-    readonly info: SandboxInfo,
+    public info: SandboxInfo,
   ) {
     this.id = info.id;
+  }
+
+  /**
+   * Saves the sandbox to the server's disk (what it changed since its
+   * template) and frees its VM; the next call resumes it, also in a
+   * restarted server.
+   */
+  async pause(): Promise<SandboxInfo> {
+    this.info = await this.http.json<SandboxInfo>("POST", `/v1/sandboxes/${this.id}/pause`);
+    return this.info;
   }
 
   exec(code: string, options: { timeoutSeconds?: number; stdin?: string } & ContextOptions = {}): Promise<ExecResult> {

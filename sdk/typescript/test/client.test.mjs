@@ -114,3 +114,16 @@ test("sessions keep state, fork and move files", async () => {
   await s.close();
   await assert.rejects(s.exec("1"), (e) => e.status === 404);
 });
+
+test("a paused sandbox is attached by id and resumed by its next call", async () => {
+  const sb = new Sandbox({ url });
+  const s = await sb.session();
+  await s.exec("kept = 'yes'");
+  assert.equal((await s.pause()).state, "paused");
+  const attached = await new Sandbox({ url }).attach(s.id);
+  assert.equal(attached.info.state, "paused");
+  assert.equal((await attached.exec("print(kept)")).stdout, "yes\n");
+  assert.equal((await sb.attach(s.id)).info.state, "running");
+  await attached.close();
+  await assert.rejects(sb.attach(s.id), (e) => e.status === 404);
+});

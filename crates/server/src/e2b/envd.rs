@@ -99,6 +99,19 @@ pub(crate) async fn write_files(
     request: Request,
 ) -> Result<Json<Vec<Value>>, E2bError> {
     let headers = request.headers().clone();
+    if let Some(encoding) = headers.get(header::CONTENT_ENCODING) {
+        if encoding.as_bytes() != b"identity" {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_encoding",
+                format!(
+                    "Content-Encoding {}: uploads are taken uncompressed",
+                    String::from_utf8_lossy(encoding.as_bytes())
+                ),
+            )
+            .into());
+        }
+    }
     let user = user_of(query.username.as_ref(), &headers)?;
     let files = files_as(&state, &call, user.as_deref());
     let content_type = headers

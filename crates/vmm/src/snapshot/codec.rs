@@ -122,7 +122,8 @@ pub(crate) fn decode_in<T: serde::de::DeserializeOwned>(container: &Container, b
     if computed != stored {
         return Err(CodecError::Checksum { stored, computed });
     }
-    options(container.max_payload)
+    // Nothing in the payload can claim more than the payload holds.
+    options(expected)
         .deserialize(payload)
         .map_err(|e| CodecError::Decode(e.to_string()))
 }

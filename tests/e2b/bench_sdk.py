@@ -1,0 +1,70 @@
+"""Times E2B's Python SDK against zeroboot: `Sandbox.create()` plus a first
+`run_code("1 + 1")`, as a user of `e2b-code-interpreter` sees it, then the
+same sandbox's next `run_code`, and `kill()`. Starts its own server.
+
+    target/e2b-venv/bin/python tests/e2b/bench_sdk.py [--runs 50]
+
+Prints the machine (as `zeroboot bench` does) and medians and p90s in ms.
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--template", default="code-interpreter-v1")
+    args = parser.parse_args()
+    binary = os.environ.get("ZEROBOOT_BIN", str(REPO / "target" / "release" / "zeroboot"))
+    paused = tempfile.mkdtemp(prefix="zeroboot-e2b-bench-")
+    server = subprocess.Popen(
+        [binary, "serve", "--listen", "127.0.0.1:0", "--template", "python", "--template", "code-interpreter",
+         "--pause-dir", paused],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        for line in server.stdout:
+            if line.startswith("zeroboot: listening on "):
+                url = line.split()[-1]
+                break
+        else:
+            raise SystemExit("zeroboot serve exited before listening")
+        os.environ.update(E2B_API_KEY="any-key", E2B_API_URL=url, E2B_SANDBOX_URL=url)
+        from e2b_code_interpreter import Sandbox
+
+        model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+        print(f"machine: {model}, {os.cpu_count()} cores")
+        first, second, kill = [], [], []
+        for i in range(args.runs + 3):
+            t0 = time.perf_counter()
+            sbx = Sandbox.create(template=args.template)
+            assert sbx.run_code("1 + 1").text == "2"
+            t1 = time.perf_counter()
+            assert sbx.run_code("2 + 2").text == "4"
+            t2 = time.perf_counter()
+            sbx.kill()
+            t3 = time.perf_counter()
+            if i >= 3:  # the first few fill the server's pools
+                first.append((t1 - t0) * 1e3)
+                second.append((t2 - t1) * 1e3)
+                kill.append((t3 - t2) * 1e3)
+            time.sleep(0.05)
+        for name, values in [("create + first run_code", first), ("next run_code", second), ("kill", kill)]:
+            values.sort()
+            p90 = values[int(len(values) * 0.9) - 1]
+            print(f"{name:>24}: median {statistics.median(values):6.2f} ms, p90 {p90:6.2f} ms ({len(values)} runs)")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        subprocess.run(["rm", "-rf", paused], check=False)
+
+
+if __name__ == "__main__":
+    main()
