@@ -91,10 +91,22 @@ impl PausedStore {
         if !plain_id(&record.id) {
             return Err(ApiError::internal("a sandbox id that cannot name a directory"));
         }
-        std::fs::create_dir_all(dir).map_err(|e| io_error("creating", dir, e))?;
+        // Only the server's user may read them: they hold the sandbox's
+        // memory and its access token.
+        let private = || {
+            let mut builder = std::fs::DirBuilder::new();
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+            builder
+        };
+        private()
+            .recursive(true)
+            .create(dir)
+            .map_err(|e| io_error("creating", dir, e))?;
         let staging = dir.join(format!(".staging-{}", record.id));
         let _ = std::fs::remove_dir_all(&staging);
-        std::fs::create_dir(&staging).map_err(|e| io_error("creating", &staging, e))?;
+        private()
+            .create(&staging)
+            .map_err(|e| io_error("creating", &staging, e))?;
         let written = (|| {
             live::write(&staging.join(MEMORY), live).map_err(ApiError::internal)?;
             let json = serde_json::to_vec_pretty(record).map_err(ApiError::internal)?;
