@@ -29,7 +29,11 @@ impl AppState {
         match self.sessions.get(id, caller) {
             Ok(session) => Ok(session),
             Err(e) if e.status == StatusCode::NOT_FOUND => match self.paused_of(id, caller)? {
-                Some(_) => self.resume(id, caller).await,
+                Some(_) => match self.resume(id, caller).await {
+                    // Another call resumed it first: use that one.
+                    Err(e) if e.code == "sandbox_exists" => self.sessions.get(id, caller),
+                    resumed => resumed,
+                },
                 None => Err(e),
             },
             Err(e) => Err(e),

@@ -221,7 +221,7 @@ pub(crate) async fn connect(
     let wanted = body.map(|Json(t)| t.timeout).unwrap_or_default();
     let (status, session) = match state.sessions.get(&id, caller) {
         Ok(session) => (StatusCode::OK, session),
-        Err(_) if state.paused_of(&id, caller)?.is_some() => (StatusCode::CREATED, state.resume(&id, caller).await?),
+        Err(_) if state.paused_of(&id, caller)?.is_some() => (StatusCode::CREATED, state.session(&id, caller).await?),
         Err(_) => return Err(not_found(&id)),
     };
     if wanted.is_some() || session.ends().is_none() {
