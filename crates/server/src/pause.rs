@@ -192,5 +192,5 @@ pub(crate) async fn pause_sandbox(
     Path(id): Path<String>,
 ) -> Result<axum::Json<crate::sessions::SessionInfo>, ApiError> {
     let record = state.pause(&id, caller).await?;
-    Ok(axum::Json(crate::sessions::SessionInfo::paused(&record)))
+    Ok(axum::Json(record.info()))
 }

@@ -20,6 +20,7 @@ use zeroboot_vmm::snapshot::{live, SnapshotError};
 use zeroboot_vmm::LiveSnapshot;
 
 use crate::error::ApiError;
+use crate::sessions::{CodeContext, SessionInfo};
 
 const RECORD: &str = "sandbox.json";
 const MEMORY: &str = "memory.zblive";
@@ -52,7 +53,21 @@ pub struct PausedRecord {
     /// Guest memory it had changed, in bytes (the size of what was saved).
     pub changed_bytes: u64,
     #[serde(default)]
-    pub code_contexts: BTreeMap<String, crate::sessions::CodeContext>,
+    pub code_contexts: BTreeMap<String, CodeContext>,
+}
+
+impl PausedRecord {
+    /// How `/v1/sandboxes` shows it.
+    pub fn info(&self) -> SessionInfo {
+        SessionInfo {
+            id: self.id.clone(),
+            template: self.template.clone(),
+            parent: self.parent.clone(),
+            ttl_seconds: self.ttl_seconds,
+            idle_seconds: 0.0,
+            state: "paused".into(),
+        }
+    }
 }
 
 /// The pause directory, or none (pausing is then refused).

@@ -130,7 +130,7 @@ pub(crate) async fn list_sandboxes(
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<SandboxList>, ApiError> {
     let mut sandboxes = state.sessions.list(caller)?;
-    sandboxes.extend(state.paused_list(caller).iter().map(SessionInfo::paused));
+    sandboxes.extend(state.paused_list(caller).iter().map(crate::paused::PausedRecord::info));
     sandboxes.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(Json(SandboxList { sandboxes }))
 }
@@ -150,7 +150,7 @@ pub(crate) async fn get_sandbox(
     match state.sessions.get(&id, caller) {
         Ok(session) => Ok(Json(session.info())),
         Err(e) => match state.paused_of(&id, caller)? {
-            Some(record) => Ok(Json(SessionInfo::paused(&record))),
+            Some(record) => Ok(Json(record.info())),
             None => Err(e),
         },
     }

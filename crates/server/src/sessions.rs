@@ -66,21 +66,8 @@ pub struct SessionInfo {
     pub state: String,
 }
 
-fn running() -> String {
+pub(crate) fn running() -> String {
     "running".into()
-}
-
-impl SessionInfo {
-    pub fn paused(record: &crate::paused::PausedRecord) -> Self {
-        Self {
-            id: record.id.clone(),
-            template: record.template.clone(),
-            parent: record.parent.clone(),
-            ttl_seconds: record.ttl_seconds,
-            idle_seconds: 0.0,
-            state: "paused".into(),
-        }
-    }
 }
 
 impl Session {

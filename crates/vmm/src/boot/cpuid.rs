@@ -50,9 +50,69 @@ pub fn filter(supported: &[kvm_cpuid_entry2], apic_id: u8) -> Vec<kvm_cpuid_entr
     out
 }
 
+/// Feature registers a snapshot's guest may have relied on: (leaf, subleaf,
+/// register name, bits that change at run time and say nothing of the CPU).
+const FEATURE_REGISTERS: [(u32, u32, &str, u32); 9] = [
+    // OSXSAVE follows the guest's CR4.
+    (0x1, 0, "ecx", 1 << 27),
+    (0x1, 0, "edx", 0),
+    (0x7, 0, "ebx", 0),
+    // OSPKE follows the guest's CR4.
+    (0x7, 0, "ecx", 1 << 4),
+    (0x7, 0, "edx", 0),
+    (0x7, 1, "eax", 0),
+    (0xd, 1, "eax", 0),
+    (0x8000_0001, 0, "ecx", 0),
+    (0x8000_0001, 0, "edx", 0),
+];
+
+fn register(entry: &kvm_cpuid_entry2, name: &str) -> u32 {
+    match name {
+        "eax" => entry.eax,
+        "ebx" => entry.ebx,
+        "ecx" => entry.ecx,
+        _ => entry.edx,
+    }
+}
+
+/// The CPU features a snapshot's table (`saved`) has that this host's
+/// (`host`, as [`filter`] makes it) lacks, one line per register:
+/// code restored from the snapshot may already have chosen to use them
+/// (numpy picks its kernels when it is imported).
+pub fn missing_features(saved: &[kvm_cpuid_entry2], host: &[kvm_cpuid_entry2]) -> Vec<String> {
+    let find = |table: &[kvm_cpuid_entry2], leaf: u32, sub: u32| {
+        table.iter().find(|e| e.function == leaf && e.index == sub).copied()
+    };
+    let mut missing = Vec::new();
+    for (leaf, sub, name, dynamic) in FEATURE_REGISTERS {
+        let Some(saved) = find(saved, leaf, sub) else { continue };
+        let had = register(&saved, name) & !dynamic;
+        let has = find(host, leaf, sub).map_or(0, |e| register(&e, name));
+        let lacking = had & !has;
+        if lacking != 0 {
+            missing.push(format!("CPUID leaf {leaf:#x}.{sub} {name} bits {lacking:#010x}"));
+        }
+    }
+    missing
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn features_the_host_lacks_are_named_and_run_time_bits_are_not() {
+        let saved = [
+            entry(0x7, 0, 1 << 16 | 1 << 5, 1 << 4, 0),
+            entry(0x1, 0, 0, 1 << 27 | 1, 0),
+        ];
+        let host = [entry(0x7, 0, 1 << 5, 0, 0), entry(0x1, 0, 0, 1, 0)];
+        assert_eq!(
+            missing_features(&saved, &host),
+            ["CPUID leaf 0x7.0 ebx bits 0x00010000"]
+        );
+        assert!(missing_features(&saved, &saved).is_empty());
+    }
 
     fn entry(function: u32, index: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {
