@@ -83,6 +83,24 @@ enum TemplateCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Write a template as one archive (its files' data, checksummed), to
+    /// ship it to hosts that then need not build it.
+    Export {
+        name: String,
+        /// The archive to write, or - for standard output.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// Install a template from an archive `export` wrote, replacing one of
+    /// the same name; refused, leaving nothing, if the archive is damaged or
+    /// this host cannot run it.
+    Import {
+        /// The archive, or - for standard input.
+        file: PathBuf,
+        /// Install it under this name instead of the one it carries.
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// List templates.
     Ls,
     /// Print a summary of a template's saved machine state.
@@ -223,6 +241,8 @@ fn template_command(cmd: TemplateCommand) -> Result<()> {
             }
         }
         TemplateCommand::Inspect { name } => inspect(&cache, &name)?,
+        TemplateCommand::Export { name, output } => export(&cache, &name, &output)?,
+        TemplateCommand::Import { file, name } => import(&cache, &file, name.as_deref())?,
     }
     Ok(())
 }
@@ -249,6 +269,60 @@ fn build(cache: &Cache, spec: &TemplateSpec, force: bool) -> Result<PathBuf> {
     }
     println!("{}", dir.display());
     Ok(dir)
+}
+
+fn export(cache: &Cache, name: &str, output: &std::path::Path) -> Result<()> {
+    let started = Instant::now();
+    let exported = if output.as_os_str() == "-" {
+        zeroboot_template::archive::export(cache, name, std::io::BufWriter::new(std::io::stdout().lock()))?
+    } else {
+        // Written beside the target and renamed: a failed export leaves no
+        // file that looks whole.
+        let partial = output.with_extension("partial");
+        let file = std::fs::File::create(&partial).with_context(|| format!("creating {}", partial.display()))?;
+        let exported = zeroboot_template::archive::export(cache, name, std::io::BufWriter::new(file));
+        match exported {
+            Ok(e) => {
+                std::fs::rename(&partial, output).with_context(|| format!("writing {}", output.display()))?;
+                e
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(e.into());
+            }
+        }
+    };
+    eprintln!(
+        "template {name:?} exported: {} MiB in {:.1}s, sha256 {}",
+        exported.bytes >> 20,
+        started.elapsed().as_secs_f64(),
+        exported.sha256
+    );
+    Ok(())
+}
+
+fn import(cache: &Cache, file: &std::path::Path, name: Option<&str>) -> Result<()> {
+    let started = Instant::now();
+    let hv = Hypervisor::open()?;
+    let host = zeroboot_template::archive::Host {
+        cpu_vendor: zeroboot_vmm::machine::cpu_vendor(&hv),
+        cpuid: zeroboot_vmm::boot::cpuid::host_features(hv.supported_cpuid()),
+    };
+    let imported = if file.as_os_str() == "-" {
+        zeroboot_template::archive::import(cache, &host, std::io::BufReader::new(std::io::stdin().lock()), name)?
+    } else {
+        let input = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+        zeroboot_template::archive::import(cache, &host, std::io::BufReader::with_capacity(1 << 20, input), name)?
+    };
+    eprintln!(
+        "template {:?} imported: {} MiB in {:.1}s, sha256 {}",
+        imported.name,
+        imported.bytes >> 20,
+        started.elapsed().as_secs_f64(),
+        imported.sha256
+    );
+    println!("{}", imported.dir.display());
+    Ok(())
 }
 
 fn inspect(cache: &Cache, name: &str) -> Result<()> {

@@ -1,6 +1,7 @@
 //! Building zeroboot templates: the guest artifacts (kernel, root image),
 //! cached by content hash, and the boot-to-snapshot that makes a template.
 
+pub mod archive;
 pub mod artifacts;
 pub mod build;
 pub mod cache;

@@ -143,12 +143,36 @@ impl Staging {
         Ok(())
     }
 
-    /// Replaces the template with what was written.
+    /// Replaces the template with what was written, in one step: a server
+    /// that opens the template meanwhile gets the old one or the new one,
+    /// whole (`renameat2` with `RENAME_EXCHANGE` swaps the two directories;
+    /// the old one is removed after).
     pub fn commit(self) -> Result<PathBuf, TemplateError> {
-        if self.dir.exists() {
-            std::fs::remove_dir_all(&self.dir).map_err(io_err(&self.dir))?;
+        if !self.dir.exists() {
+            std::fs::rename(&self.path, &self.dir).map_err(io_err(&self.dir))?;
+            return Ok(self.dir);
         }
-        std::fs::rename(&self.path, &self.dir).map_err(io_err(&self.dir))?;
+        let c = |p: &Path| {
+            std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+                .map_err(|_| io_err(p)(std::io::ErrorKind::InvalidInput.into()))
+        };
+        let (new, old) = (c(&self.path)?, c(&self.dir)?);
+        // SAFETY: two NUL-terminated paths that outlive the call; AT_FDCWD
+        // resolves them as `rename` would.
+        let swapped = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                new.as_ptr(),
+                libc::AT_FDCWD,
+                old.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        if swapped != 0 {
+            return Err(io_err(&self.dir)(std::io::Error::last_os_error()).into());
+        }
+        // The staging path now holds the old template.
+        std::fs::remove_dir_all(&self.path).map_err(io_err(&self.path))?;
         Ok(self.dir)
     }
 

@@ -5,7 +5,7 @@
 //! kernel command line and config keep the guest away from what it cannot
 //! run; the table is still set so the same build is right on real hardware.
 
-use kvm_bindings::kvm_cpuid_entry2;
+use kvm_bindings::{kvm_cpuid_entry2, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_THERMAL_POWER: u32 = 0x6;
@@ -75,13 +75,48 @@ fn register(entry: &kvm_cpuid_entry2, name: &str) -> u32 {
     }
 }
 
+/// The CPUID table a guest restored here may see: the one this host gives a
+/// new guest ([`filter`]), with the host's own feature bits added. Where
+/// guest user mode runs natively (kvm_pvm, shared/docs/host-kvm.md) the
+/// `cpuid` instruction answers from the host, not from the table, and a
+/// snapshot's saved table holds those bits; on real KVM the two agree.
+pub fn host_features(supported: &[kvm_cpuid_entry2]) -> Vec<kvm_cpuid_entry2> {
+    let mut table = filter(supported, 0);
+    for (leaf, sub, name, _) in FEATURE_REGISTERS {
+        let native = std::arch::x86_64::__cpuid_count(leaf, sub);
+        let bits = match name {
+            "eax" => native.eax,
+            "ebx" => native.ebx,
+            "ecx" => native.ecx,
+            _ => native.edx,
+        };
+        if let Some(entry) = table
+            .iter_mut()
+            .find(|e| e.function == leaf && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == sub))
+        {
+            match name {
+                "eax" => entry.eax |= bits,
+                "ebx" => entry.ebx |= bits,
+                "ecx" => entry.ecx |= bits,
+                _ => entry.edx |= bits,
+            }
+        }
+    }
+    table
+}
+
 /// The CPU features a snapshot's table (`saved`) has that this host's
-/// (`host`, as [`filter`] makes it) lacks, one line per register:
+/// (`host`, as [`host_features`] makes it) lacks, one line per register:
 /// code restored from the snapshot may already have chosen to use them
 /// (numpy picks its kernels when it is imported).
 pub fn missing_features(saved: &[kvm_cpuid_entry2], host: &[kvm_cpuid_entry2]) -> Vec<String> {
+    // A subleaf counts only where the entry says so: KVM leaves `index`
+    // unset in leaves without subleaves.
     let find = |table: &[kvm_cpuid_entry2], leaf: u32, sub: u32| {
-        table.iter().find(|e| e.function == leaf && e.index == sub).copied()
+        table
+            .iter()
+            .find(|e| e.function == leaf && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == sub))
+            .copied()
     };
     let mut missing = Vec::new();
     for (leaf, sub, name, dynamic) in FEATURE_REGISTERS {
