@@ -146,6 +146,29 @@ fn an_exported_template_imports_and_runs_and_bad_archives_leave_nothing() {
     }
     let run = zeroboot(&cache, &["run", "--template", "python", "-c", "print('still')"]);
     assert_eq!(String::from_utf8_lossy(&run.stdout), "still\n", "{}", text(&run));
+
+    // From a URL, streamed: a real HTTP server (Python's) serves the file.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let mut http = Command::new("python3")
+        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
+        .current_dir(&cache)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/python.zbt");
+    let ready = zeroboot_e2e::eventually(std::time::Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(ready, "the test's HTTP server did not start");
+    let out = zeroboot(&cache, &["template", "import", &url, "--name", "fromurl"]);
+    let _ = http.kill();
+    let _ = http.wait();
+    assert!(out.status.success(), "{}", text(&out));
+    let run = zeroboot(&cache, &["run", "--template", "fromurl", "-c", "print('fetched')"]);
+    assert_eq!(String::from_utf8_lossy(&run.stdout), "fetched\n", "{}", text(&run));
     std::fs::remove_dir_all(&cache).unwrap();
 }
 

@@ -95,7 +95,8 @@ enum TemplateCommand {
     /// the same name; refused, leaving nothing, if the archive is damaged or
     /// this host cannot run it.
     Import {
-        /// The archive, or - for standard input.
+        /// The archive: a file, an http:// or https:// URL, or - for
+        /// standard input.
         file: PathBuf,
         /// Install it under this name instead of the one it carries.
         #[arg(long)]
@@ -308,8 +309,16 @@ fn import(cache: &Cache, file: &std::path::Path, name: Option<&str>) -> Result<(
         cpu_vendor: zeroboot_vmm::machine::cpu_vendor(&hv),
         cpuid: zeroboot_vmm::boot::cpuid::host_features(hv.supported_cpuid()),
     };
+    let source = file.to_string_lossy();
     let imported = if file.as_os_str() == "-" {
         zeroboot_template::archive::import(cache, &host, std::io::BufReader::new(std::io::stdin().lock()), name)?
+    } else if source.starts_with("http://") || source.starts_with("https://") {
+        // Streamed from the response: nothing is stored but the template.
+        let response = ureq::get(source.as_ref())
+            .call()
+            .with_context(|| format!("fetching {source}"))?;
+        let body = response.into_body().into_with_config().limit(u64::MAX).reader();
+        zeroboot_template::archive::import(cache, &host, std::io::BufReader::with_capacity(1 << 20, body), name)?
     } else {
         let input = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
         zeroboot_template::archive::import(cache, &host, std::io::BufReader::with_capacity(1 << 20, input), name)?
