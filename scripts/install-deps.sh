@@ -1,14 +1,15 @@
 #!/bin/bash
 # Installs what zeroboot needs to build its guest on Debian 12 (bookworm):
 # the kernel source and its build tools, debootstrap, erofs-utils and
-# e2fsprogs (the disk image), and
-# wrk for the HTTP load figure.
+# e2fsprogs (the disk image),
+# wrk for the HTTP load figures, and haproxy and iproute2 for the
+# several-node test (scripts/cluster.py).
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 packages=(
   linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev
   debootstrap erofs-utils e2fsprogs xz-utils tar
-  wrk python3-venv python3-pip
+  wrk python3-venv python3-pip haproxy iproute2
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -26,6 +26,9 @@ python3 -m venv target/e2b-venv
 target/e2b-venv/bin/pip install --quiet -r tests/e2b/requirements.txt
 target/e2b-venv/bin/python -m unittest discover -s tests/e2b -p 'test_*.py' -v
 (cd tests/e2b && npm ci --no-audit --no-fund --silent && npm test)
+# Three nodes in network namespaces behind HAProxy: a sandbox's calls
+# reach its node, one-shot execs spread and survive a node's death.
+python3 scripts/cluster.py test
 # API fuzzing with schemathesis against a real server: no 5xx allowed.
 ./scripts/fuzz-api.sh 200
 # Soak, shortened (the full run is scripts/soak.py with its defaults):

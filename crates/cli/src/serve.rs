@@ -54,6 +54,11 @@ pub struct ServeArgs {
     /// Refuse to pause sandboxes: the server then writes no file at all.
     #[arg(long, conflicts_with = "pause_dir")]
     no_pause: bool,
+    /// This server's id in a cluster (1-16 of a-z, 0-9): sandbox ids carry
+    /// it, so a load balancer can send every call for a sandbox to its node
+    /// (docs/kubernetes.md, "Several nodes").
+    #[arg(long, env = "ZEROBOOT_NODE_ID", value_name = "ID")]
+    node_id: Option<String>,
     /// How forks back their guest memory.
     #[arg(long, value_enum, default_value = "auto")]
     fork_memory: crate::fork_memory::ForkMemoryArg,
@@ -87,6 +92,12 @@ pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<
     limits.max_sandbox_mib_per_caller = args.max_sandbox_memory_mib;
     let auth = Auth::new(keys, args.rate, args.burst);
     let has_keys = auth.has_keys();
+    if let Some(node) = &args.node_id {
+        anyhow::ensure!(
+            zeroboot_server::sessions::valid_node_id(node),
+            "--node-id {node:?}: 1 to 16 of a-z and 0-9"
+        );
+    }
     let pause_dir = match (&args.pause_dir, args.no_pause) {
         (_, true) => None,
         (Some(dir), false) => Some(dir.clone()),
@@ -96,7 +107,11 @@ pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<
         Some(_) => zeroboot_seccomp::ServerFiles::WritesPausedSandboxes,
         None => zeroboot_seccomp::ServerFiles::ReadOnly,
     };
-    let state = Arc::new(AppState::new(served, limits, auth).with_pause_dir(pause_dir.clone()));
+    let state = Arc::new(
+        AppState::new(served, limits, auth)
+            .with_pause_dir(pause_dir.clone())
+            .with_node_id(args.node_id.clone()),
+    );
     // Templates and keys are read: from here on the server only serves and
     // starts workers, and writes paused sandboxes (see
     // zeroboot_seccomp::server_filters).

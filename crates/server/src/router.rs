@@ -44,6 +44,19 @@ async fn request_id(request: axum::extract::Request, next: middleware::Next) -> 
     response
 }
 
+/// Names the node that answered, in a cluster (`--node-id`).
+async fn node_header(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    let mut response = next.run(request).await;
+    if let Some(value) = state.node_id().and_then(|n| header::HeaderValue::from_str(n).ok()) {
+        response.headers_mut().insert("x-zeroboot-node", value);
+    }
+    response
+}
+
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     ApiError::internal("a handler panicked").into_response()
 }
@@ -85,6 +98,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(middleware::from_fn_with_state(sandbox_calls, e2b::dispatch))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn(request_id))
+        .layer(middleware::from_fn_with_state(state.clone(), node_header))
         .with_state(state)
 }
 

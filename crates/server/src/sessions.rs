@@ -194,6 +194,16 @@ pub struct Sessions {
     pub max_mib_per_caller: u64,
     pub default_ttl: Duration,
     pub max_ttl: Duration,
+    /// This server's node id in a cluster: new sandbox ids carry it
+    /// (`sbx_<node>_<random>`), so a load balancer sends every call for a
+    /// sandbox to the node that holds it.
+    node: Option<String>,
+}
+
+/// A node id: what fits between `sbx_` and `_` in a sandbox id and a load
+/// balancer's rule.
+pub fn valid_node_id(node: &str) -> bool {
+    (1..=16).contains(&node.len()) && node.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 impl Sessions {
@@ -205,6 +215,20 @@ impl Sessions {
             max_mib_per_caller,
             default_ttl,
             max_ttl,
+            node: None,
+        }
+    }
+
+    /// Gives new sandbox ids `node` (checked by [`valid_node_id`]).
+    pub fn set_node(&mut self, node: Option<String>) {
+        self.node = node;
+    }
+
+    fn new_id(&self) -> String {
+        let random = crate::served::random_id();
+        match &self.node {
+            Some(node) => format!("sbx_{node}_{random}"),
+            None => format!("sbx_{random}"),
         }
     }
 
@@ -321,9 +345,7 @@ impl Sessions {
         options: SessionOptions,
         make: impl FnOnce(&Served) -> Result<Sandbox, SandboxError> + Send + 'static,
     ) -> Result<Arc<Session>, ApiError> {
-        let id = options
-            .id
-            .unwrap_or_else(|| format!("sbx_{}", crate::served::random_id()));
+        let id = options.id.unwrap_or_else(|| self.new_id());
         if self.lock()?.contains_key(&id) {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,

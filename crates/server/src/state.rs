@@ -70,6 +70,7 @@ pub struct AppState {
     pub(crate) metrics: Metrics,
     pub(crate) sessions: Sessions,
     pub(crate) paused: PausedStore,
+    node: Option<String>,
 }
 
 impl AppState {
@@ -99,7 +100,21 @@ impl AppState {
             auth: Arc::new(auth),
             metrics: Metrics::default(),
             paused: PausedStore::default(),
+            node: None,
         }
+    }
+
+    /// This server's node id in a cluster (see [`crate::sessions::valid_node_id`]):
+    /// new sandbox ids carry it, and every response says it in
+    /// `x-zeroboot-node`.
+    pub fn with_node_id(mut self, node: Option<String>) -> Self {
+        self.sessions.set_node(node.clone());
+        self.node = node;
+        self
+    }
+
+    pub fn node_id(&self) -> Option<&str> {
+        self.node.as_deref()
     }
 
     /// Where paused sandboxes are written (none: pausing is refused).
