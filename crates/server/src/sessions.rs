@@ -445,3 +445,23 @@ impl Drop for Reservation<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_fit_a_sandbox_id_and_a_balancer_rule() {
+        for good in ["n1", "a", "node0123456789ab"] {
+            assert!(valid_node_id(good), "{good}");
+        }
+        for bad in ["", "N1", "n_1", "n-1", "n.1", "node0123456789abc", "n/1"] {
+            assert!(!valid_node_id(bad), "{bad}");
+        }
+        let mut sessions = Sessions::new(1, 1, Duration::from_secs(1), Duration::from_secs(1));
+        assert!(sessions.new_id().starts_with("sbx_"));
+        sessions.set_node(Some("n7".into()));
+        let id = sessions.new_id();
+        assert!(id.starts_with("sbx_n7_") && id.len() == "sbx_n7_".len() + 24, "{id}");
+    }
+}
