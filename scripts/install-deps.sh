@@ -2,14 +2,15 @@
 # Installs what zeroboot needs to build its guest on Debian 12 (bookworm):
 # the kernel source and its build tools, debootstrap, erofs-utils and
 # e2fsprogs (the disk image),
-# wrk for the HTTP load figures, and haproxy and iproute2 for the
-# several-node test (scripts/cluster.py).
+# wrk for the HTTP load figures, haproxy and iproute2 for the several-node
+# test (scripts/cluster.py), and buildah, podman and runc for the image
+# (scripts/build-image.sh, scripts/test-image.sh).
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 packages=(
   linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev
   debootstrap erofs-utils e2fsprogs xz-utils tar
-  wrk python3-venv python3-pip haproxy iproute2
+  wrk python3-venv python3-pip haproxy iproute2 buildah podman runc
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -184,6 +184,7 @@ impl Sandbox {
         let mut child = std::process::Command::new(program)
             .args(&spec.command.args)
             .arg(&spec.dir)
+            .env(crate::worker::HOST_PID_ENV, std::process::id().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

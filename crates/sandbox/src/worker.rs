@@ -173,15 +173,22 @@ fn name(command: &Command) -> &'static str {
     }
 }
 
+/// The environment variable in which the host tells a worker its pid.
+pub const HOST_PID_ENV: &str = "ZEROBOOT_HOST_PID";
+
 /// Asks the kernel to kill this process when its parent dies, so that a
 /// host killed with SIGKILL leaves no VM behind. (The end of stdin would
 /// stop an idle worker too, but not one inside a long `KVM_RUN`.)
 fn die_with_parent() {
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and no pointers.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
-    // SAFETY: getppid has no preconditions. A parent that died before the
-    // prctl left this process to init: end now.
-    if unsafe { libc::getppid() } == 1 {
+    // A parent that died before the prctl left this process to another
+    // one (init, or a subreaper): end now. Compared with the pid the host
+    // gave, not with 1: in a container the host itself is often pid 1.
+    let host = std::env::var(HOST_PID_ENV).ok().and_then(|p| p.parse::<i32>().ok());
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    if host.map_or(parent == 1, |host| parent != host) {
         std::process::exit(0);
     }
 }
