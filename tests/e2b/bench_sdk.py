@@ -11,13 +11,13 @@ does) and medians and p90s in ms.
 
 import argparse
 import os
+import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+import zeroboot_server
 
 
 def main():
@@ -25,20 +25,9 @@ def main():
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--template", default="code-interpreter-v1")
     args = parser.parse_args()
-    binary = os.environ.get("ZEROBOOT_BIN", str(REPO / "target" / "release" / "zeroboot"))
     paused = tempfile.mkdtemp(prefix="zeroboot-e2b-bench-")
-    server = subprocess.Popen(
-        [binary, "serve", "--listen", "127.0.0.1:0", "--template", "python", "--template", "code-interpreter",
-         "--pause-dir", paused],
-        stdout=subprocess.PIPE, text=True)
+    server = zeroboot_server.start(paused, pool=2)
     try:
-        for line in server.stdout:
-            if line.startswith("zeroboot: listening on "):
-                url = line.split()[-1]
-                break
-        else:
-            raise SystemExit("zeroboot serve exited before listening")
-        os.environ.update(E2B_API_KEY="any-key", E2B_API_URL=url, E2B_SANDBOX_URL=url)
         from e2b_code_interpreter import Sandbox
 
         model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
@@ -83,9 +72,8 @@ def main():
             p90 = values[int(len(values) * 0.9) - 1]
             print(f"{name:>24}: median {statistics.median(values):6.2f} ms, p90 {p90:6.2f} ms ({len(values)} runs)")
     finally:
-        server.terminate()
-        server.wait(timeout=30)
-        subprocess.run(["rm", "-rf", paused], check=False)
+        zeroboot_server.stop(server)
+        shutil.rmtree(paused, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -6,44 +6,25 @@ its own, and restarts it to show that a paused sandbox outlives it.
 """
 
 import base64
-import os
 import shutil
-import subprocess
 import tempfile
 import time
 import unittest
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-BINARY = os.environ.get("ZEROBOOT_BIN", str(REPO / "target" / "release" / "zeroboot"))
+import zeroboot_server
+
 PAUSE_DIR = tempfile.mkdtemp(prefix="zeroboot-e2b-sdk-")
 _server = None
 
 
 def start_server():
     global _server
-    if not Path(BINARY).exists():
-        raise RuntimeError(f"{BINARY} is missing: build zeroboot first (cargo build --release)")
-    _server = subprocess.Popen(
-        [BINARY, "serve", "--listen", "127.0.0.1:0", "--pool", "1", "--template", "python",
-         "--template", "code-interpreter", "--pause-dir", PAUSE_DIR],
-        stdout=subprocess.PIPE, text=True,
-    )
-    for line in _server.stdout:
-        if line.startswith("zeroboot: listening on "):
-            url = line.split()[-1]
-            break
-    else:
-        raise RuntimeError("zeroboot serve exited before listening (is /dev/kvm there? are the templates built?)")
-    # What a user of E2B's SDKs sets to use zeroboot instead.
-    os.environ.update(E2B_API_KEY="any-key", E2B_API_URL=url, E2B_SANDBOX_URL=url)
+    _server = zeroboot_server.start(PAUSE_DIR)
 
 
 def stop_server():
     if _server is not None:
-        _server.terminate()
-        _server.wait(timeout=30)
-        _server.stdout.close()
+        zeroboot_server.stop(_server)
 
 
 def setUpModule():

@@ -153,6 +153,25 @@ pub fn zeroboot_bin() -> PathBuf {
     bin
 }
 
+/// Runs the zeroboot binary with `args` on the template cache `cache`.
+pub fn zeroboot_in(cache: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(zeroboot_bin())
+        .args(args)
+        .env("ZEROBOOT_CACHE", cache)
+        .output()
+        .expect("run zeroboot")
+}
+
+/// A finished command's status and output, for an assertion's message.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// A `zeroboot serve` process on a free loopback port, stopped on drop.
 pub struct Server {
     child: std::process::Child,
@@ -209,51 +228,17 @@ impl Server {
 
     /// [`Server::call`] with a raw body (JSON content type unless `PUT`).
     pub fn call_bytes(&self, method: &str, path: &str, body: Option<&[u8]>, key: Option<&str>) -> Reply {
-        let url = format!("{}{path}", self.url);
         let auth = key.map(|k| format!("Bearer {k}"));
-        let result = match method {
-            "GET" | "DELETE" => {
-                let mut req = if method == "GET" {
-                    self.agent.get(&url)
-                } else {
-                    self.agent.delete(&url)
-                };
-                if let Some(a) = &auth {
-                    req = req.header("Authorization", a);
-                }
-                req.call()
-            }
-            _ => {
-                let mut req = if method == "PUT" {
-                    self.agent.put(&url).header("Content-Type", "application/octet-stream")
-                } else {
-                    self.agent.post(&url).header("Content-Type", "application/json")
-                };
-                if let Some(a) = &auth {
-                    req = req.header("Authorization", a);
-                }
-                req.send(body.unwrap_or(b""))
-            }
-        };
-        let mut response = result.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let bytes = response
-            .body_mut()
-            .with_config()
-            .limit(256 << 20)
-            .read_to_vec()
-            .expect("response body");
-        Reply {
-            status,
-            retry_after,
-            text: String::from_utf8_lossy(&bytes).into_owned(),
-            bytes,
+        let mut headers = Vec::new();
+        if let Some(a) = &auth {
+            headers.push(("Authorization", a.as_str()));
         }
+        match method {
+            "GET" | "DELETE" => {}
+            "PUT" => headers.push(("Content-Type", "application/octet-stream")),
+            _ => headers.push(("Content-Type", "application/json")),
+        }
+        self.request(method, path, &headers, body.unwrap_or(b""))
     }
 }
 
@@ -274,7 +259,11 @@ impl Server {
                 req.call()
             }
             _ => {
-                let mut req = self.agent.post(&url);
+                let mut req = if method == "PUT" {
+                    self.agent.put(&url)
+                } else {
+                    self.agent.post(&url)
+                };
                 for (name, value) in headers {
                     req = req.header(*name, *value);
                 }

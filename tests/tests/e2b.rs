@@ -183,65 +183,23 @@ fn bad_input_gets_clear_errors_in_each_clients_shape() {
         "{}",
         ok.text
     );
-    let proto = sandbox(
-        &server,
-        id,
-        token,
-        "/filesystem.Filesystem/Stat",
-        "application/proto",
-        b"\x0a\x01/",
-    );
-    assert_eq!(
-        (proto.status, proto.json()["code"].as_str()),
-        (415, Some("unimplemented")),
-        "{}",
-        proto.text
-    );
-    let unknown = sandbox(
-        &server,
-        id,
-        token,
-        "/filesystem.Filesystem/Chmod",
-        "application/json",
-        stat,
-    );
-    assert_eq!(
-        (unknown.status, unknown.json()["code"].as_str()),
-        (501, Some("unimplemented"))
-    );
-    let missing = sandbox(
-        &server,
-        id,
-        token,
-        "/filesystem.Filesystem/Stat",
-        "application/json",
-        b"{}",
-    );
-    assert_eq!(
-        (missing.status, missing.json()["code"].as_str()),
-        (400, Some("invalid_argument"))
-    );
-    let not_json = sandbox(
-        &server,
-        id,
-        token,
-        "/filesystem.Filesystem/Stat",
-        "application/json",
-        b"[1,",
-    );
-    assert_eq!(
-        (not_json.status, not_json.json()["code"].as_str()),
-        (400, Some("invalid_argument"))
-    );
-    let gone = sandbox(
-        &server,
-        id,
-        token,
-        "/filesystem.Filesystem/Stat",
-        "application/json",
-        br#"{"path": "/nope"}"#,
-    );
-    assert_eq!((gone.status, gone.json()["code"].as_str()), (404, Some("not_found")));
+    let cases: [(&str, &str, &[u8], u16, &str); 5] = [
+        ("Stat", "application/proto", b"\x0a\x01/", 415, "unimplemented"),
+        ("Chmod", "application/json", stat, 501, "unimplemented"),
+        ("Stat", "application/json", b"{}", 400, "invalid_argument"),
+        ("Stat", "application/json", b"[1,", 400, "invalid_argument"),
+        ("Stat", "application/json", br#"{"path": "/nope"}"#, 404, "not_found"),
+    ];
+    for (method, content_type, body, status, code) in cases {
+        let path = format!("/filesystem.Filesystem/{method}");
+        let r = sandbox(&server, id, token, &path, content_type, body);
+        assert_eq!(
+            (r.status, r.json()["code"].as_str()),
+            (status, Some(code)),
+            "{method} {content_type}: {}",
+            r.text
+        );
+    }
 
     let start = br#"{"process": {"cmd": "/bin/echo", "args": ["hi"]}}"#;
     let whole = envelope(0, start);

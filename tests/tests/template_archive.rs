@@ -9,28 +9,11 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
-use zeroboot_e2e::{template_dir, zeroboot_bin};
+use zeroboot_e2e::{output_text as text, template_dir, zeroboot_bin, zeroboot_in as zeroboot};
 use zeroboot_template::archive::{self, ArchiveError, Host};
 use zeroboot_template::Cache;
-
-fn zeroboot(cache: &Path, args: &[&str]) -> Output {
-    Command::new(zeroboot_bin())
-        .args(args)
-        .env("ZEROBOOT_CACHE", cache)
-        .output()
-        .expect("run zeroboot")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// An empty cache of its own, with the real one's build artifacts linked
 /// in (a run checks that its template is up to date with them).

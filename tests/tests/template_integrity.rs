@@ -6,26 +6,9 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use zeroboot_e2e::{template_dir, zeroboot_bin};
-
-fn zeroboot(cache: &Path, args: &[&str]) -> Output {
-    Command::new(zeroboot_bin())
-        .args(args)
-        .env("ZEROBOOT_CACHE", cache)
-        .output()
-        .expect("run zeroboot")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use zeroboot_e2e::{output_text as text, template_dir, zeroboot_in as zeroboot};
 
 /// Flips one bit of the first non-zero byte at or after 1 MiB.
 fn damage(memory: &Path) {

@@ -18,6 +18,14 @@ const HEADER_LEN: usize = 5;
 /// The content type of Connect's enveloped JSON streams.
 pub const STREAM_JSON: &str = "application/connect+json";
 
+/// A request's content type, or "" without one.
+pub fn content_type(headers: &axum::http::HeaderMap) -> &str {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Envelope<'a> {
     pub flags: u8,

@@ -114,10 +114,7 @@ pub(crate) async fn write_files(
     }
     let user = user_of(query.username.as_ref(), &headers)?;
     let files = files_as(&state, &call, user.as_deref());
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
+    let content_type = super::connect::content_type(&headers);
     if !content_type.starts_with("multipart/form-data") {
         let path = resolve(query.path.as_deref().unwrap_or_default(), user.as_deref())?;
         let expected = headers
@@ -216,10 +213,7 @@ fn string_field(body: &Value, camel: &str, snake: &str) -> Result<String, Connec
 
 /// Reads a unary Connect request's JSON body, refusing other codecs.
 pub(crate) async fn unary_body(headers: &HeaderMap, body: Body) -> Result<Value, ConnectError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
+    let content_type = super::connect::content_type(headers);
     if !content_type.starts_with("application/json") {
         return Err(ConnectError::unsupported_codec(content_type, "application/json"));
     }

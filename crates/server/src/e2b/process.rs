@@ -136,10 +136,7 @@ async fn start(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ConnectError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
+    let content_type = super::connect::content_type(headers);
     if !content_type.starts_with(STREAM_JSON) {
         return Err(ConnectError::unsupported_codec(content_type, STREAM_JSON));
     }
