@@ -203,6 +203,8 @@ fn bad_input_gets_clear_errors_in_each_clients_shape() {
 
     let start = br#"{"process": {"cmd": "/bin/echo", "args": ["hi"]}}"#;
     let whole = envelope(0, start);
+    let start_call =
+        |content_type: &str, body: &[u8]| sandbox(&server, id, token, "/process.Process/Start", content_type, body);
     for (bad, why) in [
         (whole[..whole.len() - 3].to_vec(), "truncated"),
         (whole[..3].to_vec(), "header"),
@@ -211,14 +213,7 @@ fn bad_input_gets_clear_errors_in_each_clients_shape() {
         ([whole.clone(), whole.clone()].concat(), "two"),
         (envelope(0, b"{\"process\": 7}"), "shape"),
     ] {
-        let r = sandbox(
-            &server,
-            id,
-            token,
-            "/process.Process/Start",
-            "application/connect+json",
-            &bad,
-        );
+        let r = start_call("application/connect+json", &bad);
         assert_eq!(
             (r.status, r.json()["code"].as_str()),
             (400, Some("invalid_argument")),
@@ -226,18 +221,11 @@ fn bad_input_gets_clear_errors_in_each_clients_shape() {
             r.text
         );
     }
-    let r = sandbox(&server, id, token, "/process.Process/Start", "application/json", start);
+    let r = start_call("application/json", start);
     assert_eq!(r.status, 415, "{}", r.text);
 
     // A good Start: start, data, end, then the end of the stream.
-    let r = sandbox(
-        &server,
-        id,
-        token,
-        "/process.Process/Start",
-        "application/connect+json",
-        &whole,
-    );
+    let r = start_call("application/connect+json", &whole);
     assert_eq!(r.status, 200, "{}", r.text);
     let mut rest = r.bytes.as_slice();
     let mut messages = Vec::new();

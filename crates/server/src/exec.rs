@@ -161,6 +161,27 @@ impl RichResult {
     }
 }
 
+/// Rich results as a stream delivers them: JSON lines, which a chunk may
+/// cut; each whole line comes out once.
+#[derive(Debug, Default)]
+pub(crate) struct ResultLines {
+    partial: Vec<u8>,
+}
+
+impl ResultLines {
+    /// The results that `bytes` completes.
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<RichResult> {
+        self.partial.extend_from_slice(bytes);
+        match self.partial.iter().rposition(|&b| b == b'\n') {
+            Some(end) => {
+                let complete: Vec<u8> = self.partial.drain(..=end).collect();
+                RichResult::parse_lines(&complete)
+            }
+            None => Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct BatchRequest {
     pub executions: Vec<ExecRequest>,
@@ -216,8 +237,7 @@ impl AppState {
                 }
                 Event::default().event(name).json_data(data)
             };
-            // Results arrive as JSON lines, which a chunk may cut.
-            let mut partial_results = Vec::new();
+            let mut results = ResultLines::default();
             let mut on_chunk = |chunk: Chunk| {
                 // A client that went away stops reading; the code still ends
                 // at its deadline and the sandbox is released.
@@ -228,13 +248,9 @@ impl AppState {
                         }
                     }
                 }
-                partial_results.extend_from_slice(&chunk.results);
-                if let Some(end) = partial_results.iter().rposition(|&b| b == b'\n') {
-                    let complete: Vec<u8> = partial_results.drain(..=end).collect();
-                    for result in RichResult::parse_lines(&complete) {
-                        if let Ok(e) = Event::default().event("display").json_data(&result) {
-                            let _ = tx.blocking_send(e);
-                        }
+                for result in results.push(&chunk.results) {
+                    if let Ok(e) = Event::default().event("display").json_data(&result) {
+                        let _ = tx.blocking_send(e);
                     }
                 }
             };
@@ -363,5 +379,15 @@ mod tests {
         assert_eq!(results[0].data["text/plain"], "42");
         assert_eq!(results[1].data["image/png"], "iVBO");
         assert!(RichResult::parse_lines(b"").is_empty());
+    }
+
+    #[test]
+    fn a_result_cut_between_chunks_comes_out_once_whole() {
+        let mut lines = super::ResultLines::default();
+        assert!(lines.push(b"{\"type\": \"display_data\", \"da").is_empty());
+        let whole = lines.push(b"ta\": {\"text/plain\": \"1\"}}\n{\"type\": ");
+        assert_eq!(whole.len(), 1);
+        assert_eq!(whole[0].data["text/plain"], "1");
+        assert!(lines.push(b"").is_empty());
     }
 }

@@ -253,12 +253,12 @@ impl Sessions {
     }
 
     pub fn list(&self, caller: Caller) -> Result<Vec<SessionInfo>, ApiError> {
-        let mut out: Vec<SessionInfo> = self
-            .lock()?
-            .values()
-            .filter(|s| s.owner == caller)
-            .map(|s| s.info())
-            .collect();
+        Ok(self.owned_by(caller)?.iter().map(|s| s.info()).collect())
+    }
+
+    /// `caller`'s sandboxes, sorted by id.
+    pub fn owned_by(&self, caller: Caller) -> Result<Vec<Arc<Session>>, ApiError> {
+        let mut out: Vec<Arc<Session>> = self.lock()?.values().filter(|s| s.owner == caller).cloned().collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }

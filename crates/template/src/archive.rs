@@ -189,14 +189,7 @@ impl<W: Write> Write for Hashing<W> {
 
 /// Writes template `name` of `cache` to `out` (see the module documentation).
 pub fn export(cache: &Cache, name: &str, out: impl Write) -> Result<Exported, ArchiveError> {
-    let dir = store::template_dir(cache, name)?;
-    if !dir.join(METADATA_FILE).exists() {
-        return Err(crate::error::TemplateError::NotFound {
-            name: name.into(),
-            dir: cache.templates_dir(),
-        }
-        .into());
-    }
+    let dir = store::existing_dir(cache, name)?;
     // Also checks that the state file reads: an archive of a damaged
     // template would only be refused on import.
     let state = snapshot::read_state(&dir.join(snapshot::STATE_FILE)).map_err(crate::error::TemplateError::from)?;
@@ -266,10 +259,12 @@ pub fn export(cache: &Cache, name: &str, out: impl Write) -> Result<Exported, Ar
     })
 }
 
-/// A reader that hashes what passes through it and names what ends early.
+/// A reader that hashes and counts what passes through it and names what
+/// ends early.
 struct Reading<R> {
     inner: R,
     hasher: Sha256,
+    bytes: u64,
 }
 
 impl<R: Read> Reading<R> {
@@ -282,6 +277,7 @@ impl<R: Read> Reading<R> {
             },
         })?;
         self.hasher.update(&*buf);
+        self.bytes += buf.len() as u64;
         Ok(())
     }
 }
@@ -357,6 +353,7 @@ pub fn import(cache: &Cache, host: &Host, input: impl Read, rename: Option<&str>
     let mut input = Reading {
         inner: input,
         hasher: Sha256::new(),
+        bytes: 0,
     };
     let mut header = [0u8; 16];
     input.exact(&mut header, "its header")?;
@@ -467,26 +464,17 @@ pub fn import(cache: &Cache, host: &Host, input: impl Read, rename: Option<&str>
         }
         staging.write_info(&info)?;
     }
+    // Also reads the memory file back into the page cache in 2 MiB folios,
+    // as a build leaves it, for the forks to come.
     store::verify(staging.path(), &info)?;
     let dir = staging.commit()?;
     cleanup.0 = None;
     Ok(Imported {
         name,
         dir,
-        bytes: input_len(&manifest),
+        bytes: input.bytes + stored.len() as u64,
         sha256: hex(&stored),
     })
-}
-
-/// Bytes of an archive with this manifest, for reporting.
-fn input_len(manifest: &Manifest) -> u64 {
-    let json = serde_json::to_vec(manifest).map_or(0, |j| j.len() as u64);
-    let data: u64 = manifest
-        .files
-        .iter()
-        .flat_map(|f| f.extents.iter().map(|&(_, len)| len))
-        .sum();
-    16 + json + data + 32
 }
 
 #[cfg(test)]

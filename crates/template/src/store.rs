@@ -186,6 +186,15 @@ impl Staging {
 
 /// Opens template `name` for restoring.
 pub fn open(cache: &Cache, hv: &Hypervisor, name: &str) -> Result<Snapshot, TemplateError> {
+    let dir = existing_dir(cache, name)?;
+    let snapshot = Snapshot::open(&dir, &zeroboot_vmm::machine::cpu_vendor(hv))?;
+    verify(&dir, &read_info(&dir)?)?;
+    Ok(snapshot)
+}
+
+/// The directory of template `name`, which a finished build or import
+/// wrote (it has its metadata file), or `NotFound`.
+pub fn existing_dir(cache: &Cache, name: &str) -> Result<PathBuf, TemplateError> {
     let dir = template_dir(cache, name)?;
     if !dir.join(METADATA_FILE).exists() {
         return Err(TemplateError::NotFound {
@@ -193,9 +202,7 @@ pub fn open(cache: &Cache, hv: &Hypervisor, name: &str) -> Result<Snapshot, Temp
             dir: cache.templates_dir(),
         });
     }
-    let snapshot = Snapshot::open(&dir, &zeroboot_vmm::machine::cpu_vendor(hv))?;
-    verify(&dir, &read_info(&dir)?)?;
-    Ok(snapshot)
+    Ok(dir)
 }
 
 /// Checks the memory file against the checksum recorded when it was

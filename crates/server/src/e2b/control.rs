@@ -260,9 +260,7 @@ pub(crate) async fn pause(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, E2bError> {
-    if state.sessions.get(&id, caller).is_err() && state.paused_of(&id, caller)?.is_none() {
-        return Err(not_found(&id));
-    }
+    // 404 for no such sandbox, 409 for one already paused.
     state.pause(&id, caller).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -315,11 +313,7 @@ pub(crate) async fn list_v2(
     };
     let mut all = Vec::new();
     if running {
-        for info in state.sessions.list(caller)? {
-            if let Ok(session) = state.sessions.get(&info.id, caller) {
-                all.push(listed(&session));
-            }
-        }
+        all.extend(state.sessions.owned_by(caller)?.iter().map(|s| listed(s)));
     }
     if paused {
         all.extend(state.paused_list(caller).iter().map(|r| listed_paused(&state, r)));
@@ -348,11 +342,7 @@ pub(crate) async fn list_v1(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<Vec<Listed>>, E2bError> {
-    let mut all = Vec::new();
-    for info in state.sessions.list(caller)? {
-        if let Ok(session) = state.sessions.get(&info.id, caller) {
-            all.push(listed(&session));
-        }
-    }
-    Ok(Json(all))
+    Ok(Json(
+        state.sessions.owned_by(caller)?.iter().map(|s| listed(s)).collect(),
+    ))
 }

@@ -11,13 +11,13 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use zeroboot_protocol::exec::{ROOT, USER_UID};
+use zeroboot_protocol::exec::ROOT;
 use zeroboot_protocol::files::{FileOp, PARENTS, RECURSIVE};
 
 use super::connect::ConnectError;
-use super::{basic_user, rfc3339, E2bError, SandboxCall};
+use super::{basic_user, rfc3339, sandbox_user, E2bError, SandboxCall};
 use crate::error::ApiError;
-use crate::files::guest::GuestFiles;
+use crate::files::guest::{uid_of, GuestFiles};
 use crate::files::{self, guest_path, FileInfo};
 use crate::state::AppState;
 
@@ -40,21 +40,15 @@ pub(crate) struct FileQuery {
 /// `username` query or a Basic authorization), else the sandbox's own.
 fn files_as(state: &Arc<AppState>, call: &SandboxCall, user: Option<&str>) -> GuestFiles {
     let mut files = GuestFiles::of(state, call.0.clone());
-    match user {
-        Some(ROOT) => files.uid = 0,
-        Some(_) => files.uid = USER_UID,
-        None => {}
+    if user.is_some() {
+        files.uid = uid_of(user);
     }
     files
 }
 
 fn user_of(query_user: Option<&String>, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     match query_user {
-        Some(u) if u == "root" || u == "user" => Ok(Some(u.clone())),
-        Some(u) => Err(ApiError::bad_request(
-            "invalid_user",
-            format!("user {u:?} does not exist in a sandbox: user or root"),
-        )),
+        Some(user) => sandbox_user(user).map(Some),
         None => basic_user(headers),
     }
 }
@@ -117,12 +111,8 @@ pub(crate) async fn write_files(
     let content_type = super::connect::content_type(&headers);
     if !content_type.starts_with("multipart/form-data") {
         let path = resolve(query.path.as_deref().unwrap_or_default(), user.as_deref())?;
-        let expected = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
         let mut stream = request.into_body().into_data_stream();
-        files::write_file(&files, &path, &mut stream, expected).await?;
+        files::write_file(&files, &path, &mut stream, files::content_length(&headers)).await?;
         return Ok(Json(vec![written(&path)]));
     }
     let mut form = <Multipart as axum::extract::FromRequest<()>>::from_request(request, &())

@@ -21,7 +21,7 @@ use zeroboot_protocol::Chunk;
 
 use super::{E2bError, SandboxCall};
 use crate::error::ApiError;
-use crate::exec::{ExecRequest, RichResult, RunContext};
+use crate::exec::{ExecRequest, ResultLines, RichResult, RunContext};
 use crate::sessions::{CodeContext, Session};
 use crate::state::AppState;
 
@@ -181,8 +181,7 @@ pub(crate) async fn execute(
         )))
         .await;
     let chunk_tx = tx.clone();
-    // Results arrive as JSON lines, which a chunk may cut.
-    let mut partial = Vec::new();
+    let mut results = ResultLines::default();
     let on_chunk = Box::new(move |chunk: Chunk| {
         for (name, bytes) in [("stdout", &chunk.stdout), ("stderr", &chunk.stderr)] {
             if !bytes.is_empty() {
@@ -190,12 +189,8 @@ pub(crate) async fn execute(
                 let _ = chunk_tx.blocking_send(Ok(line(json!({"type": name, "text": text, "timestamp": now_ns()}))));
             }
         }
-        partial.extend_from_slice(&chunk.results);
-        if let Some(end) = partial.iter().rposition(|&b| b == b'\n') {
-            let complete: Vec<u8> = partial.drain(..=end).collect();
-            for result in RichResult::parse_lines(&complete) {
-                let _ = chunk_tx.blocking_send(Ok(line(result_event(&result))));
-            }
+        for result in results.push(&chunk.results) {
+            let _ = chunk_tx.blocking_send(Ok(line(result_event(&result))));
         }
     });
     tokio::spawn(async move {

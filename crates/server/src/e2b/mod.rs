@@ -30,6 +30,8 @@ use axum::{middleware, Router};
 use subtle::ConstantTimeEq;
 use tower::ServiceExt;
 
+use zeroboot_protocol::exec::{ROOT, USER};
+
 use crate::error::ApiError;
 use crate::sessions::Session;
 use crate::state::AppState;
@@ -173,8 +175,8 @@ async fn authenticate(State(state): State<Arc<AppState>>, mut request: Request, 
             ApiError::new(StatusCode::NOT_FOUND, "sandbox_not_found", message),
         );
     };
-    // Both of its tokens are the one token; every candidate is compared in
-    // constant time.
+    // Its envd and traffic tokens are the one token: whichever header came
+    // is compared with it, in constant time.
     let presented = token(headers).unwrap_or_default();
     if !bool::from(session.access_token.as_bytes().ct_eq(presented)) {
         let e = ApiError::new(
@@ -213,13 +215,20 @@ pub(crate) fn basic_user(headers: &HeaderMap) -> Result<Option<String>, ApiError
         .decode(encoded.trim())
         .map_err(|_| bad())?;
     let text = String::from_utf8(decoded).map_err(|_| bad())?;
-    let user = text.split(':').next().unwrap_or_default();
-    match user {
+    match text.split(':').next().unwrap_or_default() {
         "" => Ok(None),
-        "user" | "root" => Ok(Some(user.to_string())),
-        other => Err(ApiError::bad_request(
+        user => sandbox_user(user).map(Some),
+    }
+}
+
+/// `name` if it is one of a sandbox's users (`user`, `root`), else a 400.
+pub(crate) fn sandbox_user(name: &str) -> Result<String, ApiError> {
+    if name == USER || name == ROOT {
+        Ok(name.to_string())
+    } else {
+        Err(ApiError::bad_request(
             "invalid_user",
-            format!("user {other:?} does not exist in a sandbox: user or root"),
-        )),
+            format!("user {name:?} does not exist in a sandbox: {USER} or {ROOT}"),
+        ))
     }
 }

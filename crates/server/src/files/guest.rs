@@ -37,11 +37,7 @@ impl GuestFiles {
     /// The files of `session`, as its user.
     pub fn of(state: &Arc<AppState>, session: Arc<Session>) -> Self {
         let id = session.id.clone();
-        let uid = if session.context.user.as_deref() == Some(ROOT) {
-            0
-        } else {
-            USER_UID
-        };
+        let uid = uid_of(session.context.user.as_deref());
         let disk_bytes = session.served.template.snapshot().state.layout.disk_bytes;
         Self {
             state: state.clone(),
@@ -105,6 +101,15 @@ impl GuestFiles {
 
     pub async fn read_disk(&self, offset: u64, len: u32) -> Result<Vec<u8>, ApiError> {
         self.call(move |sandbox| sandbox.read_disk(offset, len)).await
+    }
+}
+
+/// The uid of a sandbox's user by name (`root`; anything else is `user`).
+pub(crate) fn uid_of(user: Option<&str>) -> u32 {
+    if user == Some(ROOT) {
+        0
+    } else {
+        USER_UID
     }
 }
 

@@ -133,12 +133,16 @@ pub(crate) async fn put_file(
 ) -> Result<StatusCode, ApiError> {
     let path = guest_path(&path)?;
     let files = GuestFiles::open(&state, caller, &id).await?;
-    let expected = headers
+    write_file(&files, &path, &mut body.into_data_stream(), content_length(&headers)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The body's length, when the client said it.
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    write_file(&files, &path, &mut body.into_data_stream(), expected).await?;
-    Ok(StatusCode::NO_CONTENT)
+        .and_then(|v| v.parse::<u64>().ok())
 }
 
 /// Writes the bytes of `stream` to `path` through a staging file beside it,

@@ -52,27 +52,56 @@ pub fn filter(supported: &[kvm_cpuid_entry2], apic_id: u8) -> Vec<kvm_cpuid_entr
 
 /// Feature registers a snapshot's guest may have relied on: (leaf, subleaf,
 /// register name, bits that change at run time and say nothing of the CPU).
-const FEATURE_REGISTERS: [(u32, u32, &str, u32); 9] = [
+const FEATURE_REGISTERS: [(u32, u32, Register, u32); 9] = [
     // OSXSAVE follows the guest's CR4.
-    (0x1, 0, "ecx", 1 << 27),
-    (0x1, 0, "edx", 0),
-    (0x7, 0, "ebx", 0),
+    (0x1, 0, Register::Ecx, 1 << 27),
+    (0x1, 0, Register::Edx, 0),
+    (0x7, 0, Register::Ebx, 0),
     // OSPKE follows the guest's CR4.
-    (0x7, 0, "ecx", 1 << 4),
-    (0x7, 0, "edx", 0),
-    (0x7, 1, "eax", 0),
-    (0xd, 1, "eax", 0),
-    (0x8000_0001, 0, "ecx", 0),
-    (0x8000_0001, 0, "edx", 0),
+    (0x7, 0, Register::Ecx, 1 << 4),
+    (0x7, 0, Register::Edx, 0),
+    (0x7, 1, Register::Eax, 0),
+    (0xd, 1, Register::Eax, 0),
+    (0x8000_0001, 0, Register::Ecx, 0),
+    (0x8000_0001, 0, Register::Edx, 0),
 ];
 
-fn register(entry: &kvm_cpuid_entry2, name: &str) -> u32 {
-    match name {
-        "eax" => entry.eax,
-        "ebx" => entry.ebx,
-        "ecx" => entry.ecx,
-        _ => entry.edx,
+#[derive(Debug, Clone, Copy)]
+enum Register {
+    Eax,
+    Ebx,
+    Ecx,
+    Edx,
+}
+
+impl Register {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Eax => "eax",
+            Self::Ebx => "ebx",
+            Self::Ecx => "ecx",
+            Self::Edx => "edx",
+        }
     }
+
+    fn of(self, entry: &mut kvm_cpuid_entry2) -> &mut u32 {
+        match self {
+            Self::Eax => &mut entry.eax,
+            Self::Ebx => &mut entry.ebx,
+            Self::Ecx => &mut entry.ecx,
+            Self::Edx => &mut entry.edx,
+        }
+    }
+
+    fn read(self, mut entry: kvm_cpuid_entry2) -> u32 {
+        *self.of(&mut entry)
+    }
+}
+
+/// `entry` answers leaf `leaf`, subleaf `sub`. A subleaf counts only where
+/// the entry says so: KVM leaves `index` unset in leaves without subleaves.
+fn answers(entry: &kvm_cpuid_entry2, leaf: u32, sub: u32) -> bool {
+    entry.function == leaf && (entry.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || entry.index == sub)
 }
 
 /// The CPUID table a guest restored here may see: the one this host gives a
@@ -82,24 +111,17 @@ fn register(entry: &kvm_cpuid_entry2, name: &str) -> u32 {
 /// snapshot's saved table holds those bits; on real KVM the two agree.
 pub fn host_features(supported: &[kvm_cpuid_entry2]) -> Vec<kvm_cpuid_entry2> {
     let mut table = filter(supported, 0);
-    for (leaf, sub, name, _) in FEATURE_REGISTERS {
+    for (leaf, sub, register, _) in FEATURE_REGISTERS {
         let native = std::arch::x86_64::__cpuid_count(leaf, sub);
-        let bits = match name {
-            "eax" => native.eax,
-            "ebx" => native.ebx,
-            "ecx" => native.ecx,
-            _ => native.edx,
+        let native = kvm_cpuid_entry2 {
+            eax: native.eax,
+            ebx: native.ebx,
+            ecx: native.ecx,
+            edx: native.edx,
+            ..Default::default()
         };
-        if let Some(entry) = table
-            .iter_mut()
-            .find(|e| e.function == leaf && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == sub))
-        {
-            match name {
-                "eax" => entry.eax |= bits,
-                "ebx" => entry.ebx |= bits,
-                "ecx" => entry.ecx |= bits,
-                _ => entry.edx |= bits,
-            }
+        if let Some(entry) = table.iter_mut().find(|e| answers(e, leaf, sub)) {
+            *register.of(entry) |= register.read(native);
         }
     }
     table
@@ -110,21 +132,15 @@ pub fn host_features(supported: &[kvm_cpuid_entry2]) -> Vec<kvm_cpuid_entry2> {
 /// code restored from the snapshot may already have chosen to use them
 /// (numpy picks its kernels when it is imported).
 pub fn missing_features(saved: &[kvm_cpuid_entry2], host: &[kvm_cpuid_entry2]) -> Vec<String> {
-    // A subleaf counts only where the entry says so: KVM leaves `index`
-    // unset in leaves without subleaves.
-    let find = |table: &[kvm_cpuid_entry2], leaf: u32, sub: u32| {
-        table
-            .iter()
-            .find(|e| e.function == leaf && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == sub))
-            .copied()
-    };
+    let find = |table: &[kvm_cpuid_entry2], leaf: u32, sub: u32| table.iter().find(|e| answers(e, leaf, sub)).copied();
     let mut missing = Vec::new();
-    for (leaf, sub, name, dynamic) in FEATURE_REGISTERS {
+    for (leaf, sub, register, dynamic) in FEATURE_REGISTERS {
         let Some(saved) = find(saved, leaf, sub) else { continue };
-        let had = register(&saved, name) & !dynamic;
-        let has = find(host, leaf, sub).map_or(0, |e| register(&e, name));
+        let had = register.read(saved) & !dynamic;
+        let has = find(host, leaf, sub).map_or(0, |e| register.read(e));
         let lacking = had & !has;
         if lacking != 0 {
+            let name = register.name();
             missing.push(format!("CPUID leaf {leaf:#x}.{sub} {name} bits {lacking:#010x}"));
         }
     }
