@@ -4,13 +4,15 @@
 # e2fsprogs (the disk image),
 # wrk for the HTTP load figures, haproxy and iproute2 for the several-node
 # test (scripts/cluster.py), and buildah, podman and runc for the image
-# (scripts/build-image.sh, scripts/test-image.sh).
+# (scripts/build-image.sh, scripts/test-image.sh), and dnsmasq-base for the
+# network test's DNS server (scripts/network.py).
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 packages=(
   linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev
   debootstrap erofs-utils e2fsprogs xz-utils tar
   wrk python3-venv python3-pip haproxy iproute2 buildah podman runc
+  dnsmasq-base
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -29,6 +29,9 @@ target/e2b-venv/bin/python -m unittest discover -s tests/e2b -p 'test_*.py' -v
 # Three nodes in network namespaces behind HAProxy: a sandbox's calls
 # reach its node, one-shot execs spread and survive a node's death.
 python3 scripts/cluster.py test
+# Sandboxes' network against an HTTP and a DNS server in a network
+# namespace of the test's own: policies, forks, a flood, 1000 forks.
+python3 scripts/network.py test
 # The OCI image, built from Debian's packages (its Debian root cached in
 # the cache directory) and run with podman: import, serve, smoke test.
 ./scripts/test-image.sh

@@ -88,7 +88,7 @@ fn a_session_reuses_its_fresh_memory_and_its_live_forks_see_what_it_wrote() {
     let (_, faults) = seconds_and_faults(&out);
     assert!(faults < 200, "{faults} guest page faults");
     let live = parent.snapshot_live().unwrap();
-    let mut child = template.fork_live(&live).unwrap();
+    let mut child = template.fork_live(&live, None).unwrap();
     assert_eq!(
         run(&mut child, "print(len(big), big[12345], big[12346], big[-1])"),
         format!("{} 7 58 255\n", 128 << 20)

@@ -97,7 +97,7 @@ fn a_live_sandbox_forks_into_new_processes() {
         .unwrap();
     let live = parent.snapshot_live().unwrap();
     assert!(live.changed_bytes() > 0);
-    let mut child = template.fork_live(&live).unwrap();
+    let mut child = template.fork_live(&live, None).unwrap();
     assert_ne!(child.pid(), parent.pid());
     let r = child
         .exec(&Request::new(b"print(x + 1, open('/tmp/note').read())", b""), TIMEOUT)

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use zeroboot_sandbox::{IsolatedTemplate, WorkerCommand};
 use zeroboot_server::auth::Auth;
+use zeroboot_server::network::NetworkSettings;
 use zeroboot_server::{AppState, Limits, Served};
 use zeroboot_template::Cache;
 use zeroboot_vmm::{Hypervisor, Snapshot};
@@ -62,6 +63,25 @@ pub struct ServeArgs {
     /// How forks back their guest memory.
     #[arg(long, value_enum, default_value = "auto")]
     fork_memory: crate::fork_memory::ForkMemoryArg,
+    /// Give no sandbox a network, whatever it asks (a request with a
+    /// `network` policy then gets 403).
+    #[arg(long)]
+    no_network: bool,
+    /// Where sandboxes' DNS queries go, when their policy lets a name
+    /// through (default: the first nameserver of /etc/resolv.conf).
+    #[arg(long, value_name = "IP:PORT")]
+    dns_upstream: Option<SocketAddr>,
+    /// TCP connections one sandbox may hold open at once.
+    #[arg(long, default_value_t = 256)]
+    net_max_connections: usize,
+    /// Bytes per second one sandbox may move each way (0: no limit).
+    #[arg(long, default_value_t = 0, value_name = "BYTES")]
+    net_bandwidth: u64,
+    /// A deny entry (CIDR, address or domain) added to every sandbox's
+    /// network policy; repeat it for more. For a cluster's pod and service
+    /// ranges, say (docs/network.md).
+    #[arg(long = "net-deny", value_name = "ENTRY")]
+    net_deny: Vec<String>,
 }
 
 pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<Snapshot>) -> Result<()> {
@@ -107,10 +127,12 @@ pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<
         Some(_) => zeroboot_seccomp::ServerFiles::WritesPausedSandboxes,
         None => zeroboot_seccomp::ServerFiles::ReadOnly,
     };
+    let network = network_settings(args)?;
     let state = Arc::new(
         AppState::new(served, limits, auth)
             .with_pause_dir(pause_dir.clone())
-            .with_node_id(args.node_id.clone()),
+            .with_node_id(args.node_id.clone())
+            .with_network(network),
     );
     // Templates and keys are read: from here on the server only serves and
     // starts workers, and writes paused sandboxes (see
@@ -162,4 +184,32 @@ async fn shutdown_signal() {
         _ = terminate => {}
     }
     println!("zeroboot: shutting down");
+}
+
+/// How sandboxes get a network, from the flags. The host's addresses are
+/// read now, before the server's seccomp filter refuses netlink; without
+/// them no sandbox could be kept from the host, so networking is off.
+fn network_settings(args: &ServeArgs) -> Result<NetworkSettings> {
+    zeroboot_net::NetworkPolicy {
+        allow: Vec::new(),
+        deny: args.net_deny.clone(),
+    }
+    .validate()
+    .map_err(|e| anyhow::anyhow!("--net-deny: {e}"))?;
+    let (enabled, host_addresses) = match zeroboot_server::network::host_addresses() {
+        Ok(addresses) => (!args.no_network, addresses),
+        Err(e) if !args.no_network => {
+            tracing::warn!(error = %e, "cannot read this host's addresses: sandboxes get no network");
+            (false, Vec::new())
+        }
+        Err(_) => (false, Vec::new()),
+    };
+    Ok(NetworkSettings {
+        enabled,
+        dns_upstream: args.dns_upstream.or_else(zeroboot_server::network::system_resolver),
+        max_connections: args.net_max_connections.max(1),
+        bandwidth_bytes_per_sec: args.net_bandwidth,
+        host_addresses,
+        always_deny: args.net_deny.clone(),
+    })
 }

@@ -16,6 +16,8 @@ use zeroboot_protocol::{Chunk, GuestFault, Outcome, Request};
 use zeroboot_vmm::fork::{Demand, ReadyPool};
 use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy, LiveSnapshot, Snapshot};
 
+use zeroboot_net::NetConfig;
+
 use crate::wire::{self, Command, Failure, LiveParts, Reply, Stats, WireError};
 
 /// How long a worker may take to prepare or start a VM, or to capture one.
@@ -141,8 +143,14 @@ impl IsolatedTemplate {
         !self.spec.health.failing()
     }
 
-    /// A new sandbox: a worker process with a new VM, started now.
+    /// A new sandbox: a worker process with a new VM, started now, with no
+    /// network.
     pub fn fork(&self) -> Result<Sandbox, SandboxError> {
+        self.fork_with(None)
+    }
+
+    /// [`IsolatedTemplate::fork`], reaching what `network` allows.
+    pub fn fork_with(&self, network: Option<NetConfig>) -> Result<Sandbox, SandboxError> {
         // The pool prepares the next worker once this one has started
         // (`_refill`): preparing one meanwhile would compete for the CPU.
         let (mut sandbox, _refill) = match self.pool.as_ref().and_then(ReadyPool::take) {
@@ -155,16 +163,17 @@ impl IsolatedTemplate {
                 (prepared?, None)
             }
         };
-        sandbox.start()?;
+        sandbox.start(network)?;
         Ok(sandbox)
     }
 
     /// A new sandbox that starts where `live` (captured from a fork of this
-    /// template) was.
-    pub fn fork_live(&self, live: &LiveSnapshot) -> Result<Sandbox, SandboxError> {
+    /// template) was, reaching what `network` allows. It inherits none of
+    /// its parent's connections.
+    pub fn fork_live(&self, live: &LiveSnapshot, network: Option<NetConfig>) -> Result<Sandbox, SandboxError> {
         let parts = LiveParts::from_live(live).map_err(|e| SandboxError::Worker(e.to_string()))?;
         let mut sandbox = Sandbox::prepare(&self.spec, Some(parts), self.spec.policy.for_fork(Demand::Behind))?;
-        sandbox.start()?;
+        sandbox.start(network)?;
         Ok(sandbox)
     }
 }
@@ -208,8 +217,8 @@ impl Sandbox {
         }
     }
 
-    fn start(&mut self) -> Result<(), SandboxError> {
-        match self.call(&Command::Start, SETUP_DEADLINE, "Start")? {
+    fn start(&mut self, network: Option<NetConfig>) -> Result<(), SandboxError> {
+        match self.call(&Command::Start { network }, SETUP_DEADLINE, "Start")? {
             Reply::Started => Ok(()),
             other => Err(unexpected("Started", &other)),
         }

@@ -26,6 +26,8 @@ pub enum WireError {
     Decode(#[from] bincode::Error),
 }
 
+use zeroboot_net::NetConfig;
+
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Command {
     /// Make the VM ahead of time, from the template or from a live snapshot
@@ -35,8 +37,11 @@ pub enum Command {
         /// How the VM's guest memory is backed.
         fork_memory: ForkMemory,
     },
-    /// Finish the fork (fresh entropy, clock, timer): the sandbox exists now.
-    Start,
+    /// Finish the fork (fresh entropy, clock, timer): the sandbox exists
+    /// now, reaching what `network` allows (nothing without one).
+    Start {
+        network: Option<NetConfig>,
+    },
     Exec {
         request: Request,
         timeout: std::time::Duration,

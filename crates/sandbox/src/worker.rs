@@ -49,27 +49,42 @@ pub fn serve(dir: &Path) -> Result<(), WorkerError> {
         Err(failure) => return Ok(write_frame(&mut output, &Reply::Failed(failure))?),
     };
     write_frame(&mut output, &Reply::Prepared)?;
-    // From here on the guest can act, so from here on the filter holds.
-    // Building it allocates; install is the last thing before the wait.
+    // Both filters are built (which allocates) before the wait; the one the
+    // sandbox needs is installed once Start says whether it has a network,
+    // after its thread started (so no filter need allow starting threads)
+    // and before the guest next runs, so everything the guest can reach
+    // runs under it.
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() } as u32;
-    let sandboxed = seccomp::worker_filter(pid).and_then(|filter| seccomp::install(&filter));
-    match read_frame(&mut input) {
-        Ok(Command::Start) => {}
+    let filters = seccomp::worker_filter(pid, seccomp::WorkerNetwork::None)
+        .and_then(|none| Ok((none, seccomp::worker_filter(pid, seccomp::WorkerNetwork::Backend)?)));
+    let network = match read_frame(&mut input) {
+        Ok(Command::Start { network }) => network,
         Err(WireError::Closed) => return Ok(()),
         Ok(other) => {
             let failure = Failure::Other(format!("expected Start, got {}", name(&other)));
             return Ok(write_frame(&mut output, &Reply::Failed(failure))?);
         }
         Err(e) => return Err(e.into()),
-    }
-    if let Err(e) = sandboxed {
-        return Ok(write_frame(&mut output, &Reply::Failed(Failure::Other(e.to_string())))?);
-    }
+    };
+    let (no_network, with_network) = match filters {
+        Ok(filters) => filters,
+        Err(e) => return Ok(write_frame(&mut output, &Reply::Failed(Failure::Other(e.to_string())))?),
+    };
     let mut machine = match template.start(prepared, Box::new(std::io::sink())) {
         Ok(m) => m,
         Err(e) => return Ok(write_frame(&mut output, &Reply::Failed(failure(e)))?),
     };
+    let filter = match network {
+        Some(config) => match machine.start_network(config) {
+            Ok(()) => &with_network,
+            Err(e) => return Ok(write_frame(&mut output, &Reply::Failed(failure(e)))?),
+        },
+        None => &no_network,
+    };
+    if let Err(e) = seccomp::install(filter) {
+        return Ok(write_frame(&mut output, &Reply::Failed(Failure::Other(e.to_string())))?);
+    }
     write_frame(&mut output, &Reply::Started)?;
     loop {
         let command = match read_frame(&mut input) {
@@ -106,7 +121,7 @@ pub fn serve(dir: &Path) -> Result<(), WorkerError> {
                 Ok(bytes) => Reply::Bytes(bytes.to_vec()),
                 Err(e) => Reply::Failed(failure(e)),
             },
-            other @ (Command::Prepare { .. } | Command::Start) => {
+            other @ (Command::Prepare { .. } | Command::Start { .. }) => {
                 Reply::Failed(Failure::Other(format!("{} was already done", name(&other))))
             }
         };
@@ -163,7 +178,7 @@ fn failure(e: MachineError) -> Failure {
 fn name(command: &Command) -> &'static str {
     match command {
         Command::Prepare { .. } => "Prepare",
-        Command::Start => "Start",
+        Command::Start { .. } => "Start",
         Command::Exec { .. } => "Exec",
         Command::SnapshotLive => "SnapshotLive",
         Command::Stats => "Stats",

@@ -28,10 +28,12 @@
 //! | `getrandom` | CRNG keys and generator seeds for the guest |
 //! | `clock_gettime`, `clock_nanosleep`, `nanosleep`, `futex`, `sched_yield`, `gettid`, `getpid`, `restart_syscall` | time and locks |
 //! | `tgkill` to this process only, `exit`, `exit_group` | exit, and `abort` on a panic |
+//! | with networking only: `socket` (`AF_INET`), `connect`, `sendto`, `recvfrom`, `sendmsg`, `recvmsg`, `setsockopt`, `getsockopt`, `getsockname`, `getpeername`, `shutdown`, `epoll_*`, `poll` | the network backend's thread ([`NETWORK_BACKEND`]) |
 //!
 //! Everything else is refused, among them `execve`, `clone`/`fork`,
-//! `socket`, `connect`, `ptrace`, `open` for writing, `kill` of another
-//! process, and new executable mappings.
+//! `socket` (any but `AF_INET`, and that one without networking),
+//! `connect`, `ptrace`, `open` for writing, `kill` of another process, and
+//! new executable mappings.
 
 use std::collections::BTreeMap;
 
@@ -232,14 +234,54 @@ fn compile(rules: Rules, refused: SeccompAction) -> Result<BpfProgram, SeccompEr
     Ok(filter.try_into()?)
 }
 
+/// What a worker's network backend needs besides [`RUNTIME`]: IPv4
+/// sockets (the family is checked) to connect out and to forward DNS, and
+/// `epoll` to wait on them. Its thread is started before the filter is
+/// installed, so starting threads stays refused.
+const NETWORK_BACKEND: &[i64] = &[
+    libc::SYS_connect,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_shutdown,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+];
+
+/// Whether a worker's sandbox has a network (and so a backend thread).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerNetwork {
+    None,
+    Backend,
+}
+
 /// The worker's filter (see the module documentation), for process `pid`.
-pub fn worker_filter(pid: u32) -> Result<BpfProgram, SeccompError> {
+pub fn worker_filter(pid: u32, network: WorkerNetwork) -> Result<BpfProgram, SeccompError> {
     let mut rules = Rules::new();
     allow(&mut rules, RUNTIME);
     allow_ioctl_types(&mut rules, &[KVMIO])?;
     let writing = (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64;
     allow_masked(&mut rules, libc::SYS_openat, 2, writing, &[0])?;
     allow_mappings_without_exec(&mut rules)?;
+    if network == WorkerNetwork::Backend {
+        allow(&mut rules, NETWORK_BACKEND);
+        allow_masked(
+            &mut rules,
+            libc::SYS_socket,
+            0,
+            u64::from(u32::MAX),
+            &[libc::AF_INET as u64],
+        )?;
+    }
     // Signals to this process only (abort on a panic).
     rules.insert(
         libc::SYS_tgkill,
@@ -353,7 +395,7 @@ mod tests {
 
     /// Runs `f` in a forked child under the worker filter; its wait status.
     fn in_filtered_child(f: impl FnOnce() -> i32) -> libc::c_int {
-        in_child_under(&[worker_filter(0).unwrap()], f)
+        in_child_under(&[worker_filter(0, WorkerNetwork::None).unwrap()], f)
     }
 
     /// Runs `f` in a forked child under `filters`; its wait status.
@@ -528,6 +570,36 @@ mod tests {
             assert!(
                 libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
                 "{name}: status {status:#x}, expected death by SIGSYS"
+            );
+        }
+    }
+
+    #[test]
+    fn a_worker_with_a_network_may_open_ipv4_sockets_only() {
+        let inet = in_child_under(&[worker_filter(0, WorkerNetwork::Backend).unwrap()], || {
+            // SAFETY: plain system calls with no pointers.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK, 0) };
+            // SAFETY: as above.
+            let epoll = unsafe { libc::epoll_create1(0) };
+            if fd >= 0 && epoll >= 0 {
+                7
+            } else {
+                1
+            }
+        });
+        assert!(
+            libc::WIFEXITED(inet) && libc::WEXITSTATUS(inet) == 7,
+            "status {inet:#x}"
+        );
+        for family in [libc::AF_UNIX, libc::AF_INET6, libc::AF_NETLINK] {
+            let status = in_child_under(&[worker_filter(0, WorkerNetwork::Backend).unwrap()], || {
+                // SAFETY: a plain system call with no pointers.
+                unsafe { libc::socket(family, libc::SOCK_STREAM, 0) };
+                0
+            });
+            assert!(
+                libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+                "family {family}: status {status:#x}"
             );
         }
     }

@@ -52,6 +52,9 @@ pub struct ExecRequest {
     /// `Accept: text/event-stream`).
     #[serde(default)]
     pub stream: bool,
+    /// What the code may reach over the network (default: nothing).
+    #[serde(default)]
+    pub network: Option<crate::network::NetworkRequest>,
     #[serde(flatten)]
     pub context: RunContext,
 }
@@ -96,6 +99,7 @@ impl ExecRequest {
             stdin,
             template: None,
             stream: false,
+            network: None,
             context: RunContext::default(),
         }
     }
@@ -357,6 +361,7 @@ impl AppState {
         let timeout = self.validate(&req.code, &req.stdin, req.timeout_seconds)?;
         self.validate_context(&req.context(), req.code.len() + req.stdin.len())?;
         let served = self.resolve(&req.language, req.template.as_ref())?;
+        self.network_config(req.network.as_ref())?;
         Ok((timeout, served, self.slot().await?))
     }
 }

@@ -29,6 +29,7 @@ pub mod error;
 mod exec;
 mod files;
 pub mod metrics;
+pub mod network;
 pub mod openapi;
 mod pause;
 pub mod paused;

@@ -89,6 +89,7 @@ impl AppState {
                 .map(|e| e.duration_since(now).map_or(0.0, |d| d.as_secs_f64())),
             changed_bytes: live.changed_bytes(),
             code_contexts: session.code_contexts.lock().map(|c| c.clone()).unwrap_or_default(),
+            network: session.network.clone(),
         };
         let paused = self.clone();
         let saved = record.clone();
@@ -148,12 +149,14 @@ impl AppState {
                 .timeout_left_seconds
                 .map(|left| SystemTime::now() + Duration::from_secs_f64(left.max(1.0))),
             code_contexts: record.code_contexts.clone(),
+            network: record.network.clone(),
         };
+        let network = self.network_config(record.network.as_ref())?;
         let ttl = Duration::from_secs_f64(record.ttl_seconds.max(1.0));
         let session = self
             .sessions
             .start(served, caller, ttl, options, move |served| {
-                served.template.fork_live(&live)
+                served.template.fork_live(&live, network)
             })
             .await?;
         // Ordering: running first, then the saved state goes; a failed

@@ -54,6 +54,9 @@ pub struct PausedRecord {
     pub changed_bytes: u64,
     #[serde(default)]
     pub code_contexts: BTreeMap<String, CodeContext>,
+    /// What it may reach once resumed (absent in records without a network).
+    #[serde(default)]
+    pub network: Option<crate::network::NetworkRequest>,
 }
 
 impl PausedRecord {

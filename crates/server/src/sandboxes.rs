@@ -35,6 +35,10 @@ pub struct CreateSandbox {
     /// Idle seconds after which the sandbox is removed (default 300).
     #[serde(default)]
     pub ttl_seconds: Option<f64>,
+    /// What the sandbox and its forks may reach over the network (default:
+    /// nothing).
+    #[serde(default)]
+    pub network: Option<crate::network::NetworkRequest>,
     /// For every call in this sandbox and its forks, under a call's own.
     #[serde(flatten)]
     pub context: RunContext,
@@ -104,6 +108,7 @@ pub(crate) async fn create_sandbox(
         }
     };
     // Held until the sandbox is registered (or failed to start).
+    let network = state.network_config(req.network.as_ref())?;
     let _reserved = state.sessions.reserve(caller, 1, served.memory_mib())?;
     let session = state
         .sessions
@@ -113,9 +118,10 @@ pub(crate) async fn create_sandbox(
             ttl,
             SessionOptions {
                 context,
+                network: req.network.clone(),
                 ..SessionOptions::default()
             },
-            |served| served.template.fork(),
+            |served| served.template.fork_with(network),
         )
         .await?;
     Ok((StatusCode::CREATED, Json(session.info())))
@@ -234,6 +240,8 @@ pub(crate) async fn fork_sandbox(
     let mut sandboxes = Vec::with_capacity(req.count);
     for _ in 0..req.count {
         let live = live.clone();
+        // Each child's own backend: no connection of the parent's is shared.
+        let network = state.network_config(parent.network.as_ref())?;
         let child = state
             .sessions
             .start(
@@ -243,9 +251,10 @@ pub(crate) async fn fork_sandbox(
                 SessionOptions {
                     parent: Some(parent.id.clone()),
                     context: parent.context.clone(),
+                    network: parent.network.clone(),
                     ..SessionOptions::default()
                 },
-                move |served| served.template.fork_live(&live),
+                move |served| served.template.fork_live(&live, network),
             )
             .await;
         match child {

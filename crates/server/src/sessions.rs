@@ -42,6 +42,8 @@ pub struct Session {
     pub metadata: BTreeMap<String, String>,
     /// The code-interpreter API's contexts (namespaces in the guest), by id.
     pub code_contexts: Mutex<BTreeMap<String, CodeContext>>,
+    /// What it may reach, as asked when it was made; `None`: no network.
+    pub network: Option<crate::network::NetworkRequest>,
     /// Code-interpreter executions so far.
     pub executions: AtomicUsize,
     /// When it is removed whatever it is doing (E2B's timeout); `None`:
@@ -180,6 +182,8 @@ pub struct SessionOptions {
     pub metadata: BTreeMap<String, String>,
     pub ends: Option<SystemTime>,
     pub code_contexts: BTreeMap<String, CodeContext>,
+    /// What it may reach (its forks inherit it); `None`: no network.
+    pub network: Option<crate::network::NetworkRequest>,
 }
 
 pub struct Sessions {
@@ -394,6 +398,7 @@ impl Sessions {
             alias: options.alias.unwrap_or_else(|| served_name.clone()),
             metadata: options.metadata,
             code_contexts: Mutex::new(options.code_contexts),
+            network: options.network,
             executions: AtomicUsize::new(0),
             ends: Mutex::new(options.ends),
             last_used: Mutex::new(Instant::now()),

@@ -71,6 +71,7 @@ pub struct AppState {
     pub(crate) sessions: Sessions,
     pub(crate) paused: PausedStore,
     node: Option<String>,
+    pub(crate) network: crate::network::NetworkSettings,
 }
 
 impl AppState {
@@ -101,7 +102,14 @@ impl AppState {
             metrics: Metrics::default(),
             paused: PausedStore::default(),
             node: None,
+            network: crate::network::NetworkSettings::default(),
         }
+    }
+
+    /// How sandboxes that ask for a network get one.
+    pub fn with_network(mut self, settings: crate::network::NetworkSettings) -> Self {
+        self.network = settings;
+        self
     }
 
     /// This server's node id in a cluster (see [`crate::sessions::valid_node_id`]):

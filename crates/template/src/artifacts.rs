@@ -95,6 +95,9 @@ pub fn root_image_hash(spec: &TemplateSpec, base_hash: &str) -> String {
     for (file, line) in USER_ACCOUNT {
         h.add(file.as_bytes(), line.as_bytes());
     }
+    for (file, contents) in network_files() {
+        h.add(file.as_bytes(), contents.as_bytes());
+    }
     // Not in the agent sources, yet the agents are built from them.
     for (name, render) in guest_layout::FILES {
         h.add(name.as_bytes(), render().as_bytes());
@@ -117,6 +120,37 @@ const USER_ACCOUNT: [(&str, &str); 3] = [
     ("etc/group", "user:x:1000:\n"),
     ("etc/shadow", "user:!:20000:0:99999:7:::\n"),
 ];
+
+/// The guest's resolver and host names: names go to the gateway of the
+/// sandbox's private link, where the network backend answers them as the
+/// sandbox's policy allows (zeroboot_net). The address is set by the
+/// kernel itself (vmm::network::kernel_args).
+fn network_files() -> [(&'static str, String); 2] {
+    [
+        (
+            "etc/resolv.conf",
+            format!(
+                "nameserver {}\noptions timeout:2 attempts:2\n",
+                zeroboot_net::link::GATEWAY_IP
+            ),
+        ),
+        (
+            "etc/hosts",
+            format!("127.0.0.1\tlocalhost\n{}\tzeroboot\n", zeroboot_net::link::GUEST_IP),
+        ),
+    ]
+}
+
+/// Writes [`network_files`] into the image staged at `stage`.
+fn add_network_files(stage: &Path) -> Result<(), CacheError> {
+    for (file, contents) in network_files() {
+        let path = stage.join(file);
+        // A symlink (Debian's resolv.conf may be one) is replaced, not followed.
+        let _ = std::fs::remove_file(&path);
+        std::fs::write(&path, contents).map_err(io_err(&path))?;
+    }
+    Ok(())
+}
 
 /// Adds [`USER_ACCOUNT`] to the image staged at `stage`, and its home.
 fn add_user_account(stage: &Path) -> Result<(), CacheError> {
@@ -345,6 +379,7 @@ pub fn ensure_root_image(
             progress,
         )?;
         add_user_account(&stage)?;
+        add_network_files(&stage)?;
         install_agent(spec, dir, &stage.join("zeroboot"), progress)?;
         let image = dir.join("root.erofs");
         let mut args: Vec<&Path> = MKFS_ARGS.iter().map(Path::new).collect();

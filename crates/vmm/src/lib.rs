@@ -5,7 +5,9 @@
 //! - [`kvm`]: every KVM ioctl.
 //! - [`boot`]: kernel loading and the 64-bit boot protocol.
 //! - [`layout`], [`memory`]: guest-physical layout and guest memory.
-//! - [`devices`]: the serial console.
+//! - [`devices`]: the serial console, and the virtio-mmio transport and
+//!   virtio-net device.
+//! - [`network`]: a machine's network device and the backend behind it.
 //! - [`snapshot`]: the snapshot's file formats, and an opened snapshot.
 //! - [`page_cache`]: how the host caches a memory file, and its repair.
 //! - [`page_tables`]: the guest's page tables as the host reads them, for
@@ -26,6 +28,7 @@ pub mod kvm;
 pub mod layout;
 pub mod machine;
 pub mod memory;
+pub mod network;
 pub mod page_cache;
 pub mod page_tables;
 mod slots;

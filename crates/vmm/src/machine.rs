@@ -17,6 +17,7 @@ use crate::guest_kernel::{KernelSymbols, SymbolError};
 use crate::kvm::{Exit, Hypervisor, KvmError, Vcpu, Vm};
 use crate::layout::{LayoutError, MemoryLayout};
 use crate::memory::{GuestRam, MemoryError};
+use crate::network::{Network, NetworkError};
 use crate::page_cache::{self, MemoryFileRead};
 use crate::page_tables;
 use crate::slots::Slots;
@@ -67,6 +68,8 @@ pub enum MachineError {
     FailEntry(u64),
     #[error("unexpected VM exit: {0}")]
     UnexpectedExit(String),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
     #[error("the agent registered entropy at {gpa:#x} (+{len}), outside guest RAM below the mailbox")]
     EntropyOutsideRam { gpa: u64, len: u64 },
 }
@@ -92,7 +95,9 @@ pub struct BootSpec {
 }
 
 pub struct Machine {
-    // Field order is drop order: the vCPU and VM go before the memory they map.
+    // Field order is drop order: the network's thread stops first, then the
+    // vCPU and VM go, all before the memory they map.
+    network: Network,
     vcpu: Vcpu,
     vm: Vm,
     ram: GuestRam,
@@ -320,8 +325,10 @@ impl Machine {
             cmdline.push_str(" zeroboot.disk=1");
         }
         cmdline.push_str(&format!(
-            " zeroboot.mailbox={:#x} zeroboot.doorbell={:#x}",
-            layout.mailbox_gpa, layout.doorbell_gpa
+            " zeroboot.mailbox={:#x} zeroboot.doorbell={:#x} {}",
+            layout.mailbox_gpa,
+            layout.doorbell_gpa,
+            crate::network::kernel_args()
         ));
         let entry = boot::load(&mut ram, &layout, &spec.kernel, cmdline.trim(), spec.initrd.as_deref())?;
 
@@ -334,6 +341,7 @@ impl Machine {
         let vcpu = vm.create_vcpu(0)?;
         boot::configure_vcpu(hv, &vcpu, entry)?;
         Ok(Self {
+            network: Network::new(None),
             vcpu,
             vm,
             ram,
@@ -405,6 +413,7 @@ impl Machine {
             vcpu.set_msrs(&[timer.rearm(tsc)])?;
         }
         Ok(Self {
+            network: Network::new(state.net.clone()),
             vcpu,
             vm,
             ram,
@@ -423,6 +432,17 @@ impl Machine {
 
     pub fn layout(&self) -> &MemoryLayout {
         &self.layout
+    }
+
+    /// Lets the guest reach what `config` allows from now on (until then
+    /// every connection is refused). Once per machine.
+    pub fn start_network(&mut self, config: zeroboot_net::NetConfig) -> Result<(), MachineError> {
+        Ok(self.network.start(&self.vm, &self.ram, config)?)
+    }
+
+    /// What the network backend did, if networking is on.
+    pub fn network_stats(&self) -> Option<zeroboot_net::NetStats> {
+        self.network.backend().map(zeroboot_net::Backend::stats)
     }
 
     /// VM exits handled by the VMM so far.
@@ -507,6 +527,14 @@ impl Machine {
                     let doorbell = Doorbell::from_byte(code)
                         .ok_or(MachineError::guest_protocol(ProtocolError::UnknownDoorbell(code)))?;
                     Some(doorbell)
+                }
+                Exit::MmioWrite { addr, data } if Network::handles(addr) => {
+                    self.network.write(&self.vm, &self.ram, addr, data)?;
+                    None
+                }
+                Exit::MmioRead { addr, data } if Network::handles(addr) => {
+                    self.network.read(&self.vm, &self.ram, addr, data)?;
+                    None
                 }
                 Exit::MmioWrite { addr, data } => {
                     if self.slots.register_for(&self.vm, &self.ram, addr, data.len() as u64)? {
@@ -598,6 +626,7 @@ impl Machine {
             vm: self.vm.save_state()?,
             vcpu: self.vcpu.save_state()?,
             serial: self.serial.state(),
+            net: self.network.state(),
         })
     }
 

@@ -18,6 +18,7 @@ use zeroboot_protocol::Context;
 use super::{rfc3339, E2bError, ENVD_VERSION};
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::network::NetworkRequest;
 use crate::paused::PausedRecord;
 use crate::served::Served;
 use crate::sessions::{Session, SessionOptions};
@@ -34,6 +35,50 @@ pub(crate) struct NewSandbox {
     timeout: Option<f64>,
     metadata: Option<BTreeMap<String, String>>,
     env_vars: Option<BTreeMap<String, String>>,
+    /// E2B's default is true (snake case in E2B's API too).
+    #[serde(rename = "allow_internet_access")]
+    allow_internet_access: Option<bool>,
+    network: Option<E2bNetwork>,
+}
+
+/// E2B's `SandboxNetworkConfig`, the parts that map onto a policy.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct E2bNetwork {
+    #[serde(default)]
+    allow_out: Vec<String>,
+    #[serde(default)]
+    deny_out: Vec<String>,
+}
+
+impl NewSandbox {
+    /// Our policy for E2B's settings. E2B's sandboxes reach the internet
+    /// unless told not to; `denyOut` takes CIDRs out of that, and
+    /// `allowOut` puts destinations back, which here means: with all of
+    /// IPv4 denied (or no internet), only `allowOut`; otherwise everything
+    /// but `denyOut` (a deny entry then wins over an allow entry, as in our
+    /// own API). A server without networking gives none unless asked
+    /// explicitly.
+    fn network(&self, state: &AppState) -> Option<NetworkRequest> {
+        let network = self.network.as_ref();
+        let explicit = network.is_some() || self.allow_internet_access.is_some();
+        if !explicit && !state.network.enabled {
+            return None;
+        }
+        let allow_out = network.map(|n| n.allow_out.clone()).unwrap_or_default();
+        let deny_out = network.map(|n| n.deny_out.clone()).unwrap_or_default();
+        let closed = self.allow_internet_access == Some(false) || deny_out.iter().any(|d| d == "0.0.0.0/0");
+        if closed {
+            return (!allow_out.is_empty()).then_some(NetworkRequest {
+                allow: allow_out,
+                deny: Vec::new(),
+            });
+        }
+        Some(NetworkRequest {
+            allow: vec!["*".to_string()],
+            deny: deny_out,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -188,14 +233,17 @@ pub(crate) async fn create(
         ))
     })?;
     let lifetime = timeout(&state, req.timeout)?;
+    let network_request = req.network(&state);
     let context = Context {
         env: req.env_vars.unwrap_or_default(),
         ..Context::default()
     };
     state.validate_context(&context, 0)?;
+    let network = state.network_config(network_request.as_ref())?;
     let _reserved = state.sessions.reserve(caller, 1, served.memory_mib())?;
     let options = SessionOptions {
         context,
+        network: network_request,
         alias: Some(req.template_id.clone()),
         metadata: req.metadata.unwrap_or_default(),
         ends: Some(SystemTime::now() + lifetime),
@@ -205,7 +253,9 @@ pub(crate) async fn create(
     let ttl = state.limits.max_sandbox_ttl;
     let session = state
         .sessions
-        .start(served, caller, ttl, options, |served| served.template.fork())
+        .start(served, caller, ttl, options, |served| {
+            served.template.fork_with(network)
+        })
         .await?;
     Ok((StatusCode::CREATED, Json(created(&session))))
 }

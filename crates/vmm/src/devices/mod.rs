@@ -2,4 +2,5 @@
 //! LAPIC, PIT) is KVM's.
 
 pub mod serial;
+pub mod virtio;
 pub mod zeroing;

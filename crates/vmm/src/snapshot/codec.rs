@@ -16,7 +16,7 @@ use bincode::Options;
 use super::state::MachineState;
 
 pub const MAGIC: [u8; 8] = *b"ZBSNAP\0\0";
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 pub const HEADER_LEN: usize = 24;
 /// A real state is tens of KiB; anything near this is not ours.
 pub const MAX_PAYLOAD: u64 = 4 << 20;

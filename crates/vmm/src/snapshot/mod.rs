@@ -231,6 +231,7 @@ pub(crate) mod tests {
                 scratch: 7,
                 ..Default::default()
             },
+            net: None,
         }
     }
 

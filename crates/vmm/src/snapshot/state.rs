@@ -125,4 +125,6 @@ pub struct MachineState {
     pub vm: VmState,
     pub vcpu: VcpuState,
     pub serial: SerialState,
+    /// The virtio-net device (`None`: as at power-on, never touched).
+    pub net: Option<crate::devices::virtio::net::NetState>,
 }
