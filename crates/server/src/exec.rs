@@ -361,7 +361,7 @@ impl AppState {
         let timeout = self.validate(&req.code, &req.stdin, req.timeout_seconds)?;
         self.validate_context(&req.context(), req.code.len() + req.stdin.len())?;
         let served = self.resolve(&req.language, req.template.as_ref())?;
-        self.network_config(req.network.as_ref())?;
+        self.network.config_for(req.network.as_ref())?;
         Ok((timeout, served, self.slot().await?))
     }
 }

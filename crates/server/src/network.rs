@@ -10,7 +10,6 @@ use utoipa::ToSchema;
 use zeroboot_net::{NetConfig, NetworkPolicy};
 
 use crate::error::ApiError;
-use crate::state::AppState;
 
 /// What a sandbox may reach. Each entry is a domain name (`example.org`),
 /// every name below a domain (`*.example.com`, not the domain itself), an
@@ -105,13 +104,13 @@ pub fn host_addresses() -> std::io::Result<Vec<IpAddr>> {
     Ok(addresses)
 }
 
-impl AppState {
+impl NetworkSettings {
     /// The backend configuration for a sandbox that asked for `request`
     /// (`None`: no network). A policy that does not parse is a 400 naming
     /// the entry.
-    pub(crate) fn network_config(&self, request: Option<&NetworkRequest>) -> Result<Option<NetConfig>, ApiError> {
+    pub(crate) fn config_for(&self, request: Option<&NetworkRequest>) -> Result<Option<NetConfig>, ApiError> {
         let Some(request) = request else { return Ok(None) };
-        let settings = &self.network;
+        let settings = self;
         NetworkPolicy {
             allow: request.allow.clone(),
             deny: request.deny.clone(),

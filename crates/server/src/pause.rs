@@ -151,7 +151,7 @@ impl AppState {
             code_contexts: record.code_contexts.clone(),
             network: record.network.clone(),
         };
-        let network = self.network_config(record.network.as_ref())?;
+        let network = self.network.config_for(record.network.as_ref())?;
         let ttl = Duration::from_secs_f64(record.ttl_seconds.max(1.0));
         let session = self
             .sessions

@@ -108,7 +108,7 @@ pub(crate) async fn create_sandbox(
         }
     };
     // Held until the sandbox is registered (or failed to start).
-    let network = state.network_config(req.network.as_ref())?;
+    let network = state.network.config_for(req.network.as_ref())?;
     let _reserved = state.sessions.reserve(caller, 1, served.memory_mib())?;
     let session = state
         .sessions
@@ -241,7 +241,7 @@ pub(crate) async fn fork_sandbox(
     for _ in 0..req.count {
         let live = live.clone();
         // Each child's own backend: no connection of the parent's is shared.
-        let network = state.network_config(parent.network.as_ref())?;
+        let network = state.network.config_for(parent.network.as_ref())?;
         let child = state
             .sessions
             .start(

@@ -239,7 +239,7 @@ pub(crate) async fn create(
         ..Context::default()
     };
     state.validate_context(&context, 0)?;
-    let network = state.network_config(network_request.as_ref())?;
+    let network = state.network.config_for(network_request.as_ref())?;
     let _reserved = state.sessions.reserve(caller, 1, served.memory_mib())?;
     let options = SessionOptions {
         context,
