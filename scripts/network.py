@@ -210,7 +210,7 @@ def refused_fast(result):
     return not result["what"].startswith("ok") and result["ms"] < 1000
 
 
-def test():
+def test(forks):
     with World() as w:
         hello = f"http://{INTERNET}:8000/hello.txt"
 
@@ -261,7 +261,7 @@ def test():
 
         test_sessions_and_forks(w)
         test_flood(w)
-        test_many_forks_leave_nothing(w)
+        test_many_forks_leave_nothing(w, forks)
 
     with World(["--no-network"]) as w:
         status, body = w.call("POST", "/v1/exec", {"code": "1", "network": {"allow": ["*"]}})
@@ -389,14 +389,15 @@ def bench(runs):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("test")
+    t = sub.add_parser("test")
+    t.add_argument("--forks", type=int, default=1000, help="forks with a network in the check that they leave nothing behind")
     b = sub.add_parser("bench")
     b.add_argument("--runs", type=int, default=30)
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("scripts/network.py needs root (network namespaces)")
     if args.command == "test":
-        test()
+        test(args.forks)
     else:
         bench(args.runs)
 

@@ -118,7 +118,7 @@ impl IsolatedTemplate {
         let make = move |demand| {
             let started = Instant::now();
             let fork_memory = source.policy.for_fork(demand);
-            let prepared = Sandbox::prepare(&source, None, fork_memory);
+            let prepared = Sandbox::prepare(&source, None, fork_memory, false);
             source.health.record(&prepared);
             tracing::debug!(
                 ?demand,
@@ -151,6 +151,15 @@ impl IsolatedTemplate {
 
     /// [`IsolatedTemplate::fork`], reaching what `network` allows.
     pub fn fork_with(&self, network: Option<NetConfig>) -> Result<Sandbox, SandboxError> {
+        // The pool's workers have no network (their filter is already
+        // installed); a sandbox with one is prepared here, for itself.
+        if network.is_some() {
+            let prepared = Sandbox::prepare(&self.spec, None, self.spec.policy.for_fork(Demand::Behind), true);
+            self.spec.health.record(&prepared);
+            let mut sandbox = prepared?;
+            sandbox.start(network)?;
+            return Ok(sandbox);
+        }
         // The pool prepares the next worker once this one has started
         // (`_refill`): preparing one meanwhile would compete for the CPU.
         let (mut sandbox, _refill) = match self.pool.as_ref().and_then(ReadyPool::take) {
@@ -158,7 +167,7 @@ impl IsolatedTemplate {
             // Empty pool (or none): prepare one here rather than wait. The
             // request waits for it, hence Behind.
             None => {
-                let prepared = Sandbox::prepare(&self.spec, None, self.spec.policy.for_fork(Demand::Behind));
+                let prepared = Sandbox::prepare(&self.spec, None, self.spec.policy.for_fork(Demand::Behind), false);
                 self.spec.health.record(&prepared);
                 (prepared?, None)
             }
@@ -172,7 +181,8 @@ impl IsolatedTemplate {
     /// its parent's connections.
     pub fn fork_live(&self, live: &LiveSnapshot, network: Option<NetConfig>) -> Result<Sandbox, SandboxError> {
         let parts = LiveParts::from_live(live).map_err(|e| SandboxError::Worker(e.to_string()))?;
-        let mut sandbox = Sandbox::prepare(&self.spec, Some(parts), self.spec.policy.for_fork(Demand::Behind))?;
+        let policy = self.spec.policy.for_fork(Demand::Behind);
+        let mut sandbox = Sandbox::prepare(&self.spec, Some(parts), policy, network.is_some())?;
         sandbox.start(network)?;
         Ok(sandbox)
     }
@@ -188,7 +198,12 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    fn prepare(spec: &Spec, live: Option<LiveParts>, fork_memory: ForkMemory) -> Result<Self, SandboxError> {
+    fn prepare(
+        spec: &Spec,
+        live: Option<LiveParts>,
+        fork_memory: ForkMemory,
+        network: bool,
+    ) -> Result<Self, SandboxError> {
         let program = &spec.command.program;
         let mut child = std::process::Command::new(program)
             .args(&spec.command.args)
@@ -211,7 +226,15 @@ impl Sandbox {
             from: FrameReader::new(from),
             fork_memory,
         };
-        match sandbox.call(&Command::Prepare { live, fork_memory }, SETUP_DEADLINE, "Prepare")? {
+        match sandbox.call(
+            &Command::Prepare {
+                live,
+                fork_memory,
+                network,
+            },
+            SETUP_DEADLINE,
+            "Prepare",
+        )? {
             Reply::Prepared => Ok(sandbox),
             other => Err(unexpected("Prepared", &other)),
         }

@@ -36,6 +36,11 @@ pub enum Command {
         live: Option<LiveParts>,
         /// How the VM's guest memory is backed.
         fork_memory: ForkMemory,
+        /// Whether Start may bring a network. A worker without one installs
+        /// its (stricter) seccomp filter while it waits, outside the time
+        /// a fork takes; one with a network installs it after Start, once
+        /// the backend's thread is running.
+        network: bool,
     },
     /// Finish the fork (fresh entropy, clock, timer): the sandbox exists
     /// now, reaching what `network` allows (nothing without one).
