@@ -210,7 +210,34 @@ def refused_fast(result):
     return not result["what"].startswith("ok") and result["ms"] < 1000
 
 
+def test_template_policy():
+    """A template's spec can give its sandboxes a policy, used when a
+    request brings none; a request's own replaces it."""
+    subprocess.run([BINARY, "template", "build", "-f", str(REPO / "tests" / "templates" / "network.toml")],
+                   check=True, stdout=subprocess.DEVNULL)
+    with World(["--template", "python", "--template", "test-network"]) as w:
+        code = PROBE + f"print(probe('connect', '{INTERNET}:8000')['what'])"
+
+        def run_on(template, network=None):
+            body = {"code": code, "template": template}
+            if network is not None:
+                body["network"] = network
+            status, out = w.call("POST", "/v1/exec", body)
+            check(status == 200, f"exec on {template} answered {status}: {out}")
+            return out["stdout"].strip()
+
+        check(run_on("test-network") == "ok", "a template's own policy holds when a request brings none")
+        check(run_on("test-network", {"allow": ["10.99.0.0/16"]}) != "ok", "a request's policy replaces the template's")
+        check(run_on("python") != "ok", "a template without a policy gives no network")
+        status, made = w.call("POST", "/v1/sandboxes", {"template": "test-network"})
+        check(status == 201, f"a session of that template is made ({status})")
+        status, out = w.call("POST", f"/v1/sandboxes/{made['id']}/exec", {"code": code})
+        check(out["stdout"].strip() == "ok", f"a session of it has the template's policy ({out})")
+        w.call("DELETE", f"/v1/sandboxes/{made['id']}")
+
+
 def test(forks):
+    test_template_policy()
     with World() as w:
         hello = f"http://{INTERNET}:8000/hello.txt"
 
@@ -260,6 +287,7 @@ def test(forks):
               f"an unknown policy field is refused as the API refuses any bad field, naming it ({status} {body})")
 
         test_sessions_and_forks(w)
+        test_sandboxes_apart(w)
         test_flood(w)
         test_many_forks_leave_nothing(w, forks)
 
@@ -304,6 +332,30 @@ def fetch_big(w):
     out = w.exec(code, {"allow": [f"{NET}.0/24"]}, timeout=120)
     n, seconds = out["stdout"].split()
     return int(n), float(seconds)
+
+
+def test_sandboxes_apart(w):
+    """A listener in one sandbox is out of another's reach: every sandbox is
+    10.0.2.15 on a network of its own, and the gateway and host refuse."""
+    sessions = []
+    for _ in range(2):
+        status, made = w.call("POST", "/v1/sandboxes", {"network": {"allow": ["*"]}})
+        check(status == 201, f"a session with a network is made ({status})")
+        sessions.append(made["id"])
+    listen = ("import socket\nlistener = socket.socket()\n"
+              "listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+              "listener.bind(('0.0.0.0', 7000)); listener.listen(8)\n" + PROBE +
+              "print(json.dumps(probe('connect', '10.0.2.15:7000')))")
+    status, out = w.call("POST", f"/v1/sandboxes/{sessions[0]}/exec", {"code": listen})
+    check(status == 200 and json.loads(out["stdout"])["what"] == "ok",
+          f"a sandbox listens on port 7000 and reaches itself there ({out})")
+    code = PROBE + ("print(json.dumps([probe('connect', t) for t in "
+                    f"('10.0.2.15:7000', '10.0.2.2:7000', '{HOST}:7000')]))")
+    status, out = w.call("POST", f"/v1/sandboxes/{sessions[1]}/exec", {"code": code})
+    r = json.loads(out["stdout"])
+    check(all(refused_fast(x) for x in r), f"another sandbox cannot reach that listener by any address ({r})")
+    for sid in sessions:
+        w.call("DELETE", f"/v1/sandboxes/{sid}")
 
 
 def test_flood(w):

@@ -168,7 +168,10 @@ PRELOADED_MODULES = (
     "dataclasses datetime decimal enum fractions functools glob hashlib heapq hmac html io "
     "itertools json locale math operator os.path pathlib pickle pprint queue random re secrets "
     "shlex shutil signal socket statistics string struct subprocess tempfile textwrap threading "
-    "time timeit traceback types typing unicodedata urllib.parse uuid warnings weakref zlib"
+    "time timeit traceback types typing unicodedata urllib.parse uuid warnings weakref zlib "
+    # What code that talks to the network imports (email.message alone took
+    # 2-3 s in a fork): urllib.request pulls in http.client, email and ssl.
+    "urllib.request http.server socketserver selectors"
 ).split()
 
 

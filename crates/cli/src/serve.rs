@@ -92,10 +92,11 @@ pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<
     for name in &args.templates {
         let hv = Hypervisor::open()?;
         let snapshot = open(&cache, &hv, name)?;
-        let runtime = zeroboot_template::read_info(&snapshot.dir)?.runtime();
+        let info = zeroboot_template::read_info(&snapshot.dir)?;
         served.push(Served {
             name: name.clone(),
-            runtime: runtime.descriptor(),
+            runtime: info.runtime().descriptor(),
+            network: info.spec.and_then(|spec| spec.network).map(Into::into),
             template: IsolatedTemplate::new(worker.clone(), snapshot, args.pool, fork_memory),
         });
     }
@@ -128,6 +129,16 @@ pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<
         None => zeroboot_seccomp::ServerFiles::ReadOnly,
     };
     let network = network_settings(args)?;
+    if !network.enabled {
+        for template in &mut served {
+            if template.network.take().is_some() {
+                tracing::warn!(
+                    template = template.name,
+                    "the template's spec gives its sandboxes a network, which this server does not give"
+                );
+            }
+        }
+    }
     let state = Arc::new(
         AppState::new(served, limits, auth)
             .with_pause_dir(pause_dir.clone())

@@ -52,7 +52,8 @@ pub struct ExecRequest {
     /// `Accept: text/event-stream`).
     #[serde(default)]
     pub stream: bool,
-    /// What the code may reach over the network (default: nothing).
+    /// What the code may reach over the network (default: the template's
+    /// policy, and without one nothing).
     #[serde(default)]
     pub network: Option<crate::network::NetworkRequest>,
     #[serde(flatten)]
@@ -361,7 +362,7 @@ impl AppState {
         let timeout = self.validate(&req.code, &req.stdin, req.timeout_seconds)?;
         self.validate_context(&req.context(), req.code.len() + req.stdin.len())?;
         let served = self.resolve(&req.language, req.template.as_ref())?;
-        self.network.config_for(req.network.as_ref())?;
+        self.network.config_for(served.network(req.network.as_ref()))?;
         Ok((timeout, served, self.slot().await?))
     }
 }

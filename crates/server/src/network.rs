@@ -28,6 +28,15 @@ pub struct NetworkRequest {
     pub deny: Vec<String>,
 }
 
+impl From<NetworkPolicy> for NetworkRequest {
+    fn from(policy: NetworkPolicy) -> Self {
+        Self {
+            allow: policy.allow,
+            deny: policy.deny,
+        }
+    }
+}
+
 /// How this server lets sandboxes out.
 #[derive(Debug, Clone)]
 pub struct NetworkSettings {

@@ -46,7 +46,7 @@ impl AppState {
         on_chunk: &mut dyn FnMut(Chunk),
     ) -> Result<ExecResponse, ApiError> {
         let started = Instant::now();
-        let network = self.network.config_for(req.network.as_ref())?;
+        let network = self.network.config_for(served.network(req.network.as_ref()))?;
         let mut sandbox = served.template.fork_with(network).map_err(ApiError::internal)?;
         let forked = started.elapsed();
         self.metrics.live_sandboxes.inc();

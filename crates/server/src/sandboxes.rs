@@ -36,7 +36,7 @@ pub struct CreateSandbox {
     #[serde(default)]
     pub ttl_seconds: Option<f64>,
     /// What the sandbox and its forks may reach over the network (default:
-    /// nothing).
+    /// the template's policy, and without one nothing).
     #[serde(default)]
     pub network: Option<crate::network::NetworkRequest>,
     /// For every call in this sandbox and its forks, under a call's own.
@@ -108,7 +108,8 @@ pub(crate) async fn create_sandbox(
         }
     };
     // Held until the sandbox is registered (or failed to start).
-    let network = state.network.config_for(req.network.as_ref())?;
+    let policy = served.network(req.network.as_ref()).cloned();
+    let network = state.network.config_for(policy.as_ref())?;
     let _reserved = state.sessions.reserve(caller, 1, served.memory_mib())?;
     let session = state
         .sessions
@@ -118,7 +119,7 @@ pub(crate) async fn create_sandbox(
             ttl,
             SessionOptions {
                 context,
-                network: req.network.clone(),
+                network: policy,
                 ..SessionOptions::default()
             },
             |served| served.template.fork_with(network),

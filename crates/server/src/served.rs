@@ -3,6 +3,8 @@
 use zeroboot_sandbox::IsolatedTemplate;
 use zeroboot_template::RuntimeDescriptor;
 
+use crate::network::NetworkRequest;
+
 /// A template the server forks from.
 pub struct Served {
     pub name: String,
@@ -10,9 +12,18 @@ pub struct Served {
     /// the files API.
     pub runtime: &'static RuntimeDescriptor,
     pub template: IsolatedTemplate,
+    /// What its sandboxes may reach when a request brings no policy (the
+    /// template spec's `network`); none: no network.
+    pub network: Option<NetworkRequest>,
 }
 
 impl Served {
+    /// The policy a sandbox of this template gets: the request's own, else
+    /// the template's.
+    pub(crate) fn network<'a>(&'a self, request: Option<&'a NetworkRequest>) -> Option<&'a NetworkRequest> {
+        request.or(self.network.as_ref())
+    }
+
     /// Guest RAM of each sandbox forked from it.
     pub fn memory_mib(&self) -> u64 {
         self.template.snapshot().state.layout.ram_bytes >> 20

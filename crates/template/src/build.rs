@@ -18,7 +18,7 @@ use crate::error::TemplateError;
 use crate::progress::Progress;
 use crate::runtime::{Runtime, PRINT_PROBE_OUTPUT};
 use crate::spec::TemplateSpec;
-use crate::store::{open, read_info, template_dir, PhaseTimes, Staging, TemplateInfo, BOOT_LOG};
+use crate::store::{open, read_info, rewrite_info, template_dir, PhaseTimes, Staging, TemplateInfo, BOOT_LOG};
 
 /// The kernel command line, and why each switch is there:
 /// - `noxsave`, `clearcpuid=smap,popcnt`: keep the guest kernel off XRSTOR,
@@ -141,6 +141,16 @@ pub fn build(
     if !force {
         if let Ok(info) = read_info(&dir) {
             if info.inputs == inputs && open(cache, &hv, &spec.name).is_ok() {
+                // What is not a build input (the network policy) is taken
+                // from the spec as it is now.
+                if info.spec.as_ref() == Some(spec) {
+                    return Ok((dir, info, true));
+                }
+                let info = TemplateInfo {
+                    spec: Some(spec.clone()),
+                    ..info
+                };
+                rewrite_info(&dir, &info)?;
                 return Ok((dir, info, true));
             }
         }

@@ -20,6 +20,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use zeroboot_net::{NetworkPolicy, PolicyError};
+
 use crate::runtime::Runtime;
 
 /// The template `zeroboot` runs when none is named.
@@ -83,6 +85,11 @@ pub struct TemplateSpec {
     /// Environment of the code the agent runs.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// What its sandboxes may reach when a request brings no policy of its
+    /// own (docs/network.md); none: no network. Not a build input: a
+    /// change takes effect at the next `template build` without a boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkPolicy>,
 }
 
 fn default_mem_mib() -> u64 {
@@ -116,6 +123,8 @@ pub enum SpecError {
     Toml(String),
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
+    #[error(transparent)]
+    Network(#[from] PolicyError),
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> SpecError {
@@ -139,6 +148,7 @@ impl TemplateSpec {
             disk_mib: DEFAULT_DISK_MIB,
             heap_mib: None,
             env: BTreeMap::new(),
+            network: None,
         }
     }
 
@@ -196,6 +206,9 @@ impl TemplateSpec {
                     ),
                 ));
             }
+        }
+        if let Some(network) = &self.network {
+            network.validate()?;
         }
         check_list("packages", &self.packages, is_debian_package)?;
         check_list("wheels", &self.wheels, is_requirement)?;
@@ -389,6 +402,11 @@ mod tests {
             ("name = \"a\"\nruntime = \"node\"\npreload = [\"../x\"]", "preload"),
             ("name = \"a\"\nruntime = \"shell\"\npreload = [\"x\"]", "preload"),
             ("name = \"a\"\n[env]\n\"A B\" = \"x\"", "env"),
+            ("name = \"a\"\n[network]\nallow = [\"10.0.0.0/33\"]", "network.allow[0]"),
+            (
+                "name = \"a\"\n[network]\ndeny = [\"ok.test\", \"::1\"]",
+                "network.deny[1]",
+            ),
         ] {
             let err = TemplateSpec::from_toml(text).unwrap_err().to_string();
             assert!(err.starts_with(field), "{text:?}: {err}");
@@ -397,12 +415,20 @@ mod tests {
             "name = \"a\"\nruntime = \"ruby\"",
             "name = \"a\"\ncolour = 1",
             "runtime = \"node\"",
+            "name = \"a\"\n[network]\nallowed = []",
         ] {
             assert!(
                 matches!(TemplateSpec::from_toml(text), Err(SpecError::Toml(_))),
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn a_network_policy_is_kept() {
+        let spec = TemplateSpec::from_toml("name = \"a\"\n[network]\nallow = [\"*.example.com\"]").unwrap();
+        assert_eq!(spec.network.unwrap().allow, ["*.example.com"]);
+        assert_eq!(TemplateSpec::default().network, None);
     }
 
     #[test]

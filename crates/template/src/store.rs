@@ -87,6 +87,26 @@ pub fn read_info(dir: &Path) -> Result<TemplateInfo, TemplateError> {
     })
 }
 
+/// Replaces `template.json` of the template in `dir` with `info`, in one
+/// step (a server opening the template meanwhile reads the old file or the
+/// new one).
+pub fn rewrite_info(dir: &Path, info: &TemplateInfo) -> Result<(), TemplateError> {
+    let path = dir.join(METADATA_FILE);
+    let staged = dir.join(format!("{METADATA_FILE}.new"));
+    write_json(&staged, info)?;
+    std::fs::rename(&staged, &path).map_err(io_err(&path))?;
+    Ok(())
+}
+
+fn write_json(path: &Path, info: &TemplateInfo) -> Result<(), TemplateError> {
+    let json = serde_json::to_string_pretty(info).map_err(|e| TemplateError::Metadata {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    std::fs::write(path, json).map_err(io_err(path))?;
+    Ok(())
+}
+
 /// A template directory being written: a sibling of the template's that
 /// replaces it only once complete ([`Staging::commit`]), so a failed or
 /// interrupted build never leaves a half-written template behind.
@@ -134,13 +154,7 @@ impl Staging {
 
     /// `template.json`, the last file a build writes.
     pub fn write_info(&self, info: &TemplateInfo) -> Result<(), TemplateError> {
-        let path = self.path.join(METADATA_FILE);
-        let json = serde_json::to_string_pretty(info).map_err(|e| TemplateError::Metadata {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        std::fs::write(&path, json).map_err(io_err(&path))?;
-        Ok(())
+        write_json(&self.path.join(METADATA_FILE), info)
     }
 
     /// Replaces the template with what was written, in one step: a server
