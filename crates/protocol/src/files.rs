@@ -62,6 +62,17 @@ pub enum FileOp {
     WriteData = 9,
     /// The file size u64, then bytes from `offset`, at most `length`.
     ReadData = 10,
+    /// The port tunnel (guest/agent/native/ports.h), on this channel
+    /// because the same native half serves it: connects to TCP port
+    /// `offset` on the guest's loopback and answers a u32 handle.
+    /// ECONNREFUSED: nothing listens there.
+    PortConnect = 11,
+    /// On connection `offset` (a handle): sends the request's data, waits
+    /// up to `flags` milliseconds for an answer, and answers a u32 (1 once
+    /// the server closed its side), then at most `length` bytes it read.
+    PortExchange = 12,
+    /// Closes connection `offset`.
+    PortClose = 13,
 }
 
 /// One file operation as the host sends it.

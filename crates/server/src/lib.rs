@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod network;
 pub mod openapi;
 mod pause;
+mod ports;
 pub mod paused;
 mod router;
 mod run;

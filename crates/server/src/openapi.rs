@@ -30,7 +30,7 @@ impl Modify for BearerKeys {
         crate::sandboxes::create_sandbox, crate::sandboxes::list_sandboxes, crate::sandboxes::get_sandbox,
         crate::sandboxes::delete_sandbox, crate::sandboxes::sandbox_exec, crate::sandboxes::fork_sandbox, crate::pause::pause_sandbox,
         crate::files::put_file, crate::files::get_file, crate::files::delete_file, crate::files::stat_file,
-        crate::files::list_dir, crate::files::list_root, crate::files::make_dir, crate::files::rename,
+        crate::files::list_dir, crate::files::list_root, crate::files::make_dir, crate::files::rename, crate::ports::proxy_path,
     ),
     components(schemas(
         ExecRequest, ExecResponse, RichResult, RunContext, BatchRequest, BatchResponse, BatchEntry, ErrorBody, ErrorResponse,

@@ -8,13 +8,14 @@ use std::time::{Duration, Instant};
 use axum::extract::DefaultBodyLimit;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{any, get, post, put};
 use axum::{middleware, Router};
 
 use crate::error::ApiError;
 use crate::exec::{exec, exec_batch};
 use crate::files::{delete_file, get_file, list_dir, list_root, make_dir, put_file, rename, stat_file};
 use crate::pause::pause_sandbox;
+use crate::ports::{proxy_path, proxy_root};
 use crate::sandboxes::{create_sandbox, delete_sandbox, fork_sandbox, get_sandbox, list_sandboxes, sandbox_exec};
 use crate::served::random_id;
 use crate::service::{health, method_not_allowed, metrics, not_found};
@@ -82,6 +83,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sandboxes/{id}/dirs", get(list_root))
         .route("/v1/sandboxes/{id}/dirs/{*path}", get(list_dir).put(make_dir))
         .route("/v1/sandboxes/{id}/rename", post(rename))
+        .route("/v1/sandboxes/{id}/ports/{port}", any(proxy_root))
+        .route("/v1/sandboxes/{id}/ports/{port}/", any(proxy_root))
+        .route("/v1/sandboxes/{id}/ports/{port}/{*path}", any(proxy_path))
         .merge(e2b::control_routes())
         .route_layer(middleware::from_fn_with_state(state.auth().clone(), auth::require));
     let sandbox_calls = e2b::sandbox_routes(state.clone());

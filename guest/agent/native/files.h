@@ -12,6 +12,8 @@
  * blocks' places on the disk, and the host moves the bytes in guest memory
  * itself. Files elsewhere (/tmp, the root image) go through the mailbox,
  * a chunk per request.
+ *
+ * The same channel carries the port tunnel (ports.h).
  */
 #ifndef ZEROBOOT_FILES_H
 #define ZEROBOOT_FILES_H
@@ -50,6 +52,8 @@ static inline int zb_reply_put(struct zb_reply *r, const void *bytes, size_t n)
 
 static inline int zb_reply_u32(struct zb_reply *r, uint32_t v) { return zb_reply_put(r, &v, 4); }
 static inline int zb_reply_u64(struct zb_reply *r, uint64_t v) { return zb_reply_put(r, &v, 8); }
+
+#include "ports.h"
 
 /* Records errno's message for `what` and returns errno. */
 static inline int zb_file_error(struct zb_reply *r, const char *what, const char *path)
@@ -533,7 +537,8 @@ static inline int zb_file_parse(volatile uint8_t *mailbox, struct zb_file_reques
     q->path[path_len] = 0;
     memcpy(q->target, at + ZB_FILE_REQUEST_HEADER + path_len, target_len);
     q->target[target_len] = 0;
-    if (strlen(q->path) != path_len || strlen(q->target) != target_len || q->path[0] != '/' ||
+    if (strlen(q->path) != path_len || strlen(q->target) != target_len ||
+        (q->path[0] != '/' && !zb_is_port_op(q->op)) ||
         (q->uid != 0 && q->uid != ZB_USER_UID))
         return EINVAL;
     q->data = at + code_len;
@@ -558,7 +563,7 @@ static inline void zb_serve_file_ops(volatile uint8_t *mailbox, volatile uint8_t
                 rc = zb_file_error(&r, "become uid for", q.path);
             } else {
                 errno = 0;
-                rc = zb_file_run(&r, &q);
+                rc = zb_is_port_op(q.op) ? zb_port_run(&r, &q) : zb_file_run(&r, &q);
                 if (rc != 0)
                     r.len = 0;
             }

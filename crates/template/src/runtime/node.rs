@@ -13,6 +13,7 @@ pub const NODE: RuntimeDescriptor = RuntimeDescriptor {
         guest_file!("agent/init-node"),
         guest_file!("agent/native/guest.h"),
         guest_file!("agent/native/files.h"),
+        guest_file!("agent/native/ports.h"),
         guest_file!("agent/native/heap.h"),
         guest_file!("agent/native/zeroboot_node.c"),
     ],

@@ -12,6 +12,7 @@ pub const PYTHON: RuntimeDescriptor = RuntimeDescriptor {
         guest_file!("agent/agent.py"),
         guest_file!("agent/native/guest.h"),
         guest_file!("agent/native/files.h"),
+        guest_file!("agent/native/ports.h"),
         guest_file!("agent/native/heap.h"),
         guest_file!("agent/native/zeroboot_python.c"),
     ],

@@ -13,6 +13,7 @@ pub const SHELL: RuntimeDescriptor = RuntimeDescriptor {
         guest_file!("agent/agent.sh"),
         guest_file!("agent/native/guest.h"),
         guest_file!("agent/native/files.h"),
+        guest_file!("agent/native/ports.h"),
         guest_file!("agent/native/zeroboot_bash.c"),
     ],
     agent_scripts: &["agent.sh"],
