@@ -137,7 +137,11 @@ fn ports_serve_pages_bodies_and_a_websocket() {
     let started = Instant::now();
     let r = server.call("GET", &format!("{ports}/8000/big.bin"), None, None);
     assert_eq!(r.status, 200);
-    assert!(r.bytes == expected_big(), "3 MiB arrive whole ({} bytes)", r.bytes.len());
+    assert!(
+        r.bytes == expected_big(),
+        "3 MiB arrive whole ({} bytes)",
+        r.bytes.len()
+    );
     eprintln!("3 MiB through the port proxy in {:?}", started.elapsed());
     let r = server.call("GET", &format!("{ports}/8000/missing"), None, None);
     assert_eq!(r.status, 404, "the server's own status comes through");
@@ -149,8 +153,17 @@ fn ports_serve_pages_bodies_and_a_websocket() {
         &[("Authorization", "Bearer not-for-the-sandbox")],
         b"",
     );
-    assert_eq!((r.status, r.text.as_str()), (200, "/path?q=1 auth=None"), "the API's credentials never reach the sandbox");
-    let r = server.request("POST", &format!("{ports}/8765/echo"), &[("Content-Type", "text/plain")], b"abcdef");
+    assert_eq!(
+        (r.status, r.text.as_str()),
+        (200, "/path?q=1 auth=None"),
+        "the API's credentials never reach the sandbox"
+    );
+    let r = server.request(
+        "POST",
+        &format!("{ports}/8765/echo"),
+        &[("Content-Type", "text/plain")],
+        b"abcdef",
+    );
     assert_eq!((r.status, r.text.as_str()), (201, "fedcba"));
     let r = server.call("GET", &format!("{ports}/8765/chunked"), None, None);
     let expected: String = (0..1000).map(|i| format!("line {i}\n")).collect();
@@ -158,14 +171,21 @@ fn ports_serve_pages_bodies_and_a_websocket() {
     assert_eq!(r.text, expected, "a chunked answer is undone");
 
     // The session's own calls interleave with an open WebSocket.
-    let url = format!("{}/v1/sandboxes/{id}/ports/8765/ws", server.url.replacen("http", "ws", 1));
+    let url = format!(
+        "{}/v1/sandboxes/{id}/ports/8765/ws",
+        server.url.replacen("http", "ws", 1)
+    );
     let (mut socket, response) = tungstenite::connect(url.as_str()).expect("WebSocket through the proxy");
     assert_eq!(response.status().as_u16(), 101);
     if let tungstenite::stream::MaybeTlsStream::Plain(stream) = socket.get_ref() {
-        stream.set_read_timeout(Some(Duration::from_secs(30))).expect("read timeout");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("read timeout");
     }
     for i in 0..3 {
-        socket.send(tungstenite::Message::text(format!("ping {i}"))).expect("send");
+        socket
+            .send(tungstenite::Message::text(format!("ping {i}")))
+            .expect("send");
         let started = Instant::now();
         let reply = socket.read().expect("read");
         assert_eq!(reply.into_text().expect("text").as_str(), format!("echo: ping {i}"));
@@ -189,9 +209,19 @@ fn ports_serve_pages_bodies_and_a_websocket() {
     assert!(r.text.contains("port 9"), "{}", r.text);
     for bad in ["0", "65536", "http"] {
         let r = server.call("GET", &format!("{ports}/{bad}/x"), None, None);
-        assert_eq!((r.status, error_code(&r).as_str()), (400, "invalid_port"), "{bad}: {}", r.text);
+        assert_eq!(
+            (r.status, error_code(&r).as_str()),
+            (400, "invalid_port"),
+            "{bad}: {}",
+            r.text
+        );
     }
-    let r = server.call("GET", "/v1/sandboxes/sbx_000000000000000000000000/ports/8000/x", None, None);
+    let r = server.call(
+        "GET",
+        "/v1/sandboxes/sbx_000000000000000000000000/ports/8000/x",
+        None,
+        None,
+    );
     assert_eq!(r.status, 404, "{}", r.text);
 
     // A server that answers something other than HTTP.

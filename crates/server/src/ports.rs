@@ -228,7 +228,13 @@ impl Tunnel {
             .get(..4)
             .and_then(|b| b.try_into().ok())
             .map(u32::from_le_bytes)
-            .ok_or_else(|| ApiError::new(StatusCode::BAD_GATEWAY, "bad_guest_reply", "the agent's connect reply is short"))?;
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "bad_guest_reply",
+                    "the agent's connect reply is short",
+                )
+            })?;
         Ok(Self {
             files,
             handle: u64::from(handle),
@@ -256,7 +262,11 @@ impl Tunnel {
                 return Err(ApiError::new(StatusCode::BAD_GATEWAY, "port_failed", reply.message));
             }
             let Some((flag, bytes)) = reply.data.split_first_chunk::<4>() else {
-                return Err(ApiError::new(StatusCode::BAD_GATEWAY, "bad_guest_reply", "the agent's exchange reply is short"));
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "bad_guest_reply",
+                    "the agent's exchange reply is short",
+                ));
             };
             received.bytes.extend_from_slice(bytes);
             received.closed |= u32::from_le_bytes(*flag) != 0;
@@ -293,7 +303,9 @@ async fn read_head(tunnel: &Tunnel, request: Vec<u8>) -> Result<(Head, Vec<u8>, 
             return Ok((head, buffer.split_off(used), closed));
         }
         if closed {
-            return Err(bad_answer("the server in the sandbox closed the connection before answering"));
+            return Err(bad_answer(
+                "the server in the sandbox closed the connection before answering",
+            ));
         }
         if buffer.len() > MAX_HEAD {
             return Err(bad_answer("the answer's head is over 64 KiB"));
@@ -302,10 +314,15 @@ async fn read_head(tunnel: &Tunnel, request: Vec<u8>) -> Result<(Head, Vec<u8>, 
             return Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "port_timeout",
-                format!("the server in the sandbox did not answer in {} s", ANSWER_TIMEOUT.as_secs()),
+                format!(
+                    "the server in the sandbox did not answer in {} s",
+                    ANSWER_TIMEOUT.as_secs()
+                ),
             ));
         }
-        let received = tunnel.exchange(&std::mem::take(&mut sending), Duration::from_secs(1)).await?;
+        let received = tunnel
+            .exchange(&std::mem::take(&mut sending), Duration::from_secs(1))
+            .await?;
         buffer.extend_from_slice(&received.bytes);
         closed = received.closed;
     }
@@ -345,7 +362,11 @@ fn parse_head(buffer: &[u8]) -> Result<Option<(Head, usize)>, ApiError> {
     let used = match response.parse(buffer) {
         Ok(httparse::Status::Complete(used)) => used,
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(bad_answer(&format!("the server in the sandbox did not answer HTTP: {e}"))),
+        Err(e) => {
+            return Err(bad_answer(&format!(
+                "the server in the sandbox did not answer HTTP: {e}"
+            )))
+        }
     };
     let status = response
         .code
@@ -353,7 +374,10 @@ fn parse_head(buffer: &[u8]) -> Result<Option<(Head, usize)>, ApiError> {
         .ok_or_else(|| bad_answer("the answer's status is not a status"))?;
     let mut map = HeaderMap::new();
     for h in response.headers.iter() {
-        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_bytes(h.value)) {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) {
             map.append(name, value);
         }
     }
@@ -477,7 +501,9 @@ async fn stream_body(
         }
         if closed {
             let _ = tx
-                .send(Err(std::io::Error::other("the server in the sandbox closed the connection mid-body")))
+                .send(Err(std::io::Error::other(
+                    "the server in the sandbox closed the connection mid-body",
+                )))
                 .await;
             break;
         }
@@ -568,7 +594,15 @@ mod tests {
         headers.insert(E2B_KEY_HEADER, HeaderValue::from_static("secret"));
         headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
         headers.insert("x-mine", HeaderValue::from_static("kept"));
-        let head = request_head(&Method::GET, "/a?b=1", &headers, 8000, "/v1/sandboxes/x/ports/8000", None, 0);
+        let head = request_head(
+            &Method::GET,
+            "/a?b=1",
+            &headers,
+            8000,
+            "/v1/sandboxes/x/ports/8000",
+            None,
+            0,
+        );
         assert!(head.starts_with("GET /a?b=1 HTTP/1.1\r\nHost: localhost:8000\r\n"));
         assert!(head.contains("x-mine: kept\r\n"));
         assert!(head.contains("Connection: close\r\n"));
@@ -579,7 +613,9 @@ mod tests {
     #[test]
     fn heads_parse_when_whole() {
         assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-").unwrap().is_none());
-        let (head, used) = parse_head(b"HTTP/1.0 404 Not Found\r\nX: y\r\n\r\nbody").unwrap().unwrap();
+        let (head, used) = parse_head(b"HTTP/1.0 404 Not Found\r\nX: y\r\n\r\nbody")
+            .unwrap()
+            .unwrap();
         assert_eq!(head.status, StatusCode::NOT_FOUND);
         assert_eq!(used, 32);
         assert!(parse_head(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
