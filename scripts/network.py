@@ -56,7 +56,8 @@ class World:
     """The namespace with its servers, and a zeroboot server; everything is
     removed on exit, also after a failure."""
 
-    def __init__(self, server_args=()):
+    def __init__(self, server_args=(), pool=2):
+        self.pool = pool
         self.dir = Path(tempfile.mkdtemp(prefix="zeroboot-network-"))
         self.ns = f"zbnet{TAG}"
         self.host_link = f"zbnet{TAG}h"
@@ -137,7 +138,7 @@ class World:
     def start_server(self):
         self.port = free_port()
         self.server = self.spawn("server", [
-            BINARY, "serve", "--listen", f"127.0.0.1:{self.port}", "--pool", "2", "--no-pause",
+            BINARY, "serve", "--listen", f"127.0.0.1:{self.port}", "--pool", str(self.pool), "--no-pause",
             "--dns-upstream", f"{INTERNET}:53", *self.server_args])
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -409,6 +410,14 @@ def test_many_forks_leave_nothing(w, count=1000):
 
 
 def bench(runs):
+    # Without a pool every session's worker is a new child of the server.
+    with World(pool=0) as w:
+        allow = {"allow": [f"{NET}.0/24"]}
+        memory = {
+            "session_worker_anonymous_kib_without_network": session_memory(w, None, "print(1)"),
+            "session_worker_anonymous_kib_with_network_after_a_get": session_memory(
+                w, allow, PROBE + f"print(probe('get', 'http://{INTERNET}:8000/hello.txt')['what'])"),
+        }
     with World() as w:
         allow = {"allow": [f"{NET}.0/24"]}
         ttfb_code = (f"import socket, time\nstarted = time.perf_counter()\n"
@@ -428,6 +437,7 @@ def bench(runs):
         for name, network in (("without", None), ("with", allow)):
             spawn[name] = [w.exec("pass", network)["fork_time_ms"] for _ in range(runs)]
         print(json.dumps({
+            **memory,
             "machine": run("sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").stdout.strip(),
             "ttfb_ms_p50": statistics.median(ttfb),
             "ttfb_ms_p90": sorted(ttfb)[int(len(ttfb) * 0.9)],
@@ -436,6 +446,31 @@ def bench(runs):
             "spawn_ms_p50_without_network": statistics.median(spawn["without"]),
             "spawn_ms_p50_with_network": statistics.median(spawn["with"]),
         }, indent=2))
+
+
+def session_memory(w, network, code, samples=5):
+    """Median anonymous memory (smaps_rollup Anonymous, KiB: the guest pages
+    it copied on write, and the worker's own heap) of a session's worker
+    process after `code` ran in it."""
+    values = []
+    for _ in range(samples):
+        before = set(run("pgrep", "-P", str(w.server.pid), check=False).stdout.split())
+        body = {} if network is None else {"network": network}
+        status, made = w.call("POST", "/v1/sandboxes", body)
+        if status != 201:
+            raise SystemExit(f"session: {status} {made}")
+        status, out = w.call("POST", f"/v1/sandboxes/{made['id']}/exec", {"code": code})
+        if status != 200 or out["exit_code"] != 0:
+            raise SystemExit(f"exec: {status} {out}")
+        after = set(run("pgrep", "-P", str(w.server.pid), check=False).stdout.split())
+        new = sorted(after - before, key=int)
+        if len(new) != 1:
+            raise SystemExit(f"expected one new worker, found {new}")
+        rollup = Path(f"/proc/{new[0]}/smaps_rollup").read_text()
+        fields = dict(line.split(":", 1) for line in rollup.splitlines()[1:])
+        values.append(int(fields["Anonymous"].split()[0]))
+        w.call("DELETE", f"/v1/sandboxes/{made['id']}")
+    return statistics.median(values)
 
 
 def main():
