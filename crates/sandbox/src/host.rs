@@ -81,11 +81,18 @@ struct Spec {
 
 /// A template whose forks are each a worker process holding one VM.
 pub struct IsolatedTemplate {
-    // Field order is drop order: the pool (and its thread) goes first.
-    pool: Option<ReadyPool<Result<Sandbox, SandboxError>>>,
+    // Field order is drop order: the pools (and their threads) go first.
+    pool: Option<Pool>,
+    /// Workers prepared for sandboxes with a network (their filter goes on
+    /// after Start), kept from the first such fork on: a server whose
+    /// sandboxes never ask for a network never has them.
+    network_pool: OnceLock<Option<Pool>>,
+    pool_size: usize,
     spec: std::sync::Arc<Spec>,
     snapshot: Snapshot,
 }
+
+type Pool = ReadyPool<Result<Sandbox, SandboxError>>;
 
 /// Whether the last worker prepared from a template came up.
 #[derive(Default)]
@@ -114,22 +121,13 @@ impl IsolatedTemplate {
             policy,
             health: Health::default(),
         });
-        let source = spec.clone();
-        let make = move |demand| {
-            let started = Instant::now();
-            let fork_memory = source.policy.for_fork(demand);
-            let prepared = Sandbox::prepare(&source, None, fork_memory, false);
-            source.health.record(&prepared);
-            tracing::debug!(
-                ?demand,
-                fork_memory = fork_memory.name(),
-                ms = started.elapsed().as_secs_f64() * 1e3,
-                "pool prepared a worker"
-            );
-            prepared
-        };
-        let pool = ReadyPool::start("zeroboot-workers", pool, make, Result::is_err);
-        Self { pool, spec, snapshot }
+        Self {
+            pool: start_pool(&spec, pool, false),
+            network_pool: OnceLock::new(),
+            pool_size: pool,
+            spec,
+            snapshot,
+        }
     }
 
     pub fn snapshot(&self) -> &Snapshot {
@@ -151,23 +149,23 @@ impl IsolatedTemplate {
 
     /// [`IsolatedTemplate::fork`], reaching what `network` allows.
     pub fn fork_with(&self, network: Option<NetConfig>) -> Result<Sandbox, SandboxError> {
-        // The pool's workers have no network (their filter is already
-        // installed); a sandbox with one is prepared here, for itself.
-        if network.is_some() {
-            let prepared = Sandbox::prepare(&self.spec, None, self.spec.policy.for_fork(Demand::Behind), true);
-            self.spec.health.record(&prepared);
-            let mut sandbox = prepared?;
-            sandbox.start(network)?;
-            return Ok(sandbox);
-        }
+        let with_network = network.is_some();
+        let pool = if with_network {
+            self.network_pool
+                .get_or_init(|| start_pool(&self.spec, self.pool_size, true))
+                .as_ref()
+        } else {
+            self.pool.as_ref()
+        };
         // The pool prepares the next worker once this one has started
         // (`_refill`): preparing one meanwhile would compete for the CPU.
-        let (mut sandbox, _refill) = match self.pool.as_ref().and_then(ReadyPool::take) {
+        let (mut sandbox, _refill) = match pool.and_then(ReadyPool::take) {
             Some((prepared, refill)) => (prepared?, Some(refill)),
             // Empty pool (or none): prepare one here rather than wait. The
             // request waits for it, hence Behind.
             None => {
-                let prepared = Sandbox::prepare(&self.spec, None, self.spec.policy.for_fork(Demand::Behind), false);
+                let policy = self.spec.policy.for_fork(Demand::Behind);
+                let prepared = Sandbox::prepare(&self.spec, None, policy, with_network);
                 self.spec.health.record(&prepared);
                 (prepared?, None)
             }
@@ -186,6 +184,32 @@ impl IsolatedTemplate {
         sandbox.start(network)?;
         Ok(sandbox)
     }
+}
+
+/// Keeps up to `size` workers prepared from `spec`'s template, for
+/// sandboxes with a network or without.
+fn start_pool(spec: &std::sync::Arc<Spec>, size: usize, network: bool) -> Option<Pool> {
+    let source = spec.clone();
+    let make = move |demand| {
+        let started = Instant::now();
+        let fork_memory = source.policy.for_fork(demand);
+        let prepared = Sandbox::prepare(&source, None, fork_memory, network);
+        source.health.record(&prepared);
+        tracing::debug!(
+            ?demand,
+            network,
+            fork_memory = fork_memory.name(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "pool prepared a worker"
+        );
+        prepared
+    };
+    let name = if network {
+        "zeroboot-net-workers"
+    } else {
+        "zeroboot-workers"
+    };
+    ReadyPool::start(name, size, make, Result::is_err)
 }
 
 /// One sandbox: a worker process and the VM inside it. Dropping it kills
