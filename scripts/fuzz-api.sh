@@ -27,8 +27,11 @@ for _ in $(seq 1 300); do
   sleep 0.2
 done
 [ -n "$url" ] || { cat "$log" >&2; echo "zeroboot serve did not start" >&2; exit 1; }
+# The port proxy is left out: its 502 and 504 are its documented answers
+# when nothing in the sandbox listens or answers (tests/tests/ports.rs).
 "$venv/bin/st" run "$url/v1/openapi.json" \
   --checks not_a_server_error \
+  --exclude-path-regex '/ports/' \
   --max-examples "$examples" \
   --request-timeout 120 \
   --workers 2 \
