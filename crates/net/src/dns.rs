@@ -13,7 +13,6 @@ use simple_dns::rdata::RData;
 use simple_dns::{Name, Packet, PacketFlag, CLASS, RCODE};
 use smoltcp::wire::IpEndpoint;
 
-use crate::error::NetError;
 use crate::policy::{normalize_name, NameVerdict, Rules};
 
 /// How long the upstream has to answer before the guest gets SERVFAIL.
@@ -238,7 +237,10 @@ struct PendingQuery {
 
 /// Queries in flight to the upstream resolver over one host UDP socket.
 pub(crate) struct DnsForwarder {
-    socket: UdpSocket,
+    /// None when it could not be opened (no route to the upstream, say):
+    /// every query allowed through then gets SERVFAIL at once, and the
+    /// rest of the network works.
+    socket: Option<UdpSocket>,
     /// Keyed by the id sent upstream: ids are drawn at random rather than
     /// the guest's own, so that two guest queries with one id cannot be
     /// confused and an off-path host cannot guess them.
@@ -251,7 +253,7 @@ pub(crate) struct DnsForwarder {
 }
 
 impl DnsForwarder {
-    pub(crate) fn new(upstream: SocketAddr, registry: &Registry, token: Token) -> Result<DnsForwarder, NetError> {
+    pub(crate) fn new(upstream: SocketAddr, registry: &Registry, token: Token) -> DnsForwarder {
         let open = || -> io::Result<UdpSocket> {
             let any: SocketAddr = match upstream {
                 SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
@@ -263,14 +265,20 @@ impl DnsForwarder {
             registry.register(&mut socket, token, Interest::READABLE)?;
             Ok(socket)
         };
-        let socket = open().map_err(|source| NetError::DnsUpstream { upstream, source })?;
-        Ok(DnsForwarder {
+        let socket = match open() {
+            Ok(socket) => Some(socket),
+            Err(error) => {
+                tracing::warn!(%upstream, %error, "cannot reach the DNS upstream: this sandbox's names do not resolve");
+                None
+            }
+        };
+        DnsForwarder {
             socket,
             pending: HashMap::new(),
             readable: true,
             upstream_refused: false,
             receive_buffer: vec![0; usize::from(u16::MAX)],
-        })
+        }
     }
 
     pub(crate) fn set_readable(&mut self) {
@@ -286,6 +294,9 @@ impl DnsForwarder {
         servfail: Vec<u8>,
         now: Instant,
     ) -> Result<(), Vec<u8>> {
+        let Some(socket) = self.socket.as_ref() else {
+            return Err(servfail);
+        };
         if self.pending.len() >= MAX_PENDING {
             return Err(servfail);
         }
@@ -300,7 +311,7 @@ impl DnsForwarder {
         };
         let mut upstream_query = query.to_vec();
         upstream_query[..2].copy_from_slice(&id.to_be_bytes());
-        match self.socket.send(&upstream_query) {
+        match socket.send(&upstream_query) {
             Ok(_) => {
                 self.pending.insert(
                     id,
@@ -324,11 +335,14 @@ impl DnsForwarder {
     /// Reads the upstream's answers and calls `relay` with each one that
     /// matches a query in flight.
     pub(crate) fn receive_answers(&mut self, mut relay: impl FnMut(RelayedAnswer)) {
+        let Some(socket) = self.socket.as_ref() else {
+            return;
+        };
         for _ in 0..MAX_ANSWERS_PER_POLL {
             if !self.readable {
                 return;
             }
-            let length = match self.socket.recv(&mut self.receive_buffer) {
+            let length = match socket.recv(&mut self.receive_buffer) {
                 Ok(length) => length,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                     self.readable = false;

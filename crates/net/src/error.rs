@@ -11,12 +11,6 @@ pub enum NetError {
         #[source]
         source: io::Error,
     },
-    #[error("could not open the socket that forwards DNS queries to {upstream}: {source}")]
-    DnsUpstream {
-        upstream: std::net::SocketAddr,
-        #[source]
-        source: io::Error,
-    },
     #[error("could not start the network thread: {0}")]
     Thread(#[source] io::Error),
 }

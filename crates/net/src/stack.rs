@@ -90,7 +90,7 @@ impl Stack {
     /// A stack that relays what `config` allows.
     pub fn new(config: NetConfig) -> Result<Stack, NetError> {
         let poll = Poll::new().map_err(NetError::Poller)?;
-        let dns = DnsForwarder::new(config.dns_upstream, poll.registry(), DNS_TOKEN)?;
+        let dns = DnsForwarder::new(config.dns_upstream, poll.registry(), DNS_TOKEN);
         let host = HostSide {
             poll,
             events: Events::with_capacity(HOST_EVENTS_CAPACITY),
