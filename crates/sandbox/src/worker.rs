@@ -68,11 +68,10 @@ pub fn serve(dir: &Path) -> Result<(), WorkerError> {
         seccomp::WorkerNetwork::None
     };
     let filtered = seccomp::worker_filter(pid, kind).and_then(|filter| {
-        let installed = !may_network;
-        if installed {
+        if !may_network {
             seccomp::install(&filter)?;
         }
-        Ok((filter, installed))
+        Ok(filter)
     });
     let network = match read_frame(&mut input) {
         Ok(Command::Start { network }) => network,
@@ -83,8 +82,8 @@ pub fn serve(dir: &Path) -> Result<(), WorkerError> {
         }
         Err(e) => return Err(e.into()),
     };
-    let (filter, installed) = match filtered {
-        Ok(made) => made,
+    let filter = match filtered {
+        Ok(filter) => filter,
         Err(e) => return Ok(write_frame(&mut output, &Reply::Failed(Failure::Other(e.to_string())))?),
     };
     if network.is_some() && !may_network {
@@ -100,7 +99,7 @@ pub fn serve(dir: &Path) -> Result<(), WorkerError> {
             return Ok(write_frame(&mut output, &Reply::Failed(failure(e)))?);
         }
     }
-    if !installed {
+    if may_network {
         if let Err(e) = seccomp::install(&filter) {
             return Ok(write_frame(&mut output, &Reply::Failed(Failure::Other(e.to_string())))?);
         }
