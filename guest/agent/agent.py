@@ -332,6 +332,25 @@ def immortalize_heap():
     return len(seen)
 
 
+def fill_object_pools():
+    """Leaves every size class of CPython's small-object allocator starting
+    in an empty pool, so a fork's objects go one after the other into a few
+    pages instead of into free blocks scattered over the template's arenas
+    (zeroboot_fill_object_pools in native/zeroboot_python.c)."""
+    import ctypes
+
+    native = native_library()
+    report = ctypes.create_string_buffer(256)
+    # With the GIL held: it calls CPython's allocator.
+    fill = ctypes.PyDLL(native._name).zeroboot_fill_object_pools
+    fill.restype = ctypes.c_long
+    taken = fill(report, len(report))
+    log(f"object pools: {report.value.decode()}" + ("" if taken >= 0 else " (left as they were)"))
+    native.zeroboot_take_free_chunks.restype = ctypes.c_long
+    native.zeroboot_take_free_chunks(report, len(report))
+    log(f"malloc: {report.value.decode()}")
+
+
 def move_onto_huge_pages():
     """Moves the hot 2 MiB ranges of this process onto huge pages, so that a
     fork maps each with one shadow-paging fault instead of one per 4 KiB
@@ -1235,6 +1254,13 @@ def main():
     # After the rehearsal and the collection: what is alive now is the
     # template's for good.
     log(f"immortal objects: {immortalize_heap()}")
+    # Empties the interpreter's free lists (a full collection does), whose
+    # objects lie anywhere in the template's pools.
+    gc.collect()
+    # After the collection and the immortalization, which free what the
+    # fill would otherwise leave scattered, and before the move onto huge
+    # pages and the fresh heap (see the native half).
+    fill_object_pools()
     # After the rehearsal (which decides what is hot) and before the entropy
     # registration (which records guest-physical addresses that the move
     # changes).

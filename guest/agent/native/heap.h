@@ -136,4 +136,42 @@ out:;
     return count;
 }
 
+/*
+ * Takes every free chunk malloc holds, and keeps it: at READY those are
+ * scattered over the template's heap, and a fork that reuses a few of them
+ * writes a page in as many places, while allocations from the top chunk
+ * come one after the other. Each request size is asked for until one comes
+ * from the top chunk (malloc grew into it: its size, mallinfo2's keepcost,
+ * changed), which is given back. Large sizes first, so that a large free
+ * chunk goes in a few pieces; then every size that tcache and the small
+ * bins keep apart (chunks of 32 to 1040 bytes). Call before zb_map_fresh_heap,
+ * whose block must come from the top chunk. Returns the chunks taken;
+ * `report` says how many free chunks are left (the top chunk is one).
+ */
+#define ZB_TAKE_LIMIT 1000000l
+
+static inline long zb_take_free_chunks(char *report, size_t report_len)
+{
+    long taken = 0;
+    size_t top = mallinfo2().keepcost;
+    for (size_t size = 1ul << 20, step = 0; size >= 24; size = size > 2048 ? size / 2 : 1032 - 16 * step++) {
+        for (long n = 0; n < ZB_TAKE_LIMIT; n++) {
+            void *chunk = malloc(size);
+            if (chunk == NULL)
+                break;
+            size_t now = mallinfo2().keepcost;
+            if (now != top) {
+                free(chunk);
+                top = mallinfo2().keepcost;
+                break;
+            }
+            taken++;
+        }
+    }
+    struct mallinfo2 info = mallinfo2();
+    snprintf(report, report_len, "%ld free chunks taken, %zu left (%zu in fast bins)", taken, info.ordblks,
+             info.smblks);
+    return taken;
+}
+
 #endif

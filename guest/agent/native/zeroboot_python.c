@@ -48,6 +48,12 @@ int zeroboot_map_fresh_heap(size_t bytes, struct zb_fresh_run *runs, int max_run
     return zb_map_fresh_heap(bytes, runs, max_runs, report, report_len);
 }
 
+/* See zb_take_free_chunks in heap.h. */
+long zeroboot_take_free_chunks(char *report, size_t report_len)
+{
+    return zb_take_free_chunks(report, report_len);
+}
+
 /*
  * CPython's small objects live in 1 MiB arenas that it maps itself, each
  * one fresh pages; routed through malloc, new arenas come out of the fresh
@@ -115,4 +121,90 @@ void zeroboot_route_arenas(void)
     PyObject_GetArenaAllocator(&zb_mapped_arenas);
     PyObjectArenaAllocator routed = {NULL, zb_arena_alloc, zb_arena_free};
     PyObject_SetArenaAllocator(&routed);
+}
+
+/*
+ * Where a fork's small objects go. pymalloc serves each size class from the
+ * first pool of a list of partly used pools; at READY those are scattered
+ * over every arena the template ever used, so a fork that allocates a few
+ * objects of each class writes a page in as many places. Filling every
+ * partly used pool until the allocator takes an empty one leaves each
+ * class's list with one pool that holds nothing but the block that took it:
+ * a fork's objects then go one after the other into those pools, a few
+ * pages in all. The blocks the fill takes are never freed (they were free
+ * space in pools that the template's objects keep alive anyway).
+ *
+ * The pool header is CPython's (Include/internal/pycore_obmalloc.h), which
+ * no public header has; its layout is checked on the blocks the fill takes
+ * (size class, offsets within the pool), and nothing is filled unless it
+ * holds. 3.13 builds with the radix tree have 16 KiB pools.
+ */
+extern void *PyObject_Malloc(size_t size);
+
+struct zb_pool_header {
+    union {
+        void *padding;
+        unsigned int count;
+    } ref;
+    void *freeblock;
+    struct zb_pool_header *nextpool, *prevpool;
+    unsigned int arenaindex, szidx, nextoffset, maxnextoffset;
+};
+
+#define ZB_POOL_SIZE (16u << 10)
+#define ZB_SIZE_CLASSES 32
+#define ZB_CLASS_BYTES 16u
+/* Far more blocks than the free space of a template's pools holds; a class
+ * that is not done by then is left as it is. */
+#define ZB_FILL_LIMIT 200000
+
+static struct zb_pool_header *zb_pool_of(void *block)
+{
+    return (struct zb_pool_header *)((uintptr_t)block & ~(uintptr_t)(ZB_POOL_SIZE - 1));
+}
+
+static int zb_pool_is_sane(struct zb_pool_header *pool, unsigned size_class, void *block)
+{
+    uintptr_t offset = (uintptr_t)block - (uintptr_t)pool;
+    return pool->szidx == size_class && pool->nextoffset <= ZB_POOL_SIZE && pool->maxnextoffset < ZB_POOL_SIZE &&
+           offset >= sizeof *pool && offset < ZB_POOL_SIZE && pool->ref.count >= 1;
+}
+
+/*
+ * Call with the GIL held (ctypes.PyDLL), last thing before the memory
+ * layout is final (before zeroboot_hugify and the fresh heap: an empty pool
+ * may be carved from an arena's untouched pages, which the fill touches so
+ * that a fork does not fault them in). Returns the blocks taken, or -1 when
+ * the pool layout is not the one expected (nothing taken then but the
+ * probe); `report` says what happened.
+ */
+long zeroboot_fill_object_pools(char *report, size_t report_len)
+{
+    void *probe = PyObject_Malloc(ZB_CLASS_BYTES);
+    if (probe == NULL || !zb_pool_is_sane(zb_pool_of(probe), 0, probe)) {
+        snprintf(report, report_len, "pool layout not recognized");
+        return -1;
+    }
+    long taken = 1, pools = 0;
+    for (unsigned c = 0; c < ZB_SIZE_CLASSES; c++) {
+        for (long n = 0; n < ZB_FILL_LIMIT; n++) {
+            void *block = PyObject_Malloc((c + 1) * ZB_CLASS_BYTES);
+            if (block == NULL)
+                break;
+            taken++;
+            struct zb_pool_header *pool = zb_pool_of(block);
+            if (!zb_pool_is_sane(pool, c, block)) {
+                snprintf(report, report_len, "pool layout not recognized for %u bytes", (c + 1) * ZB_CLASS_BYTES);
+                return -1;
+            }
+            if (pool->ref.count == 1) {
+                for (char *page = (char *)pool; page < (char *)pool + ZB_POOL_SIZE; page += 4096)
+                    *(volatile char *)page = *(volatile char *)page;
+                pools++;
+                break;
+            }
+        }
+    }
+    snprintf(report, report_len, "%ld blocks taken, %ld size classes start in an empty pool", taken, pools);
+    return taken;
 }
