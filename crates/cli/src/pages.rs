@@ -32,7 +32,14 @@ pub struct PagesArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Also list every written page: where it is, and which 8-byte words
+    /// of it the fork changed (its first few, as template → fork values).
+    #[arg(long)]
+    pub list: bool,
 }
+
+/// How many changed words of a written page `--list` shows.
+const WORDS_SHOWN: usize = 4;
 
 /// One guest mapping's share.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -61,6 +68,35 @@ pub struct PageUse {
     /// or where a written page is mapped by no user page table,
     /// `[unmapped: kernel data or page tables]`.
     pub by_mapping: BTreeMap<String, Share>,
+    /// Every written page, in guest-physical order.
+    pub pages: Vec<WrittenPage>,
+}
+
+/// One page the fork wrote, compared with the template's copy.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WrittenPage {
+    pub gpa: u64,
+    /// The guest-virtual address a user page table maps it at, if any.
+    pub gva: Option<u64>,
+    pub mapping: String,
+    /// 8-byte words that differ from the template's page.
+    pub words_changed: usize,
+    /// The first few: offset in the page, template's value, fork's value.
+    pub changes: Vec<(u64, u64, u64)>,
+}
+
+/// The words of `fork` that differ from `template` (pages of equal length).
+fn changed_words(template: &[u8], fork: &[u8]) -> (usize, Vec<(u64, u64, u64)>) {
+    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+    let changed: Vec<(u64, u64, u64)> = template
+        .chunks_exact(8)
+        .zip(fork.chunks_exact(8))
+        .enumerate()
+        .filter(|(_, (t, f))| t != f)
+        .map(|(i, (t, f))| (8 * i as u64, word(t), word(f)))
+        .collect();
+    let count = changed.len();
+    (count, changed.into_iter().take(WORDS_SHOWN).collect())
 }
 
 /// Measures `code` in two fresh forks of the template in `dir`, neither
@@ -93,6 +129,21 @@ pub fn measure(hv: &Hypervisor, dir: &Path, runtime: &RuntimeDescriptor, code: &
         .into_iter()
         .flat_map(|(gpa, len)| (gpa..gpa + len).step_by(PAGE as usize))
         .collect();
+    let template = snap.memory_file()?;
+    let mut diffs = Vec::with_capacity(written.len());
+    let mut before = vec![0u8; PAGE as usize];
+    for &gpa in &written {
+        // A hole past the file's end reads as zeros, as the guest saw it.
+        before.fill(0);
+        let mut read = 0;
+        while read < before.len() {
+            match std::os::unix::fs::FileExt::read_at(&template, &mut before[read..], gpa + read as u64)? {
+                0 => break,
+                n => read += n,
+            }
+        }
+        diffs.push(changed_words(&before, copies.ram().slice(gpa, PAGE as usize)?));
+    }
     drop(copies);
 
     let mut bits = Machine::restore(hv, &snap, ForkMemory::SharedPages, Box::new(std::io::sink()))?;
@@ -104,7 +155,12 @@ pub fn measure(hv: &Hypervisor, dir: &Path, runtime: &RuntimeDescriptor, code: &
     if mappings.is_empty() {
         bail!("the agent printed no /proc/self/maps lines: {maps:?}");
     }
-    Ok(tally(&leaves, &written, &mappings))
+    let mut used = tally(&leaves, &written, &mappings);
+    for (page, (words_changed, changes)) in used.pages.iter_mut().zip(diffs) {
+        page.words_changed = words_changed;
+        page.changes = changes;
+    }
+    Ok(used)
 }
 
 /// A guest mapping from /proc/self/maps: start, end, name.
@@ -166,11 +222,22 @@ fn tally(leaves: &[Leaf], written: &[u64], mappings: &[Mapping]) -> PageUse {
     user.sort_by_key(|l| l.gpa);
     for &gpa in written {
         let at = user.partition_point(|l| l.gpa + l.size <= gpa);
-        let name = match user.get(at).filter(|l| l.gpa <= gpa) {
-            Some(leaf) => name_of(mappings, leaf.gva + (gpa - leaf.gpa)),
+        let gva = user
+            .get(at)
+            .filter(|l| l.gpa <= gpa)
+            .map(|leaf| leaf.gva + (gpa - leaf.gpa));
+        let name = match gva {
+            Some(gva) => name_of(mappings, gva),
             None => "[unmapped: kernel data or page tables]".into(),
         };
-        by_mapping.entry(name).or_default().written += 1;
+        by_mapping.entry(name.clone()).or_default().written += 1;
+        out.pages.push(WrittenPage {
+            gpa,
+            gva,
+            mapping: name,
+            words_changed: 0,
+            changes: Vec::new(),
+        });
     }
     out.by_mapping = by_mapping;
     out
@@ -209,6 +276,27 @@ pub fn run(args: &PagesArgs) -> Result<()> {
             "{name:<48} {:>8} {:>8} {:>8}",
             share.touched, share.dirtied, share.written
         );
+    }
+    if args.list {
+        println!(
+            "\n{:<18} {:<14} {:>5}  {:<40} first changes (offset: template → fork)",
+            "guest virtual", "guest physical", "words", "mapping"
+        );
+        for page in &used.pages {
+            let gva = page.gva.map_or_else(|| "-".to_string(), |a| format!("{a:#x}"));
+            let changes: Vec<String> = page
+                .changes
+                .iter()
+                .map(|(offset, was, now)| format!("{offset:#05x}: {was:#x} → {now:#x}"))
+                .collect();
+            println!(
+                "{gva:<18} {:<14} {:>5}  {:<40} {}",
+                format!("{:#x}", page.gpa),
+                page.words_changed,
+                page.mapping,
+                changes.join(", ")
+            );
+        }
     }
     println!(
         "\ntouched and dirtied: page-table leaves (accessed and dirty bits, cleared before the exec);\n\
