@@ -321,12 +321,32 @@ def immortalize_heap():
     seen = set()
     stack = gc.get_objects()
     stack.append(sys.modules)
+    code_type = type(immortalize_heap.__code__)
+    type_dict = type.__dict__["__dict__"]
+    # Made during the walk; kept alive until its end, so that no address
+    # in `seen` is freed and reused meanwhile.
+    made = []
     while stack:
         obj = stack.pop()
         if id(obj) in seen:
             continue
         seen.add(id(obj))
         stack.extend(gc.get_referents(obj))
+        # Code objects are not the collector's, so it lists nothing they
+        # hold; their constants are what LOAD_CONST counts references to.
+        if type(obj) is code_type:
+            stack.append(obj.co_consts)
+            stack.extend(obj.co_consts)
+            stack.extend(obj.co_names)
+        # A built-in type's dict (its methods and descriptors, which every
+        # attribute lookup counts references to) is the interpreter's, not
+        # the type's, so the collector does not list it either; a proxy of
+        # it does.
+        elif issubclass(type(obj), type):  # not isinstance: a proxy passes that
+            made.append(type_dict.__get__(obj))
+            stack.append(made[-1])
+            stack.append(obj.__mro__)
+    del stack
     for address in seen:
         ctypes.c_ssize_t.from_address(address).value = immortal
     return len(seen)
