@@ -111,6 +111,12 @@ static inline int zb_map_fresh_heap(size_t bytes, struct zb_fresh_run *runs, int
     for (char *p = lo; p < hi; p += ZB_HUGE) {
         uint64_t gpa = zb_huge_page_at(pagemap, (unsigned long)p);
         if (gpa == 0) {
+            /* The guest kernel had no huge page for this range (its memory
+             * was too fragmented): its small pages are faulted in now, so
+             * that a fork's allocations here cost it no guest page fault
+             * either, only the host's copies. */
+            for (char *q = p; q < p + ZB_HUGE; q += 4096)
+                *(volatile char *)q = 0;
             small++;
             continue;
         }
