@@ -806,6 +806,9 @@ fn node_buffers_come_from_the_fresh_heap() {
     let mut words = out.split_whitespace();
     let faults: u64 = words.next().unwrap().parse().unwrap();
     assert_eq!(words.next(), Some("3"), "{out} {}", text(&r.stderr));
-    // 96 MiB in 4 KiB pages would be 24,576 faults.
-    assert!(faults < 100, "{faults} guest page faults");
+    // 96 MiB in 4 KiB pages would be 24,576 faults. What faults is V8's
+    // own heap: the external memory can start a collection, which moves
+    // into new-space pages no one touched since the snapshot (0 to 125
+    // faults seen, depending on the template's build).
+    assert!(faults < 2000, "{faults} guest page faults");
 }
