@@ -55,6 +55,47 @@ fn each_fork_is_a_worker_process_that_ends_with_its_sandbox() {
 }
 
 #[test]
+fn workers_are_cloned_from_the_templates_zygote_and_spawned_without_it() {
+    let me = std::process::id();
+    let template = isolated_template(0);
+    let zygote = template.zygote_pid().expect("the template has a zygote");
+    assert!(children_of(me).contains(&zygote));
+    let zygote_cmdline = std::fs::read(format!("/proc/{zygote}/cmdline")).unwrap();
+    assert!(String::from_utf8_lossy(&zygote_cmdline).contains("--zygote"));
+
+    // A clone: the zygote's command line, no execve, yet this process's
+    // child (CLONE_PARENT), under the worker's filter like a spawned one.
+    let mut cloned = template.fork().unwrap();
+    let pid = cloned.pid().unwrap();
+    assert!(children_of(me).contains(&pid), "the worker is the host's child");
+    assert!(!children_of(zygote).contains(&pid));
+    assert_eq!(std::fs::read(format!("/proc/{pid}/cmdline")).unwrap(), zygote_cmdline);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("\nSeccomp:\t2\n"), "{status}");
+    let r = cloned.exec(&Request::new(b"print(1+1)", b""), TIMEOUT).unwrap();
+    assert_eq!((r.exit_code, r.stdout.as_slice()), (0, &b"2\n"[..]));
+
+    // Without its zygote, the template spawns workers, and the clones it
+    // made carry on.
+    // SAFETY: kill(2) on a child process of this test.
+    assert_eq!(unsafe { libc::kill(zygote as i32, libc::SIGKILL) }, 0);
+    let mut spawned = template.fork().unwrap();
+    assert_eq!(template.zygote_pid(), None, "a dead zygote is let go");
+    let spawned_pid = spawned.pid().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{spawned_pid}/cmdline")).unwrap();
+    assert!(!String::from_utf8_lossy(&cmdline).contains("--zygote"));
+    let r = spawned.exec(&Request::new(b"print(3)", b""), TIMEOUT).unwrap();
+    assert_eq!(r.stdout, b"3\n");
+    let r = cloned.exec(&Request::new(b"print(4)", b""), TIMEOUT).unwrap();
+    assert_eq!(r.stdout, b"4\n");
+    drop(cloned);
+    assert!(
+        eventually(Duration::from_secs(10), || !process_alive(pid)),
+        "a cloned worker ends and is reaped with its sandbox"
+    );
+}
+
+#[test]
 fn guest_timeouts_and_crashes_cross_the_process_boundary() {
     let template = isolated_template(1);
     let mut s = template.fork().unwrap();
@@ -114,13 +155,14 @@ fn a_live_sandbox_forks_into_new_processes() {
 fn a_pool_keeps_workers_ready_and_ends_them_when_dropped() {
     let me = std::process::id();
     let before = children_of(me);
+    let template = isolated_template(2);
+    let zygote = template.zygote_pid().expect("the template has a zygote");
     let new_workers = || {
         children_of(me)
             .into_iter()
-            .filter(|p| !before.contains(p) && process_alive(*p))
+            .filter(|p| !before.contains(p) && *p != zygote && process_alive(*p))
             .count()
     };
-    let template = isolated_template(2);
     // Two prepared: one in the channel, one held by the filler.
     assert!(
         eventually(Duration::from_secs(60), || new_workers() == 2),

@@ -59,9 +59,14 @@ enum Command {
     #[command(subcommand)]
     Files(files::FilesCommand),
     /// One sandbox's worker process, driven over stdin and stdout by
-    /// `serve` and `bench` (see zeroboot_sandbox::worker).
+    /// `serve` and `bench` (see zeroboot_sandbox::worker); with `--zygote`,
+    /// the process they clone workers from (zeroboot_sandbox::zygote).
     #[command(hide = true)]
-    Worker { template_dir: std::path::PathBuf },
+    Worker {
+        #[arg(long)]
+        zygote: bool,
+        template_dir: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -172,7 +177,16 @@ fn main() -> ExitCode {
         Command::Exec(args) => read_code(args.code(), args.file()).and_then(|code| client::exec(&args, code)),
         Command::Sandbox(cmd) => client::sandbox(&cmd).map(|()| ExitCode::SUCCESS),
         Command::Files(cmd) => files::run(&cmd).map(|()| ExitCode::SUCCESS),
-        Command::Worker { template_dir } => zeroboot_sandbox::worker::serve(&template_dir)
+        Command::Worker {
+            zygote: false,
+            template_dir,
+        } => zeroboot_sandbox::worker::serve(&template_dir)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(Into::into),
+        Command::Worker {
+            zygote: true,
+            template_dir,
+        } => zeroboot_sandbox::zygote::serve(&template_dir)
             .map(|()| ExitCode::SUCCESS)
             .map_err(Into::into),
     };

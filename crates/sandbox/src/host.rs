@@ -2,12 +2,10 @@
 //! ([`crate::worker`]), optionally from a pool of workers whose VMs are
 //! already prepared.
 
-use std::ffi::OsString;
+use std::fs::File;
 use std::io::{BufWriter, Read};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, ChildStdout, Stdio};
-use std::sync::mpsc::{channel, Sender};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -18,6 +16,7 @@ use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy, LiveSnapshot, Snapshot};
 
 use zeroboot_net::NetConfig;
 
+use crate::process::{self, Started, WorkerCommand, WorkerProcess, Zygote};
 use crate::wire::{self, Command, Failure, LiveParts, Reply, Stats, WireError};
 
 /// How long a worker may take to prepare or start a VM, or to capture one.
@@ -54,29 +53,32 @@ impl From<Failure> for SandboxError {
     }
 }
 
-/// How to start a worker: a program and its arguments, to which the
-/// template's directory is appended. The CLI's is `zeroboot worker`.
-#[derive(Debug, Clone)]
-pub struct WorkerCommand {
-    pub program: PathBuf,
-    pub args: Vec<OsString>,
-}
-
-impl WorkerCommand {
-    /// This executable, with `args` (it must run [`crate::worker::serve`]).
-    pub fn current_exe(args: &[&str]) -> std::io::Result<Self> {
-        Ok(Self {
-            program: std::env::current_exe()?,
-            args: args.iter().map(OsString::from).collect(),
-        })
-    }
-}
-
 struct Spec {
     command: WorkerCommand,
     dir: PathBuf,
     policy: ForkMemoryPolicy,
     health: Health,
+    /// Clones workers; `None` once it has failed, after which workers are
+    /// spawned with `execve` as they were before it.
+    zygote: Mutex<Option<Zygote>>,
+}
+
+impl Spec {
+    /// A new worker: cloned from the zygote, or spawned if there is none.
+    fn start_worker(&self) -> Result<Started, SandboxError> {
+        if let Ok(mut zygote) = self.zygote.lock() {
+            if let Some(z) = zygote.as_mut() {
+                match z.clone_worker() {
+                    Ok(started) => return Ok(started),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the zygote failed; workers are spawned from now on");
+                        *zygote = None;
+                    }
+                }
+            }
+        }
+        process::spawn(&self.command, &self.dir)
+    }
 }
 
 /// A template whose forks are each a worker process holding one VM.
@@ -113,13 +115,20 @@ impl Health {
 impl IsolatedTemplate {
     /// Forks of the template `snapshot` was opened from, keeping up to `pool`
     /// workers with their VM prepared, each VM's memory backed as `policy`
-    /// says.
+    /// says. Its zygote starts now, on this thread, which must live as long
+    /// as the template: the workers cloned from the zygote take this
+    /// thread as their parent, and die with it. If it cannot start, workers
+    /// are spawned.
     pub fn new(command: WorkerCommand, snapshot: Snapshot, pool: usize, policy: ForkMemoryPolicy) -> Self {
+        let zygote = Zygote::start(&command, &snapshot.dir)
+            .inspect_err(|e| tracing::warn!(error = %e, "no zygote; workers are spawned"))
+            .ok();
         let spec = std::sync::Arc::new(Spec {
             command,
             dir: snapshot.dir.clone(),
             policy,
             health: Health::default(),
+            zygote: Mutex::new(zygote),
         });
         Self {
             pool: start_pool(&spec, pool, false),
@@ -132,6 +141,12 @@ impl IsolatedTemplate {
 
     pub fn snapshot(&self) -> &Snapshot {
         &self.snapshot
+    }
+
+    /// The process id of the zygote workers are cloned from, while there
+    /// is one.
+    pub fn zygote_pid(&self) -> Option<u32> {
+        self.spec.zygote.lock().ok()?.as_ref()?.pid()
     }
 
     /// Whether the last worker prepared from this template, for the pool or
@@ -215,8 +230,8 @@ fn start_pool(spec: &std::sync::Arc<Spec>, size: usize, network: bool) -> Option
 /// One sandbox: a worker process and the VM inside it. Dropping it kills
 /// the process, which frees the VM.
 pub struct Sandbox {
-    child: Option<Child>,
-    to: BufWriter<ChildStdin>,
+    process: Option<WorkerProcess>,
+    to: BufWriter<File>,
     from: FrameReader,
     fork_memory: ForkMemory,
 }
@@ -228,24 +243,9 @@ impl Sandbox {
         fork_memory: ForkMemory,
         network: bool,
     ) -> Result<Self, SandboxError> {
-        let program = &spec.command.program;
-        let mut child = std::process::Command::new(program)
-            .args(&spec.command.args)
-            .arg(&spec.dir)
-            .env(crate::worker::HOST_PID_ENV, std::process::id().to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|source| SandboxError::Spawn {
-                program: program.clone(),
-                source,
-            })?;
-        let (Some(to), Some(from)) = (child.stdin.take(), child.stdout.take()) else {
-            return Err(SandboxError::Worker("no pipes to the worker".into()));
-        };
+        let Started { process, to, from } = spec.start_worker()?;
         let mut sandbox = Self {
-            child: Some(child),
+            process: Some(process),
             to: BufWriter::new(to),
             from: FrameReader::new(from),
             fork_memory,
@@ -352,7 +352,7 @@ impl Sandbox {
 
     /// The worker's process id.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.process.as_ref().map(WorkerProcess::id)
     }
 
     fn call(&mut self, command: &Command, within: Duration, during: &'static str) -> Result<Reply, SandboxError> {
@@ -380,61 +380,41 @@ impl Sandbox {
         }
     }
 
-    /// A pipe error: if the worker has died, say how.
+    /// A pipe error: if the worker has died, say how. (A socket to a cloned
+    /// worker that died says "connection reset" where a pipe says "broken
+    /// pipe".)
     fn broken(&mut self, e: WireError, during: &'static str) -> SandboxError {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
         let pipe_gone = matches!(&e, WireError::Closed)
-            || matches!(&e, WireError::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe);
+            || matches!(&e, WireError::Io(io) if matches!(io.kind(), BrokenPipe | ConnectionReset));
         if !pipe_gone {
             self.kill();
             return e.into();
         }
         let status = self
-            .child
+            .process
             .as_mut()
-            .and_then(|c| c.wait().ok())
+            .and_then(|p| p.wait().ok())
             .map_or_else(|| "status unknown".to_string(), |s| s.to_string());
         SandboxError::Died { status, during }
     }
 
     fn kill(&mut self) {
-        if let Some(child) = &mut self.child {
-            let _ = child.kill();
+        if let Some(process) = &mut self.process {
+            process.kill();
         }
     }
 }
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            // The process takes its VM down as it exits (some milliseconds
-            // here); a thread waits for it, off the caller's path.
-            let unsent = match reaper().lock() {
-                Ok(tx) => tx.send(child).err().map(|back| back.0),
-                Err(_) => Some(child),
-            };
-            if let Some(mut child) = unsent {
-                let _ = child.wait();
-            }
+        if let Some(mut process) = self.process.take() {
+            process.kill();
+            // The process takes its VM down as it exits, off the caller's
+            // path.
+            process::reap(process);
         }
     }
-}
-
-/// The thread that waits for killed workers, so that none stays a zombie.
-fn reaper() -> &'static Mutex<Sender<Child>> {
-    static REAPER: OnceLock<Mutex<Sender<Child>>> = OnceLock::new();
-    REAPER.get_or_init(|| {
-        let (tx, rx) = channel::<Child>();
-        // If the thread cannot start, the send fails and the dropper waits.
-        let _ = std::thread::Builder::new()
-            .name("zeroboot-reaper".into())
-            .spawn(move || {
-                for mut child in rx {
-                    let _ = child.wait();
-                }
-            });
-        Mutex::new(tx)
-    })
 }
 
 fn unexpected(expected: &'static str, got: &Reply) -> SandboxError {
@@ -458,12 +438,12 @@ const READ_CHUNK: usize = 64 * 1024;
 
 /// Reads frames from a worker's stdout, giving up at a deadline.
 struct FrameReader {
-    pipe: ChildStdout,
+    pipe: File,
     buf: Vec<u8>,
 }
 
 impl FrameReader {
-    fn new(pipe: ChildStdout) -> Self {
+    fn new(pipe: File) -> Self {
         Self {
             pipe,
             buf: Vec::with_capacity(READ_CHUNK),

@@ -36,6 +36,26 @@ pub enum WorkerError {
 /// a [`Reply::Failed`]; only a broken pipe is an error here.
 pub fn serve(dir: &Path) -> Result<(), WorkerError> {
     die_with_parent();
+    serve_opened(open(dir))
+}
+
+/// What a worker opens before it makes its VM: `/dev/kvm` and the template.
+/// A zygote ([`crate::zygote`]) opens it once for every worker it clones.
+pub(crate) struct Opened {
+    hv: Hypervisor,
+    snapshot: Snapshot,
+}
+
+pub(crate) fn open(dir: &Path) -> Result<Opened, Failure> {
+    let other = |e: &dyn std::fmt::Display| Failure::Other(e.to_string());
+    let hv = Hypervisor::open().map_err(|e| other(&e))?;
+    let snapshot = Snapshot::open(dir, &cpu_vendor(&hv)).map_err(|e| other(&e))?;
+    Ok(Opened { hv, snapshot })
+}
+
+/// [`serve`] with the template already opened (or not: the failure goes to
+/// the host in answer to Prepare).
+pub(crate) fn serve_opened(opened: Result<Opened, Failure>) -> Result<(), WorkerError> {
     let mut input = BufReader::new(std::io::stdin().lock());
     let mut output = BufWriter::new(std::io::stdout().lock());
     let (live, fork_memory, may_network) = match read_frame(&mut input) {
@@ -48,7 +68,7 @@ pub fn serve(dir: &Path) -> Result<(), WorkerError> {
         Err(WireError::Closed) => return Ok(()),
         Err(e) => return Err(e.into()),
     };
-    let (template, prepared) = match prepare(dir, live, fork_memory) {
+    let (template, prepared) = match opened.and_then(|opened| prepare(opened, live, fork_memory)) {
         Ok(made) => made,
         Err(failure) => return Ok(write_frame(&mut output, &Reply::Failed(failure))?),
     };
@@ -149,18 +169,15 @@ pub fn serve(dir: &Path) -> Result<(), WorkerError> {
 }
 
 fn prepare(
-    dir: &Path,
+    Opened { hv, snapshot }: Opened,
     live: Option<LiveParts>,
     fork_memory: ForkMemory,
 ) -> Result<(Template, zeroboot_vmm::fork::Prepared), Failure> {
-    let other = |e: &dyn std::fmt::Display| Failure::Other(e.to_string());
-    let hv = Hypervisor::open().map_err(|e| other(&e))?;
-    let snapshot = Snapshot::open(dir, &cpu_vendor(&hv)).map_err(|e| other(&e))?;
     // This worker's one VM is made here, as the host chose.
     let template = Template::new(hv, snapshot, ForkMemoryPolicy::Fixed(fork_memory));
     let prepared = match live {
         None => template.prepare(fork_memory),
-        Some(parts) => template.prepare_live(parts.into_live().map_err(|e| other(&e))?),
+        Some(parts) => template.prepare_live(parts.into_live().map_err(|e| Failure::Other(e.to_string()))?),
     }
     .map_err(failure)?;
     Ok((template, prepared))
@@ -212,8 +229,9 @@ pub const HOST_PID_ENV: &str = "ZEROBOOT_HOST_PID";
 
 /// Asks the kernel to kill this process when its parent dies, so that a
 /// host killed with SIGKILL leaves no VM behind. (The end of stdin would
-/// stop an idle worker too, but not one inside a long `KVM_RUN`.)
-fn die_with_parent() {
+/// stop an idle worker too, but not one inside a long `KVM_RUN`.) A clone
+/// does not inherit it: each process asks for itself.
+pub(crate) fn die_with_parent() {
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and no pointers.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
     // A parent that died before the prctl left this process to another
