@@ -16,7 +16,7 @@ use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy, LiveSnapshot, Snapshot};
 
 use zeroboot_net::NetConfig;
 
-use crate::process::{self, Started, WorkerCommand, WorkerProcess, Zygote};
+use crate::process::{self, SpawnError, Started, WorkerCommand, WorkerProcess, Zygote};
 use crate::wire::{self, Command, Failure, LiveParts, Reply, Stats, WireError};
 
 /// How long a worker may take to prepare or start a VM, or to capture one.
@@ -32,8 +32,8 @@ pub enum SandboxError {
     Guest(GuestFault),
     #[error("in the sandbox process: {0}")]
     Worker(String),
-    #[error("cannot start the sandbox process {program}: {source}")]
-    Spawn { program: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
     #[error("the sandbox process did not answer within {0:?}; it was killed")]
     Unresponsive(Duration),
     #[error("the sandbox process ended ({status}) mid-{during}")]
@@ -77,7 +77,7 @@ impl Spec {
                 }
             }
         }
-        process::spawn(&self.command, &self.dir)
+        Ok(process::spawn(&self.command, &self.dir)?)
     }
 }
 

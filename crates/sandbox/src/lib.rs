@@ -14,5 +14,5 @@ pub mod worker;
 pub mod zygote;
 
 pub use host::{IsolatedTemplate, Sandbox, SandboxError};
-pub use process::WorkerCommand;
+pub use process::{SpawnError, WorkerCommand};
 pub use wire::Stats;

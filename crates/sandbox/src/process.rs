@@ -16,12 +16,18 @@ use std::time::Duration;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::host::SandboxError;
 use crate::zygote::CLONE_WORKER;
 
 /// How long the zygote may take to answer a request (a clone takes well
 /// under a millisecond; only a stuck zygote comes near this).
 const ZYGOTE_DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start the sandbox process {program}: {source}")]
+pub struct SpawnError {
+    pub program: PathBuf,
+    pub source: std::io::Error,
+}
 
 /// How to start a worker: a program and its arguments, to which the
 /// template's directory is appended (after `--zygote` for a zygote). The
@@ -52,8 +58,8 @@ impl WorkerCommand {
         command
     }
 
-    fn spawn_error(&self, source: std::io::Error) -> SandboxError {
-        SandboxError::Spawn {
+    fn spawn_error(&self, source: std::io::Error) -> SpawnError {
+        SpawnError {
             program: self.program.clone(),
             source,
         }
@@ -80,7 +86,7 @@ impl Zygote {
     /// thread that lives as long as the template: a parent-death signal
     /// follows the thread that started the process, and every worker
     /// cloned from it counts that thread as its parent.
-    pub fn start(command: &WorkerCommand, dir: &Path) -> Result<Self, SandboxError> {
+    pub fn start(command: &WorkerCommand, dir: &Path) -> Result<Self, SpawnError> {
         let (control, theirs) = UnixStream::pair().map_err(|e| command.spawn_error(e))?;
         let process = command
             .command()
@@ -140,7 +146,7 @@ impl Drop for Zygote {
 }
 
 /// Spawns a worker for the template in `dir` with `execve`.
-pub(crate) fn spawn(command: &WorkerCommand, dir: &Path) -> Result<Started, SandboxError> {
+pub(crate) fn spawn(command: &WorkerCommand, dir: &Path) -> Result<Started, SpawnError> {
     let mut child = command
         .command()
         .arg(dir)
@@ -149,7 +155,10 @@ pub(crate) fn spawn(command: &WorkerCommand, dir: &Path) -> Result<Started, Sand
         .spawn()
         .map_err(|e| command.spawn_error(e))?;
     let (Some(to), Some(from)) = (child.stdin.take(), child.stdout.take()) else {
-        return Err(SandboxError::Worker("no pipes to the worker".into()));
+        let _ = child.kill();
+        reap(WorkerProcess::Spawned(child));
+        let no_pipes = std::io::Error::other("no pipes to the worker");
+        return Err(command.spawn_error(no_pipes));
     };
     Ok(Started {
         process: WorkerProcess::Spawned(child),
