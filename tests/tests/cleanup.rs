@@ -86,9 +86,12 @@ fn worker_process_forks_leave_no_process_fd_or_thread_behind() {
         run();
     }
     let me = std::process::id();
-    let settled = |n: usize| eventually(Duration::from_secs(10), || children_of(me).len() <= n);
-    // The pool's two prepared workers, and nothing else once the reaper is done.
-    assert!(settled(2), "children: {:?}", children_of(me));
+    let zygote = template.zygote_pid().expect("the template has a zygote");
+    let workers = || -> Vec<u32> { children_of(me).into_iter().filter(|&p| p != zygote).collect() };
+    let settled = |n: usize| eventually(Duration::from_secs(10), || workers().len() <= n);
+    // The pool's two prepared workers (besides the zygote they are cloned
+    // from), and nothing else once the reaper is done.
+    assert!(settled(2), "workers: {:?}", workers());
     let (fds, threads) = (open_fds(), status_field("Threads:"));
     let forks: usize = std::env::var("ZEROBOOT_CLEANUP_WORKER_FORKS")
         .ok()
@@ -97,7 +100,8 @@ fn worker_process_forks_leave_no_process_fd_or_thread_behind() {
     for _ in 0..forks {
         run();
     }
-    assert!(settled(2), "after {forks} forks, children: {:?}", children_of(me));
+    assert!(settled(2), "after {forks} forks, workers: {:?}", workers());
+    assert_eq!(template.zygote_pid(), Some(zygote), "the zygote served every fork");
     let (fds_after, threads_after) = (open_fds(), status_field("Threads:"));
     assert!(
         fds_after <= fds + 4,

@@ -375,8 +375,10 @@ fn cache_with_a_copy_of_the_template(tag: &str) -> std::path::PathBuf {
 }
 
 /// `/v1/health` says whether each template can fork now: a template whose
-/// files go away under the server turns `ready: false` (and the status
-/// `degraded`) once a worker fails to come up from it.
+/// memory file is cut short under the server turns `ready: false` (and the
+/// status `degraded`) once a worker fails to come up from it. A file that
+/// is removed changes nothing: the template's zygote opened them all when
+/// the server started.
 #[test]
 fn health_reports_a_template_that_can_no_longer_fork() {
     let cache = cache_with_a_copy_of_the_template("health");
@@ -388,10 +390,26 @@ fn health_reports_a_template_that_can_no_longer_fork() {
     let health = || server.call("GET", "/v1/health", None, None).json();
     assert_eq!(health()["templates"][0]["ready"], true, "{}", health());
     assert_eq!(health()["status"], "ok");
-    // Workers read the state file as they start: one the pool had already
-    // prepared still serves (200), any later one cannot (500). Each request
-    // takes a worker, so the pool prepares another, or the request does.
     std::fs::remove_file(cache.join("templates/python/state.bin")).unwrap();
+    for _ in 0..3 {
+        let r = server.call("POST", "/v1/exec", Some(r#"{"code": "print(1+1)"}"#), None);
+        assert_eq!(
+            (r.status, r.json()["stdout"].clone()),
+            (200, "2\n".into()),
+            "{}",
+            r.text
+        );
+    }
+    assert_eq!(health()["templates"][0]["ready"], true, "{}", health());
+    // Workers map the memory file as they are prepared: one the pool had
+    // already prepared may still serve (200), any later one cannot (500).
+    // Each request takes a worker, so the pool prepares another, or the
+    // request does.
+    let memory = std::fs::OpenOptions::new()
+        .write(true)
+        .open(cache.join("templates/python/memory.bin"))
+        .unwrap();
+    memory.set_len(0).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while health()["templates"][0]["ready"] == true && std::time::Instant::now() < deadline {
         let r = server.call("POST", "/v1/exec", Some(r#"{"code": "print(1+1)"}"#), None);
