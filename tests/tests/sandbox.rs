@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use zeroboot_e2e::{children_of, eventually, isolated_template, isolated_template_with, process_alive};
+use zeroboot_e2e::{
+    children_of, eventually, hypervisor, isolated_template, isolated_template_with, process_alive, snapshot,
+};
 use zeroboot_protocol::GuestFault;
 use zeroboot_protocol::Request;
 use zeroboot_sandbox::SandboxError;
@@ -93,6 +95,30 @@ fn workers_are_cloned_from_the_templates_zygote_and_spawned_without_it() {
         eventually(Duration::from_secs(10), || !process_alive(pid)),
         "a cloned worker ends and is reaped with its sandbox"
     );
+}
+
+#[test]
+fn a_print_exec_is_one_exit_with_unwritten_memory_left_without_slots() {
+    // The python template never wrote most of its free RAM: forks give it
+    // KVM slots only when the guest touches it (vmm::snapshot::unused).
+    let unused: u64 = snapshot(&hypervisor()).unused.iter().map(|&(_, len)| len).sum();
+    assert!(unused >= 128 << 20, "{} MiB of unwritten chunks", unused >> 20);
+    // A print touches none of it: its one exit is the doorbell that brings
+    // its result. (One fork in five may take another, a timer's say.)
+    for memory in [ForkMemory::SharedPages, ForkMemory::PrivateWrittenRanges] {
+        let template = isolated_template_with(1, ForkMemoryPolicy::Fixed(memory));
+        let mut exits = Vec::new();
+        for _ in 0..5 {
+            let mut s = template.fork().unwrap();
+            let r = s.exec(&Request::new(b"print(1+1)", b""), TIMEOUT).unwrap();
+            assert_eq!(r.stdout, b"2\n");
+            exits.push(s.stats().unwrap().exits);
+        }
+        assert!(
+            exits.iter().filter(|&&e| e == 1).count() >= 4,
+            "{memory:?}: exits per print {exits:?}"
+        );
+    }
 }
 
 #[test]

@@ -219,7 +219,7 @@ impl Shell {
         // in-kernel devices, then the vCPU (its LAPIC needs the irqchip).
         // The disk and the fresh heap only when the guest first touches
         // them (crate::slots).
-        let slots = Slots::for_fork(&state.layout, ram.size(), &snapshot.fresh);
+        let slots = Slots::for_fork(&state.layout, ram.size(), &snapshot.lazy_runs());
         slots.register_eager(&vm, &ram)?;
         vm.create_irqchip_and_pit()?;
         let vcpu = vm.create_vcpu(0)?;

@@ -5,8 +5,9 @@
 //! allocates per-page arrays for every page of a slot when the slot is
 //! made: about 10 bytes per 4 KiB, roughly 2.5 MiB of host memory per GiB,
 //! whether the guest uses the memory or not. So the memory most sandboxes
-//! never touch gets slots of its own, registered lazily: the disk, and the
-//! agent's fresh heap ([`zeroboot_protocol::fresh`]). Until then a guest
+//! never touch gets slots of its own, registered lazily: the disk, the
+//! agent's fresh heap ([`zeroboot_protocol::fresh`]), and the memory the
+//! template never wrote ([`crate::snapshot::unused`]), in chunks. Until then a guest
 //! access there leaves the VM as MMIO (or, for an instruction KVM cannot
 //! emulate, as an internal error); the host registers the slot and completes
 //! the access, and every later access is ordinary memory.
@@ -48,9 +49,9 @@ impl Slots {
         }
     }
 
-    /// A fork's slots: the disk and the `fresh` runs (`(gpa, len)`, 2 MiB
+    /// A fork's slots: the disk and the `lazy` runs (`(gpa, len)`, 2 MiB
     /// aligned, ascending, below the disk) lazily, everything else eagerly.
-    pub(crate) fn for_fork(layout: &MemoryLayout, ram_size: u64, fresh: &[(u64, u64)]) -> Self {
+    pub(crate) fn for_fork(layout: &MemoryLayout, ram_size: u64, lazy_runs: &[(u64, u64)]) -> Self {
         let end = if layout.disk_bytes > 0 {
             layout.disk_gpa
         } else {
@@ -59,7 +60,7 @@ impl Slots {
         let mut eager = Vec::new();
         let mut lazy = Vec::new();
         let mut at = 0;
-        for &(gpa, len) in fresh {
+        for &(gpa, len) in lazy_runs {
             if gpa < at || gpa.saturating_add(len) > end {
                 continue;
             }

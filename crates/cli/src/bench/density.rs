@@ -22,20 +22,37 @@ pub struct Density {
     /// sandbox: everything a sandbox costs the host (its worker process, its
     /// VM, its copies of guest memory, page tables).
     pub host_kib_per_sandbox: f64,
+    /// Where that went: the growth of some of /proc/meminfo's fields, per
+    /// sandbox, as ([`BREAKDOWN`] name, KiB).
+    pub breakdown: Vec<(&'static str, f64)>,
 }
 
-fn mem_available_kib() -> Result<u64> {
+/// The /proc/meminfo fields the breakdown reads: anonymous memory (guest
+/// pages copied on write, workers' own heaps), vmalloc (KVM's per-page
+/// arrays of each memory slot, among others), slab (KVM's and the
+/// processes' kernel objects), page tables, kernel stacks.
+pub const BREAKDOWN: [&str; 5] = ["AnonPages", "VmallocUsed", "Slab", "PageTables", "KernelStack"];
+
+/// /proc/meminfo's MemAvailable and the [`BREAKDOWN`] fields, in KiB.
+fn meminfo_kib() -> Result<(u64, [u64; BREAKDOWN.len()])> {
     let text = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| anyhow!("/proc/meminfo has no MemAvailable"))
+    let field = |name: &str| -> Result<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| anyhow!("/proc/meminfo has no {name}"))
+    };
+    let mut kinds = [0; BREAKDOWN.len()];
+    for (kib, name) in kinds.iter_mut().zip(BREAKDOWN) {
+        *kib = field(name)?;
+    }
+    Ok((field("MemAvailable")?, kinds))
 }
 
 /// Forks `LIVE` sandboxes from `template` on `CLIENTS` threads, each
 /// running `code`, and keeps them all alive until both figures are taken.
 pub fn live_sandboxes(template: &IsolatedTemplate, code: &str) -> Result<Density> {
-    let before = mem_available_kib()?;
+    let (before, kinds_before) = meminfo_kib()?;
     let live = Mutex::new(Vec::with_capacity(LIVE));
     let remaining = AtomicUsize::new(LIVE);
     let started = Instant::now();
@@ -61,11 +78,17 @@ pub fn live_sandboxes(template: &IsolatedTemplate, code: &str) -> Result<Density
         Ok(())
     })?;
     let wall_ms = started.elapsed().as_secs_f64() * 1e3;
-    let after = mem_available_kib()?;
+    let (after, kinds_after) = meminfo_kib()?;
     let count = live.lock().map_err(|_| anyhow!("a client panicked"))?.len().max(1);
     drop(live);
+    let per_sandbox = |before: u64, after: u64| (after as f64 - before as f64) / count as f64;
     Ok(Density {
         wall_ms,
-        host_kib_per_sandbox: before.saturating_sub(after) as f64 / count as f64,
+        host_kib_per_sandbox: per_sandbox(after, before).max(0.0),
+        breakdown: BREAKDOWN
+            .iter()
+            .zip(kinds_before.iter().zip(kinds_after))
+            .map(|(&name, (&b, a))| (name, per_sandbox(b, a)))
+            .collect(),
     })
 }

@@ -308,6 +308,11 @@ pub fn run(snap: Snapshot, runtime: Runtime, policy: ForkMemoryPolicy, args: &Be
             "live_clients": density::CLIENTS,
             "live_code": live_code,
             "host_kib_per_live_sandbox": density.host_kib_per_sandbox,
+            "host_kib_per_live_sandbox_by_kind": density
+                .breakdown
+                .iter()
+                .map(|&(name, kib)| (name.to_string(), json!(kib)))
+                .collect::<serde_json::Map<_, _>>(),
             "live_100_ms": density.wall_ms,
         });
         if second_code == NUMPY {
@@ -384,6 +389,15 @@ pub fn run(snap: Snapshot, runtime: Runtime, policy: ForkMemoryPolicy, args: &Be
         density::CLIENTS,
         density.wall_ms,
         density.host_kib_per_sandbox
+    );
+    let kinds: Vec<String> = density
+        .breakdown
+        .iter()
+        .map(|(name, kib)| format!("{name} {kib:.0}"))
+        .collect();
+    println!(
+        "  of which, per live sandbox (growth of /proc/meminfo fields, KiB): {}",
+        kinds.join(", ")
     );
     for f in &fresh {
         println!(

@@ -4,6 +4,7 @@
 pub mod codec;
 pub mod live;
 pub mod state;
+pub mod unused;
 
 use crate::memory::HUGE_PAGE_SIZE;
 use std::fs::File;
@@ -72,6 +73,10 @@ pub struct Snapshot {
     /// runs of whole 2 MiB pages: forks back them with anonymous memory of
     /// their own ([`crate::memory::GuestRam::map_fresh`]).
     pub fresh: Vec<(u64, u64)>,
+    /// Guest memory the template never wrote ([`unused::unused_chunks`]),
+    /// apart from `fresh` and the write set: forks register its KVM slots
+    /// only when the guest touches it.
+    pub unused: Vec<(u64, u64)>,
 }
 
 /// Guest-physical runs (`0x<gpa> <bytes>` a line) that forks of this
@@ -132,7 +137,7 @@ impl Snapshot {
         // Only whole 2 MiB pages of guest RAM below the mailbox may be
         // fresh; anything else in a state file is left out, which only
         // costs speed.
-        let fresh = state
+        let fresh: Vec<(u64, u64)> = state
             .fresh
             .iter()
             .filter(|r| {
@@ -142,13 +147,24 @@ impl Snapshot {
             })
             .map(|r| (r.gpa, r.len))
             .collect();
+        let keep: Vec<(u64, u64)> = fresh.iter().chain(&write_set).copied().collect();
+        let unused = unused::unused_chunks(&memory, &state.layout, &keep);
         Ok(Self {
             dir: dir.to_path_buf(),
             state,
             memory,
             write_set,
             fresh,
+            unused,
         })
+    }
+
+    /// The runs of guest memory a fork registers lazily, besides the disk:
+    /// the fresh runs and the unused chunks, ascending.
+    pub fn lazy_runs(&self) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = self.fresh.iter().chain(&self.unused).copied().collect();
+        runs.sort_unstable();
+        runs
     }
 
     /// The 2 MiB-aligned guest-physical ranges that hold a page of the
@@ -243,6 +259,7 @@ pub(crate) mod tests {
             memory: File::open("/dev/null").unwrap(),
             write_set: vec![(0x1000, 0x2000), (0x1f_f000, 0x2000), (0x60_0000, 0x1000)],
             fresh: Vec::new(),
+            unused: Vec::new(),
         };
         assert_eq!(snapshot.written_ranges(), vec![0, 0x20_0000, 0x60_0000]);
         snapshot.write_set.clear();
