@@ -30,23 +30,30 @@ pub struct Density {
 /// The /proc/meminfo fields the breakdown reads: anonymous memory (guest
 /// pages copied on write, workers' own heaps), vmalloc (KVM's per-page
 /// arrays of each memory slot, among others), slab (KVM's and the
-/// processes' kernel objects), page tables, kernel stacks.
-pub const BREAKDOWN: [&str; 5] = ["AnonPages", "VmallocUsed", "Slab", "PageTables", "KernelStack"];
+/// processes' kernel objects), the processes' page tables, KVM's shadow
+/// page tables (`SecPageTables`), kernel stacks.
+pub const BREAKDOWN: [&str; 6] = [
+    "AnonPages",
+    "VmallocUsed",
+    "Slab",
+    "PageTables",
+    "SecPageTables",
+    "KernelStack",
+];
 
 /// /proc/meminfo's MemAvailable and the [`BREAKDOWN`] fields, in KiB.
 fn meminfo_kib() -> Result<(u64, [u64; BREAKDOWN.len()])> {
     let text = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
-    let field = |name: &str| -> Result<u64> {
+    let field = |name: &str| -> Option<u64> {
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| anyhow!("/proc/meminfo has no {name}"))
     };
-    let mut kinds = [0; BREAKDOWN.len()];
-    for (kib, name) in kinds.iter_mut().zip(BREAKDOWN) {
-        *kib = field(name)?;
-    }
-    Ok((field("MemAvailable")?, kinds))
+    // A kernel without one of the fields (SecPageTables came in 6.0) shows
+    // it as 0.
+    let kinds = BREAKDOWN.map(|name| field(name).unwrap_or(0));
+    let available = field("MemAvailable").ok_or_else(|| anyhow!("/proc/meminfo has no MemAvailable"))?;
+    Ok((available, kinds))
 }
 
 /// Forks `LIVE` sandboxes from `template` on `CLIENTS` threads, each

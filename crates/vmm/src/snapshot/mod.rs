@@ -4,7 +4,7 @@
 pub mod codec;
 pub mod live;
 pub mod state;
-pub mod unused;
+pub mod unwritten;
 
 use crate::memory::HUGE_PAGE_SIZE;
 use std::fs::File;
@@ -73,10 +73,9 @@ pub struct Snapshot {
     /// runs of whole 2 MiB pages: forks back them with anonymous memory of
     /// their own ([`crate::memory::GuestRam::map_fresh`]).
     pub fresh: Vec<(u64, u64)>,
-    /// Guest memory the template never wrote ([`unused::unused_chunks`]),
-    /// apart from `fresh` and the write set: forks register its KVM slots
-    /// only when the guest touches it.
-    pub unused: Vec<(u64, u64)>,
+    /// Guest memory forks do not write ([`unwritten::unwritten_chunks`]):
+    /// forks register its KVM slots only when the guest touches it.
+    pub unwritten: Vec<(u64, u64)>,
 }
 
 /// Guest-physical runs (`0x<gpa> <bytes>` a line) that forks of this
@@ -147,22 +146,21 @@ impl Snapshot {
             })
             .map(|r| (r.gpa, r.len))
             .collect();
-        let keep: Vec<(u64, u64)> = fresh.iter().chain(&write_set).copied().collect();
-        let unused = unused::unused_chunks(&memory, &state.layout, &keep);
+        let unwritten = unwritten::unwritten_chunks(&state.layout, &write_set, &fresh);
         Ok(Self {
             dir: dir.to_path_buf(),
             state,
             memory,
             write_set,
             fresh,
-            unused,
+            unwritten,
         })
     }
 
     /// The runs of guest memory a fork registers lazily, besides the disk:
-    /// the fresh runs and the unused chunks, ascending.
+    /// the fresh runs and the unwritten chunks, ascending.
     pub fn lazy_runs(&self) -> Vec<(u64, u64)> {
-        let mut runs: Vec<(u64, u64)> = self.fresh.iter().chain(&self.unused).copied().collect();
+        let mut runs: Vec<(u64, u64)> = self.fresh.iter().chain(&self.unwritten).copied().collect();
         runs.sort_unstable();
         runs
     }
@@ -259,7 +257,7 @@ pub(crate) mod tests {
             memory: File::open("/dev/null").unwrap(),
             write_set: vec![(0x1000, 0x2000), (0x1f_f000, 0x2000), (0x60_0000, 0x1000)],
             fresh: Vec::new(),
-            unused: Vec::new(),
+            unwritten: Vec::new(),
         };
         assert_eq!(snapshot.written_ranges(), vec![0, 0x20_0000, 0x60_0000]);
         snapshot.write_set.clear();
