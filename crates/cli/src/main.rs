@@ -177,18 +177,14 @@ fn main() -> ExitCode {
         Command::Exec(args) => read_code(args.code(), args.file()).and_then(|code| client::exec(&args, code)),
         Command::Sandbox(cmd) => client::sandbox(&cmd).map(|()| ExitCode::SUCCESS),
         Command::Files(cmd) => files::run(&cmd).map(|()| ExitCode::SUCCESS),
-        Command::Worker {
-            zygote: false,
-            template_dir,
-        } => zeroboot_sandbox::worker::serve(&template_dir)
-            .map(|()| ExitCode::SUCCESS)
-            .map_err(Into::into),
-        Command::Worker {
-            zygote: true,
-            template_dir,
-        } => zeroboot_sandbox::zygote::serve(&template_dir)
-            .map(|()| ExitCode::SUCCESS)
-            .map_err(Into::into),
+        Command::Worker { zygote, template_dir } => {
+            let served: Result<()> = if zygote {
+                zeroboot_sandbox::zygote::serve(&template_dir).map_err(Into::into)
+            } else {
+                zeroboot_sandbox::worker::serve(&template_dir).map_err(Into::into)
+            };
+            served.map(|()| ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,
