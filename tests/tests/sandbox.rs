@@ -99,11 +99,11 @@ fn workers_are_cloned_from_the_templates_zygote_and_spawned_without_it() {
 
 #[test]
 fn a_print_exec_is_one_exit_with_unwritten_memory_left_without_slots() {
-    // Most of the python template's memory holds no page its probe forks
-    // wrote: forks give it KVM slots only when the guest touches it
-    // (vmm::snapshot::unwritten).
+    // The python template never wrote hundreds of MiB of its memory (free
+    // memory, the end of the root image): forks give it KVM slots only when
+    // the guest touches it (vmm::snapshot::unwritten).
     let unwritten: u64 = snapshot(&hypervisor()).unwritten.iter().map(|&(_, len)| len).sum();
-    assert!(unwritten >= 512 << 20, "{} MiB of unwritten chunks", unwritten >> 20);
+    assert!(unwritten >= 256 << 20, "{} MiB of unwritten chunks", unwritten >> 20);
     // A print touches none of it: its one exit is the doorbell that brings
     // its result. (One fork in five may take another, a timer's say.)
     for memory in [ForkMemory::SharedPages, ForkMemory::PrivateWrittenRanges] {

@@ -6,8 +6,8 @@
 //! made: about 10 bytes per 4 KiB, roughly 2.5 MiB of host memory per GiB,
 //! whether the guest uses the memory or not. So the memory most sandboxes
 //! never touch gets slots of its own, registered lazily: the disk, the
-//! agent's fresh heap ([`zeroboot_protocol::fresh`]), and the memory forks
-//! do not write ([`crate::snapshot::unwritten`]), in chunks. Until then a guest
+//! agent's fresh heap ([`zeroboot_protocol::fresh`]), and the memory the
+//! template never wrote ([`crate::snapshot::unwritten`]), in chunks. Until then a guest
 //! access there leaves the VM as MMIO (or, for an instruction KVM cannot
 //! emulate, as an internal error); the host registers the slot and completes
 //! the access, and every later access is ordinary memory.

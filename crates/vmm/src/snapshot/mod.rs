@@ -73,8 +73,9 @@ pub struct Snapshot {
     /// runs of whole 2 MiB pages: forks back them with anonymous memory of
     /// their own ([`crate::memory::GuestRam::map_fresh`]).
     pub fresh: Vec<(u64, u64)>,
-    /// Guest memory forks do not write ([`unwritten::unwritten_chunks`]):
-    /// forks register its KVM slots only when the guest touches it.
+    /// Guest memory the template never wrote and forks do not write
+    /// ([`unwritten::unwritten_chunks`]): forks register its KVM slots only
+    /// when the guest touches it.
     pub unwritten: Vec<(u64, u64)>,
 }
 
@@ -146,7 +147,7 @@ impl Snapshot {
             })
             .map(|r| (r.gpa, r.len))
             .collect();
-        let unwritten = unwritten::unwritten_chunks(&state.layout, &write_set, &fresh);
+        let unwritten = unwritten::unwritten_chunks(&memory, &state.layout, &write_set, &fresh);
         Ok(Self {
             dir: dir.to_path_buf(),
             state,
