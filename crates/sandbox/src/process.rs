@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::zygote::CLONE_WORKER;
+use crate::zygote::{CLONE_WORKER, OPENED};
 
 /// How long the zygote may take to answer a request (a clone takes well
 /// under a millisecond; only a stuck zygote comes near this).
@@ -96,7 +96,8 @@ impl Zygote {
             .stdout(Stdio::null())
             .spawn()
             .map_err(|e| command.spawn_error(e))?;
-        let zygote = Self {
+        // Dropped on any error below: that kills and reaps it.
+        let mut zygote = Self {
             process: Some(process),
             control,
         };
@@ -104,6 +105,18 @@ impl Zygote {
             .control
             .set_read_timeout(Some(ZYGOTE_DEADLINE))
             .map_err(|e| command.spawn_error(e))?;
+        // Ordering: the template is open in the zygote before this returns,
+        // so that its workers see the template as the host opened it, even
+        // if its files change right after.
+        let mut first = [0u8; 1];
+        zygote
+            .control
+            .read_exact(&mut first)
+            .map_err(|e| command.spawn_error(e))?;
+        if first[0] != OPENED {
+            let e = std::io::Error::other("the zygote could not open the template");
+            return Err(command.spawn_error(e));
+        }
         Ok(zygote)
     }
 

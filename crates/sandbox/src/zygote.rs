@@ -8,8 +8,10 @@
 //! so each clone makes its own, as a spawned worker does. It starts no
 //! thread either, so a clone is a copy of a process in a known state.
 //!
-//! The host talks to it over a Unix socket on its stdin. A request is one
-//! byte carrying one descriptor, the worker's end of a socket pair, which
+//! The host talks to it over a Unix socket on its stdin. Once it has opened
+//! the template it sends [`OPENED`] (or [`NOT_OPENED`], and ends), so that
+//! every worker sees the template as it was when the host opened it. A
+//! request is one byte carrying one descriptor, the worker's end of a socket pair, which
 //! becomes the worker's stdin and stdout; the answer is the new worker's
 //! pid as a little-endian `i32`, or a negative errno. The worker is cloned
 //! with `CLONE_PARENT`: it is the host's child, not the zygote's, so the
@@ -36,6 +38,10 @@ pub enum ZygoteError {
 
 /// The byte of a request; any other is answered with `EINVAL`.
 pub(crate) const CLONE_WORKER: u8 = 1;
+/// The zygote's first byte: the template is open, requests may come.
+pub(crate) const OPENED: u8 = 1;
+/// The zygote's first byte when it could not open the template.
+pub(crate) const NOT_OPENED: u8 = 0;
 
 /// Runs a zygote for the template in `dir`, with the host's socket on
 /// stdin, until the host closes it. In each worker it clones, this returns
@@ -43,9 +49,13 @@ pub(crate) const CLONE_WORKER: u8 = 1;
 pub fn serve(dir: &Path) -> Result<(), ZygoteError> {
     worker::die_with_parent();
     let control = UnixStream::from(std::io::stdin().as_fd().try_clone_to_owned()?);
-    // Opened once: a failure reaches the host through each worker's answer
-    // to Prepare, as it would from a spawned worker.
-    let opened = worker::open(dir);
+    // Opened once, before the host sends a request. Without it the host
+    // spawns workers, whose answers to Prepare say what is wrong.
+    let Ok(opened) = worker::open(dir) else {
+        (&control).write_all(&[NOT_OPENED])?;
+        return Ok(());
+    };
+    (&control).write_all(&[OPENED])?;
     loop {
         let (request, end) = match receive(&control)? {
             None => return Ok(()),
@@ -58,7 +68,7 @@ pub fn serve(dir: &Path) -> Result<(), ZygoteError> {
                     drop(control);
                     become_stdio(end)?;
                     worker::die_with_parent();
-                    return Ok(worker::serve_opened(opened)?);
+                    return Ok(worker::serve_opened(Ok(opened))?);
                 }
                 Ok(pid) => pid,
                 Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
