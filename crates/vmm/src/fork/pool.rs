@@ -1,29 +1,36 @@
 //! Values made ahead of time on a background thread: VM shells here
 //! ([`super::Template`]), prepared worker processes in `zeroboot-sandbox`.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{sync_channel, Receiver, TryRecvError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// Values made ahead of time on a background thread: up to `size` kept
 /// ready, taken without waiting. Used for VM shells here and for prepared
 /// worker processes by `zeroboot-sandbox`.
 ///
 /// The replacement for a taken value is made once the taker drops the
-/// [`Refill`] that came with it, not at once: making one (a process, a VM)
-/// while the taker starts its sandbox competes with it for the CPU, which
-/// took a worker's spawn p99 from about 0.35 ms to 1–2.5 ms on a 2-core host.
+/// [`Refill`] that came with it, or [`REFILL_AT_LATEST`] after the take,
+/// not at once: making one (a process, a VM) while the taker starts its
+/// sandbox competes with it for the CPU, which took a worker's spawn p99
+/// from about 0.35 ms to 1–2.5 ms on a 2-core host.
 pub struct ReadyPool<T: Send + 'static> {
     // A Mutex so that values can be taken from many threads at once.
     ready: Mutex<Receiver<T>>,
     /// Set when a taker finds no value ready; the filler clears it as it
     /// starts making the next one ([`Demand`]).
     missed: Arc<AtomicBool>,
-    /// One permit per value the filler may make; None once dropping.
-    permits: Option<SyncSender<()>>,
+    permits: Arc<Permits>,
     filler: Option<JoinHandle<()>>,
 }
+
+/// How long the filler waits for a taker to drop its [`Refill`]: a taker
+/// that holds it through a first request that runs for seconds, or keeps
+/// a sandbox idle, does not leave the pool empty.
+pub const REFILL_AT_LATEST: Duration = Duration::from_millis(50);
 
 /// What a [`ReadyPool`]'s filler knows of demand as it starts making a value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,15 +43,102 @@ pub enum Demand {
     Behind,
 }
 
-/// Returned with a value taken from a [`ReadyPool`]: dropping it lets the
-/// pool make the value's replacement.
-pub struct Refill<'a>(&'a SyncSender<()>);
+/// Which values the filler may make, shared by the pool, its filler and
+/// the [`Refill`]s out.
+#[derive(Default)]
+struct Permits {
+    state: Mutex<PermitState>,
+    changed: Condvar,
+}
 
-impl Drop for Refill<'_> {
+#[derive(Default)]
+struct PermitState {
+    /// Values the filler may make now.
+    free: usize,
+    /// Values taken whose [`Refill`] is still held: its ticket and when
+    /// the filler may make its replacement anyway. In taking order, so
+    /// the first is due first.
+    held: VecDeque<(u64, Instant)>,
+    next_ticket: u64,
+    /// Set as the pool is dropped: the filler stops.
+    closed: bool,
+}
+
+impl Permits {
+    fn lock(&self) -> MutexGuard<'_, PermitState> {
+        // The state stays consistent through a panic (every change is one
+        // statement), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Waits until the filler may make a value; false once the pool is
+    /// closed.
+    fn acquire(&self) -> bool {
+        let mut state = self.lock();
+        loop {
+            if state.closed {
+                return false;
+            }
+            if state.free > 0 {
+                state.free -= 1;
+                return true;
+            }
+            let now = Instant::now();
+            state = match state.held.front() {
+                Some(&(_, due)) if due <= now => {
+                    state.held.pop_front();
+                    return true;
+                }
+                Some(&(_, due)) => {
+                    let wait = due - now;
+                    self.changed
+                        .wait_timeout(state, wait)
+                        .map_or_else(|e| e.into_inner().0, |(s, _)| s)
+                }
+                None => self
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            };
+        }
+    }
+
+    fn hold(&self) -> u64 {
+        let mut state = self.lock();
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        state.held.push_back((ticket, Instant::now() + REFILL_AT_LATEST));
+        self.changed.notify_one();
+        ticket
+    }
+
+    fn release(&self, ticket: u64) {
+        let mut state = self.lock();
+        // Not held any more once the filler went ahead without it.
+        if let Some(at) = state.held.iter().position(|&(t, _)| t == ticket) {
+            state.held.remove(at);
+            state.free += 1;
+            self.changed.notify_one();
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_all();
+    }
+}
+
+/// Returned with a value taken from a [`ReadyPool`]: dropping it lets the
+/// pool make the value's replacement (which it does anyway
+/// [`REFILL_AT_LATEST`] after the take). It may outlive the pool.
+pub struct Refill {
+    permits: Arc<Permits>,
+    ticket: u64,
+}
+
+impl Drop for Refill {
     fn drop(&mut self) {
-        // The channel holds at most `size` permits, as many as values can
-        // be outstanding, so it has room; a closed pool needs none.
-        let _ = self.0.try_send(());
+        self.permits.release(self.ticket);
     }
 }
 
@@ -64,17 +158,16 @@ impl<T: Send + 'static> ReadyPool<T> {
             return None;
         }
         let (tx, rx) = sync_channel(size);
-        let (permits, permits_rx) = sync_channel(size);
-        for _ in 0..size {
-            permits.try_send(()).ok()?;
-        }
+        let permits = Arc::new(Permits::default());
+        permits.lock().free = size;
         let missed = Arc::new(AtomicBool::new(false));
         let seen = missed.clone();
+        let filler_permits = permits.clone();
         let filler = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                // recv fails once the pool is dropped, and so does send.
-                while permits_rx.recv().is_ok() {
+                // send fails once the pool is dropped.
+                while filler_permits.acquire() {
                     let demand = if seen.swap(false, Ordering::AcqRel) {
                         Demand::Behind
                     } else {
@@ -91,14 +184,14 @@ impl<T: Send + 'static> ReadyPool<T> {
         Some(Self {
             ready: Mutex::new(rx),
             missed,
-            permits: Some(permits),
+            permits,
             filler: Some(filler),
         })
     }
 
     /// A ready value, if there is one now, and the [`Refill`] to drop once
     /// the caller's time-critical part is done.
-    pub fn take(&self) -> Option<(T, Refill<'_>)> {
+    pub fn take(&self) -> Option<(T, Refill)> {
         let value = match self.ready.lock().ok()?.try_recv() {
             Ok(value) => value,
             Err(TryRecvError::Empty) => {
@@ -107,7 +200,14 @@ impl<T: Send + 'static> ReadyPool<T> {
             }
             Err(TryRecvError::Disconnected) => return None,
         };
-        Some((value, Refill(self.permits.as_ref()?)))
+        let ticket = self.permits.hold();
+        Some((
+            value,
+            Refill {
+                permits: self.permits.clone(),
+                ticket,
+            },
+        ))
     }
 }
 
@@ -116,7 +216,7 @@ impl<T: Send + 'static> Drop for ReadyPool<T> {
         // Closing the permits stops a waiting filler; dropping the receiver
         // (and the values in it) makes the send of one that is making a
         // value fail, and it returns.
-        self.permits = None;
+        self.permits.close();
         let (_, dead) = sync_channel::<T>(0);
         drop(std::mem::replace(&mut self.ready, Mutex::new(dead)));
         if let Some(filler) = self.filler.take() {
@@ -156,7 +256,7 @@ mod tests {
         assert!(wait_for(&made, 2), "the pool fills to its size");
         let (first, refill) = pool.take().expect("a ready value");
         assert_eq!(first, 0);
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(REFILL_AT_LATEST / 3);
         assert_eq!(
             made.load(Ordering::SeqCst),
             2,
@@ -168,6 +268,31 @@ mod tests {
         assert_eq!(second, 1);
         drop(refill);
         drop(pool);
+    }
+
+    #[test]
+    fn a_held_refill_delays_the_replacement_only_so_long() {
+        let made = Arc::new(AtomicUsize::new(0));
+        let counter = made.clone();
+        let pool = ReadyPool::start(
+            "test-pool",
+            1,
+            move |_| counter.fetch_add(1, Ordering::SeqCst),
+            |_| false,
+        )
+        .expect("pool");
+        assert!(wait_for(&made, 1), "the pool fills");
+        let taken = Instant::now();
+        let (_, refill) = pool.take().expect("a ready value");
+        assert!(wait_for(&made, 2), "the replacement is made with the refill held");
+        assert!(
+            taken.elapsed() >= REFILL_AT_LATEST,
+            "not before REFILL_AT_LATEST: {:?}",
+            taken.elapsed()
+        );
+        drop(pool);
+        // Its permit is gone with the pool: dropping it changes nothing.
+        drop(refill);
     }
 
     #[test]
