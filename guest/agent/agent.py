@@ -369,6 +369,30 @@ def fill_object_pools():
     native.zeroboot_take_free_chunks.restype = ctypes.c_long
     native.zeroboot_take_free_chunks(report, len(report))
     log(f"malloc: {report.value.decode()}")
+    # Before the move onto huge pages and the fresh heap, like the fill:
+    # part of the template's memory from here on.
+    if native.zeroboot_reserve_fork_objects(FORK_OBJECTS_BYTES, report, len(report)) == 0:
+        log(f"fork objects: {report.value.decode()}")
+    else:
+        log(f"fork objects: none ({report.value.decode()})")
+
+
+# The region a fork's small objects are carved from (native/fork_objects.h):
+# what a request allocates there is in address order, whatever its sizes.
+FORK_OBJECTS_BYTES = 8 << 20
+
+
+def route_fork_objects():
+    """From now on a fork's objects go into the region reserved for them
+    (zb_objects_route in native/fork_objects.h)."""
+    import ctypes
+
+    report = ctypes.create_string_buffer(256)
+    # With the GIL held: it wraps CPython's allocator.
+    if ctypes.PyDLL(native_library()._name).zeroboot_route_fork_objects(report, len(report)) == 0:
+        log(f"fork objects: {report.value.decode()}")
+    else:
+        log(f"fork objects: left to pymalloc ({report.value.decode()})")
 
 
 def move_onto_huge_pages():
@@ -1293,6 +1317,8 @@ def main():
     # physical addresses from pagemap).
     if not switch_user(USER_UID):
         raise SystemExit(f"zeroboot-agent: cannot become uid {USER_UID}")
+    # Last: what the template allocates from here on stays in the region.
+    route_fork_objects()
     log("ready")
     drain_console()
     serve(mailbox, doorbell)

@@ -3,6 +3,7 @@
  * do from Python itself because no Python code may run in the middle of it.
  */
 #include "files.h"
+#include "fork_objects.h"
 #include "guest.h"
 #include "heap.h"
 
@@ -46,6 +47,19 @@ void zeroboot_serve_file_ops(void *mailbox, void *doorbell)
 int zeroboot_map_fresh_heap(size_t bytes, struct zb_fresh_run *runs, int max_runs, char *report, size_t report_len)
 {
     return zb_map_fresh_heap(bytes, runs, max_runs, report, report_len);
+}
+
+/* See zb_objects_reserve in fork_objects.h. */
+int zeroboot_reserve_fork_objects(size_t bytes, char *report, size_t report_len)
+{
+    return zb_objects_reserve(bytes, report, report_len);
+}
+
+/* See zb_objects_route in fork_objects.h; call with the GIL held
+ * (ctypes.PyDLL). */
+int zeroboot_route_fork_objects(char *report, size_t report_len)
+{
+    return zb_objects_route(report, report_len);
 }
 
 /* See zb_take_free_chunks in heap.h. */

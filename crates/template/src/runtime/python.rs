@@ -14,6 +14,7 @@ pub const PYTHON: RuntimeDescriptor = RuntimeDescriptor {
         guest_file!("agent/native/files.h"),
         guest_file!("agent/native/ports.h"),
         guest_file!("agent/native/heap.h"),
+        guest_file!("agent/native/fork_objects.h"),
         guest_file!("agent/native/zeroboot_python.c"),
     ],
     agent_scripts: &["agent.py"],

@@ -1,0 +1,262 @@
+/*
+ * Where a fork's Python objects go: one region, carved in address order.
+ *
+ * pymalloc keeps each size class in pools of its own (16 KiB each in 3.13),
+ * so a fork that allocates objects of twenty sizes writes twenty pages,
+ * however few objects it makes, and every page it writes is a copy and a
+ * shadow-paging exit. At READY the agent wraps CPython's allocator (the
+ * MEM and OBJ domains, both pymalloc) with this one: requests up to
+ * ZB_OBJECTS_MAX_BLOCK bytes are carved one after the other from a region
+ * that the template wrote before the snapshot (so its pages are mapped and
+ * writable in every fork: no guest page fault), whatever their size, and a
+ * freed block goes on a free list of its class, where the next request of
+ * that class takes it. A `print(1+1)` then writes the few pages its objects
+ * fill, not one per size class.
+ *
+ * Blocks made before READY stay pymalloc's and go back to it. Once the
+ * region is used up, requests go to pymalloc too, so a fork that allocates
+ * without end loses at most the region to the class split (memory freed in
+ * one class is not reused by another, as a pymalloc pool's is not either).
+ *
+ * A block's class is one byte per 16-byte granule of the region, at the
+ * granule where the block starts, in a table beside it.
+ *
+ * CPython calls these with the GIL held (the MEM and OBJ domains require
+ * it), so nothing here locks. The declarations are CPython's
+ * (Include/cpython/pymem.h).
+ */
+#ifndef ZEROBOOT_FORK_OBJECTS_H
+#define ZEROBOOT_FORK_OBJECTS_H
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    void *ctx;
+    void *(*malloc)(void *ctx, size_t size);
+    void *(*calloc)(void *ctx, size_t nelem, size_t elsize);
+    void *(*realloc)(void *ctx, void *ptr, size_t new_size);
+    void (*free)(void *ctx, void *ptr);
+} PyMemAllocatorEx;
+enum { ZB_PYMEM_DOMAIN_MEM = 1, ZB_PYMEM_DOMAIN_OBJ = 2 };
+extern void PyMem_GetAllocator(int domain, PyMemAllocatorEx *allocator);
+extern void PyMem_SetAllocator(int domain, PyMemAllocatorEx *allocator);
+
+#define ZB_OBJECTS_GRANULE 16u
+/* Size classes: every 16 bytes up to pymalloc's 512, then about 1.5x
+ * steps up to ZB_OBJECTS_MAX_BLOCK, which holds the compiler's 8 KiB
+ * arena blocks and the tokenizer's buffers. */
+static const uint32_t zb_object_classes[] = {
+    16,   32,   48,   64,   80,   96,   112,  128,   144,   160,   176,   192,   208,   224,   240,
+    256,  272,  288,  304,  320,  336,  352,  368,   384,   400,   416,   432,   448,   464,   480,
+    496,  512,  768,  1024, 1536, 2048, 3072, 4096,  6144,  8192,  8320,  12288, 16384, 24576, 32768,
+};
+#define ZB_OBJECT_CLASSES (sizeof zb_object_classes / sizeof zb_object_classes[0])
+#define ZB_OBJECTS_MAX_BLOCK 32768u
+/* Index 0 of the class table means "no block starts here". */
+#define ZB_NO_CLASS 0xff
+
+struct zb_fork_objects {
+    char *start, *next, *end;
+    unsigned char *classes; /* one per granule of [start, end) */
+    void *free_lists[ZB_OBJECT_CLASSES];
+    /* pymalloc, per domain: what blocks from outside the region go back to */
+    PyMemAllocatorEx wrapped[2];
+    long carved, reused, passed;
+};
+
+static struct zb_fork_objects zb_objects;
+
+static int zb_object_class(size_t size)
+{
+    if (size <= 512)
+        return size == 0 ? 0 : (int)((size - 1) / ZB_OBJECTS_GRANULE);
+    for (unsigned c = 32; c < ZB_OBJECT_CLASSES; c++)
+        if (size <= zb_object_classes[c])
+            return (int)c;
+    return -1;
+}
+
+static int zb_in_region(void *p)
+{
+    return (char *)p >= zb_objects.start && (char *)p < zb_objects.end;
+}
+
+/* A block for `size` bytes, or NULL when the region has none; `*fresh`
+ * says whether it was carved (still zero: the region past `next` is never
+ * written) or reused. */
+static void *zb_region_alloc(size_t size, int *fresh)
+{
+    int c = zb_object_class(size);
+    if (c < 0)
+        return NULL;
+    void *block = zb_objects.free_lists[c];
+    *fresh = block == NULL;
+    if (block != NULL) {
+        zb_objects.free_lists[c] = *(void **)block;
+        zb_objects.reused++;
+        return block;
+    }
+    size_t bytes = zb_object_classes[c];
+    if ((size_t)(zb_objects.end - zb_objects.next) < bytes)
+        return NULL;
+    block = zb_objects.next;
+    zb_objects.next += bytes;
+    zb_objects.classes[((char *)block - zb_objects.start) / ZB_OBJECTS_GRANULE] = (unsigned char)c;
+    zb_objects.carved++;
+    return block;
+}
+
+static size_t zb_region_block_size(void *p)
+{
+    unsigned char c = zb_objects.classes[((char *)p - zb_objects.start) / ZB_OBJECTS_GRANULE];
+    return c < ZB_OBJECT_CLASSES ? zb_object_classes[c] : 0;
+}
+
+static void zb_region_free(void *p)
+{
+    unsigned char c = zb_objects.classes[((char *)p - zb_objects.start) / ZB_OBJECTS_GRANULE];
+    if (c >= ZB_OBJECT_CLASSES)
+        abort(); /* not a block's start: the caller's heap is corrupt */
+    *(void **)p = zb_objects.free_lists[c];
+    zb_objects.free_lists[c] = p;
+}
+
+static PyMemAllocatorEx *zb_wrapped(void *ctx)
+{
+    return &zb_objects.wrapped[(uintptr_t)ctx];
+}
+
+static void *zb_objects_malloc(void *ctx, size_t size)
+{
+    int fresh;
+    void *p = zb_region_alloc(size, &fresh);
+    if (p != NULL)
+        return p;
+    zb_objects.passed++;
+    PyMemAllocatorEx *w = zb_wrapped(ctx);
+    return w->malloc(w->ctx, size);
+}
+
+static void *zb_objects_calloc(void *ctx, size_t nelem, size_t elsize)
+{
+    if (elsize != 0 && nelem > SIZE_MAX / elsize)
+        return NULL;
+    size_t size = nelem * elsize;
+    int fresh;
+    void *p = zb_region_alloc(size, &fresh);
+    /* Clearing a carved block would write pages that are zero already:
+     * the parser's 16 KiB tables wrote 4 unchanged pages per print. */
+    if (p != NULL)
+        return fresh ? p : memset(p, 0, size);
+    zb_objects.passed++;
+    PyMemAllocatorEx *w = zb_wrapped(ctx);
+    return w->calloc(w->ctx, nelem, elsize);
+}
+
+static void zb_objects_free(void *ctx, void *p)
+{
+    if (p == NULL)
+        return;
+    if (zb_in_region(p)) {
+        zb_region_free(p);
+        return;
+    }
+    PyMemAllocatorEx *w = zb_wrapped(ctx);
+    w->free(w->ctx, p);
+}
+
+static void *zb_objects_realloc(void *ctx, void *p, size_t size)
+{
+    if (p == NULL)
+        return zb_objects_malloc(ctx, size);
+    if (!zb_in_region(p)) {
+        PyMemAllocatorEx *w = zb_wrapped(ctx);
+        return w->realloc(w->ctx, p, size);
+    }
+    size_t had = zb_region_block_size(p);
+    /* Shrinking keeps the block, as pymalloc keeps one that would shrink
+     * by less than a quarter. */
+    if (size <= had && (had <= 512 || size > had / 2))
+        return p;
+    void *q = zb_objects_malloc(ctx, size);
+    if (q == NULL)
+        return NULL;
+    memcpy(q, p, size < had ? size : had);
+    zb_region_free(p);
+    return q;
+}
+
+/*
+ * Takes `bytes` for the region and its class table from malloc and writes
+ * every page of both, so that a fork's writes there are copy-on-write
+ * faults of the host only. Call before the memory layout is final
+ * (zb_hugify, the fresh heap). Returns 0, or -1 with `report` saying why.
+ */
+static inline int zb_objects_reserve(size_t bytes, char *report, size_t report_len)
+{
+    /* Page-aligned, as is the class table after it: the blocks of a
+     * page's worth of table (64 KiB) are then in one page of it. */
+    bytes = (bytes + 4095) & ~(size_t)4095;
+    size_t granules = bytes / ZB_OBJECTS_GRANULE;
+    char *block = malloc(bytes + granules + 4096);
+    if (block == NULL) {
+        snprintf(report, report_len, "malloc(%zu) failed", bytes);
+        return -1;
+    }
+    char *start = (char *)(((uintptr_t)block + 4095) & ~(uintptr_t)4095);
+    memset(start, 0, bytes);
+    zb_objects.start = zb_objects.next = start;
+    zb_objects.end = start + bytes;
+    zb_objects.classes = (unsigned char *)zb_objects.end;
+    memset(zb_objects.classes, ZB_NO_CLASS, granules);
+    snprintf(report, report_len, "%zu KiB reserved for a fork's objects", bytes >> 10);
+    return 0;
+}
+
+/*
+ * Wraps the MEM and OBJ domains' allocators. Call with the GIL held, last
+ * thing before READY: what the template allocates from then on is in the
+ * region for good. The code of every path here runs once first (a block
+ * of each class taken, grown, freed), so that a fork finds it mapped; the
+ * region is then as it was.
+ */
+static inline int zb_objects_route(char *report, size_t report_len)
+{
+    if (zb_objects.start == NULL) {
+        snprintf(report, report_len, "no region reserved");
+        return -1;
+    }
+    static const int domains[2] = {ZB_PYMEM_DOMAIN_MEM, ZB_PYMEM_DOMAIN_OBJ};
+    for (uintptr_t d = 0; d < 2; d++) {
+        PyMem_GetAllocator(domains[d], &zb_objects.wrapped[d]);
+        void *ctx = (void *)d;
+        void *blocks[ZB_OBJECT_CLASSES];
+        for (unsigned c = 0; c < ZB_OBJECT_CLASSES; c++)
+            blocks[c] = zb_objects_calloc(ctx, 1, zb_object_classes[c]);
+        for (unsigned c = 0; c < ZB_OBJECT_CLASSES; c++)
+            blocks[c] = zb_objects_realloc(ctx, blocks[c], zb_object_classes[c] + 1);
+        for (unsigned c = 0; c < ZB_OBJECT_CLASSES; c++)
+            zb_objects_free(ctx, blocks[c]);
+        void *outside = zb_objects_realloc(ctx, zb_objects_malloc(ctx, ZB_OBJECTS_MAX_BLOCK + 1), 1);
+        zb_objects_free(ctx, outside);
+    }
+    size_t used = (size_t)(zb_objects.next - zb_objects.start);
+    memset(zb_objects.start, 0, used);
+    memset(zb_objects.classes, ZB_NO_CLASS, used / ZB_OBJECTS_GRANULE);
+    memset(zb_objects.free_lists, 0, sizeof zb_objects.free_lists);
+    zb_objects.next = zb_objects.start;
+    zb_objects.carved = zb_objects.reused = zb_objects.passed = 0;
+    for (uintptr_t d = 0; d < 2; d++) {
+        PyMemAllocatorEx routed = {(void *)d, zb_objects_malloc, zb_objects_calloc, zb_objects_realloc,
+                                   zb_objects_free};
+        PyMem_SetAllocator(domains[d], &routed);
+    }
+    snprintf(report, report_len, "a fork's objects up to %u bytes go into %zu KiB in address order",
+             ZB_OBJECTS_MAX_BLOCK, (size_t)(zb_objects.end - zb_objects.start) >> 10);
+    return 0;
+}
+
+#endif
