@@ -371,15 +371,10 @@ def fill_object_pools():
     log(f"malloc: {report.value.decode()}")
     # Before the move onto huge pages and the fresh heap, like the fill:
     # part of the template's memory from here on.
-    if native.zeroboot_reserve_fork_objects(FORK_OBJECTS_BYTES, report, len(report)) == 0:
+    if native.zeroboot_reserve_fork_objects(report, len(report)) == 0:
         log(f"fork objects: {report.value.decode()}")
     else:
         log(f"fork objects: none ({report.value.decode()})")
-
-
-# The region a fork's small objects are carved from (native/fork_objects.h):
-# what a request allocates there is in address order, whatever its sizes.
-FORK_OBJECTS_BYTES = 8 << 20
 
 
 def route_fork_objects():

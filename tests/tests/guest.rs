@@ -302,7 +302,7 @@ fn forks_carve_their_objects_in_address_order() {
     assert!(written <= 75, "print(1+1) wrote {written} pages: {print}");
 }
 
-/// A fork's objects come from a region of 8 MiB (native/fork_objects.h);
+/// A fork's objects come from a region of 1920 KiB (native/fork_objects.h);
 /// past it, from pymalloc. Objects of every size, grown, shrunk and freed
 /// across that line, keep their contents.
 #[test]

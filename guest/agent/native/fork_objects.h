@@ -7,7 +7,7 @@
  * shadow-paging exit. At READY the agent wraps CPython's allocator (the
  * MEM and OBJ domains, both pymalloc) with this one: requests up to
  * ZB_OBJECTS_MAX_BLOCK bytes are carved one after the other from a region
- * that the template wrote before the snapshot (so its pages are mapped and
+ * (1920 KiB) that the template wrote before the snapshot (so its pages are mapped and
  * writable in every fork: no guest page fault), whatever their size, and a
  * freed block goes on a free list of its class, where the next request of
  * that class takes it. A `print(1+1)` then writes the few pages its objects
@@ -28,10 +28,13 @@
 #ifndef ZEROBOOT_FORK_OBJECTS_H
 #define ZEROBOOT_FORK_OBJECTS_H
 
+#include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "guest.h"
 
 typedef struct {
     void *ctx;
@@ -190,29 +193,31 @@ static void *zb_objects_realloc(void *ctx, void *p, size_t size)
 }
 
 /*
- * Takes `bytes` for the region and its class table from malloc and writes
- * every page of both, so that a fork's writes there are copy-on-write
- * faults of the host only. Call before the memory layout is final
- * (zb_hugify, the fresh heap). Returns 0, or -1 with `report` saying why.
+ * Maps the region and its class table in one 2 MiB range of their own and
+ * writes every page of both, so that a fork's writes there are
+ * copy-on-write faults of the host only, and so that zb_hugify moves the
+ * range onto one huge page: one page-table leaf for a fork to touch, and
+ * one range for private-written-ranges to copy. Call before zb_hugify.
+ * Returns 0, or -1 with `report` saying why.
  */
-static inline int zb_objects_reserve(size_t bytes, char *report, size_t report_len)
+#define ZB_OBJECTS_REGION (1920u << 10)
+
+static inline int zb_objects_reserve(char *report, size_t report_len)
 {
-    /* Page-aligned, as is the class table after it: the blocks of a
-     * page's worth of table (64 KiB) are then in one page of it. */
-    bytes = (bytes + 4095) & ~(size_t)4095;
-    size_t granules = bytes / ZB_OBJECTS_GRANULE;
-    char *block = malloc(bytes + granules + 4096);
-    if (block == NULL) {
-        snprintf(report, report_len, "malloc(%zu) failed", bytes);
+    _Static_assert(ZB_OBJECTS_REGION + ZB_OBJECTS_REGION / ZB_OBJECTS_GRANULE <= ZB_HUGE, "one huge page");
+    char *start = zb_mmap_aligned(ZB_HUGE, PROT_READ | PROT_WRITE);
+    if (start == MAP_FAILED) {
+        snprintf(report, report_len, "mmap: %s", strerror(errno));
         return -1;
     }
-    char *start = (char *)(((uintptr_t)block + 4095) & ~(uintptr_t)4095);
-    memset(start, 0, bytes);
+    memset(start, 0, ZB_HUGE);
     zb_objects.start = zb_objects.next = start;
-    zb_objects.end = start + bytes;
+    zb_objects.end = start + ZB_OBJECTS_REGION;
+    /* Page-aligned: the blocks of a page's worth of table (64 KiB) are
+     * then in one page of it. */
     zb_objects.classes = (unsigned char *)zb_objects.end;
-    memset(zb_objects.classes, ZB_NO_CLASS, granules);
-    snprintf(report, report_len, "%zu KiB reserved for a fork's objects", bytes >> 10);
+    memset(zb_objects.classes, ZB_NO_CLASS, ZB_OBJECTS_REGION / ZB_OBJECTS_GRANULE);
+    snprintf(report, report_len, "%u KiB reserved for a fork's objects", ZB_OBJECTS_REGION >> 10);
     return 0;
 }
 

@@ -50,9 +50,9 @@ int zeroboot_map_fresh_heap(size_t bytes, struct zb_fresh_run *runs, int max_run
 }
 
 /* See zb_objects_reserve in fork_objects.h. */
-int zeroboot_reserve_fork_objects(size_t bytes, char *report, size_t report_len)
+int zeroboot_reserve_fork_objects(char *report, size_t report_len)
 {
-    return zb_objects_reserve(bytes, report, report_len);
+    return zb_objects_reserve(report, report_len);
 }
 
 /* See zb_objects_route in fork_objects.h; call with the GIL held
