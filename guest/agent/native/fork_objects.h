@@ -6,17 +6,18 @@
  * however few objects it makes, and every page it writes is a copy and a
  * shadow-paging exit. At READY the agent wraps CPython's allocator (the
  * MEM and OBJ domains, both pymalloc) with this one: requests up to
- * ZB_OBJECTS_MAX_BLOCK bytes are carved one after the other from a region
- * (1920 KiB) that the template wrote before the snapshot (so its pages are mapped and
- * writable in every fork: no guest page fault), whatever their size, and a
- * freed block goes on a free list of its class, where the next request of
- * that class takes it. A `print(1+1)` then writes the few pages its objects
+ * ZB_OBJECTS_MAX_BLOCK bytes are carved one after the other, whatever
+ * their size, from a region (ZB_OBJECTS_REGION) that the template wrote
+ * before the snapshot (so its pages are mapped and writable in every fork:
+ * no guest page fault), and a freed block goes on a free list of its
+ * class, where the next request of that class takes it. A `print(1+1)` then writes the few pages its objects
  * fill, not one per size class.
  *
  * Blocks made before READY stay pymalloc's and go back to it. Once the
  * region is used up, requests go to pymalloc too, so a fork that allocates
- * without end loses at most the region to the class split (memory freed in
- * one class is not reused by another, as a pymalloc pool's is not either).
+ * without end loses at most the region to the split by class (a block
+ * freed in one class is never reused by another, where pymalloc hands an
+ * empty pool to any class).
  *
  * A block's class is one byte per 16-byte granule of the region, at the
  * granule where the block starts, in a table beside it.
@@ -49,8 +50,8 @@ extern void PyMem_SetAllocator(int domain, PyMemAllocatorEx *allocator);
 
 #define ZB_OBJECTS_GRANULE 16u
 /* Size classes: every 16 bytes up to pymalloc's 512, then about 1.5x
- * steps up to ZB_OBJECTS_MAX_BLOCK, which holds the compiler's 8 KiB
- * arena blocks and the tokenizer's buffers. */
+ * steps up to ZB_OBJECTS_MAX_BLOCK, which holds the tokenizer's buffers
+ * and the compiler's arena blocks (8 KiB and their header: 8320). */
 static const uint32_t zb_object_classes[] = {
     16,   32,   48,   64,   80,   96,   112,  128,   144,   160,   176,   192,   208,   224,   240,
     256,  272,  288,  304,  320,  336,  352,  368,   384,   400,   416,   432,   448,   464,   480,
@@ -58,7 +59,7 @@ static const uint32_t zb_object_classes[] = {
 };
 #define ZB_OBJECT_CLASSES (sizeof zb_object_classes / sizeof zb_object_classes[0])
 #define ZB_OBJECTS_MAX_BLOCK 32768u
-/* Index 0 of the class table means "no block starts here". */
+/* In the class table: no block starts at this granule. */
 #define ZB_NO_CLASS 0xff
 
 struct zb_fork_objects {
@@ -67,7 +68,6 @@ struct zb_fork_objects {
     void *free_lists[ZB_OBJECT_CLASSES];
     /* pymalloc, per domain: what blocks from outside the region go back to */
     PyMemAllocatorEx wrapped[2];
-    long carved, reused, passed;
 };
 
 static struct zb_fork_objects zb_objects;
@@ -99,7 +99,6 @@ static void *zb_region_alloc(size_t size, int *fresh)
     *fresh = block == NULL;
     if (block != NULL) {
         zb_objects.free_lists[c] = *(void **)block;
-        zb_objects.reused++;
         return block;
     }
     size_t bytes = zb_object_classes[c];
@@ -108,7 +107,6 @@ static void *zb_region_alloc(size_t size, int *fresh)
     block = zb_objects.next;
     zb_objects.next += bytes;
     zb_objects.classes[((char *)block - zb_objects.start) / ZB_OBJECTS_GRANULE] = (unsigned char)c;
-    zb_objects.carved++;
     return block;
 }
 
@@ -138,7 +136,6 @@ static void *zb_objects_malloc(void *ctx, size_t size)
     void *p = zb_region_alloc(size, &fresh);
     if (p != NULL)
         return p;
-    zb_objects.passed++;
     PyMemAllocatorEx *w = zb_wrapped(ctx);
     return w->malloc(w->ctx, size);
 }
@@ -154,7 +151,6 @@ static void *zb_objects_calloc(void *ctx, size_t nelem, size_t elsize)
      * the parser's 16 KiB tables wrote 4 unchanged pages per print. */
     if (p != NULL)
         return fresh ? p : memset(p, 0, size);
-    zb_objects.passed++;
     PyMemAllocatorEx *w = zb_wrapped(ctx);
     return w->calloc(w->ctx, nelem, elsize);
 }
@@ -253,7 +249,6 @@ static inline int zb_objects_route(char *report, size_t report_len)
     memset(zb_objects.classes, ZB_NO_CLASS, used / ZB_OBJECTS_GRANULE);
     memset(zb_objects.free_lists, 0, sizeof zb_objects.free_lists);
     zb_objects.next = zb_objects.start;
-    zb_objects.carved = zb_objects.reused = zb_objects.passed = 0;
     for (uintptr_t d = 0; d < 2; d++) {
         PyMemAllocatorEx routed = {(void *)d, zb_objects_malloc, zb_objects_calloc, zb_objects_realloc,
                                    zb_objects_free};
