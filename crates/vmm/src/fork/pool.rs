@@ -242,17 +242,23 @@ mod tests {
         false
     }
 
-    #[test]
-    fn a_taken_value_is_replaced_only_after_its_refill_is_dropped() {
+    /// A pool of `size` whose values count up from 0, and how many it made.
+    fn counting_pool(size: usize) -> (ReadyPool<usize>, Arc<AtomicUsize>) {
         let made = Arc::new(AtomicUsize::new(0));
         let counter = made.clone();
         let pool = ReadyPool::start(
             "test-pool",
-            2,
+            size,
             move |_| counter.fetch_add(1, Ordering::SeqCst),
             |_| false,
         )
         .expect("pool");
+        (pool, made)
+    }
+
+    #[test]
+    fn a_taken_value_is_replaced_only_after_its_refill_is_dropped() {
+        let (pool, made) = counting_pool(2);
         assert!(wait_for(&made, 2), "the pool fills to its size");
         let (first, refill) = pool.take().expect("a ready value");
         assert_eq!(first, 0);
@@ -272,15 +278,7 @@ mod tests {
 
     #[test]
     fn a_held_refill_delays_the_replacement_only_so_long() {
-        let made = Arc::new(AtomicUsize::new(0));
-        let counter = made.clone();
-        let pool = ReadyPool::start(
-            "test-pool",
-            1,
-            move |_| counter.fetch_add(1, Ordering::SeqCst),
-            |_| false,
-        )
-        .expect("pool");
+        let (pool, made) = counting_pool(1);
         assert!(wait_for(&made, 1), "the pool fills");
         let taken = Instant::now();
         let (_, refill) = pool.take().expect("a ready value");
