@@ -266,10 +266,11 @@ fn cli_pages_counts_and_names_what_an_exec_writes() {
 }
 
 /// At READY every size class of CPython's small-object allocator starts in
-/// an empty pool and malloc holds no free chunk but its top, so a fork's
-/// allocations go one after the other into a few pages: `print(1+1)` wrote
-/// 129 pages before, 113 with the pools alone, 90 with both, and 82 with
-/// code constants and built-in types' dicts immortal too.
+/// an empty pool, malloc holds no free chunk but its top, and a fork's
+/// objects up to 32 KiB are carved from one region (native/fork_objects.h),
+/// so a fork's allocations go one after the other into a few pages:
+/// `print(1+1)` wrote 129 pages before, 82 with the pools filled, the free
+/// chunks taken and more of the heap immortal, and 66 with the region.
 #[test]
 fn forks_carve_their_objects_in_address_order() {
     let log = std::fs::read_to_string(template_dir().join(BOOT_LOG)).unwrap();
@@ -298,7 +299,6 @@ fn forks_carve_their_objects_in_address_order() {
     assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
     let print: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let written = print["written"].as_u64().unwrap();
-    // 129 before the pools were filled, 83 before the region, 66 with it.
     assert!(written <= 75, "print(1+1) wrote {written} pages: {print}");
 }
 

@@ -13,10 +13,10 @@
 //! every worker sees the template as it was when the host opened it. A
 //! request is one byte carrying one descriptor, the worker's end of a
 //! socket pair, which becomes the worker's stdin and stdout; the answer is
-//! the new worker's pid as a little-endian `i32`, or a negative errno. The worker is cloned
-//! with `CLONE_PARENT`: it is the host's child, not the zygote's, so the
-//! host waits for it and reads how it ended exactly as for a spawned one,
-//! and its parent-death signal ties it to the host.
+//! the new worker's pid as a little-endian `i32`, or a negative errno. The
+//! worker is cloned with `CLONE_PARENT`: it is the host's child, not the
+//! zygote's, so the host waits for it and reads how it ended exactly as for
+//! a spawned one, and its parent-death signal ties it to the host.
 
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};

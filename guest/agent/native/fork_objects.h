@@ -110,17 +110,18 @@ static void *zb_region_alloc(size_t size, int *fresh)
     return block;
 }
 
-static size_t zb_region_block_size(void *p)
-{
-    unsigned char c = zb_objects.classes[((char *)p - zb_objects.start) / ZB_OBJECTS_GRANULE];
-    return c < ZB_OBJECT_CLASSES ? zb_object_classes[c] : 0;
-}
-
-static void zb_region_free(void *p)
+/* The class of the region's block at `p`. */
+static unsigned zb_region_class(void *p)
 {
     unsigned char c = zb_objects.classes[((char *)p - zb_objects.start) / ZB_OBJECTS_GRANULE];
     if (c >= ZB_OBJECT_CLASSES)
         abort(); /* not a block's start: the caller's heap is corrupt */
+    return c;
+}
+
+static void zb_region_free(void *p)
+{
+    unsigned c = zb_region_class(p);
     *(void **)p = zb_objects.free_lists[c];
     zb_objects.free_lists[c] = p;
 }
@@ -175,9 +176,9 @@ static void *zb_objects_realloc(void *ctx, void *p, size_t size)
         PyMemAllocatorEx *w = zb_wrapped(ctx);
         return w->realloc(w->ctx, p, size);
     }
-    size_t had = zb_region_block_size(p);
-    /* Shrinking keeps the block, as pymalloc keeps one that would shrink
-     * by less than a quarter. */
+    size_t had = zb_object_classes[zb_region_class(p)];
+    /* Shrinking keeps a block of up to 512 bytes, and a larger one unless
+     * less than half of it would be used: a move writes another page. */
     if (size <= had && (had <= 512 || size > had / 2))
         return p;
     void *q = zb_objects_malloc(ctx, size);
