@@ -1,14 +1,15 @@
 //! Thousands of fork+exec in one process leave its fds, memory and threads
-//! where they were, and forks into worker processes leave no process behind.
+//! where they were, and forks into worker processes (pooled or not) leave no
+//! process behind.
 //! Its own test binary, so no other test shares the process.
 
 use std::time::Duration;
 
-use zeroboot_e2e::{children_of, eventually, hypervisor, isolated_template, snapshot};
+use zeroboot_e2e::{children_of, eventually, hypervisor, isolated_template, process_alive, snapshot};
 use zeroboot_protocol::Request;
 use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy, Template};
 
-/// The two tests count this process's fds and threads: one at a time.
+/// The tests count this process's fds, threads and children: one at a time.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn open_fds() -> usize {
@@ -108,4 +109,29 @@ fn worker_process_forks_leave_no_process_fd_or_thread_behind() {
         "open fds went from {fds} to {fds_after} over {forks} forks"
     );
     assert_eq!(threads_after, threads, "threads went from {threads} to {threads_after}");
+}
+
+#[test]
+fn a_pool_keeps_workers_ready_and_ends_them_when_dropped() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let me = std::process::id();
+    let before = children_of(me);
+    let template = isolated_template(2);
+    let zygote = template.zygote_pid().expect("the template has a zygote");
+    let new_workers = || {
+        children_of(me)
+            .into_iter()
+            .filter(|p| !before.contains(p) && *p != zygote && process_alive(*p))
+            .count()
+    };
+    // Two prepared: one in the channel, one held by the filler.
+    assert!(
+        eventually(Duration::from_secs(60), || new_workers() == 2),
+        "the pool started two workers"
+    );
+    drop(template);
+    assert!(
+        eventually(Duration::from_secs(10), || new_workers() == 0),
+        "dropping the template ended its pooled workers"
+    );
 }

@@ -179,30 +179,6 @@ fn a_live_sandbox_forks_into_new_processes() {
 }
 
 #[test]
-fn a_pool_keeps_workers_ready_and_ends_them_when_dropped() {
-    let me = std::process::id();
-    let before = children_of(me);
-    let template = isolated_template(2);
-    let zygote = template.zygote_pid().expect("the template has a zygote");
-    let new_workers = || {
-        children_of(me)
-            .into_iter()
-            .filter(|p| !before.contains(p) && *p != zygote && process_alive(*p))
-            .count()
-    };
-    // Two prepared: one in the channel, one held by the filler.
-    assert!(
-        eventually(Duration::from_secs(60), || new_workers() == 2),
-        "the pool started two workers"
-    );
-    drop(template);
-    assert!(
-        eventually(Duration::from_secs(10), || new_workers() == 0),
-        "dropping the template ended its pooled workers"
-    );
-}
-
-#[test]
 fn an_adaptive_pool_copies_ranges_ahead_and_shares_pages_on_demand() {
     let template = isolated_template_with(1, ForkMemoryPolicy::Adaptive);
     // The pool's first VM is made while nobody waits for it. A fork that
