@@ -32,7 +32,10 @@ fn exec_runs_code_and_reports_timings() {
             r["exec_time_ms"].as_f64().unwrap(),
             r["total_time_ms"].as_f64().unwrap(),
         );
-        assert!(fork > 0.0 && exec > 0.0 && (total - fork - exec).abs() < 1.0, "{r}");
+        // The total holds the fork and the exec, and little else; on a
+        // loaded host the threads in between may wait for a core a while.
+        let rest = total - fork - exec;
+        assert!(fork > 0.0 && exec > 0.0 && rest > -0.01 && rest < 50.0, "{r}");
         assert_eq!(r["id"].as_str().map(str::len), Some(24));
     }
 }
