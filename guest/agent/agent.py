@@ -425,24 +425,74 @@ def map_fresh_heap(mailbox, config):
     log(f"fresh heap: {report.value.decode()}")
 
 
+# The native request loop (native/exec_path.h), a ctypes.PyDLL; None before
+# CPython 3.12, where this file serves every request.
+EXEC_PATH = None
+# The stdout and stderr of every request the native loop serves itself. Made
+# before the snapshot and reachable from here, so that they and what they
+# hold between requests are the template's, immortal (immortalize_heap).
+PLAIN_OUT = PLAIN_ERR = None
+
+
+def set_up_exec_path():
+    """Gives the captures their C methods (native/captures.h) and, from
+    CPython 3.12 on, sets up the native request loop, which serves plain
+    requests without running the agent's Python code (native/exec_path.h)."""
+    import ctypes
+
+    global EXEC_PATH, PLAIN_OUT, PLAIN_ERR
+    # With the GIL held: these call CPython.
+    native = ctypes.PyDLL(native_library()._name)
+    if sys.version_info < (3, 12):
+        native.zeroboot_install_captures.argtypes = [ctypes.py_object] * 3
+        native.zeroboot_install_captures(CappedText, CappedBytes, CHILDREN)
+        log("request path: python")
+        return
+    PLAIN_OUT, PLAIN_ERR = CappedText(0), CappedText(0)
+    native.zeroboot_exec_setup.argtypes = [ctypes.py_object, ctypes.py_object]
+    native.zeroboot_exec_setup(globals(), io.StringIO)
+    for name in ("zeroboot_exec_request", "zeroboot_exec_serve"):
+        getattr(native, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.py_object] * 3
+        getattr(native, name).restype = None
+    EXEC_PATH = native
+    log("request path: native for plain requests")
+
+
+# The rehearsal's requests: each path the native loop and agent.py take.
+REHEARSAL = (
+    ("print(1+1)", REQUEST_STREAM | REQUEST_FRESH_FORK),
+    ("print(1+1)", 0),
+    ("import numpy; print(numpy.random.rand(3))", 0),
+    ("import sys; sys.exit(3)", REQUEST_STREAM),
+    ("import sys; sys.exit(3)", 0),
+    ("1/0", 0),
+    ("6 * 7", 0),
+    ("x = 6 * 7\nx", REQUEST_STREAM),
+)
+
+
 def rehearse_exec_path():
     """Serves a few requests from a scratch mailbox, through the same code as
     real ones, so that every page of code and data that path uses is mapped
     before the snapshot. A page first touched in a fork costs a guest page
     fault, which the guest kernel handles (slowly, where its kernel mode is
     emulated)."""
+    import ctypes
+
     scratch, bell = bytearray(MAILBOX_SIZE), bytearray(1)
-    for seq, code in enumerate(
-        ("print(1+1)", "import numpy; print(numpy.random.rand(3))", "import sys; sys.exit(3)", "1/0", "x = 6 * 7\nx"),
-        1,
-    ):
+    # Kept while the addresses are in use.
+    arrays = [(ctypes.c_char * len(b)).from_buffer(b) for b in (scratch, bell)]
+    addresses = [ctypes.addressof(a) for a in arrays]
+    for seq, (code, flags) in enumerate(REHEARSAL, 1):
         payload = code.encode()
         scratch[REQUEST_OFFSET : REQUEST_OFFSET + len(payload)] = payload
         struct.pack_into("<III", scratch, H_REQUEST_SEQ, seq, len(payload), 0)
-        flags = (REQUEST_STREAM if seq % 2 else 0) | (REQUEST_FRESH_FORK if seq == 1 else 0)
         struct.pack_into("<II", scratch, H_OUTPUT_LIMIT, 1 << 20, flags)
         scratch[H_REQUEST_SEED : H_REQUEST_SEED + REQUEST_SEED_LEN] = os.urandom(REQUEST_SEED_LEN)
-        handle_request(scratch, bell, fresh_namespace())
+        if EXEC_PATH is not None:
+            EXEC_PATH.zeroboot_exec_request(*addresses, scratch, bell, fresh_namespace())
+        else:
+            handle_request(scratch, bell, fresh_namespace())
         if struct.unpack_from("<I", scratch, H_RESPONSE_SEQ)[0] != seq:
             raise SystemExit("zeroboot-agent: the rehearsal request got no response")
 
@@ -529,28 +579,10 @@ class CappedBytes(io.RawIOBase):
     def writable(self):
         return True
 
-    def write(self, b):
-        if self.lock is None:
-            return self.write_locked(b)
-        with self.lock:
-            return self.write_locked(b)
-
-    def write_locked(self, b):
-        # What child processes wrote before this comes before it.
-        if CHILDREN.active:
-            CHILDREN.collect()
-        n = len(b)
-        self.keep(b)
-        if self.on_line is not None and b"\n" in b:
-            self.on_line()
-        return n
-
-    def keep(self, b):
-        if len(b) > self.room:
-            b = b[: self.room]
-            self.truncated = True
-        self.room -= len(b)
-        self.pending.append(bytes(b))
+    # write(b), keep(b) (what children wrote, without the rest of a write)
+    # and take() (the bytes written since the last take) are C, given to
+    # this class at start-up (native/captures.h): Python code run on every
+    # write would write to its own code in every fork.
 
     def flush(self):
         if self.on_line is not None and self.pending:
@@ -562,18 +594,10 @@ class CappedBytes(io.RawIOBase):
         self.on_line = None
         super().close()
 
-    def take(self):
-        """The bytes written since the last take."""
-        data = b"".join(self.pending)
-        self.pending.clear()
-        return data
-
 
 class CappedText(io.TextIOBase):
     """Captured stdout or stderr as text, encoded to UTF-8 as it is written
-    into its `buffer` (a CappedBytes), where code may also write bytes.
-    Text that cannot be encoded (lone surrogates) keeps its bytes through
-    `surrogateescape`, or becomes U+FFFD."""
+    into its `buffer` (a CappedBytes), where code may also write bytes."""
 
     encoding = "utf-8"
     errors = "surrogateescape"
@@ -585,13 +609,7 @@ class CappedText(io.TextIOBase):
     def writable(self):
         return True
 
-    def write(self, s):
-        try:
-            data = s.encode("utf-8", "surrogateescape")
-        except UnicodeEncodeError:
-            data = s.encode("utf-8", "replace")
-        self.buffer.write(data)
-        return len(s)
+    # write(s) is C, as CappedBytes.write is.
 
     def flush(self):
         self.buffer.flush()
@@ -1006,9 +1024,8 @@ def fresh_namespace():
 def run_code(code, stdin, out, err, namespace):
     """Runs `code` like `python3 -c` in `namespace`, which later requests to
     the same sandbox share (as cells of a notebook do), writing to the
-    captures `out` and `err`; returns the exit code."""
-    import traceback
-
+    captures `out` and `err`; returns the exit code. A plain request takes
+    the same steps in C (zb_exec_run in native/exec_path.h)."""
     saved = sys.stdin, sys.stdout, sys.stderr
     sys.stdin, sys.stdout, sys.stderr = io.StringIO(stdin), out, err
     exit_code = 0
@@ -1017,35 +1034,54 @@ def run_code(code, stdin, out, err, namespace):
         exec(body, namespace)
         if last is not None:
             displayhook(eval(last, namespace))
-    except SystemExit as e:
-        if e.code is None:
-            exit_code = 0
-        elif isinstance(e.code, int):
-            exit_code = e.code
-        else:
-            print(e.code, file=err)
-            exit_code = 1
-    except BaseException:
-        traceback.print_exc()
-        exit_code = 1
+    except BaseException as e:
+        exit_code = exit_code_of(e, err)
     finally:
-        try:
-            show_open_figures()
-        except Exception:
-            traceback.print_exc()
-        # Code may have put a stream of its own in place; ours needs no
-        # flush here, the final chunk carries what it holds.
-        if sys.stdout is not out:
-            try:
-                sys.stdout.flush()
-            except Exception:
-                pass
+        after_code(out)
         sys.stdin, sys.stdout, sys.stderr = saved
     if FORKED_CHILD:
         # A copy of the agent forked by the code ends where `python3 -c`
         # would end, and never touches the mailbox.
         os._exit(exit_code & 0xFF)
     return exit_code
+
+
+def exit_code_of(exception, err):
+    """The exit code of code that raised `exception`, which is reported as
+    `python3 -c` reports it: a SystemExit's message on `err`, a traceback
+    (without the agent's frames) on sys.stderr."""
+    if isinstance(exception, SystemExit):
+        if exception.code is None:
+            return 0
+        if isinstance(exception.code, int):
+            return exception.code
+        print(exception.code, file=err)
+        return 1
+    import traceback
+
+    tb = exception.__traceback__
+    while tb is not None and tb.tb_frame.f_globals is globals():
+        tb = tb.tb_next
+    traceback.print_exception(type(exception), exception, tb)
+    return 1
+
+
+def after_code(out):
+    """What follows a request's code, with its captures still in place:
+    the figures it left open shown, and a stdout of its own put in place of
+    `out` flushed (ours needs no flush here, the final chunk carries what
+    it holds)."""
+    try:
+        show_open_figures()
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+    if sys.stdout is not out:
+        try:
+            sys.stdout.flush()
+        except Exception:
+            pass
 
 
 # Namespaces of run_cell by name, made on first use.
@@ -1255,8 +1291,11 @@ def handle_request(mailbox, doorbell, namespace):
 
 def serve(mailbox, doorbell):
     # The READY store is the snapshot: every fork resumes right after it, in
-    # this loop, with its request already in the mailbox.
+    # this loop (or zeroboot_exec_serve's, which never returns), with its
+    # request already in the mailbox.
     namespace = fresh_namespace()
+    if EXEC_PATH is not None:
+        EXEC_PATH.zeroboot_exec_serve(*FILE_OPS_ARGS, mailbox, doorbell, namespace)
     doorbell[0] = DOORBELL_READY
     while True:
         handle_request(mailbox, doorbell, namespace)
@@ -1286,6 +1325,9 @@ def main():
     if "matplotlib.pyplot" in sys.modules:
         show_figures_on_show(sys.modules["matplotlib.pyplot"])
     capture_child_processes()
+    # After sys.displayhook is set (the native loop wraps it) and before the
+    # rehearsal, which goes its way.
+    set_up_exec_path()
     rehearse_exec_path()
     log("exec path rehearsed")
     gc.collect()

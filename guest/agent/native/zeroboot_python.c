@@ -2,6 +2,7 @@
  * The Python agent's native half, loaded with ctypes: what agent.py cannot
  * do from Python itself because no Python code may run in the middle of it.
  */
+#include "exec_path.h"
 #include "files.h"
 #include "fork_objects.h"
 #include "guest.h"
@@ -221,4 +222,43 @@ long zeroboot_fill_object_pools(char *report, size_t report_len)
     }
     snprintf(report, report_len, "%ld blocks taken, %ld size classes start in an empty pool", taken, pools);
     return taken;
+}
+
+/*
+ * The request loop (exec_path.h). Call all three with the GIL held
+ * (ctypes.PyDLL), from CPython 3.12 on.
+ */
+
+/* See zb_exec_setup; 0, or -1 with the exception raised in the caller. */
+int zeroboot_exec_setup(PyObject *agent, PyObject *string_io)
+{
+    return zb_exec_setup(agent, string_io);
+}
+
+/* See zb_exec_request: one request, from the mailbox (and doorbell) at
+ * these addresses, which the views passed on to agent.py cover. */
+void zeroboot_exec_request(void *mailbox, void *doorbell, PyObject *mailbox_view, PyObject *doorbell_view,
+                           PyObject *namespace)
+{
+    zb_exec_request(mailbox, doorbell, mailbox_view, doorbell_view, namespace);
+}
+
+/* Rings READY, and serves requests for good. The READY store is the
+ * snapshot: every fork resumes right after it, in this loop, with its
+ * request already in the mailbox. */
+void zeroboot_exec_serve(void *mailbox, void *doorbell, PyObject *mailbox_view, PyObject *doorbell_view,
+                         PyObject *namespace)
+{
+    volatile uint8_t *bell = doorbell;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    bell[0] = ZB_DOORBELL_READY;
+    for (;;)
+        zb_exec_request(mailbox, doorbell, mailbox_view, doorbell_view, namespace);
+}
+
+/* See zb_captures_install: where the request loop is not used (before
+ * CPython 3.12), the captures' methods alone. */
+int zeroboot_install_captures(PyObject *text_class, PyObject *bytes_class, PyObject *children)
+{
+    return zb_captures_install(text_class, bytes_class, children);
 }
