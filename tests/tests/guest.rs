@@ -389,6 +389,30 @@ fn plain_requests_answer_as_agent_py_does() {
     assert_eq!(String::from_utf8_lossy(&results).matches("execute_result").count(), 1);
 }
 
+/// Code can reach the captures it writes to and take them apart: the ones
+/// plain requests share (native/exec_path.h), then, with those broken and
+/// plain requests gone to agent.py, agent.py's own. Its request still gets
+/// an answer, and later requests work.
+#[test]
+fn code_that_breaks_the_captures_breaks_no_later_request() {
+    let mut m = fork();
+    for (breaking, exit_code) in [
+        ("import sys; sys.stdout.buffer.room = 'no number'", 0),
+        ("import sys; sys.stdout.buffer.pending = None", 0),
+        ("import sys; del sys.stderr.buffer", 1),
+    ] {
+        let r = run(&mut m, breaking);
+        assert_eq!(r.exit_code, exit_code, "{breaking:?}: {r:?}");
+        let r = run(&mut m, "print(1+1)");
+        assert_eq!(r.stdout, b"2\n", "after {breaking:?}: {r:?}");
+        let r = run(&mut m, "1/0");
+        assert!(
+            String::from_utf8_lossy(&r.stderr).ends_with("ZeroDivisionError: division by zero\n"),
+            "after {breaking:?}: {r:?}"
+        );
+    }
+}
+
 /// A fork's objects come from a region of 1920 KiB (native/fork_objects.h);
 /// past it, from pymalloc. Objects of every size, grown, shrunk and freed
 /// across that line, keep their contents.

@@ -28,6 +28,7 @@
 #define ZEROBOOT_EXEC_PATH_H
 
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -230,6 +231,30 @@ static void zb_exec_respond(volatile uint8_t *mailbox, volatile uint8_t *doorbel
     }
 }
 
+/* Answers a request that agent.py's handle_request raised out of, past
+ * its own `except` (code can take apart what it answers with: the
+ * captures are the code's sys.stdout and sys.stderr): a final chunk with
+ * the exception on stderr and exit code 1, so that the host is not left
+ * waiting. */
+static void zb_exec_answer_failure(volatile uint8_t *mailbox, volatile uint8_t *doorbell, uint32_t seq)
+{
+    PyObject *exception = PyErr_GetRaisedException();
+    PyObject *text = exception == NULL ? NULL : PyObject_Repr(exception);
+    const char *repr = text == NULL ? NULL : PyUnicode_AsUTF8AndSize(text, NULL);
+    char message[512];
+    snprintf(message, sizeof message, "zeroboot agent error: %s\n", repr == NULL ? "unknown" : repr);
+    PyErr_Clear();
+    zb_py_clear(&text);
+    zb_py_clear(&exception);
+    PyObject *streams[3] = {PyBytes_FromStringAndSize(NULL, 0), PyBytes_FromStringAndSize(message, strlen(message)),
+                            PyBytes_FromStringAndSize(NULL, 0)};
+    if (streams[0] == NULL || streams[1] == NULL || streams[2] == NULL)
+        _exit(70);
+    zb_exec_respond(mailbox, doorbell, seq, streams, 1, 0);
+    for (int i = 0; i < 3; i++)
+        zb_py_clear(&streams[i]);
+}
+
 /* Runs compiled `body`, then `last` (if not NULL) with its value displayed,
  * as agent.py's run_code does, with `stdin_io` as sys.stdin and the plain
  * captures as sys.stdout and sys.stderr; returns the exit code, clamped to
@@ -389,14 +414,21 @@ static int zb_exec_plain(volatile uint8_t *mailbox, volatile uint8_t *doorbell, 
 static void zb_exec_request(volatile uint8_t *mailbox, volatile uint8_t *doorbell, PyObject *mailbox_view,
                             PyObject *doorbell_view, PyObject *namespace)
 {
-    if (zb_get32(mailbox, ZB_H_REQUEST_FLAGS) & ZB_REQUEST_FILE_OP)
+    if (zb_get32(mailbox, ZB_H_REQUEST_FLAGS) & ZB_REQUEST_FILE_OP) {
+        /* Without the GIL: a port's server may be a thread of this process
+         * (http.server in a thread), which needs it to answer what the
+         * port operations send it. */
+        PyThreadState *state = PyEval_SaveThread();
         zb_serve_file_ops(mailbox, doorbell);
+        PyEval_RestoreThread(state);
+    }
     if (zb_exec_plain(mailbox, doorbell, namespace))
         return;
+    uint32_t seq = zb_get32(mailbox, ZB_H_REQUEST_SEQ);
     PyObject *r =
         PyObject_CallFunctionObjArgs(zb_exec.handle_request, mailbox_view, doorbell_view, namespace, NULL);
     if (r == NULL)
-        PyErr_WriteUnraisable(zb_exec.handle_request);
+        zb_exec_answer_failure(mailbox, doorbell, seq);
     zb_py_clear(&r);
 }
 

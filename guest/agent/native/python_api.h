@@ -15,6 +15,7 @@
 
 typedef struct _object PyObject;
 typedef struct _typeobject PyTypeObject;
+typedef struct _ts PyThreadState;
 typedef ssize_t Py_ssize_t;
 typedef PyObject *(*PyCFunction)(PyObject *self, PyObject *arg);
 
@@ -59,6 +60,9 @@ extern void PyErr_Fetch(PyObject **type, PyObject **value, PyObject **traceback)
 extern void PyErr_Restore(PyObject *type, PyObject *value, PyObject *traceback);
 extern void PyErr_WriteUnraisable(PyObject *obj);
 
+extern PyThreadState *PyEval_SaveThread(void);
+extern void PyEval_RestoreThread(PyThreadState *state);
+
 extern PyObject *Py_CompileStringExFlags(const char *str, const char *filename, int start, PyCompilerFlags *flags,
                                          int optimize);
 extern PyObject *PyEval_EvalCode(PyObject *code, PyObject *globals, PyObject *locals);
@@ -71,6 +75,7 @@ extern int PyObject_SetAttr(PyObject *o, PyObject *name, PyObject *value);
 extern PyObject *PyObject_GetAttrString(PyObject *o, const char *name);
 extern int PyObject_SetAttrString(PyObject *o, const char *name, PyObject *value);
 extern int PyObject_IsTrue(PyObject *o);
+extern PyObject *PyObject_Repr(PyObject *o);
 extern int PyObject_IsInstance(PyObject *o, PyObject *cls);
 extern Py_ssize_t PyObject_Size(PyObject *o);
 extern PyObject *PyObject_CallNoArgs(PyObject *callable);
