@@ -10,9 +10,9 @@
  *
  *  - nothing streamed, no context (working directory, environment, user),
  *    and no seed for the guest to set (the host reseeds);
- *  - its code one simple statement on one line, without `;`: what
- *    agent.py's compile_cell compiles at once in "single" mode, and this
- *    decides on the same bytes the same way;
+ *  - its code one line that is no compound statement, with `;` only where
+ *    no quote or comment is on it: what agent.py's compile_cell compiles
+ *    at once, and this decides on the same bytes the same way;
  *  - and that compiles.
  *
  * Any other request goes to agent.py's handle_request as it is. The choice
@@ -216,16 +216,8 @@ static void zb_exec_respond(volatile uint8_t *mailbox, volatile uint8_t *doorbel
             left[i] -= len[i];
         }
         int last = left[0] == 0 && left[1] == 0 && left[2] == 0;
-        zb_put32(mailbox, ZB_H_EXIT_CODE, (uint32_t)exit_code);
-        zb_put32(mailbox, ZB_H_STDOUT_LEN, (uint32_t)len[0]);
-        zb_put32(mailbox, ZB_H_STDERR_LEN, (uint32_t)len[1]);
-        zb_put32(mailbox, ZB_H_RESULTS_LEN, (uint32_t)len[2]);
-        zb_put32(mailbox, ZB_H_RESPONSE_FLAGS, flags | (last ? 0 : ZB_FLAG_MORE));
-        zb_put32(mailbox, ZB_H_RESPONSE_SEQ, seq);
-        /* The host reads the chunk at this store; it resumes us for the
-         * next chunk or, with a new request already written, for that. */
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        doorbell[0] = ZB_DOORBELL_RESULT;
+        zb_ring_result(mailbox, doorbell, seq, exit_code, (uint32_t)len[0], (uint32_t)len[1], (uint32_t)len[2],
+                       flags | (last ? 0 : ZB_FLAG_MORE));
         if (last)
             return;
     }
@@ -450,7 +442,8 @@ static int zb_exec_setup(PyObject *agent, PyObject *string_io)
     PyObject *keywords = zb_exec_global("COMPOUND_STATEMENTS");
     int rc = -1;
     if (text_class == NULL || bytes_class == NULL || zb_exec.handle_request == NULL || zb_exec.exit_code_of == NULL ||
-        zb_exec.after_code == NULL || zb_exec.displayhook == NULL || zb_exec.results == NULL || zb_exec.children == NULL || keywords == NULL)
+        zb_exec.after_code == NULL || zb_exec.displayhook == NULL || zb_exec.results == NULL ||
+        zb_exec.children == NULL || keywords == NULL)
         goto done;
     if (zb_captures_install(text_class, bytes_class, zb_exec.children) != 0)
         goto done;

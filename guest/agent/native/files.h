@@ -573,16 +573,7 @@ static inline void zb_serve_file_ops(volatile uint8_t *mailbox, volatile uint8_t
         if (message_len > r.cap - r.len)
             message_len = r.cap - r.len;
         memcpy(r.at + r.len, r.message, message_len);
-        zb_put32(mailbox, ZB_H_EXIT_CODE, (uint32_t)rc);
-        zb_put32(mailbox, ZB_H_STDOUT_LEN, r.len);
-        zb_put32(mailbox, ZB_H_STDERR_LEN, message_len);
-        zb_put32(mailbox, ZB_H_RESULTS_LEN, 0);
-        zb_put32(mailbox, ZB_H_RESPONSE_FLAGS, 0);
-        zb_put32(mailbox, ZB_H_RESPONSE_SEQ, seq);
-        /* The host reads the reply at this store and resumes us with the
-         * next request in the mailbox. */
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        doorbell[0] = ZB_DOORBELL_RESULT;
+        zb_ring_result(mailbox, doorbell, seq, rc, r.len, message_len, 0, 0);
     }
 }
 

@@ -10,8 +10,8 @@
  * their size, from a region (ZB_OBJECTS_REGION) that the template wrote
  * before the snapshot (so its pages are mapped and writable in every fork:
  * no guest page fault), and a freed block goes on a free list of its
- * class, where the next request of that class takes it. A `print(1+1)` then writes the few pages its objects
- * fill, not one per size class.
+ * class, where the next request of that class takes it. A `print(1+1)`
+ * then writes the few pages its objects fill, not one per size class.
  *
  * Blocks made before READY stay pymalloc's and go back to it. Once the
  * region is used up, requests go to pymalloc too, so a fork that allocates

@@ -258,18 +258,6 @@ struct output {
     int truncated;
 };
 
-static void ring(uint32_t out_len, uint32_t err_len, int32_t status, uint32_t flags, uint32_t seq)
-{
-    zb_put32(mailbox, ZB_H_EXIT_CODE, (uint32_t)status);
-    zb_put32(mailbox, ZB_H_STDOUT_LEN, out_len);
-    zb_put32(mailbox, ZB_H_STDERR_LEN, err_len);
-    zb_put32(mailbox, ZB_H_RESPONSE_FLAGS, flags);
-    zb_put32(mailbox, ZB_H_RESPONSE_SEQ, seq);
-    /* The host reads the chunk at this store and resumes us for the next
-     * chunk or, with a new request already written, for that. */
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    doorbell[0] = ZB_DOORBELL_RESULT;
-}
 
 /* Reads up to `room` bytes of `o` into `to`; returns how many. */
 static uint32_t fill(struct output *o, uint8_t *to, uint32_t room)
@@ -325,7 +313,7 @@ static int respond(int32_t status, const int fds[2])
         int last = streams[0].at_end && streams[1].at_end;
         if (last)
             progress->answered = seq;
-        ring(out_len, err_len, status, flags | (last ? 0 : ZB_FLAG_MORE), seq);
+        zb_ring_result(mailbox, doorbell, seq, status, out_len, err_len, 0, flags | (last ? 0 : ZB_FLAG_MORE));
         if (last)
             break;
     }
