@@ -59,6 +59,7 @@ try:
         MAILBOX_SIZE,
         MAX_ENTROPY_REGIONS,
         MAX_FRESH_RUNS,
+        DEFAULT_OUTPUT_LIMIT,
         MAX_OUTPUT_LIMIT,
         REQUEST_FILE_OP,
         REQUEST_FRESH_FORK,
@@ -74,7 +75,8 @@ finally:
 
 
 def log(msg):
-    print(f"zeroboot-agent: [{time.monotonic() - T0:7.2f}s] {msg}", flush=True)
+    # sys.__stdout__: from set_up_exec_path on, sys.stdout is PLAIN_OUT.
+    print(f"zeroboot-agent: [{time.monotonic() - T0:7.2f}s] {msg}", file=sys.__stdout__, flush=True)
 
 
 def mount_kernel_filesystems():
@@ -309,15 +311,10 @@ def immortalize_heap():
     for a few calls. Returns how many objects, or 0 where the interpreter
     has no immortal objects (before 3.12) or counts references another way
     (free-threaded builds)."""
-    import ctypes
     import gc
-    import sysconfig
 
-    if sys.version_info < (3, 12) or sysconfig.get_config_var("Py_GIL_DISABLED"):
+    if not has_immortal_objects():
         return 0
-    # _Py_IMMORTAL_REFCNT on 64-bit builds of 3.12 and 3.13: Py_INCREF sees
-    # the low 32 bits overflow and leaves them, Py_DECREF tests the sign.
-    immortal = 0xFFFFFFFF
     seen = set()
     stack = gc.get_objects()
     stack.append(sys.modules)
@@ -347,9 +344,30 @@ def immortalize_heap():
             stack.append(made[-1])
             stack.append(obj.__mro__)
     del stack
-    for address in seen:
-        ctypes.c_ssize_t.from_address(address).value = immortal
+    make_immortal(seen)
     return len(seen)
+
+
+def has_immortal_objects():
+    """Whether this interpreter has immortal objects and counts references
+    in ob_refcnt (CPython 3.12 on, not free-threaded)."""
+    import sysconfig
+
+    return sys.version_info >= (3, 12) and not sysconfig.get_config_var("Py_GIL_DISABLED")
+
+
+def make_immortal(addresses):
+    """Makes the objects at `addresses` immortal (see immortalize_heap),
+    where has_immortal_objects()."""
+    import ctypes
+
+    if not has_immortal_objects():
+        return
+
+    # _Py_IMMORTAL_REFCNT on 64-bit builds of 3.12 and 3.13: Py_INCREF sees
+    # the low 32 bits overflow and leaves them, Py_DECREF tests the sign.
+    for address in addresses:
+        ctypes.c_ssize_t.from_address(address).value = 0xFFFFFFFF
 
 
 def fill_object_pools():
@@ -432,6 +450,13 @@ EXEC_PATH = None
 # before the snapshot and reachable from here, so that they and what they
 # hold between requests are the template's, immortal (immortalize_heap).
 PLAIN_OUT = PLAIN_ERR = None
+# The stdin of every plain request without one, for as long as no code reads,
+# writes or closes it (zb_exec_untouched).
+EMPTY_STDIN = None
+# The room a capture is given for a request with the default limit: this
+# object, immortal, so that a fork that replaces it frees nothing of the
+# template's (zb_exec_reset).
+DEFAULT_ROOM = DEFAULT_OUTPUT_LIMIT
 
 
 def set_up_exec_path():
@@ -440,7 +465,7 @@ def set_up_exec_path():
     requests without running the agent's Python code (native/exec_path.h)."""
     import ctypes
 
-    global EXEC_PATH, PLAIN_OUT, PLAIN_ERR
+    global EXEC_PATH, PLAIN_OUT, PLAIN_ERR, EMPTY_STDIN
     # With the GIL held: these call CPython.
     native = ctypes.PyDLL(native_library()._name)
     if sys.version_info < (3, 12):
@@ -449,15 +474,31 @@ def set_up_exec_path():
         log("request path: python")
         return
     PLAIN_OUT, PLAIN_ERR = CappedText(0), CappedText(0)
+    EMPTY_STDIN = io.StringIO()
+    # An empty StringIO starts out accumulating, and while it does, every
+    # getvalue() writes to it (zb_exec_untouched calls that in each fork);
+    # a readline() makes it a string for good.
+    EMPTY_STDIN.readline()
     native.zeroboot_exec_setup.argtypes = [ctypes.py_object, ctypes.py_object]
     native.zeroboot_exec_setup(globals(), io.StringIO)
     for name in ("zeroboot_exec_request", "zeroboot_exec_serve"):
         getattr(native, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.py_object] * 3
         getattr(native, name).restype = None
     EXEC_PATH = native
+    # The streams between requests, as a plain request without stdin has
+    # them: such a request then writes nothing to sys (zb_exec_run).
+    sys.stdin, sys.stdout, sys.stderr = EMPTY_STDIN, PLAIN_OUT, PLAIN_ERR
     log("request path: native for plain requests")
 
 
+# Requests rehearsed again last thing before READY (serve): CPython's type
+# attribute cache then holds what a plain request looks up, not what the
+# agent's last steps did (whose names may not be immortal, and a fork that
+# replaced such an entry would free its name into the template's pools).
+# The last has no output: it leaves the captures as a fork's first plain
+# request with the default limit sets them, and that request then writes
+# nothing to those it does not write to (zb_exec_reset).
+PLAIN_REHEARSAL = (("print(1+1)", 0), ("pass", 0))
 # The rehearsal's requests: each path the native loop and agent.py take.
 REHEARSAL = (
     ("print(1+1)", REQUEST_STREAM | REQUEST_FRESH_FORK),
@@ -468,10 +509,10 @@ REHEARSAL = (
     ("1/0", 0),
     ("6 * 7", 0),
     ("x = 6 * 7\nx", REQUEST_STREAM),
-)
+) + PLAIN_REHEARSAL
 
 
-def rehearse_exec_path():
+def rehearse_exec_path(requests=REHEARSAL):
     """Serves a few requests from a scratch mailbox, through the same code as
     real ones, so that every page of code and data that path uses is mapped
     before the snapshot. A page first touched in a fork costs a guest page
@@ -483,11 +524,11 @@ def rehearse_exec_path():
     # Kept while the addresses are in use.
     arrays = [(ctypes.c_char * len(b)).from_buffer(b) for b in (scratch, bell)]
     addresses = [ctypes.addressof(a) for a in arrays]
-    for seq, (code, flags) in enumerate(REHEARSAL, 1):
+    for seq, (code, flags) in enumerate(requests, 1):
         payload = code.encode()
         scratch[REQUEST_OFFSET : REQUEST_OFFSET + len(payload)] = payload
         struct.pack_into("<III", scratch, H_REQUEST_SEQ, seq, len(payload), 0)
-        struct.pack_into("<II", scratch, H_OUTPUT_LIMIT, 1 << 20, flags)
+        struct.pack_into("<II", scratch, H_OUTPUT_LIMIT, DEFAULT_OUTPUT_LIMIT, flags)
         scratch[H_REQUEST_SEED : H_REQUEST_SEED + REQUEST_SEED_LEN] = os.urandom(REQUEST_SEED_LEN)
         if EXEC_PATH is not None:
             EXEC_PATH.zeroboot_exec_request(*addresses, scratch, bell, fresh_namespace())
@@ -556,7 +597,7 @@ def drain_console():
     import termios
 
     try:
-        termios.tcdrain(sys.stdout.fileno())
+        termios.tcdrain(sys.__stdout__.fileno())
     except (OSError, termios.error, ValueError):
         pass
 
@@ -1294,7 +1335,16 @@ def serve(mailbox, doorbell):
     # this loop (or zeroboot_exec_serve's, which never returns), with its
     # request already in the mailbox.
     namespace = fresh_namespace()
+    # The response's first page written once now: the accessed and dirty
+    # bits of its page-table entry are then set in the template, and a fork
+    # that answers with output writes no page table for them.
+    mailbox[RESPONSE_OFFSET] = 0
     if EXEC_PATH is not None:
+        # Made after immortalize_heap, and every request's code runs in it:
+        # without this, each fork's first request writes its count.
+        make_immortal([id(namespace)])
+        # Last before the loop (see PLAIN_REHEARSAL).
+        rehearse_exec_path(PLAIN_REHEARSAL)
         EXEC_PATH.zeroboot_exec_serve(*FILE_OPS_ARGS, mailbox, doorbell, namespace)
     doorbell[0] = DOORBELL_READY
     while True:

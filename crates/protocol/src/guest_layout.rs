@@ -6,9 +6,10 @@
 //! next to the agents instead ([`FILES`]), so every constant has one source.
 
 use crate::{
-    files, fresh, header, Doorbell, ENTROPY_ENTRY_LEN, FLAG_MORE, FLAG_RESULTS_TRUNCATED, FLAG_STDERR_TRUNCATED,
-    FLAG_STDOUT_TRUNCATED, MAGIC, MAILBOX_SIZE, MAX_ENTROPY_REGIONS, MAX_OUTPUT_LIMIT, REQUEST_CAPACITY,
-    REQUEST_FILE_OP, REQUEST_FRESH_FORK, REQUEST_OFFSET, REQUEST_STREAM, RESPONSE_CAPACITY, RESPONSE_OFFSET, VERSION,
+    files, fresh, header, Doorbell, DEFAULT_OUTPUT_LIMIT, ENTROPY_ENTRY_LEN, FLAG_MORE, FLAG_RESULTS_TRUNCATED,
+    FLAG_STDERR_TRUNCATED, FLAG_STDOUT_TRUNCATED, MAGIC, MAILBOX_SIZE, MAX_ENTROPY_REGIONS, MAX_OUTPUT_LIMIT,
+    REQUEST_CAPACITY, REQUEST_FILE_OP, REQUEST_FRESH_FORK, REQUEST_OFFSET, REQUEST_STREAM, RESPONSE_CAPACITY,
+    RESPONSE_OFFSET, VERSION,
 };
 
 /// How a constant is named and typed in the guests' languages.
@@ -183,6 +184,8 @@ pub const LAYOUT: &[Constant] = &[
     int("FILE_KIND_OTHER", files::KIND_OTHER as u64, "Entry kind: anything else."),
     unsigned("MAX_OUTPUT_LIMIT", MAX_OUTPUT_LIMIT as u64,
         "The largest OUTPUT_LIMIT a request may ask for."),
+    unsigned("DEFAULT_OUTPUT_LIMIT", DEFAULT_OUTPUT_LIMIT as u64,
+        "The OUTPUT_LIMIT the host sends unless asked for another."),
     int("DOORBELL_READY", Doorbell::Ready as u8 as u64,
         "Doorbell byte: booted and warm; the host snapshots."),
     int("DOORBELL_RESULT", Doorbell::Result as u8 as u64,

@@ -34,7 +34,7 @@ pub const MAILBOX_SIZE: usize = 2 << 20;
 /// `"ZBMB"`, written by the host at boot.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"ZBMB");
 /// Version of this layout. The agent refuses a mailbox of another version.
-pub const VERSION: u32 = 9;
+pub const VERSION: u32 = 10;
 
 /// Header field offsets (bytes from the start of the mailbox).
 pub mod header {
@@ -85,8 +85,12 @@ pub const MAX_ENTROPY_REGIONS: usize = 32;
 pub const ENTROPY_ENTRY_LEN: usize = 16;
 const _: () = assert!(header::ENTROPY_TABLE + MAX_ENTROPY_REGIONS * ENTROPY_ENTRY_LEN <= REQUEST_OFFSET);
 
-/// Request payload (code, then stdin, then the context) starts here.
-pub const REQUEST_OFFSET: usize = 4096;
+/// Request payload (code, then stdin, then the context) starts here: in
+/// the header's page, after its tables, so that a request of up to 960
+/// bytes is one page of a fork's memory for the host to write and the
+/// guest to read, not two.
+pub const REQUEST_OFFSET: usize = 3136;
+const _: () = assert!(REQUEST_OFFSET.is_multiple_of(64));
 /// Room for code, stdin and the context.
 pub const REQUEST_CAPACITY: usize = RESPONSE_OFFSET - REQUEST_OFFSET;
 /// Response payload (stdout, then stderr) starts here.

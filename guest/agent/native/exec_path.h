@@ -50,6 +50,11 @@ static struct {
     /* agent.py's PLAIN_OUT and PLAIN_ERR (CappedText): the stdout and
      * stderr of every plain request. */
     PyObject *out, *err;
+    /* agent.py's EMPTY_STDIN: the stdin of a plain request without one. */
+    PyObject *empty_stdin;
+    /* agent.py's DEFAULT_ROOM, and its value. */
+    PyObject *default_room;
+    Py_ssize_t default_limit;
     /* compile_cell's COMPOUND_STATEMENTS. */
     char keywords[ZB_EXEC_MAX_KEYWORDS][ZB_EXEC_KEYWORD_LEN];
     size_t keyword_count;
@@ -159,23 +164,50 @@ static int zb_exec_compile(const char *code, size_t len, PyObject **body, PyObje
     return 1;
 }
 
+/* Sets `o.name` to `value` unless it is that already: a write of the same
+ * value still copies the page, and a fork's first request finds the state
+ * the rehearsal left. 0, or -1 with an exception set. */
+static int zb_exec_set(PyObject *o, PyObject *name, PyObject *value)
+{
+    PyObject *was = PyObject_GetAttr(o, name);
+    int same = was == value;
+    zb_py_clear(&was);
+    PyErr_Clear();
+    return same ? 0 : PyObject_SetAttr(o, name, value);
+}
+
 /* Sets a capture's or the results' state for a new request: nothing
- * pending, `limit` bytes of room, not truncated. */
+ * pending, `limit` bytes of room, not truncated; writing only what
+ * differs (see zb_exec_set). */
 static int zb_exec_reset(PyObject *holder, Py_ssize_t limit)
 {
     PyObject *pending = PyObject_GetAttr(holder, zb_name.pending);
     if (pending == NULL)
         return -1;
-    int rc = PyList_SetSlice(pending, 0, PyList_Size(pending), NULL);
+    Py_ssize_t n = PyList_Size(pending);
+    int rc = n < 0 ? -1 : n == 0 ? 0 : PyList_SetSlice(pending, 0, n, NULL);
     Py_DecRef(pending);
-    PyObject *room = rc == 0 ? PyLong_FromSsize_t(limit) : NULL;
-    if (room == NULL)
-        return -1;
-    rc = PyObject_SetAttr(holder, zb_name.room, room);
-    Py_DecRef(room);
     if (rc != 0)
         return -1;
-    return PyObject_SetAttr(holder, zb_name.truncated, Py_False);
+    PyObject *room = PyObject_GetAttr(holder, zb_name.room);
+    int same = room != NULL && PyLong_AsSsize_t(room) == limit && !PyErr_Occurred();
+    zb_py_clear(&room);
+    PyErr_Clear();
+    if (!same) {
+        if (limit == zb_exec.default_limit) {
+            room = zb_exec.default_room;
+            Py_IncRef(room);
+        } else {
+            room = PyLong_FromSsize_t(limit);
+        }
+        if (room == NULL)
+            return -1;
+        rc = PyObject_SetAttr(holder, zb_name.room, room);
+        Py_DecRef(room);
+        if (rc != 0)
+            return -1;
+    }
+    return zb_exec_set(holder, zb_name.truncated, Py_False);
 }
 
 /* The attribute `name` of `o`, as a truth value; 0 where it cannot be read
@@ -253,14 +285,16 @@ static void zb_exec_answer_failure(volatile uint8_t *mailbox, volatile uint8_t *
  * 32 bits. */
 static int32_t zb_exec_run(PyObject *body, PyObject *last, PyObject *stdin_io, PyObject *namespace)
 {
+    /* Between requests sys.stdin, sys.stdout and sys.stderr are `resting`
+     * (agent.py's set_up_exec_path), and a plain request without stdin
+     * runs with those very objects: sys's dict is then not written, and
+     * nor is the interpreter's count of dict versions. */
     static const char *streams[3] = {"stdin", "stdout", "stderr"};
-    PyObject *ours[3] = {stdin_io, zb_exec.out, zb_exec.err}, *saved[3];
-    for (int i = 0; i < 3; i++) {
-        saved[i] = PySys_GetObject(streams[i]);
-        if (saved[i] != NULL)
-            Py_IncRef(saved[i]);
-        PySys_SetObject(streams[i], ours[i]);
-    }
+    PyObject *ours[3] = {stdin_io, zb_exec.out, zb_exec.err};
+    PyObject *resting[3] = {zb_exec.empty_stdin, zb_exec.out, zb_exec.err};
+    for (int i = 0; i < 3; i++)
+        if (PySys_GetObject(streams[i]) != ours[i])
+            PySys_SetObject(streams[i], ours[i]);
     PyObject *result = PyEval_EvalCode(body, namespace, namespace);
     if (result != NULL && last != NULL) {
         zb_py_clear(&result);
@@ -285,10 +319,9 @@ static int32_t zb_exec_run(PyObject *body, PyObject *last, PyObject *stdin_io, P
         zb_py_clear(&r);
     }
     PyErr_Clear();
-    for (int i = 0; i < 3; i++) {
-        PySys_SetObject(streams[i], saved[i]);
-        zb_py_clear(&saved[i]);
-    }
+    for (int i = 0; i < 3; i++)
+        if (PySys_GetObject(streams[i]) != resting[i])
+            PySys_SetObject(streams[i], resting[i]);
     long long exit_code = 0;
     unsigned long long low_bits = 0;
     if (raised && code == NULL) {
@@ -313,6 +346,36 @@ static int32_t zb_exec_run(PyObject *body, PyObject *last, PyObject *stdin_io, P
     if (exit_code < INT32_MIN)
         return INT32_MIN;
     return (int32_t)exit_code;
+}
+
+/* Whether `io`, a realized StringIO (see EMPTY_STDIN in agent.py), is
+ * still empty, open and at its start; 0 where that cannot be read. None of
+ * these calls writes to it. */
+static int zb_exec_untouched(PyObject *io)
+{
+    if (zb_exec_flag(io, zb_name.closed))
+        return 0;
+    PyObject *at = PyObject_CallMethodObjArgs(io, zb_name.tell, NULL);
+    PyObject *value = PyObject_CallMethodObjArgs(io, zb_name.getvalue, NULL);
+    int untouched = at != NULL && value != NULL && PyLong_AsSsize_t(at) == 0 && PyObject_Size(value) == 0;
+    zb_py_clear(&at);
+    zb_py_clear(&value);
+    PyErr_Clear();
+    return untouched;
+}
+
+/* A request's sys.stdin: for one without stdin, agent.py's EMPTY_STDIN as
+ * long as no code has read, written or closed it; else a new StringIO. */
+static PyObject *zb_exec_stdin(const char *bytes, uint32_t len)
+{
+    if (len == 0 && zb_exec_untouched(zb_exec.empty_stdin)) {
+        Py_IncRef(zb_exec.empty_stdin);
+        return zb_exec.empty_stdin;
+    }
+    PyObject *text = PyUnicode_DecodeUTF8(bytes, len, "replace");
+    PyObject *io = text == NULL ? NULL : PyObject_CallFunctionObjArgs(zb_exec.string_io, text, NULL);
+    zb_py_clear(&text);
+    return io;
 }
 
 /* Serves the request in the mailbox if it is a plain one (see the top);
@@ -342,16 +405,14 @@ static int zb_exec_plain(volatile uint8_t *mailbox, volatile uint8_t *doorbell, 
     PyObject *body, *last;
     if (!zb_exec_compile(code, code_len, &body, &last))
         return 0;
-    PyObject *stdin_text = PyUnicode_DecodeUTF8(code + code_len, stdin_len, "replace");
-    PyObject *stdin_io = stdin_text == NULL ? NULL : PyObject_CallFunctionObjArgs(zb_exec.string_io, stdin_text, NULL);
-    zb_py_clear(&stdin_text);
+    PyObject *stdin_io = zb_exec_stdin(code + code_len, stdin_len);
     PyObject *out_buffer = PyObject_GetAttr(zb_exec.out, zb_name.buffer);
     PyObject *err_buffer = PyObject_GetAttr(zb_exec.err, zb_name.buffer);
     int ready = stdin_io != NULL && out_buffer != NULL && err_buffer != NULL && zb_exec_reset(out_buffer, limit) == 0 &&
                 zb_exec_reset(err_buffer, limit) == 0 && zb_exec_reset(zb_exec.results, limit) == 0 &&
-                PyObject_SetAttr(zb_exec.children, zb_name.out, zb_exec.out) == 0 &&
-                PyObject_SetAttr(zb_exec.children, zb_name.err, zb_exec.err) == 0 &&
-                PyObject_SetAttr(zb_exec.children, zb_name.streamer, Py_None) == 0;
+                zb_exec_set(zb_exec.children, zb_name.out, zb_exec.out) == 0 &&
+                zb_exec_set(zb_exec.children, zb_name.err, zb_exec.err) == 0 &&
+                zb_exec_set(zb_exec.children, zb_name.streamer, Py_None) == 0;
     if (!ready) {
         /* Out of memory before the code ran: agent.py may do better. */
         PyErr_Clear();
@@ -460,9 +521,13 @@ static int zb_exec_setup(PyObject *agent, PyObject *string_io)
     zb_exec.keyword_count = (size_t)n;
     zb_exec.out = zb_exec_global("PLAIN_OUT");
     zb_exec.err = zb_exec_global("PLAIN_ERR");
+    zb_exec.empty_stdin = zb_exec_global("EMPTY_STDIN");
+    zb_exec.default_room = zb_exec_global("DEFAULT_ROOM");
+    zb_exec.default_limit = zb_exec.default_room == NULL ? -1 : PyLong_AsSsize_t(zb_exec.default_room);
     zb_exec.pyplot = PyUnicode_InternFromString("matplotlib.pyplot");
     PyObject *hook = PyCFunction_NewEx(&zb_exec_displayhook_method, zb_exec.displayhook, NULL);
-    if (zb_exec.out != NULL && zb_exec.err != NULL && zb_exec.pyplot != NULL && hook != NULL &&
+    if (zb_exec.out != NULL && zb_exec.err != NULL && zb_exec.empty_stdin != NULL && zb_exec.default_limit >= 0 &&
+        zb_exec.pyplot != NULL && hook != NULL &&
         PySys_SetObject("displayhook", hook) == 0)
         rc = 0;
     zb_py_clear(&hook);

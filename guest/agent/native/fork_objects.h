@@ -13,6 +13,12 @@
  * class, where the next request of that class takes it. A `print(1+1)`
  * then writes the few pages its objects fill, not one per size class.
  *
+ * The last block carved is also a stack's top: freed, it gives its bytes
+ * back to the carving, for a block of any class, and grown, it grows in
+ * place. The compiler frees most of what it allocates in the reverse
+ * order, and the tokenizer and the parser grow their newest buffer, so
+ * the next request reuses pages this one wrote instead of new ones.
+ *
  * Blocks made before READY stay pymalloc's and go back to it. Once the
  * region is used up, requests go to pymalloc too, so a fork that allocates
  * without end loses at most the region to the split by class (a block
@@ -64,6 +70,8 @@ static const uint32_t zb_object_classes[] = {
 
 struct zb_fork_objects {
     char *start, *next, *end;
+    /* The furthest `next` has been: the region from here on is zero. */
+    char *high;
     unsigned char *classes; /* one per granule of [start, end) */
     void *free_lists[ZB_OBJECT_CLASSES];
     /* pymalloc, per domain: what blocks from outside the region go back to */
@@ -87,16 +95,27 @@ static int zb_in_region(void *p)
     return (char *)p >= zb_objects.start && (char *)p < zb_objects.end;
 }
 
-/* A block for `size` bytes, or NULL when the region has none; `*fresh`
- * says whether it was carved (still zero: the region past `next` is never
- * written) or reused. */
-static void *zb_region_alloc(size_t size, int *fresh)
+/* Carves `bytes` at `next` for a block of class `c`. */
+static void *zb_region_carve(unsigned c, size_t bytes)
+{
+    void *block = zb_objects.next;
+    zb_objects.next += bytes;
+    if (zb_objects.next > zb_objects.high)
+        zb_objects.high = zb_objects.next;
+    zb_objects.classes[((char *)block - zb_objects.start) / ZB_OBJECTS_GRANULE] = (unsigned char)c;
+    return block;
+}
+
+/* A block for `size` bytes, or NULL when the region has none; `*dirty` is
+ * how many of its first bytes may not be zero (all of a reused block, none
+ * of one carved past `high`). */
+static void *zb_region_alloc(size_t size, size_t *dirty)
 {
     int c = zb_object_class(size);
     if (c < 0)
         return NULL;
     void *block = zb_objects.free_lists[c];
-    *fresh = block == NULL;
+    *dirty = size;
     if (block != NULL) {
         zb_objects.free_lists[c] = *(void **)block;
         return block;
@@ -104,10 +123,10 @@ static void *zb_region_alloc(size_t size, int *fresh)
     size_t bytes = zb_object_classes[c];
     if ((size_t)(zb_objects.end - zb_objects.next) < bytes)
         return NULL;
-    block = zb_objects.next;
-    zb_objects.next += bytes;
-    zb_objects.classes[((char *)block - zb_objects.start) / ZB_OBJECTS_GRANULE] = (unsigned char)c;
-    return block;
+    size_t below_high = (size_t)(zb_objects.high - zb_objects.next);
+    if (below_high < size)
+        *dirty = below_high;
+    return zb_region_carve((unsigned)c, bytes);
 }
 
 /* The class of the region's block at `p`. */
@@ -119,9 +138,19 @@ static unsigned zb_region_class(void *p)
     return c;
 }
 
+static int zb_region_is_top(void *p, unsigned c)
+{
+    return (char *)p + zb_object_classes[c] == zb_objects.next;
+}
+
 static void zb_region_free(void *p)
 {
     unsigned c = zb_region_class(p);
+    if (zb_region_is_top(p, c)) {
+        /* Its class byte stays: the next block carved here writes its own. */
+        zb_objects.next = p;
+        return;
+    }
     *(void **)p = zb_objects.free_lists[c];
     zb_objects.free_lists[c] = p;
 }
@@ -133,8 +162,8 @@ static PyMemAllocatorEx *zb_wrapped(void *ctx)
 
 static void *zb_objects_malloc(void *ctx, size_t size)
 {
-    int fresh;
-    void *p = zb_region_alloc(size, &fresh);
+    size_t dirty;
+    void *p = zb_region_alloc(size, &dirty);
     if (p != NULL)
         return p;
     PyMemAllocatorEx *w = zb_wrapped(ctx);
@@ -146,12 +175,14 @@ static void *zb_objects_calloc(void *ctx, size_t nelem, size_t elsize)
     if (elsize != 0 && nelem > SIZE_MAX / elsize)
         return NULL;
     size_t size = nelem * elsize;
-    int fresh;
-    void *p = zb_region_alloc(size, &fresh);
+    size_t dirty;
+    void *p = zb_region_alloc(size, &dirty);
     /* Clearing a carved block would write pages that are zero already:
      * the parser's 16 KiB tables wrote 4 unchanged pages per print. */
+    if (p != NULL && dirty > 0)
+        memset(p, 0, dirty);
     if (p != NULL)
-        return fresh ? p : memset(p, 0, size);
+        return p;
     PyMemAllocatorEx *w = zb_wrapped(ctx);
     return w->calloc(w->ctx, nelem, elsize);
 }
@@ -176,17 +207,50 @@ static void *zb_objects_realloc(void *ctx, void *p, size_t size)
         PyMemAllocatorEx *w = zb_wrapped(ctx);
         return w->realloc(w->ctx, p, size);
     }
-    size_t had = zb_object_classes[zb_region_class(p)];
+    unsigned c = zb_region_class(p);
+    size_t had = zb_object_classes[c];
     /* Shrinking keeps a block of up to 512 bytes, and a larger one unless
      * less than half of it would be used: a move writes another page. */
     if (size <= had && (had <= 512 || size > had / 2))
         return p;
+    int grown = zb_object_class(size);
+    if (size > had && grown >= 0 && zb_region_is_top(p, c) &&
+        (size_t)(zb_objects.end - (char *)p) >= zb_object_classes[grown]) {
+        zb_objects.next = p;
+        return zb_region_carve((unsigned)grown, zb_object_classes[grown]);
+    }
     void *q = zb_objects_malloc(ctx, size);
     if (q == NULL)
         return NULL;
     memcpy(q, p, size < had ? size : had);
     zb_region_free(p);
     return q;
+}
+
+/* What one page of the class table describes: 4 KiB of granules. */
+#define ZB_OBJECTS_TABLE_SPAN (4096u * ZB_OBJECTS_GRANULE)
+
+/* Readies the region for forks; call last before READY:
+ *  - forgets the blocks on the free lists, for good: blocks the template
+ *    freed since routing, which a fork would take first, writing pages
+ *    below the ones it carves;
+ *  - clears what the template carved past `next` and gave back, so that
+ *    a fork's carved blocks are zero and need no clearing (a clearing
+ *    that writes zeros over zeros still copies the page);
+ *  - moves `next` on to the start of the region's next 64 KiB, which one
+ *    page of the class table describes: a `print`'s objects (under
+ *    64 KiB) then write one page of the table, not two. */
+static void zb_objects_ready(void)
+{
+    if (zb_objects.start == NULL)
+        return;
+    memset(zb_objects.free_lists, 0, sizeof zb_objects.free_lists);
+    memset(zb_objects.next, 0, (size_t)(zb_objects.high - zb_objects.next));
+    size_t at = (size_t)(zb_objects.next - zb_objects.start);
+    size_t span_left = ZB_OBJECTS_TABLE_SPAN - at % ZB_OBJECTS_TABLE_SPAN;
+    if (span_left < ZB_OBJECTS_TABLE_SPAN && span_left < (size_t)(zb_objects.end - zb_objects.next))
+        zb_objects.next += span_left;
+    zb_objects.high = zb_objects.next;
 }
 
 /*
@@ -208,7 +272,7 @@ static inline int zb_objects_reserve(char *report, size_t report_len)
         return -1;
     }
     memset(start, 0, ZB_HUGE);
-    zb_objects.start = zb_objects.next = start;
+    zb_objects.start = zb_objects.next = zb_objects.high = start;
     zb_objects.end = start + ZB_OBJECTS_REGION;
     /* Page-aligned: the blocks of a page's worth of table (64 KiB) are
      * then in one page of it. */
@@ -244,12 +308,14 @@ static inline int zb_objects_route(char *report, size_t report_len)
             zb_objects_free(ctx, blocks[c]);
         void *outside = zb_objects_realloc(ctx, zb_objects_malloc(ctx, ZB_OBJECTS_MAX_BLOCK + 1), 1);
         zb_objects_free(ctx, outside);
+        /* The top block grown in place, then given back. */
+        zb_objects_free(ctx, zb_objects_realloc(ctx, zb_objects_malloc(ctx, 16), 4096));
     }
-    size_t used = (size_t)(zb_objects.next - zb_objects.start);
+    size_t used = (size_t)(zb_objects.high - zb_objects.start);
     memset(zb_objects.start, 0, used);
     memset(zb_objects.classes, ZB_NO_CLASS, used / ZB_OBJECTS_GRANULE);
     memset(zb_objects.free_lists, 0, sizeof zb_objects.free_lists);
-    zb_objects.next = zb_objects.start;
+    zb_objects.next = zb_objects.high = zb_objects.start;
     for (uintptr_t d = 0; d < 2; d++) {
         PyMemAllocatorEx routed = {(void *)d, zb_objects_malloc, zb_objects_calloc, zb_objects_realloc,
                                    zb_objects_free};

@@ -66,6 +66,7 @@ extern void PyEval_RestoreThread(PyThreadState *state);
 extern PyObject *Py_CompileStringExFlags(const char *str, const char *filename, int start, PyCompilerFlags *flags,
                                          int optimize);
 extern PyObject *PyEval_EvalCode(PyObject *code, PyObject *globals, PyObject *locals);
+extern Py_ssize_t PyGC_Collect(void);
 
 extern PyObject *PySys_GetObject(const char *name);
 extern int PySys_SetObject(const char *name, PyObject *value);
@@ -117,8 +118,9 @@ extern PyObject *PyUnicode_InternFromString(const char *s);
  * interpreter's static data) in every fork.
  */
 #define ZB_NAMES(X)                                                                                                   \
-    X(FORKED_CHILD) X(HOST_RESEEDS) X(acquire) X(active) X(buffer) X(collect) X(end_request) X(err) X(join) X(lock)   \
-        X(on_line) X(out) X(pending) X(release) X(room) X(streamer) X(take) X(truncated) X(write)
+    X(FORKED_CHILD) X(HOST_RESEEDS) X(acquire) X(active) X(buffer) X(closed) X(collect) X(end_request) X(err)         \
+        X(getvalue) X(join) X(lock) X(on_line) X(out) X(pending) X(release) X(room) X(streamer) X(take) X(tell)         \
+        X(truncated) X(write)
 #define ZB_NAME_FIELD(name) PyObject *name;
 static struct {
     ZB_NAMES(ZB_NAME_FIELD)

@@ -250,6 +250,13 @@ void zeroboot_exec_serve(void *mailbox, void *doorbell, PyObject *mailbox_view, 
                          PyObject *namespace)
 {
     volatile uint8_t *bell = doorbell;
+    /* Last before READY: empties CPython's free lists (a full collection
+     * does). The lists, tuples and dicts the agent freed since its last
+     * collection would be a fork's first ones, in the template's arenas,
+     * where the fork then writes them instead of the region. */
+    PyGC_Collect();
+    /* After the collection, which frees blocks into the region. */
+    zb_objects_ready();
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     bell[0] = ZB_DOORBELL_READY;
     for (;;)
