@@ -27,6 +27,12 @@ pub enum SnapshotError {
     MemorySize { path: PathBuf, expected: u64, actual: u64 },
     #[error("{path}: taken on a {found} CPU, this host is {host}: snapshots only restore on the same CPU vendor")]
     Vendor { path: PathBuf, found: String, host: String },
+    #[error(
+        "{path}: its agent speaks mailbox protocol {found} (magic {magic:#x}), this zeroboot speaks {expected}: \
+         the template was built by another zeroboot; rebuild it (zeroboot template build --name NAME --force)",
+        expected = zeroboot_protocol::VERSION
+    )]
+    Protocol { path: PathBuf, magic: u32, found: u32 },
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
@@ -106,6 +112,25 @@ pub fn format_write_set(runs: &[(u64, u64)]) -> String {
     runs.iter().map(|(gpa, len)| format!("{gpa:#x} {len}\n")).collect()
 }
 
+/// Checks the mailbox header the host wrote at boot: a fork's agent reads
+/// requests where the protocol of the zeroboot that built it put them, so a
+/// template of another protocol would misread every request.
+fn check_mailbox(memory: &File, path: &Path, mailbox_gpa: u64) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::FileExt;
+    let mut header = [0u8; 8];
+    memory.read_exact_at(&mut header, mailbox_gpa).map_err(io_err(path))?;
+    let word = |at: usize| u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]]);
+    let (magic, found) = (word(0), word(4));
+    if magic != zeroboot_protocol::MAGIC || found != zeroboot_protocol::VERSION {
+        return Err(SnapshotError::Protocol {
+            path: path.to_path_buf(),
+            magic,
+            found,
+        });
+    }
+    Ok(())
+}
+
 impl Snapshot {
     /// Opens `dir`, checking the state file and that the memory file matches it.
     /// `host_vendor` is the host's CPUID vendor string.
@@ -129,6 +154,7 @@ impl Snapshot {
                 actual,
             });
         }
+        check_mailbox(&memory, &mem_path, state.layout.mailbox_gpa)?;
         // An unreadable or malformed write set only costs speed: ignore it.
         let write_set = std::fs::read_to_string(dir.join(WRITE_SET_FILE))
             .ok()
@@ -343,6 +369,23 @@ pub(crate) mod tests {
         std::fs::write(dir.join(MEMORY_FILE), b"short").unwrap();
         let err = Snapshot::open(&dir, "GenuineIntel").err().unwrap().to_string();
         assert!(err.contains("truncated or from another template"), "{err}");
+        // A memory file of the right size whose mailbox header is another
+        // protocol's, then this one's.
+        let layout = sample_state().layout;
+        let memory = File::create(dir.join(MEMORY_FILE)).unwrap();
+        memory.set_len(layout.total_bytes()).unwrap();
+        let mut header = zeroboot_protocol::MAGIC.to_le_bytes().to_vec();
+        header.extend_from_slice(&(zeroboot_protocol::VERSION - 1).to_le_bytes());
+        use std::os::unix::fs::FileExt;
+        memory.write_all_at(&header, layout.mailbox_gpa).unwrap();
+        let err = Snapshot::open(&dir, "GenuineIntel").err().unwrap().to_string();
+        let old = zeroboot_protocol::VERSION - 1;
+        assert!(err.contains(&format!("mailbox protocol {old}")), "{err}");
+        assert!(err.contains("rebuild it"), "{err}");
+        memory
+            .write_all_at(&zeroboot_protocol::VERSION.to_le_bytes(), layout.mailbox_gpa + 4)
+            .unwrap();
+        assert!(Snapshot::open(&dir, "GenuineIntel").is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
