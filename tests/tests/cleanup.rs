@@ -135,3 +135,48 @@ fn a_pool_keeps_workers_ready_and_ends_them_when_dropped() {
         "dropping the template ended its pooled workers"
     );
 }
+
+/// The kernel threads KVM runs for this process's PITs (`kvm-pit/<pid>`).
+fn pit_threads() -> usize {
+    let name = format!("kvm-pit/{}", std::process::id());
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim_end() == name)
+        .count()
+}
+
+/// A fork has no PIT (the guest stopped using it at boot: Vm::create_pit),
+/// so KVM starts no kernel thread for it, and the guest's timers still
+/// fire: a sleep, an interval timer's signal and a child's sleep end on
+/// time.
+#[test]
+fn forks_run_without_a_pit_and_their_timers_fire() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let hv = hypervisor();
+    let template = Template::new(
+        hypervisor(),
+        snapshot(&hv),
+        ForkMemoryPolicy::Fixed(ForkMemory::for_this_host()),
+    );
+    let mut machine = template.fork(Box::new(std::io::sink())).expect("fork");
+    assert_eq!(pit_threads(), 0, "a PIT thread of this process runs beside a fork");
+    let code = "import signal, subprocess, time\n\
+                t = time.monotonic(); time.sleep(0.3); slept = time.monotonic() - t\n\
+                fired = []\n\
+                signal.signal(signal.SIGALRM, lambda *a: fired.append(time.monotonic()))\n\
+                t = time.monotonic(); signal.setitimer(signal.ITIMER_REAL, 0.2)\n\
+                while not fired and time.monotonic() - t < 5: time.sleep(0.01)\n\
+                t2 = time.monotonic(); subprocess.run(['sleep', '0.2'], check=True)\n\
+                print(round(slept, 1), round(fired[0] - t, 1), time.monotonic() - t2 >= 0.2)";
+    let r = machine
+        .exec(&Request::new(code.as_bytes(), b""), Duration::from_secs(120))
+        .expect("exec");
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        "0.3 0.2 True\n",
+        "stderr: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(pit_threads(), 0);
+}

@@ -218,10 +218,11 @@ impl Shell {
         // Ordering: memory slots first (see Vm::set_memory), then the
         // in-kernel devices, then the vCPU (its LAPIC needs the irqchip).
         // The disk and the fresh heap only when the guest first touches
-        // them (crate::slots).
+        // them (crate::slots). No PIT: the guest stopped using it at boot
+        // (see Vm::create_pit); its ports answer as nothing's.
         let slots = Slots::for_fork(&state.layout, ram.size(), &snapshot.lazy_runs());
         slots.register_eager(&vm, &ram)?;
-        vm.create_irqchip_and_pit()?;
+        vm.create_irqchip()?;
         let vcpu = vm.create_vcpu(0)?;
         let (msrs, timer) = split_timer(&state.vcpu);
         vcpu.restore_state(&state.vcpu, &msrs)?;
@@ -332,10 +333,11 @@ impl Machine {
         ));
         let entry = boot::load(&mut ram, &layout, &spec.kernel, cmdline.trim(), spec.initrd.as_deref())?;
 
-        let vm = hv.create_vm()?;
+        let mut vm = hv.create_vm()?;
         let slots = Slots::all_eager(&ram);
         slots.register_eager(&vm, &ram)?;
-        vm.create_irqchip_and_pit()?;
+        vm.create_irqchip()?;
+        vm.create_pit()?;
         let serial = SerialConsole::new(console)?;
         vm.register_irq(serial.irq(), COM1_IRQ)?;
         let vcpu = vm.create_vcpu(0)?;

@@ -89,6 +89,7 @@ impl Hypervisor {
         Ok(Vm {
             fd,
             msr_indices: self.msr_indices.clone(),
+            has_pit: false,
         })
     }
 }
@@ -96,6 +97,8 @@ impl Hypervisor {
 pub struct Vm {
     fd: VmFd,
     msr_indices: Vec<u32>,
+    /// Whether [`Vm::create_pit`] made one.
+    has_pit: bool,
 }
 
 impl Vm {
@@ -131,14 +134,23 @@ impl Vm {
         })
     }
 
-    /// Creates the in-kernel PIC, IOAPIC, LAPIC support and PIT.
-    pub fn create_irqchip_and_pit(&self) -> Result<(), KvmError> {
-        ioctl("KVM_CREATE_IRQCHIP", self.fd.create_irq_chip())?;
+    /// Creates the in-kernel PIC, IOAPIC and LAPIC support.
+    pub fn create_irqchip(&self) -> Result<(), KvmError> {
+        ioctl("KVM_CREATE_IRQCHIP", self.fd.create_irq_chip())
+    }
+
+    /// Creates the in-kernel PIT. Call after [`Vm::create_irqchip`]. Only
+    /// a booting guest needs one (it calibrates against it and ticks on it
+    /// until the LAPIC timer takes over): each costs a kernel thread
+    /// (`kvm-pit/<pid>`), whose start waits for kthreadd.
+    pub fn create_pit(&mut self) -> Result<(), KvmError> {
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
-        ioctl("KVM_CREATE_PIT2", self.fd.create_pit2(pit))
+        ioctl("KVM_CREATE_PIT2", self.fd.create_pit2(pit))?;
+        self.has_pit = true;
+        Ok(())
     }
 
     /// Routes `event` to interrupt line `gsi` (an ISA IRQ on the PIC/IOAPIC).
@@ -168,19 +180,27 @@ impl Vm {
             pic_master: self.get_chip(KVM_IRQCHIP_PIC_MASTER)?,
             pic_slave: self.get_chip(KVM_IRQCHIP_PIC_SLAVE)?,
             ioapic: self.get_chip(KVM_IRQCHIP_IOAPIC)?,
-            pit: ioctl("KVM_GET_PIT2", self.fd.get_pit2())?,
+            pit: if self.has_pit {
+                ioctl("KVM_GET_PIT2", self.fd.get_pit2())?
+            } else {
+                Default::default()
+            },
             clock: ioctl("KVM_GET_CLOCK", self.fd.get_clock())?,
         })
     }
 
-    /// Ordering: call after [`Vm::create_irqchip_and_pit`] and before the
+    /// The PIT's state is restored only where [`Vm::create_pit`] made one.
+    ///
+    /// Ordering: call after [`Vm::create_irqchip`] and before the
     /// vCPU's LAPIC is restored, so that interrupts pending in the PIC/IOAPIC
     /// are routed to a LAPIC that already exists.
     pub fn restore_state(&self, state: &VmState) -> Result<(), KvmError> {
         ioctl("KVM_SET_IRQCHIP(pic master)", self.fd.set_irqchip(&state.pic_master))?;
         ioctl("KVM_SET_IRQCHIP(pic slave)", self.fd.set_irqchip(&state.pic_slave))?;
         ioctl("KVM_SET_IRQCHIP(ioapic)", self.fd.set_irqchip(&state.ioapic))?;
-        ioctl("KVM_SET_PIT2", self.fd.set_pit2(&state.pit))?;
+        if self.has_pit {
+            ioctl("KVM_SET_PIT2", self.fd.set_pit2(&state.pit))?;
+        }
         // KVM_SET_CLOCK accepts only KVM_CLOCK_REALTIME (and ignores the
         // read-only flags); we restore kvmclock exactly as it was, so the guest's
         // monotonic clock continues from the snapshot.
