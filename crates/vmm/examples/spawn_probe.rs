@@ -13,7 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "mmap",
         "create_vm",
         "set_memory",
-        "irqchip+pit",
+        "irqchip",
         "vm state",
         "serial",
         "create_vcpu",
@@ -35,7 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         lap(1, &mut samples);
         vm.set_memory(&ram)?;
         lap(2, &mut samples);
-        vm.create_irqchip_and_pit()?;
+        vm.create_irqchip()?;
         lap(3, &mut samples);
         vm.restore_state(&st.vm)?;
         lap(4, &mut samples);
