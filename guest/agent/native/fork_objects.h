@@ -308,7 +308,8 @@ static inline int zb_objects_route(char *report, size_t report_len)
             zb_objects_free(ctx, blocks[c]);
         void *outside = zb_objects_realloc(ctx, zb_objects_malloc(ctx, ZB_OBJECTS_MAX_BLOCK + 1), 1);
         zb_objects_free(ctx, outside);
-        /* The top block grown in place, then given back. */
+        /* A small block grown to a page, then given back (the rehearsals
+         * after routing run the rest of realloc's paths). */
         zb_objects_free(ctx, zb_objects_realloc(ctx, zb_objects_malloc(ctx, 16), 4096));
     }
     size_t used = (size_t)(zb_objects.high - zb_objects.start);
