@@ -285,6 +285,15 @@ pub(crate) fn write_u32(mailbox: &mut [u8], offset: usize, value: u32) {
     mailbox[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
 }
 
+/// Bytes at the start of the mailbox that say which protocol wrote it.
+pub const HEADER_ID_LEN: usize = header::VERSION + 4;
+
+/// The magic and version [`init_mailbox`] wrote, read from the mailbox's
+/// first [`HEADER_ID_LEN`] bytes.
+pub fn header_id(start: &[u8; HEADER_ID_LEN]) -> (u32, u32) {
+    (read_u32(start, header::MAGIC), read_u32(start, header::VERSION))
+}
+
 /// Prepares a fresh mailbox at boot: header and the boot entropy.
 pub fn init_mailbox(mailbox: &mut [u8], seed: &[u8; header::BOOT_SEED_LEN]) -> Result<(), ProtocolError> {
     check(mailbox)?;

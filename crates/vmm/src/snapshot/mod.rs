@@ -117,10 +117,9 @@ pub fn format_write_set(runs: &[(u64, u64)]) -> String {
 /// template of another protocol would misread every request.
 fn check_mailbox(memory: &File, path: &Path, mailbox_gpa: u64) -> Result<(), SnapshotError> {
     use std::os::unix::fs::FileExt;
-    let mut header = [0u8; 8];
-    memory.read_exact_at(&mut header, mailbox_gpa).map_err(io_err(path))?;
-    let word = |at: usize| u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]]);
-    let (magic, found) = (word(0), word(4));
+    let mut start = [0u8; zeroboot_protocol::HEADER_ID_LEN];
+    memory.read_exact_at(&mut start, mailbox_gpa).map_err(io_err(path))?;
+    let (magic, found) = zeroboot_protocol::header_id(&start);
     if magic != zeroboot_protocol::MAGIC || found != zeroboot_protocol::VERSION {
         return Err(SnapshotError::Protocol {
             path: path.to_path_buf(),
