@@ -224,7 +224,7 @@ impl Shell {
         slots.register_eager(&vm, &ram)?;
         vm.create_irqchip()?;
         let vcpu = vm.create_vcpu(0)?;
-        let (msrs, timer) = split_timer(&state.vcpu);
+        let (msrs, timer) = fork_msrs(&state.vcpu);
         vcpu.restore_state(&state.vcpu, &msrs)?;
         Ok(Self {
             vcpu,
@@ -871,11 +871,20 @@ impl Timer {
     }
 }
 
-/// The vCPU's MSRs with the TSC-deadline timer disarmed, and that timer if
-/// it was armed.
-fn split_timer(vcpu: &crate::snapshot::state::VcpuState) -> (Vec<kvm_bindings::kvm_msr_entry>, Option<Timer>) {
-    use crate::kvm::{MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE};
+/// The vCPU's MSRs for a fork: the TSC-deadline timer disarmed (and
+/// returned, if it was armed), and without the MSRs that make KVM write guest
+/// memory as they are set, which would copy a page into every fork:
+/// - the wall clock, which the guest reads only as it boots or resumes from
+///   suspend; a fork takes the host's time from the vDSO page instead
+///   (guest/kernel/patches/0006);
+/// - steal time, which the guest adds to its CPU accounting only; a fork's
+///   guest reads the template's figure, unchanging, as no time stolen.
+fn fork_msrs(vcpu: &crate::snapshot::state::VcpuState) -> (Vec<kvm_bindings::kvm_msr_entry>, Option<Timer>) {
+    use crate::kvm::{
+        MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, MSR_KVM_STEAL_TIME, MSR_KVM_WALL_CLOCK, MSR_KVM_WALL_CLOCK_NEW,
+    };
     let mut msrs = vcpu.msrs.clone();
+    msrs.retain(|m| ![MSR_KVM_WALL_CLOCK, MSR_KVM_WALL_CLOCK_NEW, MSR_KVM_STEAL_TIME].contains(&m.index));
     let tsc = msrs.iter().find(|m| m.index == MSR_IA32_TSC).map_or(0, |m| m.data);
     let khz = u64::from(vcpu.tsc_khz.unwrap_or(0));
     let mut timer = None;
@@ -982,7 +991,7 @@ impl Drop for Watchdog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kvm::{MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE};
+    use crate::kvm::{MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, MSR_KVM_STEAL_TIME, MSR_KVM_WALL_CLOCK_NEW};
     use kvm_bindings::kvm_msr_entry;
 
     fn msr(index: u32, data: u64) -> kvm_msr_entry {
@@ -994,25 +1003,36 @@ mod tests {
     }
 
     #[test]
-    fn timer_is_disarmed_for_restore_and_rearmed_relative_to_the_new_tsc() {
+    fn fork_msrs_disarm_the_timer_and_drop_those_that_make_kvm_write_memory() {
         let mut state = crate::snapshot::tests::sample_state().vcpu;
         state.tsc_khz = Some(1_000_000); // 1 GHz: 1 ms = 1e6 cycles
         state.msrs = vec![
             msr(MSR_IA32_TSC, 5_000_000),
             msr(MSR_IA32_TSC_DEADLINE, 6_000_000),
+            msr(MSR_KVM_WALL_CLOCK_NEW, 0x1b6_e000),
             msr(0x1a0, 1),
+            msr(MSR_KVM_STEAL_TIME, 0x1a3_6a01),
         ];
-        let (msrs, timer) = split_timer(&state);
+        let (msrs, timer) = fork_msrs(&state);
+        assert_eq!(
+            msrs.len(),
+            3,
+            "the wall clock and steal time are not restored: {msrs:?}"
+        );
         assert_eq!(msrs[1].data, 0, "restored disarmed");
-        assert_eq!((msrs[0].data, msrs[2].data), (5_000_000, 1), "other MSRs untouched");
+        assert_eq!(
+            (msrs[0].data, msrs[2]),
+            (5_000_000, msr(0x1a0, 1)),
+            "other MSRs untouched"
+        );
         let timer = timer.unwrap();
         // Due 1 ms after the snapshot: held back to the grace period.
         assert_eq!(timer.rearm(9_000_000_000).data, 9_000_000_000 + 100 * 1_000_000);
         // Due 1 s after the snapshot: stays 1 s out.
         state.msrs[1].data = 5_000_000 + 1_000_000_000;
-        assert_eq!(split_timer(&state).1.unwrap().rearm(7).data, 7 + 1_000_000_000);
+        assert_eq!(fork_msrs(&state).1.unwrap().rearm(7).data, 7 + 1_000_000_000);
         // A disarmed timer stays disarmed.
         state.msrs[1].data = 0;
-        assert_eq!(split_timer(&state).1, None);
+        assert_eq!(fork_msrs(&state).1, None);
     }
 }

@@ -20,6 +20,12 @@ use crate::snapshot::state::{VcpuState, VmState};
 pub const MSR_IA32_TSC: u32 = 0x10;
 /// `MSR_IA32_TSC_DEADLINE`: the LAPIC timer's next expiry in TSC-deadline mode.
 pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// kvmclock's wall clock, old and new numbers: setting either makes KVM write
+/// the host's wall clock into the guest page it names.
+pub const MSR_KVM_WALL_CLOCK: u32 = 0x11;
+pub const MSR_KVM_WALL_CLOCK_NEW: u32 = 0x4b56_4d00;
+/// Steal time: while set, KVM writes the guest page it names on vCPU entries.
+pub const MSR_KVM_STEAL_TIME: u32 = 0x4b56_4d03;
 /// Identity-map and TSS pages that VMX needs below 4 GiB, out of the guest's way.
 const TSS_ADDRESS: usize = 0xfffb_d000;
 
