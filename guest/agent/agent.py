@@ -1184,7 +1184,17 @@ def generator_regions():
 
     The objects live as long as the agent and CPython never moves objects;
     the guest has no swap device and no compaction, so their pages stay where
-    they are."""
+    they are.
+
+    Each 2.5 KB state lies across two pages more often than not, and each page
+    the host writes is copied into every fork. So the host writes only the
+    part of a state in the page holding most of it (at least 312 of the 624
+    words, all at one end of it), and each generator is left at the end of
+    its state: its next draw regenerates all 624 words at once (the twist,
+    in both CPython's and numpy's MT19937), each new word from two
+    neighbours and one word 397 further on, so that every word after it
+    depends on the fresh part. The position is written only where a later
+    state (a session forked live) left it elsewhere."""
     import ctypes
     import random
 
@@ -1192,7 +1202,7 @@ def generator_regions():
 
     # CPython 3.11 to 3.13 Modules/_randommodule.c: {PyObject_HEAD; int index; uint32_t state[624];}
     inst = random._inst
-    _, internal, gauss_next = inst.getstate()
+    version, internal, gauss_next = inst.getstate()
     at = id(inst)
     if (
         gauss_next is not None
@@ -1200,7 +1210,8 @@ def generator_regions():
         or struct.unpack("<i", ctypes.string_at(at + 16, 4))[0] != internal[MT_WORDS]
     ):
         return None
-    regions = [(at + 20, 4 * MT_WORDS, 0), (at + 16, 0, MT_WORDS)]
+    inst.setstate((version, internal[:MT_WORDS] + (MT_WORDS,), None))
+    regions = [(*larger_part_in_a_page(at + 20, 4 * MT_WORDS), 0), (at + 16, 0, MT_WORDS)]
     # numpy's MT19937 embeds {uint32_t key[624]; int pos;}; find it by content.
     legacy = numpy.random.mtrand._rand
     bit_generator = legacy._bit_generator
@@ -1214,8 +1225,20 @@ def generator_regions():
     pos_at = id(bit_generator) + offset + len(key)
     if struct.unpack("<i", ctypes.string_at(pos_at, 4))[0] != state["pos"]:
         return None
-    regions += [(id(bit_generator) + offset, len(key), 0), (pos_at, 0, MT_WORDS)]
+    bit_generator.state = {"bit_generator": "MT19937", "state": {"key": state["key"], "pos": MT_WORDS}}
+    if struct.unpack("<i", ctypes.string_at(pos_at, 4))[0] != MT_WORDS:
+        return None
+    regions += [(*larger_part_in_a_page(id(bit_generator) + offset, len(key)), 0), (pos_at, 0, MT_WORDS)]
     return regions
+
+
+def larger_part_in_a_page(at, length):
+    """(address, length) of the part of `at .. at + length` (at most a page
+    long) that lies in the page holding most of it."""
+    split = min(at + length, (at // 4096 + 1) * 4096)
+    if split - at >= at + length - split:
+        return at, split - at
+    return split, at + length - split
 
 
 def physical_regions(regions):

@@ -196,7 +196,8 @@ pub struct EntropyRegion {
     /// Guest-physical address; the region never crosses a 4 KiB page.
     pub gpa: u64,
     /// Bytes of fresh randomness to write at `gpa`, or 0 to write `value`
-    /// as a little-endian u32 there instead (a generator's position).
+    /// as a little-endian u32 there instead (a generator's position), which
+    /// the host does only where it differs.
     pub len: u32,
     pub value: u32,
 }

@@ -714,13 +714,18 @@ impl Machine {
 
     /// Overwrites the guest's user-space generator states with fresh
     /// randomness (the regions were checked when the snapshot was taken).
+    /// A position is written only where it differs: reading a page copies
+    /// nothing, and a position usually lies in a page the host does not
+    /// otherwise write.
     fn refresh_entropy(&mut self) -> Result<(), MachineError> {
         for r in self.entropy.iter().flatten() {
-            let bytes = self.ram.slice_mut(r.gpa, r.write_len() as usize)?;
             if r.len == 0 {
-                bytes.copy_from_slice(&r.value.to_le_bytes());
+                let value = r.value.to_le_bytes();
+                if self.ram.slice(r.gpa, value.len())? != value {
+                    self.ram.slice_mut(r.gpa, value.len())?.copy_from_slice(&value);
+                }
             } else {
-                fill_random(bytes);
+                fill_random(self.ram.slice_mut(r.gpa, r.len as usize)?);
             }
         }
         Ok(())
