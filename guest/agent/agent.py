@@ -49,6 +49,7 @@ try:
         H_REQUEST_FLAGS,
         H_REQUEST_SEED,
         H_REQUEST_SEQ,
+        H_RESPONSE_AT,
         H_RESPONSE_FLAGS,
         H_RESPONSE_SEQ,
         H_RESULTS_LEN,
@@ -585,6 +586,7 @@ class Responder:
         U32.pack_into(mailbox, H_STDERR_LEN, len(err_b))
         U32.pack_into(mailbox, H_RESULTS_LEN, len(res_b))
         U32.pack_into(mailbox, H_RESPONSE_FLAGS, flags)
+        U32.pack_into(mailbox, H_RESPONSE_AT, RESPONSE_OFFSET)
         U32.pack_into(mailbox, H_RESPONSE_SEQ, self.seq)
         # The host reads the chunk at this store; it resumes us for the
         # next chunk or, with a new request already written, for that.

@@ -9,7 +9,7 @@ use crate::{
     files, fresh, header, Doorbell, DEFAULT_OUTPUT_LIMIT, ENTROPY_ENTRY_LEN, FLAG_MORE, FLAG_RESULTS_TRUNCATED,
     FLAG_STDERR_TRUNCATED, FLAG_STDOUT_TRUNCATED, MAGIC, MAILBOX_SIZE, MAX_ENTROPY_REGIONS, MAX_OUTPUT_LIMIT,
     REQUEST_CAPACITY, REQUEST_FILE_OP, REQUEST_FRESH_FORK, REQUEST_OFFSET, REQUEST_STREAM, RESPONSE_CAPACITY,
-    RESPONSE_OFFSET, VERSION,
+    RESPONSE_OFFSET, SMALL_RESPONSE_CAPACITY, SMALL_RESPONSE_OFFSET, VERSION,
 };
 
 /// How a constant is named and typed in the guests' languages.
@@ -97,7 +97,7 @@ pub const LAYOUT: &[Constant] = &[
     header("EXIT_CODE", header::EXIT_CODE,
         "i32, guest to host: the code's exit status."),
     header("STDOUT_LEN", header::STDOUT_LEN,
-        "u32, guest to host: bytes of stdout at RESPONSE_OFFSET."),
+        "u32, guest to host: bytes of stdout at RESPONSE_AT."),
     header("STDERR_LEN", header::STDERR_LEN,
         "u32, guest to host: bytes of stderr after stdout."),
     header("RESPONSE_FLAGS", header::RESPONSE_FLAGS,
@@ -110,6 +110,8 @@ pub const LAYOUT: &[Constant] = &[
         "u32, host to guest: bytes of the context after code and stdin (cwd, user, then NAME=value, each NUL-terminated); 0 for none."),
     header("RESULTS_LEN", header::RESULTS_LEN,
         "u32, guest to host: bytes of rich results (JSON lines) after stderr; 0 for none."),
+    header("RESPONSE_AT", header::RESPONSE_AT,
+        "u32, guest to host: where the chunk starts, RESPONSE_OFFSET (or 0) or SMALL_RESPONSE_OFFSET."),
     header("BOOT_SEED", header::BOOT_SEED,
         "Host to guest at boot: entropy to credit to the kernel CRNG."),
     int("BOOT_SEED_LEN", header::BOOT_SEED_LEN as u64,
@@ -142,6 +144,10 @@ pub const LAYOUT: &[Constant] = &[
         "A response chunk's stdout, then its stderr, start here."),
     unsigned("RESPONSE_CAPACITY", RESPONSE_CAPACITY as u64,
         "Room for stdout, stderr and results in one chunk."),
+    unsigned("SMALL_RESPONSE_OFFSET", SMALL_RESPONSE_OFFSET as u64,
+        "A chunk of at most SMALL_RESPONSE_CAPACITY bytes may start here instead, over the request read."),
+    unsigned("SMALL_RESPONSE_CAPACITY", SMALL_RESPONSE_CAPACITY as u64,
+        "Room for a chunk at SMALL_RESPONSE_OFFSET: the rest of the header's page."),
     unsigned("FLAG_STDOUT_TRUNCATED", FLAG_STDOUT_TRUNCATED as u64,
         "RESPONSE_FLAGS: stdout was cut at the limit."),
     unsigned("FLAG_STDERR_TRUNCATED", FLAG_STDERR_TRUNCATED as u64,

@@ -34,7 +34,7 @@ pub const MAILBOX_SIZE: usize = 2 << 20;
 /// `"ZBMB"`, written by the host at boot.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"ZBMB");
 /// Version of this layout. The agent refuses a mailbox of another version.
-pub const VERSION: u32 = 10;
+pub const VERSION: u32 = 11;
 
 /// Header field offsets (bytes from the start of the mailbox).
 pub mod header {
@@ -61,6 +61,11 @@ pub mod header {
     /// Guest → host: bytes of rich results (see [`crate::exec::Outcome`])
     /// after stdout and stderr in this chunk; 0 for none.
     pub const RESULTS_LEN: usize = 52;
+    /// Guest → host: where this chunk's payload starts:
+    /// [`super::RESPONSE_OFFSET`] (or 0, which means the same), or
+    /// [`super::SMALL_RESPONSE_OFFSET`] for a chunk of at most
+    /// [`super::SMALL_RESPONSE_CAPACITY`] bytes.
+    pub const RESPONSE_AT: usize = 56;
     /// Host → guest at boot: entropy the agent credits to the kernel CRNG.
     pub const BOOT_SEED: usize = 64;
     pub const BOOT_SEED_LEN: usize = 64;
@@ -97,6 +102,13 @@ pub const REQUEST_CAPACITY: usize = RESPONSE_OFFSET - REQUEST_OFFSET;
 pub const RESPONSE_OFFSET: usize = 1 << 20;
 /// Room for stdout plus stderr.
 pub const RESPONSE_CAPACITY: usize = MAILBOX_SIZE - RESPONSE_OFFSET;
+/// Where an agent may put a small response chunk instead: over the request,
+/// which it has read by then, in the header's page, which every request
+/// writes anyway. A small answer then copies no page of a fork's memory
+/// beyond the header's.
+pub const SMALL_RESPONSE_OFFSET: usize = REQUEST_OFFSET;
+/// Room for a small chunk: the rest of the header's page.
+pub const SMALL_RESPONSE_CAPACITY: usize = 4096 - SMALL_RESPONSE_OFFSET;
 
 /// `RESPONSE_FLAGS` bits.
 pub const FLAG_STDOUT_TRUNCATED: u32 = 1 << 0;
@@ -154,6 +166,10 @@ pub enum ProtocolError {
         "guest reported {stdout} + {stderr} + {results} output bytes, more than the {RESPONSE_CAPACITY} the mailbox holds"
     )]
     ResponseTooLarge { stdout: u32, stderr: u32, results: u32 },
+    #[error(
+        "guest put a {len}-byte response chunk at offset {at}, which is neither {RESPONSE_OFFSET} nor, for at most {SMALL_RESPONSE_CAPACITY} bytes, {SMALL_RESPONSE_OFFSET}"
+    )]
+    BadResponseOffset { at: u32, len: usize },
     #[error("output limit {0} is outside 0..={MAX_OUTPUT_LIMIT}")]
     BadOutputLimit(u32),
     #[error("guest sent more than the {0}-byte output limit")]
@@ -440,19 +456,26 @@ pub fn read_chunk(mailbox: &[u8], seq: u32) -> Result<ResponsePart<'_>, Protocol
             results: results_len,
         });
     }
-    let out_end = RESPONSE_OFFSET + stdout_len as usize;
+    let at = match read_u32(mailbox, header::RESPONSE_AT) {
+        0 => RESPONSE_OFFSET,
+        at if at as usize == RESPONSE_OFFSET => RESPONSE_OFFSET,
+        at if at as usize == SMALL_RESPONSE_OFFSET && total <= SMALL_RESPONSE_CAPACITY => SMALL_RESPONSE_OFFSET,
+        at => return Err(ProtocolError::BadResponseOffset { at, len: total }),
+    };
+    let out_end = at + stdout_len as usize;
     let err_end = out_end + stderr_len as usize;
     let results_end = err_end + results_len as usize;
     Ok(ResponsePart {
         exit_code: read_u32(mailbox, header::EXIT_CODE) as i32,
-        stdout: &mailbox[RESPONSE_OFFSET..out_end],
+        stdout: &mailbox[at..out_end],
         stderr: &mailbox[out_end..err_end],
         results: &mailbox[err_end..results_end],
         flags: read_u32(mailbox, header::RESPONSE_FLAGS),
     })
 }
 
-/// The guest side of [`read_chunk`], used by tests and by Rust agents.
+/// The guest side of [`read_chunk`], used by tests and by Rust agents: a
+/// chunk that fits goes to [`SMALL_RESPONSE_OFFSET`], over the request.
 pub fn write_chunk(mailbox: &mut [u8], seq: u32, chunk: &ResponsePart<'_>) -> Result<(), ProtocolError> {
     check(mailbox)?;
     let total = chunk.stdout.len() + chunk.stderr.len() + chunk.results.len();
@@ -463,9 +486,14 @@ pub fn write_chunk(mailbox: &mut [u8], seq: u32, chunk: &ResponsePart<'_>) -> Re
             results: chunk.results.len() as u32,
         });
     }
-    let out_end = RESPONSE_OFFSET + chunk.stdout.len();
+    let at = if total <= SMALL_RESPONSE_CAPACITY {
+        SMALL_RESPONSE_OFFSET
+    } else {
+        RESPONSE_OFFSET
+    };
+    let out_end = at + chunk.stdout.len();
     let err_end = out_end + chunk.stderr.len();
-    mailbox[RESPONSE_OFFSET..out_end].copy_from_slice(chunk.stdout);
+    mailbox[at..out_end].copy_from_slice(chunk.stdout);
     mailbox[out_end..err_end].copy_from_slice(chunk.stderr);
     mailbox[err_end..err_end + chunk.results.len()].copy_from_slice(chunk.results);
     write_u32(mailbox, header::EXIT_CODE, chunk.exit_code as u32);
@@ -473,6 +501,7 @@ pub fn write_chunk(mailbox: &mut [u8], seq: u32, chunk: &ResponsePart<'_>) -> Re
     write_u32(mailbox, header::STDERR_LEN, chunk.stderr.len() as u32);
     write_u32(mailbox, header::RESULTS_LEN, chunk.results.len() as u32);
     write_u32(mailbox, header::RESPONSE_FLAGS, chunk.flags);
+    write_u32(mailbox, header::RESPONSE_AT, at as u32);
     write_u32(mailbox, header::RESPONSE_SEQ, seq);
     Ok(())
 }
@@ -592,6 +621,59 @@ mod tests {
     }
 
     #[test]
+    fn a_small_chunk_is_read_over_the_request_and_a_large_one_from_the_response_area() {
+        let mut m = mailbox();
+        let small = [b'a'; SMALL_RESPONSE_CAPACITY - 2];
+        let chunk = ResponsePart {
+            exit_code: 0,
+            stdout: &small,
+            stderr: b"e",
+            results: b"r",
+            flags: 0,
+        };
+        write_chunk(&mut m, 3, &chunk).unwrap();
+        assert_eq!(read_u32(&m, header::RESPONSE_AT) as usize, SMALL_RESPONSE_OFFSET);
+        assert!(
+            m[RESPONSE_OFFSET..].iter().all(|&b| b == 0),
+            "the response area is untouched"
+        );
+        assert_eq!(read_chunk(&m, 3).unwrap(), chunk);
+        let large = [b'b'; SMALL_RESPONSE_CAPACITY + 1];
+        let chunk = ResponsePart {
+            stdout: &large,
+            ..chunk
+        };
+        write_chunk(&mut m, 4, &chunk).unwrap();
+        assert_eq!(read_u32(&m, header::RESPONSE_AT) as usize, RESPONSE_OFFSET);
+        assert_eq!(read_chunk(&m, 4).unwrap(), chunk);
+        // 0, as an agent that never writes the field leaves it, is the response area.
+        write_u32(&mut m, header::RESPONSE_AT, 0);
+        assert_eq!(read_chunk(&m, 4).unwrap(), chunk);
+        // A large chunk over the request, or any other offset, is refused.
+        write_u32(&mut m, header::RESPONSE_AT, SMALL_RESPONSE_OFFSET as u32);
+        assert_eq!(
+            read_chunk(&m, 4),
+            Err(ProtocolError::BadResponseOffset {
+                at: SMALL_RESPONSE_OFFSET as u32,
+                len: SMALL_RESPONSE_CAPACITY + 3
+            })
+        );
+        for at in [
+            1,
+            64,
+            SMALL_RESPONSE_OFFSET as u32 + 8,
+            RESPONSE_OFFSET as u32 - 1,
+            u32::MAX,
+        ] {
+            write_u32(&mut m, header::RESPONSE_AT, at);
+            assert!(matches!(
+                read_chunk(&m, 4),
+                Err(ProtocolError::BadResponseOffset { .. })
+            ));
+        }
+    }
+
+    #[test]
     fn stale_response_is_rejected() {
         let m = mailbox();
         assert_eq!(read_chunk(&m, 1), Err(ProtocolError::Sequence { expected: 1, got: 0 }));
@@ -654,6 +736,9 @@ mod tests {
             u32::MAX,
             RESPONSE_CAPACITY as u32,
             RESPONSE_CAPACITY as u32 + 1,
+            SMALL_RESPONSE_OFFSET as u32,
+            SMALL_RESPONSE_CAPACITY as u32 + 1,
+            RESPONSE_OFFSET as u32,
             1 << 31,
         ];
         for _ in 0..20_000 {
@@ -664,6 +749,7 @@ mod tests {
                 header::STDOUT_LEN,
                 header::STDERR_LEN,
                 header::RESPONSE_FLAGS,
+                header::RESPONSE_AT,
                 header::RESPONSE_SEQ,
             ] {
                 let r = next();

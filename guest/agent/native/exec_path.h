@@ -226,7 +226,9 @@ static int zb_exec_flag(PyObject *o, PyObject *name)
 
 /* Writes the response in mailbox-sized chunks, as agent.py's Responder:
  * every chunk but the last has ZB_FLAG_MORE; the host copies each out at
- * its doorbell and resumes us. */
+ * its doorbell and resumes us. A response that fits goes over the request,
+ * in the header's page, which the request wrote anyway: the response area's
+ * page then stays the template's. */
 static void zb_exec_respond(volatile uint8_t *mailbox, volatile uint8_t *doorbell, uint32_t seq, PyObject *streams[3],
                             int32_t exit_code, uint32_t flags)
 {
@@ -236,9 +238,11 @@ static void zb_exec_respond(volatile uint8_t *mailbox, volatile uint8_t *doorbel
         at[i] = PyBytes_AsString(streams[i]);
         left[i] = (size_t)PyBytes_Size(streams[i]);
     }
+    uint32_t response_at =
+        left[0] + left[1] + left[2] <= ZB_SMALL_RESPONSE_CAPACITY ? ZB_SMALL_RESPONSE_OFFSET : ZB_RESPONSE_OFFSET;
     for (;;) {
         size_t room = ZB_RESPONSE_CAPACITY, len[3];
-        uint8_t *to = (uint8_t *)mailbox + ZB_RESPONSE_OFFSET;
+        uint8_t *to = (uint8_t *)mailbox + response_at;
         for (int i = 0; i < 3; i++) {
             len[i] = left[i] < room ? left[i] : room;
             memcpy(to, at[i], len[i]);
@@ -248,7 +252,7 @@ static void zb_exec_respond(volatile uint8_t *mailbox, volatile uint8_t *doorbel
             left[i] -= len[i];
         }
         int last = left[0] == 0 && left[1] == 0 && left[2] == 0;
-        zb_ring_result(mailbox, doorbell, seq, exit_code, (uint32_t)len[0], (uint32_t)len[1], (uint32_t)len[2],
+        zb_ring_result(mailbox, doorbell, seq, response_at, exit_code, (uint32_t)len[0], (uint32_t)len[1], (uint32_t)len[2],
                        flags | (last ? 0 : ZB_FLAG_MORE));
         if (last)
             return;

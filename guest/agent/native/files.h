@@ -573,7 +573,7 @@ static inline void zb_serve_file_ops(volatile uint8_t *mailbox, volatile uint8_t
         if (message_len > r.cap - r.len)
             message_len = r.cap - r.len;
         memcpy(r.at + r.len, r.message, message_len);
-        zb_ring_result(mailbox, doorbell, seq, rc, r.len, message_len, 0, 0);
+        zb_ring_result(mailbox, doorbell, seq, ZB_RESPONSE_OFFSET, rc, r.len, message_len, 0, 0);
     }
 }
 

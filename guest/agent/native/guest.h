@@ -501,13 +501,15 @@ static inline void zb_put32(volatile uint8_t *m, size_t at, uint32_t v)
     memcpy((uint8_t *)m + at, &v, 4);
 }
 
-/* Hands the host the reply chunk in the mailbox's response area: its
- * header, then the RESULT doorbell. The host reads the chunk at that store
- * and resumes us for the next chunk or, with a new request already
- * written, for that. */
-static inline void zb_ring_result(volatile uint8_t *mailbox, volatile uint8_t *doorbell, uint32_t seq, int32_t exit_code,
-                                  uint32_t out_len, uint32_t err_len, uint32_t results_len, uint32_t flags)
+/* Hands the host the reply chunk written at `at` (ZB_RESPONSE_OFFSET or
+ * ZB_SMALL_RESPONSE_OFFSET): its header, then the RESULT doorbell. The
+ * host reads the chunk at that store and resumes us for the next chunk or,
+ * with a new request already written, for that. */
+static inline void zb_ring_result(volatile uint8_t *mailbox, volatile uint8_t *doorbell, uint32_t seq, uint32_t at,
+                                  int32_t exit_code, uint32_t out_len, uint32_t err_len, uint32_t results_len,
+                                  uint32_t flags)
 {
+    zb_put32(mailbox, ZB_H_RESPONSE_AT, at);
     zb_put32(mailbox, ZB_H_EXIT_CODE, (uint32_t)exit_code);
     zb_put32(mailbox, ZB_H_STDOUT_LEN, out_len);
     zb_put32(mailbox, ZB_H_STDERR_LEN, err_len);

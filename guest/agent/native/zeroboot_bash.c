@@ -313,7 +313,8 @@ static int respond(int32_t status, const int fds[2])
         int last = streams[0].at_end && streams[1].at_end;
         if (last)
             progress->answered = seq;
-        zb_ring_result(mailbox, doorbell, seq, status, out_len, err_len, 0, flags | (last ? 0 : ZB_FLAG_MORE));
+        zb_ring_result(mailbox, doorbell, seq, ZB_RESPONSE_OFFSET, status, out_len, err_len, 0,
+                       flags | (last ? 0 : ZB_FLAG_MORE));
         if (last)
             break;
     }
