@@ -257,6 +257,14 @@ void zeroboot_exec_serve(void *mailbox, void *doorbell, PyObject *mailbox_view, 
     PyGC_Collect();
     /* After the collection, which frees blocks into the region. */
     zb_objects_ready();
+    /* The requests' stack starts 64 bytes below a page boundary: a plain
+     * request uses about 7 KiB of it, which then lies in two pages of a
+     * fork's memory, not in three when the stack happened to start near the
+     * bottom of a page. */
+    uintptr_t sp;
+    __asm__ volatile("mov %%rsp, %0" : "=r"(sp));
+    volatile char *pad = __builtin_alloca((sp & 4095) + 64);
+    __asm__ volatile("" : : "r"(pad) : "memory");
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     bell[0] = ZB_DOORBELL_READY;
     for (;;)
