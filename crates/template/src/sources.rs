@@ -28,6 +28,7 @@ pub const KERNEL: &[SourceFile] = &[
     guest_file!("kernel/patches/0005-e820-pmem-resources-without-pci.patch"),
     guest_file!("kernel/patches/0006-adopt-host-clock-after-restore.patch"),
     guest_file!("kernel/patches/0007-pmem-zeroes-through-the-host.patch"),
+    guest_file!("kernel/patches/0008-host-written-data-in-one-page.patch"),
 ];
 
 /// Everything that decides the Debian base of the root filesystem.
