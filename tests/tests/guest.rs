@@ -307,7 +307,8 @@ fn forks_carve_their_objects_in_address_order() {
     assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
     let print: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let written = print["written"].as_u64().unwrap();
-    assert!(written <= 45, "print(1+1) wrote {written} pages: {print}");
+    // 28 measured (docs/guest-kernel.md); builds differ by a few pages.
+    assert!(written <= 36, "print(1+1) wrote {written} pages: {print}");
 }
 
 /// A plain request (one line, not streamed, no context) is served by the
