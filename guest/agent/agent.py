@@ -499,7 +499,7 @@ def set_up_exec_path():
 # The last has no output: it leaves the captures as a fork's first plain
 # request with the default limit sets them, and that request then writes
 # nothing to those it does not write to (zb_exec_reset).
-PLAIN_REHEARSAL = (("print(1+1)", 0), ("pass", 0))
+PLAIN_REHEARSAL = (("6 * 7", 0), ("print(1+1)", 0), ("pass", 0))
 # The rehearsal's requests: each path the native loop and agent.py take.
 REHEARSAL = (
     ("print(1+1)", REQUEST_STREAM | REQUEST_FRESH_FORK),
@@ -988,7 +988,10 @@ def is_matplotlib_figure(obj):
 def displayhook(value):
     """sys.displayhook, and run_code's for the last expression compiled on
     its own (see compile_cell): a value other than None is the request's
-    execute_result."""
+    execute_result. Where the native half serves requests, sys.displayhook
+    is its own: it makes the result of an int, float, complex, str, bytes
+    or bool itself, as this would, and calls this for any other value
+    (native/exec_path.h, zb_exec_plain_result)."""
     if value is not None:
         CURRENT_RESULTS.add("execute_result", value)
 

@@ -397,6 +397,61 @@ fn plain_requests_answer_as_agent_py_does() {
     assert_eq!(String::from_utf8_lossy(&results).matches("execute_result").count(), 1);
 }
 
+/// The native half makes the execute_result of an int, float, complex, str,
+/// bytes or bool itself (exec_path.h, zb_exec_plain_result); agent.py's
+/// Results makes the others. Either way the line is json.dumps of the MIME
+/// bundle, whole or not at all within the output limit.
+#[test]
+fn plain_values_become_the_results_agent_py_would_make() {
+    let mut m = fork();
+    let values = [
+        "1",
+        "-2.5",
+        "True",
+        "3+4j",
+        "float('nan')",
+        "'\u{e9}\"\\\\\\n\\t\\x00\\U0001d11e'",
+        "b'\\xff\"'",
+        "[1, 'a']",
+    ];
+    for value in values {
+        let expected = run(
+            &mut m,
+            &format!(
+                "import json\nprint(json.dumps({{'type': 'execute_result', 'data': {{'text/plain': repr({value})}}}}))"
+            ),
+        );
+        assert_eq!(expected.exit_code, 0, "{value}: {expected:?}");
+        for stream in [false, true] {
+            let request = Request {
+                stream,
+                ..Request::new(value.as_bytes(), b"")
+            };
+            let r = m.exec(&request, TIMEOUT).unwrap();
+            assert_eq!(
+                (r.exit_code, String::from_utf8_lossy(&r.results)),
+                (0, String::from_utf8_lossy(&expected.stdout)),
+                "{value} (streamed: {stream})"
+            );
+        }
+    }
+    // A repr that fails is agent.py's to report.
+    let r = run(&mut m, "10**5000");
+    assert!(
+        String::from_utf8_lossy(&r.results).contains("<unrepresentable int: ValueError("),
+        "{r:?}"
+    );
+    // A line longer than the limit is left out, and the response says so.
+    let request = Request {
+        output_limit: 40,
+        ..Request::new(b"12345678901234567890", b"")
+    };
+    let r = m.exec(&request, TIMEOUT).unwrap();
+    assert!(r.results.is_empty() && r.results_truncated, "{r:?}");
+    let r = run(&mut m, "7");
+    assert!(!r.results_truncated && r.results.ends_with(b"\"7\"}}\n"), "{r:?}");
+}
+
 /// Code can reach the captures it writes to and take them apart: the ones
 /// plain requests share (native/exec_path.h), then, with those broken and
 /// plain requests gone to agent.py, agent.py's own. Its request still gets

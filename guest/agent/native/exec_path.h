@@ -44,6 +44,8 @@ static struct {
     /* agent.py's module globals, and what this calls there. */
     PyObject *agent;
     PyObject *handle_request, *exit_code_of, *after_code, *displayhook, *results, *children;
+    /* json's C string encoder (`_json.encode_basestring_ascii`), or NULL. */
+    PyObject *json_string;
     PyObject *string_io;
     /* "matplotlib.pyplot", made once (see ZB_NAMES). */
     PyObject *pyplot;
@@ -60,13 +62,78 @@ static struct {
     size_t keyword_count;
 } zb_exec;
 
-/* sys.displayhook: agent.py's `displayhook` for a value other than None.
- * "single" mode displays every expression statement's value, None too
- * (the value of `print(...)`), and that is the common case. */
+/* The request's execute_result for a value of a plain type (int, float,
+ * complex, str, bytes, bool), whose MIME bundle is its repr alone, as
+ * agent.py's Results.add makes it: one JSON line, as json.dumps writes
+ * it, kept if it fits the room left. Python code of the agent's would
+ * write its inline caches in every fork (see captures.h). 1 when done; 0
+ * to leave the value to agent.py (another type, or a repr that failed,
+ * which it reports); -1 with an exception set. */
+static int zb_exec_plain_result(PyObject *value)
+{
+    static const char head[] = "{\"type\": \"execute_result\", \"data\": {\"text/plain\": ";
+    static const char tail[] = "}}\n";
+    PyObject *type = PyObject_Type(value);
+    int plain = type == (PyObject *)&PyLong_Type || type == (PyObject *)&PyFloat_Type ||
+                type == (PyObject *)&PyComplex_Type || type == (PyObject *)&PyUnicode_Type ||
+                type == (PyObject *)&PyBytes_Type || type == (PyObject *)&PyBool_Type;
+    zb_py_clear(&type);
+    if (!plain || zb_exec.json_string == NULL)
+        return 0;
+    PyObject *text = PyObject_Repr(value);
+    if (text == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *quoted = PyObject_CallOneArg(zb_exec.json_string, text);
+    zb_py_clear(&text);
+    Py_ssize_t quoted_len = 0;
+    const char *q = quoted == NULL ? NULL : PyUnicode_AsUTF8AndSize(quoted, &quoted_len);
+    PyObject *room = q == NULL ? NULL : PyObject_GetAttr(zb_exec.results, zb_name.room);
+    Py_ssize_t left = room == NULL ? -1 : PyLong_AsSsize_t(room);
+    zb_py_clear(&room);
+    PyObject *line = NULL, *pending = NULL;
+    int rc = -1;
+    if (left < 0)
+        goto done;
+    Py_ssize_t len = (Py_ssize_t)(sizeof head - 1) + quoted_len + (Py_ssize_t)(sizeof tail - 1);
+    if (len > left) {
+        rc = PyObject_SetAttr(zb_exec.results, zb_name.truncated, Py_True) == 0 ? 1 : -1;
+        goto done;
+    }
+    line = PyBytes_FromStringAndSize(NULL, len);
+    char *to = line == NULL ? NULL : PyBytes_AsString(line);
+    if (to == NULL)
+        goto done;
+    memcpy(to, head, sizeof head - 1);
+    memcpy(to + sizeof head - 1, q, (size_t)quoted_len);
+    memcpy(to + sizeof head - 1 + quoted_len, tail, sizeof tail - 1);
+    room = PyLong_FromSsize_t(left - len);
+    pending = PyObject_GetAttr(zb_exec.results, zb_name.pending);
+    if (room != NULL && pending != NULL && PyObject_SetAttr(zb_exec.results, zb_name.room, room) == 0 &&
+        PyList_Append(pending, line) == 0)
+        rc = 1;
+done:
+    if (rc < 0 && !PyErr_Occurred())
+        PyErr_SetString(PyExc_TypeError, "the request's results are not what the native half expects");
+    zb_py_clear(&room);
+    zb_py_clear(&pending);
+    zb_py_clear(&line);
+    zb_py_clear(&quoted);
+    return rc;
+}
+
+/* sys.displayhook: agent.py's `displayhook` for a value other than None
+ * that zb_exec_plain_result leaves to it. "single" mode displays every
+ * expression statement's value, None too (the value of `print(...)`), and
+ * that is the common case. */
 static PyObject *zb_exec_displayhook(PyObject *python_hook, PyObject *value)
 {
     if (value == Py_None)
         return zb_new_none();
+    int done = zb_exec_plain_result(value);
+    if (done != 0)
+        return done > 0 ? zb_new_none() : NULL;
     return PyObject_CallFunctionObjArgs(python_hook, value, NULL);
 }
 
@@ -497,6 +564,11 @@ static int zb_exec_setup(PyObject *agent, PyObject *string_io)
     Py_IncRef(string_io);
     zb_exec.agent = agent;
     zb_exec.string_io = string_io;
+    /* Without it every result goes to agent.py, as before. */
+    PyObject *json = PyImport_ImportModule("_json");
+    zb_exec.json_string = json == NULL ? NULL : PyObject_GetAttrString(json, "encode_basestring_ascii");
+    zb_py_clear(&json);
+    PyErr_Clear();
     PyObject *text_class = zb_exec_global("CappedText"), *bytes_class = zb_exec_global("CappedBytes");
     zb_exec.handle_request = zb_exec_global("handle_request");
     zb_exec.exit_code_of = zb_exec_global("exit_code_of");

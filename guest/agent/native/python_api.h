@@ -44,7 +44,7 @@ extern PyObject _Py_NoneStruct, _Py_TrueStruct, _Py_FalseStruct;
 #define Py_None (&_Py_NoneStruct)
 #define Py_True (&_Py_TrueStruct)
 #define Py_False (&_Py_FalseStruct)
-extern PyTypeObject PyUnicode_Type;
+extern PyTypeObject PyUnicode_Type, PyLong_Type, PyFloat_Type, PyComplex_Type, PyBytes_Type, PyBool_Type;
 extern PyObject *PyExc_SyntaxError, *PyExc_TypeError, *PyExc_UnicodeEncodeError;
 extern const unsigned long Py_Version;
 
@@ -79,7 +79,10 @@ extern int PyObject_IsTrue(PyObject *o);
 extern PyObject *PyObject_Repr(PyObject *o);
 extern int PyObject_IsInstance(PyObject *o, PyObject *cls);
 extern Py_ssize_t PyObject_Size(PyObject *o);
+extern PyObject *PyObject_Type(PyObject *o);
 extern PyObject *PyObject_CallNoArgs(PyObject *callable);
+extern PyObject *PyObject_CallOneArg(PyObject *callable, PyObject *arg);
+extern PyObject *PyImport_ImportModule(const char *name);
 extern PyObject *PyObject_CallFunctionObjArgs(PyObject *callable, ...);
 extern PyObject *PyObject_CallMethodObjArgs(PyObject *o, PyObject *name, ...);
 extern PyObject *PyDescr_NewMethod(PyTypeObject *type, PyMethodDef *method);
