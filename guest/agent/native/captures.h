@@ -30,9 +30,9 @@ static PyObject *zb_new_none(void)
     return Py_None;
 }
 
-/* Appends `data` (bytes) to the capture's pending chunks, cut to its room;
- * 0, or -1 with an exception set. */
-static int zb_capture_keep_bytes(PyObject *self, PyObject *data)
+/* The bytes a capture (or agent.py's Results) may still keep: its `room`,
+ * 0 if below; -1 with an exception set. */
+static Py_ssize_t zb_capture_room(PyObject *self)
 {
     PyObject *room_o = PyObject_GetAttr(self, zb_name.room);
     if (room_o == NULL)
@@ -41,8 +41,35 @@ static int zb_capture_keep_bytes(PyObject *self, PyObject *data)
     Py_DecRef(room_o);
     if (room == -1 && PyErr_Occurred())
         return -1;
+    return room < 0 ? 0 : room;
+}
+
+/* Appends `kept` to the capture's pending chunks, which leaves it `left`
+ * bytes of room; 0, or -1 with an exception set. */
+static int zb_capture_append(PyObject *self, PyObject *kept, Py_ssize_t left)
+{
+    PyObject *left_o = PyLong_FromSsize_t(left);
+    if (left_o == NULL)
+        return -1;
+    int rc = PyObject_SetAttr(self, zb_name.room, left_o);
+    Py_DecRef(left_o);
+    if (rc != 0)
+        return -1;
+    PyObject *pending = PyObject_GetAttr(self, zb_name.pending);
+    if (pending == NULL)
+        return -1;
+    rc = PyList_Append(pending, kept);
+    Py_DecRef(pending);
+    return rc;
+}
+
+/* Appends `data` (bytes) to the capture's pending chunks, cut to its room;
+ * 0, or -1 with an exception set. */
+static int zb_capture_keep_bytes(PyObject *self, PyObject *data)
+{
+    Py_ssize_t room = zb_capture_room(self);
     if (room < 0)
-        room = 0;
+        return -1;
     Py_ssize_t n = PyBytes_Size(data);
     PyObject *kept = data;
     Py_IncRef(kept);
@@ -53,18 +80,7 @@ static int zb_capture_keep_bytes(PyObject *self, PyObject *data)
             goto fail;
         n = room;
     }
-    PyObject *left = PyLong_FromSsize_t(room - n);
-    if (left == NULL)
-        goto fail;
-    int rc = PyObject_SetAttr(self, zb_name.room, left);
-    Py_DecRef(left);
-    if (rc != 0)
-        goto fail;
-    PyObject *pending = PyObject_GetAttr(self, zb_name.pending);
-    if (pending == NULL)
-        goto fail;
-    rc = PyList_Append(pending, kept);
-    Py_DecRef(pending);
+    int rc = zb_capture_append(self, kept, room - n);
     Py_DecRef(kept);
     return rc;
 fail:

@@ -89,10 +89,8 @@ static int zb_exec_plain_result(PyObject *value)
     zb_py_clear(&text);
     Py_ssize_t quoted_len = 0;
     const char *q = quoted == NULL ? NULL : PyUnicode_AsUTF8AndSize(quoted, &quoted_len);
-    PyObject *room = q == NULL ? NULL : PyObject_GetAttr(zb_exec.results, zb_name.room);
-    Py_ssize_t left = room == NULL ? -1 : PyLong_AsSsize_t(room);
-    zb_py_clear(&room);
-    PyObject *line = NULL, *pending = NULL;
+    Py_ssize_t left = q == NULL ? -1 : zb_capture_room(zb_exec.results);
+    PyObject *line = NULL;
     int rc = -1;
     if (left < 0)
         goto done;
@@ -108,16 +106,11 @@ static int zb_exec_plain_result(PyObject *value)
     memcpy(to, head, sizeof head - 1);
     memcpy(to + sizeof head - 1, q, (size_t)quoted_len);
     memcpy(to + sizeof head - 1 + quoted_len, tail, sizeof tail - 1);
-    room = PyLong_FromSsize_t(left - len);
-    pending = PyObject_GetAttr(zb_exec.results, zb_name.pending);
-    if (room != NULL && pending != NULL && PyObject_SetAttr(zb_exec.results, zb_name.room, room) == 0 &&
-        PyList_Append(pending, line) == 0)
+    if (zb_capture_append(zb_exec.results, line, left - len) == 0)
         rc = 1;
 done:
     if (rc < 0 && !PyErr_Occurred())
         PyErr_SetString(PyExc_TypeError, "the request's results are not what the native half expects");
-    zb_py_clear(&room);
-    zb_py_clear(&pending);
     zb_py_clear(&line);
     zb_py_clear(&quoted);
     return rc;
@@ -319,8 +312,8 @@ static void zb_exec_respond(volatile uint8_t *mailbox, volatile uint8_t *doorbel
             left[i] -= len[i];
         }
         int last = left[0] == 0 && left[1] == 0 && left[2] == 0;
-        zb_ring_result(mailbox, doorbell, seq, response_at, exit_code, (uint32_t)len[0], (uint32_t)len[1], (uint32_t)len[2],
-                       flags | (last ? 0 : ZB_FLAG_MORE));
+        zb_ring_result(mailbox, doorbell, seq, response_at, exit_code, (uint32_t)len[0], (uint32_t)len[1],
+                       (uint32_t)len[2], flags | (last ? 0 : ZB_FLAG_MORE));
         if (last)
             return;
     }
