@@ -88,7 +88,7 @@ fn both_fork_memory_modes_run_code_and_copy_what_they_say() {
     let hv = hypervisor();
     for mode in [ForkMemory::SharedPages, ForkMemory::PrivateWrittenRanges] {
         let snap = snapshot(&hv);
-        let ranges = snap.written_ranges().len() as u64;
+        let ranges = snap.write_set.huge_ranges().len() as u64;
         assert!(ranges > 0, "the template has a write set");
         let template = Template::new(hypervisor(), snap, ForkMemoryPolicy::Fixed(mode));
         let mut m = template.fork(Box::new(std::io::sink())).unwrap();
@@ -125,6 +125,42 @@ fn both_fork_memory_modes_run_code_and_copy_what_they_say() {
         let r = run(&mut child, "print(x + 1)");
         assert_eq!(String::from_utf8_lossy(&r.stdout), "42\n", "{mode:?}");
     }
+}
+
+/// A shared-pages fork copies ahead only the write-set pages that every
+/// probe wrote (a print's): a sandbox that prints holds about those, and
+/// takes numpy's other pages only when it runs numpy.
+#[test]
+fn shared_pages_forks_copy_ahead_only_what_every_probe_wrote() {
+    use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy, Template};
+    let page = 4096;
+    let snap = snapshot(&hypervisor());
+    let bytes = |runs: &[(u64, u64)]| runs.iter().map(|r| r.1).sum::<u64>();
+    let (every, some) = (bytes(&snap.write_set.every), bytes(&snap.write_set.some));
+    assert!(
+        every >= 16 * page && some >= 16 * page,
+        "python's write set has both parts: {every} bytes every probe wrote, {some} only numpy's"
+    );
+    let template = Template::new(hypervisor(), snap, ForkMemoryPolicy::Fixed(ForkMemory::SharedPages));
+    let mut m = template.fork(Box::new(std::io::sink())).unwrap();
+    assert_eq!(m.ram().copied_bytes().unwrap(), every, "copied ahead: the every part");
+    let r = run(&mut m, "print(1+1)");
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "2\n");
+    let printed = m.ram().copied_bytes().unwrap();
+    assert!(
+        printed <= every + 8 * page,
+        "after a print the fork holds {printed} bytes; {every} were copied ahead"
+    );
+    // The numpy probe in a fork of its own writes numpy's pages again.
+    let numpy_probe = zeroboot_template::Runtime::Python.descriptor().write_set_probes[0];
+    let mut m = template.fork(Box::new(std::io::sink())).unwrap();
+    let r = run(&mut m, numpy_probe);
+    assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+    let numpy = m.ram().copied_bytes().unwrap();
+    assert!(
+        numpy >= every + some / 2,
+        "numpy's pages are copied when numpy runs: {numpy} bytes, {every} copied ahead, {some} in the some part"
+    );
 }
 
 #[test]

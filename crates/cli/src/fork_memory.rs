@@ -8,13 +8,13 @@ pub enum ForkMemoryArg {
     /// adaptive where KVM shadow-pages guest memory (no EPT or NPT, e.g.
     /// kvm_pvm), else shared-pages.
     Auto,
-    /// Copy-on-write in 4 KiB pages; the template's write set copied ahead
-    /// (about 1.5 MiB per python fork).
+    /// Copy-on-write in 4 KiB pages; the pages of the template's write set
+    /// that every probe wrote (a print's, 112 KiB for python) copied ahead.
     SharedPages,
     /// Each 2 MiB range the template's write set touches copied whole into
     /// a private 2 MiB page before the fork runs: far fewer first-touch
-    /// exits under shadow paging, at 2 MiB per range and fork (54 MiB for
-    /// python).
+    /// exits under shadow paging, at 2 MiB per range and fork (about 45 MiB
+    /// for python).
     PrivateWrittenRanges,
     /// private-written-ranges for VMs the pool prepares while it keeps up
     /// with requests, shared-pages for VMs made while requests wait (less

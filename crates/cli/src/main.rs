@@ -375,9 +375,10 @@ fn inspect(cache: &Cache, name: &str) -> Result<()> {
         (mem.blocks() * 512) >> 20
     );
     println!(
-        "write set     {} KiB in {} runs, copied ahead of time by prepared VMs",
-        snap.write_set.iter().map(|r| r.1).sum::<u64>() / 1024,
-        snap.write_set.len()
+        "write set     {} KiB in {} runs; {} KiB that every probe wrote, copied ahead by prepared shared-pages VMs",
+        snap.write_set.bytes() / 1024,
+        snap.write_set.runs().count(),
+        snap.write_set.every.iter().map(|r| r.1).sum::<u64>() / 1024
     );
     let r = &s.vcpu.regs;
     let sr = &s.vcpu.sregs;

@@ -108,7 +108,7 @@ pub fn measure(hv: &Hypervisor, dir: &Path, runtime: &RuntimeDescriptor, code: &
     let vendor = zeroboot_vmm::machine::cpu_vendor(hv);
     let mut snap = Snapshot::open(dir, &vendor)?;
     // What the exec writes, not what forks usually write.
-    snap.write_set.clear();
+    snap.write_set = Default::default();
     let run = |m: &mut Machine, code: &str| -> Result<Vec<u8>> {
         let outcome = m.exec(&Request::new(code, ""), TIMEOUT)?;
         if outcome.exit_code != 0 {

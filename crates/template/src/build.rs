@@ -42,15 +42,16 @@ fn kernel_cmdline(runtime: Runtime) -> String {
     format!("{KERNEL_CMDLINE} init={}", runtime.descriptor().init)
 }
 
-/// Forks the freshly written template once per write-set probe (requests
-/// whose writes a prepared VM copies ahead of time; see vmm's
-/// `Shell::new`) and records the union of the pages each fork wrote. A
+/// Forks the freshly written template once per write-set probe and records
+/// the pages each fork wrote: those every fork wrote, which prepared VMs
+/// copy ahead of time, and the rest, whose 2 MiB ranges private-range VMs
+/// copy (see vmm's `Shell::new`). A
 /// probe that fails, or a print probe that does not print
 /// `PRINT_PROBE_OUTPUT`, means the agent cannot serve: the build fails.
 fn record_write_set(hv: &Hypervisor, staging: &Staging, runtime: Runtime) -> Result<(), TemplateError> {
     let vendor = zeroboot_vmm::machine::cpu_vendor(hv);
     let snap = Snapshot::open(staging.path(), &vendor)?;
-    let mut pages = std::collections::BTreeSet::new();
+    let mut probes = Vec::new();
     let runtime = runtime.descriptor();
     for code in runtime.all_write_set_probes() {
         // Shared pages: the copy-on-write of each written page is what
@@ -65,11 +66,13 @@ fn record_write_set(hv: &Hypervisor, staging: &Staging, runtime: Runtime) -> Res
                 output: format!("{stdout}{}", String::from_utf8_lossy(&response.stderr)),
             });
         }
+        let mut pages = std::collections::BTreeSet::new();
         for (gpa, len) in fork.ram().private_runs().map_err(MachineError::from)? {
             pages.extend((gpa..gpa + len).step_by(zeroboot_vmm::layout::PAGE_SIZE as usize));
         }
+        probes.push(pages);
     }
-    staging.write_write_set(&zeroboot_vmm::memory::page_runs(pages))
+    staging.write_write_set(&snapshot::WriteSet::from_probes(&probes))
 }
 
 /// Boot-to-ready limit. A boot here takes about a minute; minutes mean trouble.
@@ -88,6 +91,9 @@ fn inputs_hash(spec: &TemplateSpec, kernel: &str, root: &str) -> String {
             b"write_set_probes",
             spec.runtime.descriptor().all_write_set_probes().join("\0").as_bytes(),
         )
+        // The write set's parts (every probe's pages, and the rest): a
+        // template from before them copies all of it ahead.
+        .add(b"write_set_parts", b"every some")
         .add(b"engine", env!("CARGO_PKG_VERSION").as_bytes());
     h.finish()
 }

@@ -146,9 +146,9 @@ impl Staging {
     }
 
     /// The guest pages forks usually write (`snapshot::WRITE_SET_FILE`).
-    pub fn write_write_set(&self, runs: &[(u64, u64)]) -> Result<(), TemplateError> {
+    pub fn write_write_set(&self, set: &snapshot::WriteSet) -> Result<(), TemplateError> {
         let path = self.path.join(snapshot::WRITE_SET_FILE);
-        std::fs::write(&path, snapshot::format_write_set(runs)).map_err(io_err(&path))?;
+        std::fs::write(&path, set.format()).map_err(io_err(&path))?;
         Ok(())
     }
 

@@ -20,7 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut fork_memory = ForkMemory::SharedPages;
     if let Some(k) = ranges {
         let mut written: BTreeMap<u64, u64> = BTreeMap::new();
-        for &(gpa, len) in &snap.write_set {
+        for &(gpa, len) in snap.write_set.runs() {
             for page in (gpa..gpa + len).step_by(4096) {
                 *written.entry(page / HUGE).or_default() += 1;
             }
@@ -28,7 +28,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut ranked: Vec<(u64, u64)> = written.into_iter().collect();
         ranked.sort_by_key(|&(_, pages)| std::cmp::Reverse(pages));
         let chosen: Vec<u64> = ranked.iter().take(k).map(|&(range, _)| range).collect();
-        snap.write_set.retain(|&(gpa, _)| chosen.contains(&(gpa / HUGE)));
+        let chosen_only = |runs: &mut Vec<(u64, u64)>| runs.retain(|&(gpa, _)| chosen.contains(&(gpa / HUGE)));
+        chosen_only(&mut snap.write_set.every);
+        chosen_only(&mut snap.write_set.some);
         fork_memory = ForkMemory::PrivateWrittenRanges;
     }
     for _ in 0..runs {

@@ -186,15 +186,18 @@ impl Shell {
         // writable at once; otherwise a read-then-write costs two
         // shadow-paging faults and the copy happens inside the second.
         match fork_memory {
+            // Only the pages every probe wrote: copying the rest would hold
+            // them in every fork, and split more of the host's 2 MiB
+            // mappings, for requests that never write them.
             ForkMemory::SharedPages => {
-                for &(gpa, len) in &snapshot.write_set {
+                for &(gpa, len) in &snapshot.write_set.every {
                     shell.ram.touch_for_write(gpa, len)?;
                 }
             }
             // Whole 2 MiB ranges instead: the host then maps each with one
             // 2 MiB page, writable, and so can KVM, where the guest does.
             ForkMemory::PrivateWrittenRanges => {
-                for gpa in snapshot.written_ranges() {
+                for gpa in snapshot.write_set.huge_ranges() {
                     shell.ram.make_private_huge(gpa)?;
                 }
             }

@@ -7,16 +7,16 @@ use super::pool::Demand;
 /// of the template's memory file that every fork starts from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ForkMemory {
-    /// The pages of the template's write set are copied ahead, 4 KiB each;
-    /// everything else stays shared until written (about 1.5 MiB per python
-    /// fork).
+    /// The pages every write-set probe wrote are copied ahead, 4 KiB each
+    /// (a print's: 112 KiB for python); everything else stays shared until
+    /// written.
     SharedPages,
     /// Every 2 MiB range that holds a page of the write set becomes a
     /// private 2 MiB page with a copy of the range, before the fork runs.
     /// Under shadow paging, where each first touch of a page is a VM exit,
     /// KVM then maps each such range with one exit instead of one per page
-    /// touched; it costs 2 MiB of memory per range and fork (54 MiB for
-    /// python) and the copy (docs/guest-kernel.md).
+    /// touched; it costs 2 MiB of memory per range and fork (about 45 MiB
+    /// for python) and the copy (docs/guest-kernel.md).
     PrivateWrittenRanges,
 }
 

@@ -5,6 +5,7 @@ pub mod codec;
 pub mod live;
 pub mod state;
 pub mod unwritten;
+pub mod write_set;
 
 use crate::memory::HUGE_PAGE_SIZE;
 use std::fs::File;
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 pub use codec::CodecError;
 pub use state::MachineState;
+pub use write_set::{WriteSet, WRITE_SET_FILE};
 
 pub const STATE_FILE: &str = "state.bin";
 pub const MEMORY_FILE: &str = "memory.bin";
@@ -74,7 +76,7 @@ pub struct Snapshot {
     pub state: MachineState,
     memory: File,
     /// Guest pages forks usually write ([`WRITE_SET_FILE`]); empty if none.
-    pub write_set: Vec<(u64, u64)>,
+    pub write_set: WriteSet,
     /// The agent's fresh memory ([`MachineState::fresh`]) as `(gpa, len)`
     /// runs of whole 2 MiB pages: forks back them with anonymous memory of
     /// their own ([`crate::memory::GuestRam::map_fresh`]).
@@ -83,33 +85,6 @@ pub struct Snapshot {
     /// ([`unwritten::unwritten_chunks`]): forks register its KVM slots only
     /// when the guest touches it.
     pub unwritten: Vec<(u64, u64)>,
-}
-
-/// Guest-physical runs (`0x<gpa> <bytes>` a line) that forks of this
-/// template usually write, recorded when it was built. Prepared VMs copy
-/// them ahead of time, so the fork maps them writable at the first touch
-/// instead of faulting twice (see `Shell::new`).
-pub const WRITE_SET_FILE: &str = "write-set.txt";
-
-/// Parses a write-set file; runs must be page-aligned and inside `size`.
-pub fn parse_write_set(text: &str, size: u64) -> Option<Vec<(u64, u64)>> {
-    let mut runs = Vec::new();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let mut words = line.split_whitespace();
-        let gpa = u64::from_str_radix(words.next()?.strip_prefix("0x")?, 16).ok()?;
-        let len: u64 = words.next()?.parse().ok()?;
-        let page = crate::layout::PAGE_SIZE;
-        if !gpa.is_multiple_of(page) || !len.is_multiple_of(page) || gpa.checked_add(len)? > size {
-            return None;
-        }
-        runs.push((gpa, len));
-    }
-    Some(runs)
-}
-
-/// Writes `runs` in the format [`parse_write_set`] reads.
-pub fn format_write_set(runs: &[(u64, u64)]) -> String {
-    runs.iter().map(|(gpa, len)| format!("{gpa:#x} {len}\n")).collect()
 }
 
 /// Checks the mailbox header the host wrote at boot: a fork's agent reads
@@ -157,7 +132,7 @@ impl Snapshot {
         // An unreadable or malformed write set only costs speed: ignore it.
         let write_set = std::fs::read_to_string(dir.join(WRITE_SET_FILE))
             .ok()
-            .and_then(|text| parse_write_set(&text, expected))
+            .and_then(|text| WriteSet::parse(&text, expected))
             .unwrap_or_default();
         // Only whole 2 MiB pages of guest RAM below the mailbox may be
         // fresh; anything else in a state file is left out, which only
@@ -172,7 +147,8 @@ impl Snapshot {
             })
             .map(|r| (r.gpa, r.len))
             .collect();
-        let unwritten = unwritten::unwritten_chunks(&memory, &state.layout, &write_set, &fresh);
+        let written: Vec<(u64, u64)> = write_set.runs().copied().collect();
+        let unwritten = unwritten::unwritten_chunks(&memory, &state.layout, &written, &fresh);
         Ok(Self {
             dir: dir.to_path_buf(),
             state,
@@ -189,19 +165,6 @@ impl Snapshot {
         let mut runs: Vec<(u64, u64)> = self.fresh.iter().chain(&self.unwritten).copied().collect();
         runs.sort_unstable();
         runs
-    }
-
-    /// The 2 MiB-aligned guest-physical ranges that hold a page of the
-    /// write set, ascending.
-    pub fn written_ranges(&self) -> Vec<u64> {
-        let huge = HUGE_PAGE_SIZE;
-        let mut ranges: Vec<u64> = self
-            .write_set
-            .iter()
-            .flat_map(|&(gpa, len)| (gpa / huge..(gpa + len).div_ceil(huge)).map(move |r| r * huge))
-            .collect();
-        ranges.dedup();
-        ranges
     }
 
     pub fn memory_file(&self) -> Result<File, SnapshotError> {
@@ -273,31 +236,6 @@ pub(crate) mod tests {
             },
             net: None,
         }
-    }
-
-    #[test]
-    fn written_ranges_cover_each_2_mib_range_of_the_write_set_once() {
-        let mut snapshot = Snapshot {
-            dir: PathBuf::new(),
-            state: sample_state(),
-            memory: File::open("/dev/null").unwrap(),
-            write_set: vec![(0x1000, 0x2000), (0x1f_f000, 0x2000), (0x60_0000, 0x1000)],
-            fresh: Vec::new(),
-            unwritten: Vec::new(),
-        };
-        assert_eq!(snapshot.written_ranges(), vec![0, 0x20_0000, 0x60_0000]);
-        snapshot.write_set.clear();
-        assert_eq!(snapshot.written_ranges(), Vec::<u64>::new());
-    }
-
-    #[test]
-    fn write_set_round_trips_and_rejects_bad_runs() {
-        let runs = vec![(0x1000, 0x3000), (0x20_0000, 0x1000)];
-        assert_eq!(parse_write_set(&format_write_set(&runs), 1 << 30), Some(runs));
-        assert_eq!(parse_write_set("0x1001 4096\n", 1 << 30), None, "unaligned");
-        assert_eq!(parse_write_set("0x1000 4096\n", 0x1800), None, "past the end");
-        assert_eq!(parse_write_set("4096 4096\n", 1 << 30), None, "not hex");
-        assert_eq!(parse_write_set("", 1 << 30), Some(vec![]));
     }
 
     #[test]
