@@ -43,10 +43,10 @@ fn kernel_cmdline(runtime: Runtime) -> String {
 }
 
 /// Forks the freshly written template once per write-set probe and records
-/// the pages each fork wrote: those every fork wrote, which prepared VMs
-/// copy ahead of time, and the rest, whose 2 MiB ranges private-range VMs
-/// copy (see vmm's `Shell::new`). A
-/// probe that fails, or a print probe that does not print
+/// the pages each fork wrote, in two parts: those every fork wrote, which
+/// shared-pages VMs copy ahead, and the rest, whose 2 MiB ranges (with the
+/// first part's) private-written-ranges VMs copy (see vmm's `Shell::new`).
+/// A probe that fails, or a print probe that does not print
 /// `PRINT_PROBE_OUTPUT`, means the agent cannot serve: the build fails.
 fn record_write_set(hv: &Hypervisor, staging: &Staging, runtime: Runtime) -> Result<(), TemplateError> {
     let vendor = zeroboot_vmm::machine::cpu_vendor(hv);
