@@ -163,6 +163,94 @@ fn shared_pages_forks_copy_ahead_only_what_every_probe_wrote() {
     );
 }
 
+/// The root image's chunks that the template's process does not map get
+/// their KVM slots at the guest's first touch: a print touches none, other
+/// programs' files register theirs when read, and code fetched from such a
+/// chunk (here, with every chunk of the image lazy, the termios module's,
+/// whose page the process maps) registers that chunk alone.
+#[test]
+fn root_image_chunks_register_at_the_first_touch_even_an_instruction_fetch() {
+    use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy, Template};
+    const CHUNK: u64 = zeroboot_vmm::snapshot::unwritten::CHUNK;
+    let snap = snapshot(&hypervisor());
+    let layout = snap.state.layout;
+    let image = layout.pmem_gpa..layout.pmem_gpa + layout.pmem_bytes;
+    let in_image = |&(gpa, len): &(u64, u64)| image.contains(&gpa) && gpa + len <= image.end;
+    assert!(
+        snap.unmapped_image.len() >= 4 && snap.unmapped_image.iter().all(in_image),
+        "python's root image has chunks its process does not map: {:x?}",
+        snap.unmapped_image
+    );
+    let lazy_image = |m: &Machine| -> Vec<((u64, u64), bool)> {
+        m.lazy_slots().into_iter().filter(|(run, _)| in_image(run)).collect()
+    };
+    let mut m = fork();
+    // None of them holds a page the fork's process maps.
+    let mapped: Vec<u64> = m
+        .page_table_leaves()
+        .unwrap()
+        .iter()
+        .filter(|leaf| leaf.user && image.contains(&leaf.gpa))
+        .map(|leaf| leaf.gpa / CHUNK)
+        .collect();
+    assert!(!mapped.is_empty(), "the process maps some of the image (termios)");
+    assert!(lazy_image(&m)
+        .iter()
+        .all(|((gpa, _), _)| !mapped.contains(&(gpa / CHUNK))));
+    run(&mut m, "print(1+1)");
+    assert!(lazy_image(&m).iter().all(|(_, done)| !done), "a print touches none");
+    let r = run(
+        &mut m,
+        "import subprocess\n\
+         print(subprocess.run(['perl', '-e', 'print 6*7'], capture_output=True).stdout.decode())",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        "42\n",
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(
+        lazy_image(&m).iter().any(|(_, done)| *done),
+        "perl's files are read from lazy chunks"
+    );
+
+    // Every chunk of the image lazy: the first touch of termios' chunk is
+    // its code, which KVM cannot fetch from where no slot is.
+    let mut snap = snapshot(&hypervisor());
+    snap.unmapped_image = (image.start..image.end)
+        .step_by(CHUNK as usize)
+        .map(|gpa| (gpa, CHUNK))
+        .collect();
+    let template = Template::new(hypervisor(), snap, ForkMemoryPolicy::Fixed(ForkMemory::SharedPages));
+    let mut m = template.fork(Box::new(std::io::sink())).unwrap();
+    let r = run(
+        &mut m,
+        "import termios\n\
+         try:\n\
+         \x20   termios.tcgetattr(0)\n\
+         except termios.error:\n\
+         \x20   pass\n\
+         print('ran')",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        "ran\n",
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let registered: Vec<(u64, u64)> = m
+        .lazy_slots()
+        .into_iter()
+        .filter(|(_, done)| *done)
+        .map(|(run, _)| run)
+        .collect();
+    assert!(
+        registered.len() == 1 && in_image(&registered[0]) && mapped.contains(&(registered[0].0 / CHUNK)),
+        "only the chunk holding termios' code is registered: {registered:x?}"
+    );
+}
+
 #[test]
 fn restored_guest_runs_numpy() {
     let mut m = fork();
@@ -826,6 +914,22 @@ fn unknown_doorbell_code_fails_only_that_sandbox() {
         "{err}"
     );
     // The template and other sandboxes carry on.
+    let mut m = fork();
+    assert_eq!(run(&mut m, "print('fine')").stdout, b"fine\n");
+}
+
+/// A vector load from memory nothing backs is an instruction KVM cannot
+/// emulate: with no lazy slot left to register, it ends that sandbox with
+/// a clear error, and nothing else.
+#[test]
+fn an_instruction_kvm_cannot_emulate_fails_only_that_sandbox() {
+    let err = hostile(
+        "import mmap, os, numpy\n\
+         fd = os.open('/dev/mem', os.O_RDWR | os.O_SYNC)\n\
+         junk = mmap.mmap(fd, 1 << 20, offset=0xe0000000)\n\
+         print(numpy.frombuffer(junk, dtype=numpy.float32, count=1024).sum())\n",
+    );
+    assert!(matches!(err, zeroboot_vmm::MachineError::Emulation { .. }), "{err}");
     let mut m = fork();
     assert_eq!(run(&mut m, "print('fine')").stdout, b"fine\n");
 }

@@ -223,7 +223,10 @@ impl Shell {
         // The disk and the fresh heap only when the guest first touches
         // them (crate::slots). No PIT: the guest stopped using it at boot
         // (see Vm::create_pit); its ports answer as nothing's.
-        let slots = Slots::for_fork(&state.layout, ram.size(), &snapshot.lazy_runs());
+        // Root-image chunks are lazy only where the instructions they hold
+        // can register them (Vm::exit_on_emulation_failure).
+        let image_lazy = vm.exit_on_emulation_failure().is_ok();
+        let slots = Slots::for_fork(&state.layout, ram.size(), &snapshot.lazy_runs(image_lazy));
         slots.register_eager(&vm, &ram)?;
         vm.create_irqchip()?;
         let vcpu = vm.create_vcpu(0)?;
@@ -459,6 +462,12 @@ impl Machine {
         &self.ram
     }
 
+    /// The `(gpa, len)` runs of guest memory whose slots this VM registers
+    /// only at the guest's first touch, each with whether it has been.
+    pub fn lazy_slots(&self) -> Vec<((u64, u64), bool)> {
+        self.slots.lazy()
+    }
+
     /// The guest's page tables as the vCPU now sees them (its CR3): every
     /// present leaf, with its accessed and dirty bits.
     pub fn page_table_leaves(&self) -> Result<Vec<page_tables::Leaf>, MachineError> {
@@ -563,10 +572,13 @@ impl Machine {
                 // An access to a lazy slot's memory before the slot exists
                 // is emulated as MMIO, and an instruction KVM cannot emulate
                 // (a vector store from user code, say) fails instead: with
-                // the slots it runs natively. Once: a second failure is the
-                // guest's.
+                // the slots it runs natively. So does an instruction in a
+                // lazy slot's memory, which KVM cannot fetch: its own slot
+                // is enough. Once: a second failure is the guest's, and
+                // ends its sandbox (in user mode too: kvm_pvm exits for
+                // those as well, and a #UD injected there hung the guest).
                 Exit::InternalError => {
-                    if !self.slots.register_all(&self.vm, &self.ram)? {
+                    if !self.register_for_instruction()? && !self.slots.register_all(&self.vm, &self.ram)? {
                         return Err(self.emulation_error());
                     }
                     None
@@ -590,6 +602,24 @@ impl Machine {
         });
         self.vcpu.set_immediate_exit(false);
         result?
+    }
+
+    /// Registers the lazy slot that holds the instruction at the guest's
+    /// `rip` (its first byte, or its last possible one, which may be on the
+    /// next page); returns whether there was one to register.
+    fn register_for_instruction(&mut self) -> Result<bool, MachineError> {
+        /// The longest x86 instruction.
+        const MAX_INSTRUCTION: u64 = 15;
+        let rip = self.vcpu.regs()?.rip;
+        let cr3 = self.vcpu.sregs()?.cr3;
+        for gva in [rip, rip.wrapping_add(MAX_INSTRUCTION - 1)] {
+            if let Some(gpa) = page_tables::translate(&self.ram, cr3, gva) {
+                if self.slots.register_for(&self.vm, &self.ram, gpa, 1)? {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
     }
 
     fn emulation_error(&mut self) -> MachineError {

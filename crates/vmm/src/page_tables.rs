@@ -4,7 +4,9 @@
 //! cleared. Under shadow paging KVM sets those bits in the guest's entries
 //! as the guest touches a page, so clearing them in a fork before it runs
 //! and reading them after tells, per guest mapping, what the fork touched
-//! and wrote (`zeroboot pages`). Nothing on the exec path uses this.
+//! and wrote (`zeroboot pages`). A snapshot's open reads which root-image
+//! memory the guest's process maps, and a fork whose instruction KVM could
+//! not fetch reads where it lies. Nothing on the exec path uses this.
 
 use crate::memory::{GuestRam, MemoryError};
 
@@ -57,6 +59,25 @@ pub fn leaves(ram: &GuestRam, cr3: u64) -> Vec<Leaf> {
     let mut out = Vec::new();
     walk(ram, cr3 & ADDRESS, 0, 0, true, &mut |leaf, _| out.push(leaf));
     out
+}
+
+/// The guest-physical address `gva` maps to through the tables at `cr3`,
+/// or None where it maps nothing (or a table lies outside guest memory).
+pub fn translate(ram: &GuestRam, cr3: u64, gva: u64) -> Option<u64> {
+    let mut table = cr3 & ADDRESS;
+    for (level, span) in SPAN.iter().enumerate() {
+        let index = (gva / span) % ENTRIES;
+        let value = entry(ram, table, index)?;
+        if value & PRESENT == 0 {
+            return None;
+        }
+        let leaf = level == 3 || (matches!(level, 1 | 2) && value & HUGE != 0);
+        if leaf {
+            return Some((value & ADDRESS & !(span - 1)) + gva % span);
+        }
+        table = value & ADDRESS;
+    }
+    None
 }
 
 /// Clears the accessed and dirty bits of every present leaf reachable from
@@ -153,6 +174,11 @@ mod tests {
                 (0xffff_ffff_c000_0000, 0, 1 << 30, false, true, false),
             ]
         );
+        assert_eq!(translate(&ram, pml4, 0x3123), Some(0x9123));
+        assert_eq!(translate(&ram, pml4, 0x20_1234), Some(0x40_1234));
+        assert_eq!(translate(&ram, pml4, 0xffff_ffff_c000_0042), Some(0x42));
+        assert_eq!(translate(&ram, pml4, 0x5000), None, "not present");
+        assert_eq!(translate(&ram, pml4, 0x40_0000), None, "a table outside guest memory");
         let changed = clear_accessed_dirty(&mut ram, pml4).unwrap();
         assert_eq!(changed, 3, "3 leaves had bits set");
         assert!(leaves(&ram, pml4).iter().all(|l| !l.accessed && !l.dirty));

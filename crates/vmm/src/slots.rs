@@ -85,6 +85,11 @@ impl Slots {
         Self { eager, lazy }
     }
 
+    /// The lazy runs, each with whether its slot is registered yet.
+    pub(crate) fn lazy(&self) -> Vec<((u64, u64), bool)> {
+        self.lazy.iter().map(|(r, done)| ((r.gpa, r.len), *done)).collect()
+    }
+
     /// Registers the eager slots. Ordering: before the irqchip (see
     /// `Vm::set_memory`).
     pub(crate) fn register_eager(&self, vm: &Vm, ram: &GuestRam) -> Result<(), KvmError> {

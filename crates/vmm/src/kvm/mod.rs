@@ -5,9 +5,9 @@
 //! [`crate::snapshot::state`].
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid_entry2, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_msr_entry, kvm_pit_config, kvm_regs,
-    kvm_sregs, kvm_userspace_memory_region, CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_cpuid_entry2, kvm_enable_cap, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_msr_entry,
+    kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region, CpuId, Msrs, KVM_CAP_EXIT_ON_EMULATION_FAILURE,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -138,6 +138,21 @@ impl Vm {
         ioctl("KVM_SET_USER_MEMORY_REGION", unsafe {
             self.fd.set_user_memory_region(region)
         })
+    }
+
+    /// Makes KVM leave the VM (`KVM_EXIT_INTERNAL_ERROR`) on every
+    /// instruction it fails to emulate. By default it does so only in guest
+    /// kernel mode, and in user mode injects #UD: an instruction fetched
+    /// from memory that has no slot yet is such a failure (KVM cannot read
+    /// its bytes), and a lazy slot must be registered for it to run. (On
+    /// kvm_pvm such failures exit in user mode anyway.)
+    pub fn exit_on_emulation_failure(&self) -> Result<(), KvmError> {
+        let cap = kvm_enable_cap {
+            cap: KVM_CAP_EXIT_ON_EMULATION_FAILURE,
+            args: [1, 0, 0, 0],
+            ..Default::default()
+        };
+        ioctl("KVM_ENABLE_CAP", self.fd.enable_cap(&cap))
     }
 
     /// Creates the in-kernel PIC, IOAPIC and LAPIC support.

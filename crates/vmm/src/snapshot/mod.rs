@@ -7,7 +7,7 @@ pub mod state;
 pub mod unwritten;
 pub mod write_set;
 
-use crate::memory::HUGE_PAGE_SIZE;
+use crate::memory::{GuestRam, HUGE_PAGE_SIZE};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -85,6 +85,24 @@ pub struct Snapshot {
     /// ([`unwritten::unwritten_chunks`]): forks register its KVM slots only
     /// when the guest touches it.
     pub unwritten: Vec<(u64, u64)>,
+    /// Root-image memory the snapshot's process does not map
+    /// ([`unwritten::unmapped_image_chunks`]): registered lazily too.
+    pub unmapped_image: Vec<(u64, u64)>,
+}
+
+/// The guest-physical runs that user-mode pages of the snapshot's process
+/// map, read from its page tables through a mapping of `memory`; None if
+/// the file cannot be mapped (then no image chunk is lazy).
+fn user_mapped(memory: &File, state: &MachineState) -> Option<Vec<(u64, u64)>> {
+    let ram = GuestRam::private_file_mapping(memory.try_clone().ok()?, state.layout.total_bytes()).ok()?;
+    let leaves = crate::page_tables::leaves(&ram, state.vcpu.sregs.cr3);
+    Some(
+        leaves
+            .iter()
+            .filter(|leaf| leaf.user)
+            .map(|leaf| (leaf.gpa, leaf.size))
+            .collect(),
+    )
 }
 
 /// Checks the mailbox header the host wrote at boot: a fork's agent reads
@@ -149,6 +167,9 @@ impl Snapshot {
             .collect();
         let written: Vec<(u64, u64)> = write_set.runs().copied().collect();
         let unwritten = unwritten::unwritten_chunks(&memory, &state.layout, &written, &fresh);
+        let unmapped_image = user_mapped(&memory, &state)
+            .map(|mapped| unwritten::unmapped_image_chunks(&state.layout, &mapped, &written))
+            .unwrap_or_default();
         Ok(Self {
             dir: dir.to_path_buf(),
             state,
@@ -156,14 +177,23 @@ impl Snapshot {
             write_set,
             fresh,
             unwritten,
+            unmapped_image,
         })
     }
 
     /// The runs of guest memory a fork registers lazily, besides the disk:
-    /// the fresh runs and the unwritten chunks, ascending.
-    pub fn lazy_runs(&self) -> Vec<(u64, u64)> {
-        let mut runs: Vec<(u64, u64)> = self.fresh.iter().chain(&self.unwritten).copied().collect();
+    /// the fresh runs, the unwritten chunks and, with `image`, the root
+    /// image's unmapped chunks; ascending.
+    pub fn lazy_runs(&self, image: bool) -> Vec<(u64, u64)> {
+        let image = if image { &self.unmapped_image[..] } else { &[] };
+        let mut runs: Vec<(u64, u64)> = (self.fresh.iter())
+            .chain(&self.unwritten)
+            .chain(image)
+            .copied()
+            .collect();
         runs.sort_unstable();
+        // An image chunk that is a hole is unwritten as well.
+        runs.dedup();
         runs
     }
 

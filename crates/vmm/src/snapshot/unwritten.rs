@@ -1,5 +1,6 @@
-//! Guest memory the template never wrote, in chunks that forks give KVM
-//! slots only when the guest first touches them (`crate::slots`): KVM's
+//! Guest memory the template never wrote, and root-image memory its
+//! process does not map, in chunks that forks give KVM slots only when the
+//! guest first touches them (`crate::slots`): KVM's
 //! shadow MMU allocates about 10 bytes of host memory per 4 KiB page of
 //! every slot when the slot is made, touched or not.
 //!
@@ -50,6 +51,35 @@ pub fn unwritten_chunks(
     (align_up(HIMEM_START, CHUNK)..end.saturating_sub(CHUNK - 1))
         .step_by(CHUNK as usize)
         .filter(|&chunk| !meets(chunk) && hole(chunk))
+        .map(|chunk| (chunk, CHUNK))
+        .collect()
+}
+
+/// The [`CHUNK`]-aligned chunks of the root image that no user-mode page
+/// of the snapshot's guest maps (`user_mapped`: `(gpa, len)` runs, from its
+/// page tables) and that meet no run of `write_set`, ascending. The guest
+/// only reads the image (a read-only file system), and nothing of KVM's
+/// own lies there (page tables, the pages MSRs name, descriptor tables
+/// are all in RAM), so the first touch of such a chunk is the guest's: a
+/// read or a write leaves the VM as MMIO, and an instruction fetched from
+/// it is an emulation failure (`Vm::exit_on_emulation_failure`); either
+/// registers the chunk. What the snapshot's process maps stays eager:
+/// forks run and read it (python: one chunk of the image's ten).
+pub fn unmapped_image_chunks(
+    layout: &MemoryLayout,
+    user_mapped: &[(u64, u64)],
+    write_set: &[(u64, u64)],
+) -> Vec<(u64, u64)> {
+    let meets = |chunk: u64| {
+        user_mapped
+            .iter()
+            .chain(write_set)
+            .any(|&(gpa, len)| gpa < chunk + CHUNK && chunk < gpa.saturating_add(len))
+    };
+    let end = layout.pmem_gpa + layout.pmem_bytes;
+    (align_up(layout.pmem_gpa, CHUNK)..end.saturating_sub(CHUNK - 1))
+        .step_by(CHUNK as usize)
+        .filter(|&chunk| !meets(chunk))
         .map(|chunk| (chunk, CHUNK))
         .collect()
 }
@@ -112,6 +142,27 @@ mod tests {
             .collect();
         assert_eq!(starts, expected);
         assert!(chunks.iter().all(|&(_, len)| len == CHUNK));
+    }
+
+    #[test]
+    fn image_chunks_that_no_user_page_maps_and_no_fork_writes() {
+        let layout = MemoryLayout::new(256, 128 * M, 256 * M).unwrap();
+        let image = layout.pmem_gpa / CHUNK;
+        // A user page in the image's chunk 1, a 2 MiB one across chunks 3
+        // and 4, a written page in chunk 6, and RAM's pages, which the
+        // image's chunks never take.
+        let user = [
+            ((image + 1) * CHUNK + 4096, 4096),
+            ((image + 4) * CHUNK - M, 2 * M),
+            (5 * CHUNK, 4096),
+        ];
+        let write_set = [((image + 6) * CHUNK, 4096)];
+        let chunks = unmapped_image_chunks(&layout, &user, &write_set);
+        let starts: Vec<u64> = chunks.iter().map(|&(gpa, _)| gpa / CHUNK - image).collect();
+        assert_eq!(starts, vec![0, 2, 5, 7]);
+        assert!(chunks.iter().all(|&(_, len)| len == CHUNK));
+        let no_image = MemoryLayout::new(256, 0, 0).unwrap();
+        assert!(unmapped_image_chunks(&no_image, &[], &[]).is_empty());
     }
 
     #[test]
