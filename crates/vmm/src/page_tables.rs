@@ -54,10 +54,11 @@ fn entry(ram: &GuestRam, table: u64, index: u64) -> Option<u64> {
 }
 
 /// Every present leaf reachable from `cr3`, in address order. Tables
-/// outside guest memory are skipped, not followed.
+/// outside guest memory are skipped, not followed, and so is a table
+/// reached a second time (see [`walk`]).
 pub fn leaves(ram: &GuestRam, cr3: u64) -> Vec<Leaf> {
     let mut out = Vec::new();
-    walk(ram, cr3 & ADDRESS, 0, 0, true, &mut |leaf, _| out.push(leaf));
+    walk(ram, cr3 & ADDRESS, &mut |leaf, _| out.push(leaf));
     out
 }
 
@@ -88,7 +89,7 @@ pub fn translate(ram: &GuestRam, cr3: u64, gva: u64) -> Option<u64> {
 /// fork that goes on serving requests should keep them.
 pub fn clear_accessed_dirty(ram: &mut GuestRam, cr3: u64) -> Result<usize, MemoryError> {
     let mut entries = Vec::new();
-    walk(ram, cr3 & ADDRESS, 0, 0, true, &mut |_, at| entries.push(at));
+    walk(ram, cr3 & ADDRESS, &mut |_, at| entries.push(at));
     let mut changed = 0;
     for at in entries {
         let bytes = ram.slice_mut(at, 8)?;
@@ -103,9 +104,28 @@ pub fn clear_accessed_dirty(ram: &mut GuestRam, cr3: u64) -> Result<usize, Memor
     Ok(changed)
 }
 
-/// Calls `visit` with each present leaf and the guest-physical address of
-/// its entry. `user` is whether every level above allowed user access.
-fn walk(ram: &GuestRam, table: u64, level: usize, base: u64, user: bool, visit: &mut dyn FnMut(Leaf, u64)) {
+/// Calls `visit` with each present leaf below the top-level table `root`
+/// and the guest-physical address of its entry. Each table is read once: a
+/// table reached again (shared, or a loop such as a top-level entry that
+/// points back at its own table, which a guest can write) is not followed,
+/// so the walk reads at most every page of guest memory once. A snapshot's
+/// tables are the guest's, and the host walks them when it opens one.
+fn walk(ram: &GuestRam, root: u64, visit: &mut dyn FnMut(Leaf, u64)) {
+    let mut seen = std::collections::HashSet::from([root]);
+    walk_table(ram, root, 0, 0, true, &mut seen, visit);
+}
+
+/// [`walk`] of `table`, at `level` (0 for the top), mapping from `base`;
+/// `user` is whether every level above allowed user access.
+fn walk_table(
+    ram: &GuestRam,
+    table: u64,
+    level: usize,
+    base: u64,
+    user: bool,
+    seen: &mut std::collections::HashSet<u64>,
+    visit: &mut dyn FnMut(Leaf, u64),
+) {
     for index in 0..ENTRIES {
         let Some(value) = entry(ram, table, index) else { return };
         if value & PRESENT == 0 {
@@ -130,7 +150,12 @@ fn walk(ram: &GuestRam, table: u64, level: usize, base: u64, user: bool, visit: 
                 },
                 table + index * 8,
             ),
-            None => walk(ram, value & ADDRESS, level + 1, gva, user, visit),
+            None => {
+                let next = value & ADDRESS;
+                if seen.insert(next) {
+                    walk_table(ram, next, level + 1, gva, user, seen, visit);
+                }
+            }
         }
     }
 }
@@ -183,5 +208,31 @@ mod tests {
         assert_eq!(changed, 3, "3 leaves had bits set");
         assert!(leaves(&ram, pml4).iter().all(|l| !l.accessed && !l.dirty));
         assert_eq!(entry(&ram, pml4, 0), Some(pdpt | table), "tables keep their bits");
+    }
+
+    #[test]
+    fn tables_that_point_back_at_themselves_are_read_once() {
+        let mut ram = GuestRam::anonymous(16 << 20).unwrap();
+        let pml4 = 0x1000;
+        // Every top-level entry points at the top-level table: followed each
+        // time, that is 512^4 entries; a guest can write such tables.
+        for index in 0..ENTRIES {
+            put(&mut ram, pml4 + index * 8, pml4 | PRESENT | USER | 2);
+        }
+        assert!(leaves(&ram, pml4).is_empty());
+        // Two top-level entries sharing one table of 4 KiB pages' tables: the
+        // shared table's pages are listed once.
+        let (pdpt, pd, pt) = (0x2000, 0x3000, 0x4000);
+        let table = PRESENT | USER | 2;
+        put(&mut ram, pml4, pdpt | table);
+        put(&mut ram, pml4 + 8, pdpt | table);
+        for index in 2..ENTRIES {
+            put(&mut ram, pml4 + index * 8, 0);
+        }
+        put(&mut ram, pdpt, pd | table);
+        put(&mut ram, pd, pt | table);
+        put(&mut ram, pt, 0x9000 | table);
+        let got: Vec<(u64, u64)> = leaves(&ram, pml4).iter().map(|l| (l.gva, l.gpa)).collect();
+        assert_eq!(got, [(0, 0x9000)]);
     }
 }
