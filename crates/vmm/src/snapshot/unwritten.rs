@@ -40,12 +40,7 @@ pub fn unwritten_chunks(
         layout.total_bytes()
     };
     let mailbox = (layout.mailbox_gpa, layout.ram_bytes - layout.mailbox_gpa);
-    let meets = |chunk: u64| {
-        std::iter::once(&mailbox)
-            .chain(write_set)
-            .chain(own_slots)
-            .any(|&(gpa, len)| gpa < chunk + CHUNK && chunk < gpa.saturating_add(len))
-    };
+    let meets = |chunk: u64| meets(chunk, std::iter::once(&mailbox).chain(write_set).chain(own_slots));
     // A hole when the next data is past the chunk's end (or there is none).
     let hole = |chunk: u64| data_from(memory, chunk).is_none_or(|data| data >= chunk + CHUNK);
     (align_up(HIMEM_START, CHUNK)..end.saturating_sub(CHUNK - 1))
@@ -70,18 +65,18 @@ pub fn unmapped_image_chunks(
     user_mapped: &[(u64, u64)],
     write_set: &[(u64, u64)],
 ) -> Vec<(u64, u64)> {
-    let meets = |chunk: u64| {
-        user_mapped
-            .iter()
-            .chain(write_set)
-            .any(|&(gpa, len)| gpa < chunk + CHUNK && chunk < gpa.saturating_add(len))
-    };
+    let meets = |chunk: u64| meets(chunk, user_mapped.iter().chain(write_set));
     let end = layout.pmem_gpa + layout.pmem_bytes;
     (align_up(layout.pmem_gpa, CHUNK)..end.saturating_sub(CHUNK - 1))
         .step_by(CHUNK as usize)
         .filter(|&chunk| !meets(chunk))
         .map(|chunk| (chunk, CHUNK))
         .collect()
+}
+
+/// Whether any of the `(gpa, len)` runs overlaps the chunk at `chunk`.
+fn meets<'a>(chunk: u64, mut runs: impl Iterator<Item = &'a (u64, u64)>) -> bool {
+    runs.any(|&(gpa, len)| gpa < chunk + CHUNK && chunk < gpa.saturating_add(len))
 }
 
 /// Where the file's next data at or after `offset` starts (`SEEK_DATA`):
