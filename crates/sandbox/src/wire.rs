@@ -112,7 +112,10 @@ impl LiveParts {
     /// The live snapshot again; its state is decoded with the snapshot
     /// codec's checks, and forking from it checks the pages.
     pub fn into_live(self) -> Result<LiveSnapshot, CodecError> {
-        Ok(LiveSnapshot::from_parts(codec::decode(&self.state)?, self.pages))
+        Ok(LiveSnapshot::from_parts(
+            Box::new(codec::decode(&self.state)?),
+            self.pages,
+        ))
     }
 }
 

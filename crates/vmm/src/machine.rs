@@ -135,7 +135,8 @@ pub struct WrittenSnapshot {
 /// start where it was, as copy-on-write views of the template's memory file
 /// with the sandbox's own changed pages copied on top.
 pub struct LiveSnapshot {
-    pub(crate) state: MachineState,
+    /// Boxed for the reason [`crate::snapshot::Snapshot::state`] is.
+    pub(crate) state: Box<MachineState>,
     pub(crate) pages: Vec<(u64, Vec<u8>)>,
 }
 
@@ -143,7 +144,7 @@ impl LiveSnapshot {
     /// A live snapshot from its parts, as [`LiveSnapshot::state`] and
     /// [`LiveSnapshot::pages`] gave them (say, in another process). Forking
     /// from it checks the pages against guest RAM.
-    pub fn from_parts(state: MachineState, pages: Vec<(u64, Vec<u8>)>) -> Self {
+    pub fn from_parts(state: Box<MachineState>, pages: Vec<(u64, Vec<u8>)>) -> Self {
         Self { state, pages }
     }
 
@@ -742,7 +743,10 @@ impl Machine {
         for (gpa, len) in runs {
             pages.push((gpa, self.ram.slice(gpa, len as usize)?.to_vec()));
         }
-        Ok(LiveSnapshot { state, pages })
+        Ok(LiveSnapshot {
+            state: Box::new(state),
+            pages,
+        })
     }
 
     /// Overwrites the guest's user-space generator states with fresh

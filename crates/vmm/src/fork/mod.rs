@@ -108,7 +108,7 @@ impl Template {
 
     /// Finishes a prepared fork; the sandbox starts now.
     pub fn start(&self, prepared: Prepared, console: Box<dyn Write + Send>) -> Result<Machine, MachineError> {
-        let state = prepared.live_state.as_ref().unwrap_or(&self.shared.snapshot.state);
+        let state = prepared.live_state.as_deref().unwrap_or(&self.shared.snapshot.state);
         Machine::from_shell(prepared.shell, state, console)
     }
 
@@ -124,7 +124,7 @@ impl Template {
 /// not run, and the state it starts from if that is not the template's.
 pub struct Prepared {
     shell: Shell,
-    live_state: Option<MachineState>,
+    live_state: Option<Box<MachineState>>,
 }
 
 /// Runs the calling thread at a lower CPU priority, so that preparing VMs

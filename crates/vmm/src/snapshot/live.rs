@@ -25,7 +25,7 @@ struct Borrowed<'a> {
 
 #[derive(serde::Deserialize)]
 struct Owned {
-    state: MachineState,
+    state: Box<MachineState>,
     pages: Vec<(u64, Vec<u8>)>,
 }
 
@@ -69,7 +69,10 @@ mod tests {
     use super::*;
 
     fn sample() -> LiveSnapshot {
-        LiveSnapshot::from_parts(crate::snapshot::tests::sample_state(), vec![(0x1000, vec![7u8; 4096])])
+        LiveSnapshot::from_parts(
+            Box::new(crate::snapshot::tests::sample_state()),
+            vec![(0x1000, vec![7u8; 4096])],
+        )
     }
 
     #[test]
