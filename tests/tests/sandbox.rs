@@ -254,7 +254,7 @@ fn memory_hogs_and_fork_bombs_end_only_their_own_sandbox() {
 
 /// `Private_Dirty` of the mapping of `pid` named `name` in its smaps, in KiB.
 fn private_dirty_kib(pid: u32, name: &str) -> u64 {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("the worker's smaps");
     let mut inside = false;
     let mut kib = 0;
     for line in smaps.lines() {
@@ -262,7 +262,7 @@ fn private_dirty_kib(pid: u32, name: &str) -> u64 {
         if fields.first().is_some_and(|f| f.contains('-') && !f.ends_with(':')) {
             inside = fields.get(5) == Some(&name);
         } else if inside && fields.first() == Some(&"Private_Dirty:") {
-            kib += fields[1].parse::<u64>().unwrap();
+            kib += fields[1].parse::<u64>().expect("a size in smaps");
         }
     }
     kib
