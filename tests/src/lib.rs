@@ -93,6 +93,20 @@ pub fn isolated_template_with(
     zeroboot_sandbox::IsolatedTemplate::new(worker, snapshot(&hypervisor()), pool, policy)
 }
 
+/// [`isolated_template_with`], whose pool runs `probes` in each VM it
+/// prepares with shared pages, and rewinds it.
+pub fn isolated_template_with_probes(
+    pool: usize,
+    policy: zeroboot_vmm::ForkMemoryPolicy,
+    probes: Vec<Vec<u8>>,
+) -> zeroboot_sandbox::IsolatedTemplate {
+    let worker = zeroboot_sandbox::WorkerCommand {
+        program: zeroboot_bin(),
+        args: vec!["worker".into()],
+    };
+    zeroboot_sandbox::IsolatedTemplate::with_probes(worker, snapshot(&hypervisor()), pool, policy, probes)
+}
+
 /// Processes whose parent is `pid`.
 pub fn children_of(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();

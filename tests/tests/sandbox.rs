@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use zeroboot_e2e::{
-    children_of, eventually, hypervisor, isolated_template, isolated_template_with, process_alive, snapshot,
+    children_of, eventually, hypervisor, isolated_template, isolated_template_with, isolated_template_with_probes,
+    process_alive, snapshot,
 };
 use zeroboot_protocol::GuestFault;
 use zeroboot_protocol::Request;
@@ -250,6 +251,58 @@ fn memory_hogs_and_fork_bombs_end_only_their_own_sandbox() {
 
     let r = bystander.exec(&Request::new(b"print(kept)", b""), TIMEOUT).unwrap();
     assert_eq!(r.stdout, b"here\n", "the other sandbox is untouched");
+}
+
+/// A sandbox from `template`'s pool whose VM ran the probes, waiting for
+/// the pool to make one (a fork that finds the pool empty makes its own,
+/// without them); None if none comes within a minute.
+fn probed_fork(template: &zeroboot_sandbox::IsolatedTemplate) -> Option<zeroboot_sandbox::Sandbox> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        let sandbox = template.fork().expect("a fork");
+        if sandbox.probes_ran() {
+            return Some(sandbox);
+        }
+        drop(sandbox);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    None
+}
+
+#[test]
+fn pooled_shared_pages_vms_run_the_probes_ahead_and_start_as_the_snapshot() {
+    let shared = ForkMemoryPolicy::Fixed(ForkMemory::SharedPages);
+    // A probe that leaves marks in the interpreter and in the guest
+    // kernel's tmpfs; none of them may reach a request.
+    let marking = b"import builtins; builtins.probed = 1\nopen('/tmp/probed', 'w').write('x')\nprint(1+1)".to_vec();
+    let template = isolated_template_with_probes(1, shared, vec![marking]);
+    let mut sandbox = probed_fork(&template).expect("a pooled VM that ran the probes");
+    let before = sandbox.stats().unwrap();
+    let r = sandbox
+        .exec(
+            &Request::new(
+                b"import builtins, os\nprint(getattr(builtins, 'probed', None), os.path.exists('/tmp/probed'))",
+                b"",
+            ),
+            TIMEOUT,
+        )
+        .unwrap();
+    assert_eq!((r.exit_code, r.stdout.as_slice()), (0, &b"None False\n"[..]), "{r:?}");
+    let after = sandbox.stats().unwrap();
+    assert_eq!(after.exits, 1, "the request is one exit: {after:?}");
+    // Before its request the VM holds what a shared-pages VM copies ahead
+    // (the template's `every` pages), not what the probe wrote.
+    let every: u64 = template.snapshot().write_set.every.iter().map(|&(_, len)| len).sum();
+    assert_eq!(before.private_bytes, every, "{before:?}");
+    assert_eq!(before.exits, 0, "{before:?}");
+
+    // A probe that fails leaves VMs made without probes, which serve.
+    let failing = isolated_template_with_probes(1, shared, vec![b"raise SystemExit(3)".to_vec()]);
+    std::thread::sleep(Duration::from_secs(2));
+    let mut sandbox = failing.fork().unwrap();
+    assert!(!sandbox.probes_ran());
+    let r = sandbox.exec(&Request::new(b"print(1+1)", b""), TIMEOUT).unwrap();
+    assert_eq!(r.stdout, b"2\n");
 }
 
 /// `Private_Dirty` of the mapping of `pid` named `name` in its smaps, in KiB.

@@ -93,11 +93,18 @@ pub fn run(args: &ServeArgs, open: impl Fn(&Cache, &Hypervisor, &str) -> Result<
         let hv = Hypervisor::open()?;
         let snapshot = open(&cache, &hv, name)?;
         let info = zeroboot_template::read_info(&snapshot.dir)?;
+        let runtime = info.runtime().descriptor();
         served.push(Served {
             name: name.clone(),
-            runtime: info.runtime().descriptor(),
+            runtime,
             network: info.spec.and_then(|spec| spec.network).map(Into::into),
-            template: IsolatedTemplate::new(worker.clone(), snapshot, args.pool, fork_memory),
+            template: IsolatedTemplate::with_probes(
+                worker.clone(),
+                snapshot,
+                args.pool,
+                fork_memory,
+                probe_codes(runtime),
+            ),
         });
     }
     let keys = match &args.api_keys {
@@ -223,4 +230,14 @@ fn network_settings(args: &ServeArgs) -> Result<NetworkSettings> {
         host_addresses,
         always_deny: args.net_deny.clone(),
     })
+}
+
+/// The runtime's write-set probes, which pooled shared-pages workers run
+/// and rewind before a request comes (`IsolatedTemplate::with_probes`).
+pub fn probe_codes(runtime: &zeroboot_template::RuntimeDescriptor) -> Vec<Vec<u8>> {
+    runtime
+        .all_write_set_probes()
+        .into_iter()
+        .map(|code| code.as_bytes().to_vec())
+        .collect()
 }

@@ -57,6 +57,9 @@ struct Spec {
     command: WorkerCommand,
     dir: PathBuf,
     policy: ForkMemoryPolicy,
+    /// The template's write-set probes, which workers prepared ahead with
+    /// shared pages run and rewind (see [`IsolatedTemplate::with_probes`]).
+    probes: Vec<Vec<u8>>,
     health: Health,
     /// Clones workers; `None` once it has failed, after which workers are
     /// spawned with `execve` as they were before it.
@@ -120,6 +123,23 @@ impl IsolatedTemplate {
     /// thread as their parent, and die with it. If it cannot start, workers
     /// are spawned.
     pub fn new(command: WorkerCommand, snapshot: Snapshot, pool: usize, policy: ForkMemoryPolicy) -> Self {
+        Self::with_probes(command, snapshot, pool, policy, Vec::new())
+    }
+
+    /// [`IsolatedTemplate::new`], where each worker the pool prepares with
+    /// [`ForkMemory::SharedPages`] while it keeps up with requests also runs
+    /// `probes` (the template's write-set probes: the runtime's, which the
+    /// host knows) and is rewound to the snapshot, keeping only KVM's
+    /// shadow page tables of what they read (vmm's `Template::prepare`).
+    /// A request like a probe then starts with few first touches left. A
+    /// worker made while a request waits never runs them.
+    pub fn with_probes(
+        command: WorkerCommand,
+        snapshot: Snapshot,
+        pool: usize,
+        policy: ForkMemoryPolicy,
+        probes: Vec<Vec<u8>>,
+    ) -> Self {
         let zygote = Zygote::start(&command, &snapshot.dir)
             .inspect_err(|e| tracing::warn!(error = %e, "no zygote; workers are spawned"))
             .ok();
@@ -127,6 +147,7 @@ impl IsolatedTemplate {
             command,
             dir: snapshot.dir.clone(),
             policy,
+            probes,
             health: Health::default(),
             zygote: Mutex::new(zygote),
         });
@@ -178,7 +199,7 @@ impl IsolatedTemplate {
             // request waits for it, hence Behind.
             None => {
                 let policy = self.spec.policy.for_fork(Demand::Behind);
-                let prepared = Sandbox::prepare(&self.spec, None, policy, with_network);
+                let prepared = Sandbox::prepare(&self.spec, None, policy, with_network, false);
                 self.spec.health.record(&prepared);
                 (prepared?, None)
             }
@@ -196,7 +217,7 @@ impl IsolatedTemplate {
     pub fn fork_live(&self, live: &LiveSnapshot, network: Option<NetConfig>) -> Result<Sandbox, SandboxError> {
         let parts = LiveParts::from_live(live).map_err(|e| SandboxError::Worker(e.to_string()))?;
         let policy = self.spec.policy.for_fork(Demand::Behind);
-        let mut sandbox = Sandbox::prepare(&self.spec, Some(parts), policy, network.is_some())?;
+        let mut sandbox = Sandbox::prepare(&self.spec, Some(parts), policy, network.is_some(), false)?;
         sandbox.start(network)?;
         Ok(sandbox)
     }
@@ -209,7 +230,10 @@ fn start_pool(spec: &std::sync::Arc<Spec>, size: usize, network: bool) -> Option
     let make = move |demand| {
         let started = Instant::now();
         let fork_memory = source.policy.for_fork(demand);
-        let prepared = Sandbox::prepare(&source, None, fork_memory, network);
+        // The probes run only while the pool keeps up: made while requests
+        // wait, a worker's preparation is on their clock.
+        let probes = demand == Demand::KeptUp;
+        let prepared = Sandbox::prepare(&source, None, fork_memory, network, probes);
         source.health.record(&prepared);
         tracing::debug!(
             ?demand,
@@ -235,6 +259,8 @@ pub struct Sandbox {
     to: BufWriter<File>,
     from: FrameReader,
     fork_memory: ForkMemory,
+    /// Its VM ran the template's probes, undone, before it started.
+    probes_ran: bool,
     /// Held from a pool until the first request after the start is
     /// answered: the replacement's preparation (51 MiB copied for
     /// private-written-ranges) overlapping that request took a pooled
@@ -250,6 +276,7 @@ impl Sandbox {
         live: Option<LiveParts>,
         fork_memory: ForkMemory,
         network: bool,
+        probes: bool,
     ) -> Result<Self, SandboxError> {
         let Started { process, to, from } = spec.start_worker()?;
         let mut sandbox = Self {
@@ -257,6 +284,7 @@ impl Sandbox {
             to: BufWriter::new(to),
             from: FrameReader::new(from),
             fork_memory,
+            probes_ran: false,
             refill: None,
         };
         match sandbox.call(
@@ -264,11 +292,15 @@ impl Sandbox {
                 live,
                 fork_memory,
                 network,
+                probes: if probes { spec.probes.clone() } else { Vec::new() },
             },
             SETUP_DEADLINE,
             "Prepare",
         )? {
-            Reply::Prepared => Ok(sandbox),
+            Reply::Prepared { probes_ran } => {
+                sandbox.probes_ran = probes_ran;
+                Ok(sandbox)
+            }
             other => Err(unexpected("Prepared", &other)),
         }
     }
@@ -364,6 +396,12 @@ impl Sandbox {
         self.fork_memory
     }
 
+    /// Whether its VM ran the template's probes, undone, before it started
+    /// ([`IsolatedTemplate::with_probes`]).
+    pub fn probes_ran(&self) -> bool {
+        self.probes_ran
+    }
+
     /// The worker's process id.
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().map(WorkerProcess::id)
@@ -435,7 +473,7 @@ impl Drop for Sandbox {
 
 fn unexpected(expected: &'static str, got: &Reply) -> SandboxError {
     let got = match got {
-        Reply::Prepared => "Prepared",
+        Reply::Prepared { .. } => "Prepared",
         Reply::Started => "Started",
         Reply::Chunk(_) => "Chunk",
         Reply::Done(_) => "Done",

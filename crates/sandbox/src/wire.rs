@@ -41,6 +41,9 @@ pub enum Command {
         /// a fork takes; one with a network installs it after Start, once
         /// the backend's thread is running.
         network: bool,
+        /// The template's write-set probes, to run in the VM and rewind
+        /// before Start (vmm's `Template::prepare`); empty for none.
+        probes: Vec<Vec<u8>>,
     },
     /// Finish the fork (fresh entropy, clock, timer): the sandbox exists
     /// now, reaching what `network` allows (nothing without one).
@@ -72,7 +75,10 @@ pub enum Command {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Reply {
-    Prepared,
+    Prepared {
+        /// Whether the VM ran the template's probes, undone (see Prepare).
+        probes_ran: bool,
+    },
     Started,
     /// Output sent while the code runs (a streamed request only).
     Chunk(Chunk),

@@ -58,21 +58,27 @@ pub(crate) fn open(dir: &Path) -> Result<Opened, Failure> {
 pub(crate) fn serve_opened(opened: Result<Opened, Failure>) -> Result<(), WorkerError> {
     let mut input = BufReader::new(std::io::stdin().lock());
     let mut output = BufWriter::new(std::io::stdout().lock());
-    let (live, fork_memory, may_network) = match read_frame(&mut input) {
+    let (live, fork_memory, may_network, probes) = match read_frame(&mut input) {
         Ok(Command::Prepare {
             live,
             fork_memory,
             network,
-        }) => (live, fork_memory, network),
+            probes,
+        }) => (live, fork_memory, network, probes),
         Ok(other) => return Err(WorkerError::NotPrepare(name(&other))),
         Err(WireError::Closed) => return Ok(()),
         Err(e) => return Err(e.into()),
     };
-    let (template, prepared) = match opened.and_then(|opened| prepare(opened, live, fork_memory)) {
+    let (template, prepared) = match opened.and_then(|opened| prepare(opened, live, fork_memory, &probes)) {
         Ok(made) => made,
         Err(failure) => return Ok(write_frame(&mut output, &Reply::Failed(failure))?),
     };
-    write_frame(&mut output, &Reply::Prepared)?;
+    write_frame(
+        &mut output,
+        &Reply::Prepared {
+            probes_ran: prepared.probes_ran(),
+        },
+    )?;
     // From the guest's first instruction on, the filter holds. Without a
     // network it is installed now, while the worker waits: installing one
     // costs ~140 µs here (the kernel compiles it), which a fork would
@@ -172,11 +178,12 @@ fn prepare(
     Opened { hv, snapshot }: Opened,
     live: Option<LiveParts>,
     fork_memory: ForkMemory,
+    probes: &[Vec<u8>],
 ) -> Result<(Template, zeroboot_vmm::fork::Prepared), Failure> {
     // This worker's one VM is made here, as the host chose.
     let template = Template::new(hv, snapshot, ForkMemoryPolicy::Fixed(fork_memory));
     let prepared = match live {
-        None => template.prepare(fork_memory),
+        None => template.prepare(fork_memory, probes),
         Some(parts) => template.prepare_live(parts.into_live().map_err(|e| Failure::Other(e.to_string()))?),
     }
     .map_err(failure)?;

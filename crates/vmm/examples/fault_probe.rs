@@ -4,6 +4,9 @@
 //! most of the template's write set (and nothing else of it); without,
 //! `SharedPages`.
 //!   cargo run --release --example fault_probe -- TEMPLATE_DIR [CODE [RUNS [K]]]
+//! With PROBES set (codes separated by lines of `---`), each fork is a
+//! shared-pages VM that ran those probes and was rewound before CODE
+//! (`Template::prepare`).
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use zeroboot_vmm::ForkMemory;
@@ -32,6 +35,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         chosen_only(&mut snap.write_set.every);
         chosen_only(&mut snap.write_set.some);
         fork_memory = ForkMemory::PrivateWrittenRanges;
+    }
+    if let Ok(probes) = std::env::var("PROBES") {
+        let probes: Vec<Vec<u8>> = probes.split("\n---\n").map(|c| c.as_bytes().to_vec()).collect();
+        let template = zeroboot_vmm::fork::Template::new(hv, snap, zeroboot_vmm::ForkMemoryPolicy::Fixed(fork_memory));
+        for _ in 0..runs {
+            let t = Instant::now();
+            let prepared = template.prepare(fork_memory, &probes)?;
+            let prepare = t.elapsed();
+            let mut m = template.start(prepared, Box::new(std::io::stderr()))?;
+            let t = Instant::now();
+            let r = m.exec(
+                &zeroboot_protocol::Request::new(code.as_bytes(), b""),
+                Duration::from_secs(60),
+            )?;
+            println!(
+                "probes ran {}: prepare {prepare:?}, first exec {:?}, out {:?}; copied {} KiB",
+                m.probes_ran(),
+                t.elapsed(),
+                String::from_utf8_lossy(&r.stdout),
+                m.ram().copied_bytes()? / 1024,
+            );
+        }
+        return Ok(());
     }
     for _ in 0..runs {
         let t = Instant::now();

@@ -66,6 +66,8 @@ pub enum MachineError {
     Emulation { rip: u64, suberror: u32, bytes: String },
     #[error("KVM could not enter the guest (hardware reason {0:#x})")]
     FailEntry(u64),
+    #[error("a fork that ran its probes cannot be rewound: {0}")]
+    NotRewindable(&'static str),
     #[error("unexpected VM exit: {0}")]
     UnexpectedExit(String),
     #[error(transparent)]
@@ -119,6 +121,8 @@ pub struct Machine {
     /// code sets holds for its later requests.
     fresh_fork: bool,
     exits: u64,
+    /// Its shell ran the template's probes before this fork started.
+    probes_ran: bool,
 }
 
 /// What [`Machine::write_snapshot`] wrote.
@@ -175,35 +179,47 @@ pub struct Shell {
     ram: GuestRam,
     timer: Option<Timer>,
     slots: Slots,
+    /// The template's probes ran in it and were undone ([`Machine::into_shell`]).
+    probes_ran: bool,
 }
 
 impl Shell {
     /// A shell over `snapshot`, its guest memory backed as `fork_memory` says.
     pub fn new(hv: &Hypervisor, snapshot: &Snapshot, fork_memory: ForkMemory) -> Result<Self, MachineError> {
         let mut shell = Self::with_state(hv, snapshot, &snapshot.state)?;
-        // Copy the pages forks usually write now, off the fork's path. A
-        // page the host already holds privately is writable in its page
-        // tables, so the guest's first touch, read or write, maps it
-        // writable at once; otherwise a read-then-write costs two
-        // shadow-paging faults and the copy happens inside the second.
+        shell.copy_ahead(snapshot, fork_memory)?;
+        Ok(shell)
+    }
+
+    /// Whether the template's probes ran in it, undone ([`Machine::into_shell`]).
+    pub fn probes_ran(&self) -> bool {
+        self.probes_ran
+    }
+
+    /// Copies the pages forks usually write now, off the fork's path. A
+    /// page the host already holds privately is writable in its page
+    /// tables, so the guest's first touch, read or write, maps it writable
+    /// at once; otherwise a read-then-write costs two shadow-paging faults
+    /// and the copy happens inside the second.
+    fn copy_ahead(&mut self, snapshot: &Snapshot, fork_memory: ForkMemory) -> Result<(), MachineError> {
         match fork_memory {
             // Only the pages every probe wrote: copying the rest would hold
             // them in every fork, and split more of the host's 2 MiB
             // mappings, for requests that never write them.
             ForkMemory::SharedPages => {
                 for &(gpa, len) in &snapshot.write_set.every {
-                    shell.ram.touch_for_write(gpa, len)?;
+                    self.ram.touch_for_write(gpa, len)?;
                 }
             }
             // Whole 2 MiB ranges instead: the host then maps each with one
             // 2 MiB page, writable, and so can KVM, where the guest does.
             ForkMemory::PrivateWrittenRanges => {
                 for gpa in snapshot.write_set.huge_ranges() {
-                    shell.ram.make_private_huge(gpa)?;
+                    self.ram.make_private_huge(gpa)?;
                 }
             }
         }
-        Ok(shell)
+        Ok(())
     }
 
     /// A shell over `snapshot`'s memory file holding `state`, which may be a
@@ -239,6 +255,7 @@ impl Shell {
             ram,
             timer,
             slots,
+            probes_ran: false,
         })
     }
 
@@ -364,6 +381,7 @@ impl Machine {
             fresh: None,
             fresh_fork: true,
             exits: 0,
+            probes_ran: false,
         })
     }
 
@@ -393,6 +411,7 @@ impl Machine {
             mut ram,
             timer,
             slots,
+            probes_ran,
         } = shell;
         // Every fork must differ from its siblings: fresh kernel CRNG keys
         // before the guest runs an instruction.
@@ -436,7 +455,67 @@ impl Machine {
             fresh: Some(state.fresh.clone()),
             fresh_fork: true,
             exits: 0,
+            probes_ran,
         })
+    }
+
+    /// Back to a shell of `snapshot` as [`Shell::new`] makes one with
+    /// [`ForkMemory::SharedPages`], keeping one thing of what this
+    /// machine ran: KVM's shadow page tables, whose entries for the pages
+    /// the guest only read stay valid. Of the pages this machine holds a
+    /// copy of, those forks copy ahead get the memory file's contents back
+    /// and the rest are dropped (they read from the file again, or as the
+    /// zeros the fresh heap held); the vCPU gets the snapshot's state, and
+    /// the next [`Machine::from_shell`] re-does what depends on when a
+    /// fork starts. So a shell can run the template's own probes ahead of
+    /// a request, which then meets few of their first touches (see
+    /// [`crate::fork::Template::prepare`]).
+    ///
+    /// Refused ([`MachineError::NotRewindable`]) when this machine left
+    /// the VM for more than the doorbells of its `runs` requests (a device
+    /// it touched would keep what it did), or wrote a page of its own
+    /// page tables: KVM keeps its shadow pages of the guest's tables in
+    /// step with the guest's writes, not with pages the host puts back.
+    pub(crate) fn into_shell(mut self, snapshot: &Snapshot, runs: u64) -> Result<Shell, MachineError> {
+        if self.exits != runs || self.network.backend().is_some() {
+            return Err(MachineError::NotRewindable("it did more than answer its requests"));
+        }
+        let copies = self.ram.private_runs()?;
+        let cr3 = self.vcpu.sregs()?.cr3;
+        let tables = page_tables::tables(&self.ram, cr3);
+        let holds_table = |&(gpa, len): &(u64, u64)| {
+            let first = tables.partition_point(|&t| t < gpa);
+            tables.get(first).is_some_and(|&t| t < gpa + len)
+        };
+        if copies.iter().any(holds_table) {
+            return Err(MachineError::NotRewindable("the guest wrote its page tables"));
+        }
+        // The pages forks copy ahead get the file's contents back and stay
+        // copies, so KVM's writable mappings of them (the pages every
+        // request writes) survive; the rest are dropped, as a fork that
+        // never wrote them would not hold them.
+        let every = &snapshot.write_set.every;
+        let (kept, dropped) = split_runs(&copies, every);
+        self.ram.copy_back_from_file(&kept)?;
+        for &(gpa, len) in &dropped {
+            self.ram.discard_copies(gpa, len)?;
+        }
+        let Self {
+            vcpu, vm, ram, slots, ..
+        } = self;
+        let (msrs, timer) = fork_msrs(&snapshot.state.vcpu);
+        vcpu.restore_state(&snapshot.state.vcpu, &msrs)?;
+        let mut shell = Shell {
+            vcpu,
+            vm,
+            ram,
+            timer,
+            slots,
+            probes_ran: true,
+        };
+        // Already copies, unless a probe left one untouched: then a no-op.
+        shell.copy_ahead(snapshot, ForkMemory::SharedPages)?;
+        Ok(shell)
     }
 
     pub fn layout(&self) -> &MemoryLayout {
@@ -457,6 +536,12 @@ impl Machine {
     /// VM exits handled by the VMM so far.
     pub fn exits(&self) -> u64 {
         self.exits
+    }
+
+    /// Whether this VM ran the template's probes, undone, before it
+    /// started ([`crate::fork::Template::prepare`]).
+    pub fn probes_ran(&self) -> bool {
+        self.probes_ran
     }
 
     pub fn ram(&self) -> &GuestRam {
@@ -943,6 +1028,20 @@ fn fork_msrs(vcpu: &crate::snapshot::state::VcpuState) -> (Vec<kvm_bindings::kvm
     (msrs, timer)
 }
 
+/// Guest-physical `(gpa, len)` runs of whole pages.
+type Runs = Vec<(u64, u64)>;
+
+/// Splits the page runs `runs` into the pages that lie in `within` (also
+/// page runs) and the rest, each as page runs.
+fn split_runs(runs: &[(u64, u64)], within: &[(u64, u64)]) -> (Runs, Runs) {
+    let inside = |page: u64| within.iter().any(|&(gpa, len)| gpa <= page && page < gpa + len);
+    let pages = runs
+        .iter()
+        .flat_map(|&(gpa, len)| (gpa..gpa + len).step_by(crate::layout::PAGE_SIZE as usize));
+    let (kept, dropped): (Vec<u64>, Vec<u64>) = pages.partition(|&page| inside(page));
+    (crate::memory::page_runs(kept), crate::memory::page_runs(dropped))
+}
+
 fn unix_now() -> Duration {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1042,6 +1141,18 @@ mod tests {
             data,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_rewind_splits_copied_pages_into_those_copied_ahead_and_the_rest() {
+        const P: u64 = 4096;
+        // Copies: pages 1-4 and 10; copied ahead: pages 0-2 and 4, and 10.
+        let copies = [(P, 4 * P), (10 * P, P)];
+        let every = [(0, 3 * P), (4 * P, P), (10 * P, P)];
+        let (kept, dropped) = split_runs(&copies, &every);
+        assert_eq!(kept, vec![(P, 2 * P), (4 * P, P), (10 * P, P)]);
+        assert_eq!(dropped, vec![(3 * P, P)]);
+        assert_eq!(split_runs(&copies, &[]), (vec![], copies.to_vec()));
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub enum MemoryError {
     Write(std::io::Error),
     #[error("reading /proc/self/pagemap: {0}")]
     Pagemap(std::io::Error),
+    #[error("dropping copied guest pages: {0}")]
+    Discard(std::io::Error),
 }
 
 /// Merges ascending page addresses into `(gpa, len)` runs of adjacent pages.
@@ -590,6 +592,53 @@ impl GuestRam {
             }
         }
         out
+    }
+
+    /// Writes the memory file's contents back over `runs` (guest-physical
+    /// `(gpa, len)`), which keep being this mapping's own pages: KVM's
+    /// mappings of them stay as they are, writable. Where the fresh heap
+    /// replaced the file (holes in it), the file reads as the zeros the
+    /// heap held.
+    pub fn copy_back_from_file(&mut self, runs: &[(u64, u64)]) -> Result<(), MemoryError> {
+        let Some(source) = self.backing_file() else {
+            return Ok(());
+        };
+        // Through a mapping, not pread, for the page cache's sake (see
+        // make_private_huge).
+        let file = AlignedMapping::new(source, self.size as usize, libc::PROT_READ, libc::MAP_SHARED)
+            .map_err(MemoryError::Read)?;
+        let original = file.as_slice();
+        for &(gpa, len) in runs {
+            let at = gpa as usize;
+            let end = at.checked_add(len as usize).filter(|&end| end <= original.len());
+            let Some(end) = end else {
+                return Err(MemoryError::OutOfRange {
+                    gpa,
+                    len,
+                    size: self.size,
+                });
+            };
+            self.slice_mut(gpa, len as usize)?.copy_from_slice(&original[at..end]);
+        }
+        Ok(())
+    }
+
+    /// Drops this mapping's own copies of the pages in `gpa..gpa+len`
+    /// (page-aligned): they read from the memory file again, or as zeros
+    /// in the fresh heap's anonymous memory, which the snapshot stored as
+    /// holes. KVM drops its mappings of them too (its MMU notifier).
+    pub fn discard_copies(&mut self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(MemoryError::Discard(std::io::Error::from_raw_os_error(libc::EINVAL)));
+        }
+        let bytes = self.slice_mut(gpa, len as usize)?;
+        // SAFETY: the range is page-aligned and inside this mapping, which
+        // is private: MADV_DONTNEED only drops the process's own copies,
+        // and no reference into the range outlives `bytes`.
+        if unsafe { libc::madvise(bytes.as_mut_ptr().cast(), bytes.len(), libc::MADV_DONTNEED) } != 0 {
+            return Err(MemoryError::Discard(std::io::Error::last_os_error()));
+        }
+        Ok(())
     }
 
     /// Makes this mapping hold its own copy of every page in `gpa..gpa+len`

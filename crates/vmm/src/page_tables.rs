@@ -62,6 +62,14 @@ pub fn leaves(ram: &GuestRam, cr3: u64) -> Vec<Leaf> {
     out
 }
 
+/// The guest-physical pages of every table reachable from `cr3` (the top
+/// level included), ascending.
+pub fn tables(ram: &GuestRam, cr3: u64) -> Vec<u64> {
+    let mut tables: Vec<u64> = walk(ram, cr3 & ADDRESS, &mut |_, _| {}).into_iter().collect();
+    tables.sort_unstable();
+    tables
+}
+
 /// The guest-physical address `gva` maps to through the tables at `cr3`,
 /// or None where it maps nothing (or a table lies outside guest memory).
 pub fn translate(ram: &GuestRam, cr3: u64, gva: u64) -> Option<u64> {
@@ -110,9 +118,11 @@ pub fn clear_accessed_dirty(ram: &mut GuestRam, cr3: u64) -> Result<usize, Memor
 /// points back at its own table, which a guest can write) is not followed,
 /// so the walk reads at most every page of guest memory once. A snapshot's
 /// tables are the guest's, and the host walks them when it opens one.
-fn walk(ram: &GuestRam, root: u64, visit: &mut dyn FnMut(Leaf, u64)) {
+/// Returns the tables it read.
+fn walk(ram: &GuestRam, root: u64, visit: &mut dyn FnMut(Leaf, u64)) -> std::collections::HashSet<u64> {
     let mut seen = std::collections::HashSet::from([root]);
     walk_table(ram, root, 0, 0, true, &mut seen, visit);
+    seen
 }
 
 /// [`walk`] of `table`, at `level` (0 for the top), mapping from `base`;

@@ -131,6 +131,8 @@ const REFILL: Duration = Duration::from_millis(30);
 struct MemoryCounts {
     shared_pages: usize,
     private_written_ranges: usize,
+    /// Of the shared-pages ones, those whose VM ran the template's probes.
+    probes_ran: usize,
 }
 
 impl MemoryCounts {
@@ -139,22 +141,25 @@ impl MemoryCounts {
             ForkMemory::SharedPages => self.shared_pages += 1,
             ForkMemory::PrivateWrittenRanges => self.private_written_ranges += 1,
         }
+        self.probes_ran += usize::from(sandbox.probes_ran());
     }
 
     fn json(&self) -> serde_json::Value {
         json!({
             ForkMemory::SharedPages.name(): self.shared_pages,
             ForkMemory::PrivateWrittenRanges.name(): self.private_written_ranges,
+            "probes_ran": self.probes_ran,
         })
     }
 
     fn describe(&self) -> String {
         format!(
-            "{} {}, {} {}",
+            "{} {}, {} {} ({} of them after the probes)",
             self.private_written_ranges,
             ForkMemory::PrivateWrittenRanges.name(),
             self.shared_pages,
-            ForkMemory::SharedPages.name()
+            ForkMemory::SharedPages.name(),
+            self.probes_ran
         )
     }
 }
@@ -179,7 +184,8 @@ pub fn run(snap: Snapshot, runtime: Runtime, policy: ForkMemoryPolicy, args: &Be
     let cold_snap = Snapshot::open(&snap.dir, &snap.state.cpu_vendor)?;
     let fork_memory = policy.name();
     let cold = IsolatedTemplate::new(worker.clone(), cold_snap, 0, policy);
-    let template = IsolatedTemplate::new(worker, snap, args.pool, policy);
+    let probes = crate::serve::probe_codes(runtime.descriptor());
+    let template = IsolatedTemplate::with_probes(worker, snap, args.pool, policy, probes);
     let mut spawn_cold = Vec::with_capacity(n);
     let mut spawn = Vec::with_capacity(n);
     let mut print = Vec::with_capacity(n);
@@ -253,6 +259,7 @@ pub fn run(snap: Snapshot, runtime: Runtime, policy: ForkMemoryPolicy, args: &Be
             let counts = w.join().map_err(|_| anyhow::anyhow!("bench thread panicked"))??;
             total.shared_pages += counts.shared_pages;
             total.private_written_ranges += counts.private_written_ranges;
+            total.probes_ran += counts.probes_ran;
         }
         Ok(total)
     })?;
@@ -338,6 +345,8 @@ pub fn run(snap: Snapshot, runtime: Runtime, policy: ForkMemoryPolicy, args: &Be
     println!(
         "each sandbox is a worker process holding one new VM; forks take one prepared\n\
          ahead of time from a pool of {} ({} ms idle before each timed fork);\n\
+         a shared-pages VM the pool prepares while it keeps up has run the\n\
+         template's probes, undone, so KVM already maps what they read;\n\
          \"no pool\" starts the process and makes the VM inside the timed region;\n\
          fork memory: {fork_memory} (no pool: {}; print: {}; second: {}; throughput: {})\n",
         args.pool,

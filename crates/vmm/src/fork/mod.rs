@@ -21,6 +21,11 @@ use std::sync::Arc;
 use crate::kvm::Hypervisor;
 use crate::machine::{LiveSnapshot, Machine, MachineError, Shell};
 use crate::snapshot::{MachineState, Snapshot};
+use zeroboot_protocol::Request;
+
+/// How long a template's probe may run in a VM prepared ahead: well past
+/// the tens of milliseconds one takes, short of a stuck pool.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 struct Shared {
     hv: Hypervisor,
@@ -85,11 +90,47 @@ impl Template {
     /// The part of a fork that may happen ahead of time: a [`Shell`] over
     /// the template, its memory backed as `fork_memory` says.
     /// [`Template::start`] finishes it.
-    pub fn prepare(&self, fork_memory: ForkMemory) -> Result<Prepared, MachineError> {
+    ///
+    /// With [`ForkMemory::SharedPages`] and `probes` (the template's own
+    /// write-set probes, which the host knows), the VM also runs each probe
+    /// and is rewound ([`Machine::into_shell`]): its memory and vCPU are
+    /// the snapshot's again, but KVM's shadow page tables keep the pages
+    /// the probes read. Under shadow paging a fork's first exec is mostly
+    /// first touches of pages it only reads, one VM exit each (a
+    /// `print(1+1)`: about 110, in 2 MiB ranges the fork also writes, which
+    /// the host maps 4 KiB at a time); a request like a probe then meets
+    /// few of them. Costs the probes' run and the rewind, here, before any
+    /// request. A probe that fails, or a VM that cannot be rewound, leaves
+    /// a VM made without them (logged).
+    pub fn prepare(&self, fork_memory: ForkMemory, probes: &[Vec<u8>]) -> Result<Prepared, MachineError> {
+        let shell = Shell::new(&self.shared.hv, &self.shared.snapshot, fork_memory)?;
+        let shell = if fork_memory == ForkMemory::SharedPages && !probes.is_empty() {
+            match self.run_and_rewind(shell, probes) {
+                Ok(shell) => shell,
+                Err(e) => {
+                    tracing::warn!(error = %e, "a prepared VM is not warmed by the template's probes");
+                    Shell::new(&self.shared.hv, &self.shared.snapshot, fork_memory)?
+                }
+            }
+        } else {
+            shell
+        };
         Ok(Prepared {
-            shell: Shell::new(&self.shared.hv, &self.shared.snapshot, fork_memory)?,
+            shell,
             live_state: None,
         })
+    }
+
+    fn run_and_rewind(&self, shell: Shell, probes: &[Vec<u8>]) -> Result<Shell, MachineError> {
+        let snapshot = &self.shared.snapshot;
+        let mut machine = Machine::from_shell(shell, &snapshot.state, Box::new(std::io::sink()))?;
+        for code in probes {
+            let outcome = machine.exec(&Request::new(code.as_slice(), b""), PROBE_TIMEOUT)?;
+            if outcome.exit_code != 0 {
+                return Err(MachineError::NotRewindable("a probe failed"));
+            }
+        }
+        machine.into_shell(snapshot, probes.len() as u64)
     }
 
     /// [`Template::prepare`] for a fork of `live`.
@@ -121,10 +162,18 @@ impl Template {
 }
 
 /// A fork prepared ahead of its start ([`Template::prepare`]): a VM that has
-/// not run, and the state it starts from if that is not the template's.
+/// run nothing of a request (at most the template's probes, rewound), and
+/// the state it starts from if that is not the template's.
 pub struct Prepared {
     shell: Shell,
     live_state: Option<Box<MachineState>>,
+}
+
+impl Prepared {
+    /// Whether its VM ran the template's probes, undone ([`Template::prepare`]).
+    pub fn probes_ran(&self) -> bool {
+        self.shell.probes_ran()
+    }
 }
 
 /// Runs the calling thread at a lower CPU priority, so that preparing VMs
