@@ -57,8 +57,8 @@ struct Spec {
     command: WorkerCommand,
     dir: PathBuf,
     policy: ForkMemoryPolicy,
-    /// The template's write-set probes, which workers prepared ahead with
-    /// shared pages run and rewind (see [`IsolatedTemplate::with_probes`]).
+    /// Code the template answers (its runtime's print probe), which workers
+    /// prepared ahead with shared pages run and rewind (see [`IsolatedTemplate::with_probes`]).
     probes: Vec<Vec<u8>>,
     health: Health,
     /// Clones workers; `None` once it has failed, after which workers are
@@ -128,8 +128,8 @@ impl IsolatedTemplate {
 
     /// [`IsolatedTemplate::new`], where each worker the pool prepares with
     /// [`ForkMemory::SharedPages`] while it keeps up with requests also runs
-    /// `probes` (the template's write-set probes: the runtime's, which the
-    /// host knows) and is rewound to the snapshot, keeping only KVM's
+    /// `probes` (code the template answers, such as its runtime's print
+    /// probe, which the host knows) and is rewound to the snapshot, keeping only KVM's
     /// shadow page tables of what they read (vmm's `Template::prepare`).
     /// A request like a probe then starts with few first touches left. A
     /// worker made while a request waits never runs them.

@@ -41,7 +41,8 @@ pub enum Command {
         /// a fork takes; one with a network installs it after Start, once
         /// the backend's thread is running.
         network: bool,
-        /// The template's write-set probes, to run in the VM and rewind
+        /// Code the template answers (its runtime's print probe), to run in
+        /// the VM and rewind
         /// before Start (vmm's `Template::prepare`); empty for none.
         probes: Vec<Vec<u8>>,
     },

@@ -91,15 +91,15 @@ impl Template {
     /// the template, its memory backed as `fork_memory` says.
     /// [`Template::start`] finishes it.
     ///
-    /// With [`ForkMemory::SharedPages`] and `probes` (the template's own
-    /// write-set probes, which the host knows), the VM also runs each probe
-    /// and is rewound ([`Machine::into_shell`]): its memory and vCPU are
-    /// the snapshot's again, but KVM's shadow page tables keep the pages
-    /// the probes read. Under shadow paging a fork's first exec is mostly
-    /// first touches of pages it only reads, one VM exit each (a
-    /// `print(1+1)`: about 110, in 2 MiB ranges the fork also writes, which
-    /// the host maps 4 KiB at a time); a request like a probe then meets
-    /// few of them. Costs the probes' run and the rewind, here, before any
+    /// With [`ForkMemory::SharedPages`] and `probes` (code the template
+    /// answers, such as its runtime's print probe, which the host knows),
+    /// the VM also runs each probe and is rewound
+    /// ([`Machine::into_shell`]): its memory and vCPU are the snapshot's
+    /// again, but KVM's shadow page tables keep the pages the probes read.
+    /// Under shadow paging a fork's first exec is mostly first touches of
+    /// pages it only reads, one fault each (a `print(1+1)`: about 110, in
+    /// 2 MiB ranges the fork also writes, which the host maps 4 KiB at a
+    /// time); a request like a probe then meets few of them. Costs the probes' run and the rewind, here, before any
     /// request. A probe that fails, or a VM that cannot be rewound, leaves
     /// a VM made without them (logged).
     pub fn prepare(&self, fork_memory: ForkMemory, probes: &[Vec<u8>]) -> Result<Prepared, MachineError> {
