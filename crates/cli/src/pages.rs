@@ -59,8 +59,11 @@ pub struct PageUse {
     /// host's writes before it (request, entropy, clock) included: nothing
     /// was copied ahead.
     pub written: u64,
-    /// Page-table leaves the guest accessed: one first-touch fault each in
-    /// a new VM under shadow paging.
+    /// Page-table leaves the guest accessed. Under shadow paging each is
+    /// one first-touch fault in a new VM where the host maps it whole; a
+    /// 2 MiB leaf in a range the fork also writes, which the host then
+    /// maps 4 KiB at a time, is one fault per 4 KiB page touched
+    /// (docs/guest-kernel.md, "What bounds the rest of issue #20 here").
     pub touched: u64,
     pub touched_4k: u64,
     pub touched_huge: u64,

@@ -44,15 +44,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let prepared = template.prepare(fork_memory, &probes)?;
             let prepare = t.elapsed();
             let mut m = template.start(prepared, Box::new(std::io::stderr()))?;
-            let t = Instant::now();
-            let r = m.exec(
-                &zeroboot_protocol::Request::new(code.as_bytes(), b""),
-                Duration::from_secs(60),
-            )?;
+            let (r, first) = timed(&mut m, &code)?;
             println!(
-                "probes ran {}: prepare {prepare:?}, first exec {:?}, out {:?}; copied {} KiB",
+                "probes ran {}: prepare {prepare:?}, first exec {first:?}, out {:?}; copied {} KiB",
                 m.probes_ran(),
-                t.elapsed(),
                 String::from_utf8_lossy(&r.stdout),
                 m.ram().copied_bytes()? / 1024,
             );
@@ -63,25 +58,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t = Instant::now();
         let mut m = zeroboot_vmm::Machine::restore(&hv, &snap, fork_memory, Box::new(std::io::stderr()))?;
         let prepare = t.elapsed();
-        let t = Instant::now();
-        let r = m.exec(
-            &zeroboot_protocol::Request::new(code.as_bytes(), b""),
-            Duration::from_secs(60),
-        )?;
-        let first = t.elapsed();
-        let t = Instant::now();
-        m.exec(
-            &zeroboot_protocol::Request::new(code.as_bytes(), b""),
-            Duration::from_secs(60),
-        )?;
+        let (r, first) = timed(&mut m, &code)?;
+        let (_, second) = timed(&mut m, &code)?;
         println!(
-            "{}: restore {prepare:?}, first exec {first:?}, second {:?}, out {:?}; copied {} KiB, on 2 MiB host pages {} KiB",
+            "{}: restore {prepare:?}, first exec {first:?}, second {second:?}, out {:?}; copied {} KiB, on 2 MiB host pages {} KiB",
             fork_memory.name(),
-            t.elapsed(),
             String::from_utf8_lossy(&r.stdout),
             m.ram().copied_bytes()? / 1024,
             m.ram().huge_mapped_bytes()? / 1024,
         );
     }
     Ok(())
+}
+
+/// Runs `code` in `m`: what it answered and how long that took.
+fn timed(
+    m: &mut zeroboot_vmm::Machine,
+    code: &str,
+) -> Result<(zeroboot_protocol::Outcome, Duration), Box<dyn std::error::Error>> {
+    let t = Instant::now();
+    let r = m.exec(
+        &zeroboot_protocol::Request::new(code.as_bytes(), b""),
+        Duration::from_secs(60),
+    )?;
+    Ok((r, t.elapsed()))
 }
