@@ -9,6 +9,7 @@ use zeroboot_e2e::{
 use zeroboot_protocol::GuestFault;
 use zeroboot_protocol::Request;
 use zeroboot_sandbox::SandboxError;
+use zeroboot_vmm::fork::Probes;
 use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy};
 
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -257,10 +258,19 @@ fn memory_hogs_and_fork_bombs_end_only_their_own_sandbox() {
 /// the pool to make one (a fork that finds the pool empty makes its own,
 /// without them); None if none comes within a minute.
 fn probed_fork(template: &zeroboot_sandbox::IsolatedTemplate) -> Option<zeroboot_sandbox::Sandbox> {
+    eventually_fork(template, zeroboot_sandbox::Sandbox::probes_ran)
+}
+
+/// The first sandbox of `template` for which `wanted` holds, forking again
+/// every 200 ms for up to a minute.
+fn eventually_fork(
+    template: &zeroboot_sandbox::IsolatedTemplate,
+    wanted: impl Fn(&zeroboot_sandbox::Sandbox) -> bool,
+) -> Option<zeroboot_sandbox::Sandbox> {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while std::time::Instant::now() < deadline {
         let sandbox = template.fork().expect("a fork");
-        if sandbox.probes_ran() {
+        if wanted(&sandbox) {
             return Some(sandbox);
         }
         drop(sandbox);
@@ -296,13 +306,28 @@ fn pooled_shared_pages_vms_run_the_probes_ahead_and_start_as_the_snapshot() {
     assert_eq!(before.private_bytes, every, "{before:?}");
     assert_eq!(before.exits, 0, "{before:?}");
 
-    // A probe that fails leaves VMs made without probes, which serve.
-    let failing = isolated_template_with_probes(1, shared, vec![b"raise SystemExit(3)".to_vec()]);
-    std::thread::sleep(Duration::from_secs(2));
-    let mut sandbox = failing.fork().unwrap();
-    assert!(!sandbox.probes_ran());
-    let r = sandbox.exec(&Request::new(b"print(1+1)", b""), TIMEOUT).unwrap();
-    assert_eq!(r.stdout, b"2\n");
+    // A probe that fails, or one that changes the guest's page tables
+    // (a new mapping), is refused: the VM is made again without it, and
+    // serves; the pool then stops trying.
+    for (probe, why) in [
+        (&b"raise SystemExit(3)"[..], "a probe failed"),
+        (
+            &b"import mmap\nm = mmap.mmap(-1, 4 << 20)\nm[0] = 1\nprint(1+1)"[..],
+            "page tables",
+        ),
+    ] {
+        let refused = isolated_template_with_probes(1, shared, vec![probe.to_vec()]);
+        let first = |sandbox: &zeroboot_sandbox::Sandbox| !matches!(sandbox.probes(), Probes::NotRun);
+        let mut sandbox = eventually_fork(&refused, first).expect("the pool's first VM");
+        match sandbox.probes() {
+            Probes::Refused(reason) => assert!(reason.contains(why), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        let r = sandbox.exec(&Request::new(b"print(1+1)", b""), TIMEOUT).unwrap();
+        assert_eq!(r.stdout, b"2\n");
+        let next = refused.fork().unwrap();
+        assert_eq!(next.probes(), &Probes::NotRun, "the pool stopped trying");
+    }
 }
 
 /// `Private_Dirty` of the mapping of `pid` named `name` in its smaps, in KiB.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use zeroboot_protocol::files::{FileReply, FileRequest};
 use zeroboot_protocol::{Chunk, GuestFault, Outcome, Request};
-use zeroboot_vmm::fork::{Demand, ReadyPool, Refill};
+use zeroboot_vmm::fork::{Demand, Probes, ReadyPool, Refill};
 use zeroboot_vmm::{ForkMemory, ForkMemoryPolicy, LiveSnapshot, Snapshot};
 
 use zeroboot_net::NetConfig;
@@ -60,6 +60,9 @@ struct Spec {
     /// Code the template answers (its runtime's print probe), which workers
     /// prepared ahead with shared pages run and rewind (see [`IsolatedTemplate::with_probes`]).
     probes: Vec<Vec<u8>>,
+    /// Set once a worker could not run them and be rewound: the template
+    /// would refuse them every time, and each try costs a preparation.
+    probes_refused: std::sync::atomic::AtomicBool,
     health: Health,
     /// Clones workers; `None` once it has failed, after which workers are
     /// spawned with `execve` as they were before it.
@@ -67,6 +70,19 @@ struct Spec {
 }
 
 impl Spec {
+    /// The probes for a worker prepared under `demand`: none while requests
+    /// wait (its preparation is on their clock), or once refused.
+    fn probes_for(&self, demand: Demand) -> bool {
+        demand == Demand::KeptUp && !self.probes_refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn refuse_probes(&self, why: &str) {
+        // Relaxed: a flag that orders nothing else; a race costs one more try.
+        if !self.probes_refused.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(template = %self.dir.display(), reason = why, "VMs prepared ahead run no probes");
+        }
+    }
+
     /// A new worker: cloned from the zygote, or spawned if there is none.
     fn start_worker(&self) -> Result<Started, SandboxError> {
         if let Ok(mut zygote) = self.zygote.lock() {
@@ -148,6 +164,7 @@ impl IsolatedTemplate {
             dir: snapshot.dir.clone(),
             policy,
             probes,
+            probes_refused: Default::default(),
             health: Health::default(),
             zygote: Mutex::new(zygote),
         });
@@ -230,9 +247,7 @@ fn start_pool(spec: &std::sync::Arc<Spec>, size: usize, network: bool) -> Option
     let make = move |demand| {
         let started = Instant::now();
         let fork_memory = source.policy.for_fork(demand);
-        // The probes run only while the pool keeps up: made while requests
-        // wait, a worker's preparation is on their clock.
-        let probes = demand == Demand::KeptUp;
+        let probes = source.probes_for(demand);
         let prepared = Sandbox::prepare(&source, None, fork_memory, network, probes);
         source.health.record(&prepared);
         tracing::debug!(
@@ -259,8 +274,8 @@ pub struct Sandbox {
     to: BufWriter<File>,
     from: FrameReader,
     fork_memory: ForkMemory,
-    /// Its VM ran the template's probes, undone, before it started.
-    probes_ran: bool,
+    /// What became of the template's probes in its VM.
+    probes: Probes,
     /// Held from a pool until the first request after the start is
     /// answered: the replacement's preparation (51 MiB copied for
     /// private-written-ranges) overlapping that request took a pooled
@@ -284,7 +299,7 @@ impl Sandbox {
             to: BufWriter::new(to),
             from: FrameReader::new(from),
             fork_memory,
-            probes_ran: false,
+            probes: Probes::NotRun,
             refill: None,
         };
         match sandbox.call(
@@ -297,8 +312,11 @@ impl Sandbox {
             SETUP_DEADLINE,
             "Prepare",
         )? {
-            Reply::Prepared { probes_ran } => {
-                sandbox.probes_ran = probes_ran;
+            Reply::Prepared { probes } => {
+                if let Probes::Refused(why) = &probes {
+                    spec.refuse_probes(why);
+                }
+                sandbox.probes = probes;
                 Ok(sandbox)
             }
             other => Err(unexpected("Prepared", &other)),
@@ -399,7 +417,12 @@ impl Sandbox {
     /// Whether its VM ran the template's probes, undone, before it started
     /// ([`IsolatedTemplate::with_probes`]).
     pub fn probes_ran(&self) -> bool {
-        self.probes_ran
+        self.probes == Probes::Ran
+    }
+
+    /// What became of the template's probes in its VM.
+    pub fn probes(&self) -> &Probes {
+        &self.probes
     }
 
     /// The worker's process id.

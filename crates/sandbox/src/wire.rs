@@ -77,8 +77,8 @@ pub enum Command {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Reply {
     Prepared {
-        /// Whether the VM ran the template's probes, undone (see Prepare).
-        probes_ran: bool,
+        /// What became of the probes Prepare gave.
+        probes: zeroboot_vmm::fork::Probes,
     },
     Started,
     /// Output sent while the code runs (a streamed request only).

@@ -76,7 +76,7 @@ pub(crate) fn serve_opened(opened: Result<Opened, Failure>) -> Result<(), Worker
     write_frame(
         &mut output,
         &Reply::Prepared {
-            probes_ran: prepared.probes_ran(),
+            probes: prepared.probes().clone(),
         },
     )?;
     // From the guest's first instruction on, the filter holds. Without a

@@ -43,11 +43,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let t = Instant::now();
             let prepared = template.prepare(fork_memory, &probes)?;
             let prepare = t.elapsed();
+            let probes = prepared.probes().clone();
             let mut m = template.start(prepared, Box::new(std::io::stderr()))?;
             let (r, first) = timed(&mut m, &code)?;
             println!(
-                "probes ran {}: prepare {prepare:?}, first exec {first:?}, out {:?}; copied {} KiB",
-                m.probes_ran(),
+                "probes {probes:?}: prepare {prepare:?}, first exec {first:?}, out {:?}; copied {} KiB",
                 String::from_utf8_lossy(&r.stdout),
                 m.ram().copied_bytes()? / 1024,
             );

@@ -482,12 +482,15 @@ impl Machine {
         }
         let copies = self.ram.private_runs()?;
         let cr3 = self.vcpu.sregs()?.cr3;
-        let tables = page_tables::tables(&self.ram, cr3);
-        let holds_table = |&(gpa, len): &(u64, u64)| {
-            let first = tables.partition_point(|&t| t < gpa);
-            tables.get(first).is_some_and(|&t| t < gpa + len)
-        };
-        if copies.iter().any(holds_table) {
+        // Tables held as copies (a page copied ahead may be one) are fine
+        // as long as nothing in them changed.
+        let copied = |table: &u64| copies.iter().any(|&(gpa, len)| gpa <= *table && *table < gpa + len);
+        let copied_tables: Vec<(u64, u64)> = page_tables::tables(&self.ram, cr3)
+            .into_iter()
+            .filter(copied)
+            .map(|table| (table, crate::layout::PAGE_SIZE))
+            .collect();
+        if self.ram.differs_from_file(&copied_tables)? {
             return Err(MachineError::NotRewindable("the guest wrote its page tables"));
         }
         // The pages forks copy ahead get the file's contents back and stay

@@ -600,6 +600,20 @@ impl GuestRam {
     /// replaced the file (holes in it), the file reads as the zeros the
     /// heap held.
     pub fn copy_back_from_file(&mut self, runs: &[(u64, u64)]) -> Result<(), MemoryError> {
+        self.with_file(runs, |mine, original| mine.copy_from_slice(original))
+    }
+
+    /// Whether any byte of `runs` differs from the memory file (read as in
+    /// [`GuestRam::copy_back_from_file`]).
+    pub fn differs_from_file(&mut self, runs: &[(u64, u64)]) -> Result<bool, MemoryError> {
+        let mut differs = false;
+        self.with_file(runs, |mine, original| differs |= mine != original)?;
+        Ok(differs)
+    }
+
+    /// Calls `each` with every run of `runs` in this mapping and in the
+    /// memory file (nothing without one).
+    fn with_file(&mut self, runs: &[(u64, u64)], mut each: impl FnMut(&mut [u8], &[u8])) -> Result<(), MemoryError> {
         let Some(source) = self.backing_file() else {
             return Ok(());
         };
@@ -618,7 +632,7 @@ impl GuestRam {
                     size: self.size,
                 });
             };
-            self.slice_mut(gpa, len as usize)?.copy_from_slice(&original[at..end]);
+            each(self.slice_mut(gpa, len as usize)?, &original[at..end]);
         }
         Ok(())
     }

@@ -104,20 +104,24 @@ impl Template {
     /// a VM made without them (logged).
     pub fn prepare(&self, fork_memory: ForkMemory, probes: &[Vec<u8>]) -> Result<Prepared, MachineError> {
         let shell = Shell::new(&self.shared.hv, &self.shared.snapshot, fork_memory)?;
-        let shell = if fork_memory == ForkMemory::SharedPages && !probes.is_empty() {
-            match self.run_and_rewind(shell, probes) {
-                Ok(shell) => shell,
-                Err(e) => {
-                    tracing::warn!(error = %e, "a prepared VM is not warmed by the template's probes");
-                    Shell::new(&self.shared.hv, &self.shared.snapshot, fork_memory)?
-                }
-            }
-        } else {
-            shell
-        };
-        Ok(Prepared {
-            shell,
-            live_state: None,
+        if fork_memory != ForkMemory::SharedPages || probes.is_empty() {
+            return Ok(Prepared {
+                shell,
+                live_state: None,
+                probes: Probes::NotRun,
+            });
+        }
+        Ok(match self.run_and_rewind(shell, probes) {
+            Ok(shell) => Prepared {
+                shell,
+                live_state: None,
+                probes: Probes::Ran,
+            },
+            Err(e) => Prepared {
+                shell: Shell::new(&self.shared.hv, &self.shared.snapshot, fork_memory)?,
+                live_state: None,
+                probes: Probes::Refused(e.to_string()),
+            },
         })
     }
 
@@ -138,6 +142,7 @@ impl Template {
         Ok(Prepared {
             shell: self.live_shell(&live)?,
             live_state: Some(live.state),
+            probes: Probes::NotRun,
         })
     }
 
@@ -167,13 +172,26 @@ impl Template {
 pub struct Prepared {
     shell: Shell,
     live_state: Option<Box<MachineState>>,
+    probes: Probes,
 }
 
 impl Prepared {
-    /// Whether its VM ran the template's probes, undone ([`Template::prepare`]).
-    pub fn probes_ran(&self) -> bool {
-        self.shell.probes_ran()
+    /// What became of the probes it was given ([`Template::prepare`]).
+    pub fn probes(&self) -> &Probes {
+        &self.probes
     }
+}
+
+/// What became of the probes a VM prepared ahead was given.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Probes {
+    /// None were given, or the VM's memory is not shared pages.
+    NotRun,
+    /// They ran, and the VM was rewound to the snapshot.
+    Ran,
+    /// They could not be run and undone (why); the VM was made again
+    /// without them. The same template will refuse them again.
+    Refused(String),
 }
 
 /// Runs the calling thread at a lower CPU priority, so that preparing VMs
