@@ -86,11 +86,7 @@ pub fn isolated_template_with(
     pool: usize,
     policy: zeroboot_vmm::ForkMemoryPolicy,
 ) -> zeroboot_sandbox::IsolatedTemplate {
-    let worker = zeroboot_sandbox::WorkerCommand {
-        program: zeroboot_bin(),
-        args: vec!["worker".into()],
-    };
-    zeroboot_sandbox::IsolatedTemplate::new(worker, snapshot(&hypervisor()), pool, policy)
+    isolated_template_with_probes(pool, policy, Vec::new())
 }
 
 /// [`isolated_template_with`], whose pool runs `probes` in each VM it

@@ -58,7 +58,8 @@ struct Spec {
     dir: PathBuf,
     policy: ForkMemoryPolicy,
     /// Code the template answers (its runtime's print probe), which workers
-    /// prepared ahead with shared pages run and rewind (see [`IsolatedTemplate::with_probes`]).
+    /// prepared ahead with shared pages run and rewind (see
+    /// [`IsolatedTemplate::with_probes`]).
     probes: Vec<Vec<u8>>,
     /// Set once a worker could not run them and be rewound: the template
     /// would refuse them every time, and each try costs a preparation.
@@ -145,8 +146,9 @@ impl IsolatedTemplate {
     /// [`IsolatedTemplate::new`], where each worker the pool prepares with
     /// [`ForkMemory::SharedPages`] while it keeps up with requests also runs
     /// `probes` (code the template answers, such as its runtime's print
-    /// probe, which the host knows) and is rewound to the snapshot, keeping only KVM's
-    /// shadow page tables of what they read (vmm's `Template::prepare`).
+    /// probe, which the host knows) and is rewound to the snapshot, keeping
+    /// only KVM's shadow page tables of what they read (vmm's
+    /// `Template::prepare`).
     /// A request like a probe then starts with few first touches left. A
     /// worker made while a request waits never runs them.
     pub fn with_probes(

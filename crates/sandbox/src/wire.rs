@@ -42,8 +42,8 @@ pub enum Command {
         /// the backend's thread is running.
         network: bool,
         /// Code the template answers (its runtime's print probe), to run in
-        /// the VM and rewind
-        /// before Start (vmm's `Template::prepare`); empty for none.
+        /// the VM and rewind before Start (vmm's `Template::prepare`);
+        /// empty for none.
         probes: Vec<Vec<u8>>,
     },
     /// Finish the fork (fresh entropy, clock, timer): the sandbox exists

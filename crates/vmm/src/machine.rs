@@ -121,8 +121,6 @@ pub struct Machine {
     /// code sets holds for its later requests.
     fresh_fork: bool,
     exits: u64,
-    /// Its shell ran the template's probes before this fork started.
-    probes_ran: bool,
 }
 
 /// What [`Machine::write_snapshot`] wrote.
@@ -179,8 +177,6 @@ pub struct Shell {
     ram: GuestRam,
     timer: Option<Timer>,
     slots: Slots,
-    /// The template's probes ran in it and were undone ([`Machine::into_shell`]).
-    probes_ran: bool,
 }
 
 impl Shell {
@@ -189,11 +185,6 @@ impl Shell {
         let mut shell = Self::with_state(hv, snapshot, &snapshot.state)?;
         shell.copy_ahead(snapshot, fork_memory)?;
         Ok(shell)
-    }
-
-    /// Whether the template's probes ran in it, undone ([`Machine::into_shell`]).
-    pub fn probes_ran(&self) -> bool {
-        self.probes_ran
     }
 
     /// Copies the pages forks usually write now, off the fork's path. A
@@ -255,7 +246,6 @@ impl Shell {
             ram,
             timer,
             slots,
-            probes_ran: false,
         })
     }
 
@@ -381,7 +371,6 @@ impl Machine {
             fresh: None,
             fresh_fork: true,
             exits: 0,
-            probes_ran: false,
         })
     }
 
@@ -411,7 +400,6 @@ impl Machine {
             mut ram,
             timer,
             slots,
-            probes_ran,
         } = shell;
         // Every fork must differ from its siblings: fresh kernel CRNG keys
         // before the guest runs an instruction.
@@ -455,7 +443,6 @@ impl Machine {
             fresh: Some(state.fresh.clone()),
             fresh_fork: true,
             exits: 0,
-            probes_ran,
         })
     }
 
@@ -514,7 +501,6 @@ impl Machine {
             ram,
             timer,
             slots,
-            probes_ran: true,
         };
         // Already copies, unless a probe left one untouched: then a no-op.
         shell.copy_ahead(snapshot, ForkMemory::SharedPages)?;
@@ -539,12 +525,6 @@ impl Machine {
     /// VM exits handled by the VMM so far.
     pub fn exits(&self) -> u64 {
         self.exits
-    }
-
-    /// Whether this VM ran the template's probes, undone, before it
-    /// started ([`crate::fork::Template::prepare`]).
-    pub fn probes_ran(&self) -> bool {
-        self.probes_ran
     }
 
     pub fn ram(&self) -> &GuestRam {

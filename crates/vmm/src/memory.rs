@@ -491,6 +491,18 @@ impl GuestRam {
     }
 
     /// The file this memory is a private mapping of, if it is one.
+    /// A read-only view of the memory file this memory maps, if any:
+    /// through a mapping, not pread, for the page cache's sake (see
+    /// make_private_huge).
+    fn file_view(&self) -> Result<Option<AlignedMapping>, MemoryError> {
+        let Some(source) = self.backing_file() else {
+            return Ok(None);
+        };
+        AlignedMapping::new(source, self.size as usize, libc::PROT_READ, libc::MAP_SHARED)
+            .map(Some)
+            .map_err(MemoryError::Read)
+    }
+
     fn backing_file(&self) -> Option<&File> {
         use vm_memory::GuestMemoryRegion;
         self.memory.iter().next()?.file_offset().map(FileOffset::file)
@@ -614,13 +626,9 @@ impl GuestRam {
     /// Calls `each` with every run of `runs` in this mapping and in the
     /// memory file (nothing without one).
     fn with_file(&mut self, runs: &[(u64, u64)], mut each: impl FnMut(&mut [u8], &[u8])) -> Result<(), MemoryError> {
-        let Some(source) = self.backing_file() else {
+        let Some(file) = self.file_view()? else {
             return Ok(());
         };
-        // Through a mapping, not pread, for the page cache's sake (see
-        // make_private_huge).
-        let file = AlignedMapping::new(source, self.size as usize, libc::PROT_READ, libc::MAP_SHARED)
-            .map_err(MemoryError::Read)?;
         let original = file.as_slice();
         for &(gpa, len) in runs {
             let at = gpa as usize;
@@ -709,11 +717,12 @@ impl GuestRam {
         }
         // Ranges made private whole hold copies the guest never changed:
         // keep only the pages that now differ from the file.
-        if let (Some(source), false) = (self.backing_file(), self.private_huge.is_empty()) {
-            // Through a mapping, not pread, for the page cache's sake (see
-            // make_private_huge).
-            let file = AlignedMapping::new(source, self.size as usize, libc::PROT_READ, libc::MAP_SHARED)
-                .map_err(MemoryError::Read)?;
+        let file = if self.private_huge.is_empty() {
+            None
+        } else {
+            self.file_view()?
+        };
+        if let Some(file) = file {
             let original = file.as_slice();
             let page = PAGE_SIZE as usize;
             let mut changed = Vec::with_capacity(private.len());

@@ -99,9 +99,10 @@ impl Template {
     /// Under shadow paging a fork's first exec is mostly first touches of
     /// pages it only reads, one fault each (a `print(1+1)`: about 110, in
     /// 2 MiB ranges the fork also writes, which the host maps 4 KiB at a
-    /// time); a request like a probe then meets few of them. Costs the probes' run and the rewind, here, before any
-    /// request. A probe that fails, or a VM that cannot be rewound, leaves
-    /// a VM made without them (logged).
+    /// time); a request like a probe then meets few of them. Costs the
+    /// probes' run and the rewind, here, before any request. A probe that
+    /// fails, or a VM that cannot be rewound, leaves a VM made without
+    /// them ([`Probes::Refused`] says why).
     pub fn prepare(&self, fork_memory: ForkMemory, probes: &[Vec<u8>]) -> Result<Prepared, MachineError> {
         let shell = Shell::new(&self.shared.hv, &self.shared.snapshot, fork_memory)?;
         if fork_memory != ForkMemory::SharedPages || probes.is_empty() {
